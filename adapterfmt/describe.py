@@ -1,0 +1,363 @@
+"""The checkpoint model: an adapter directory read from its headers into typed module records.
+
+``read_adapter(path)`` -> :class:`AdapterCheckpoint`, the one description that inspect, check,
+merge and load all use. Nothing here reads tensor bytes or imports torch (except for a
+``.bin`` file, which needs ``allow_pickle=True`` and is then read with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import LoraConfig, overlapping_pattern_keys, read_config
+from .constants import (
+    ADAPTER_BIN_FILE,
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_SAFETENSORS_FILE,
+    DEFAULT_ADAPTER_NAME,
+    PEFT_PREFIX,
+)
+from .errors import CheckpointNotFoundError, UnsafeFileError
+from .findings import Finding
+from .header import SafetensorsHeader, TensorInfo, read_header
+from .keys import KeyParts, Role, parse_saved
+from .matching import matches_entry, matches_spec
+from .sources import ADAPTER_PATTERNS, resolve_dir
+
+#: LoRA roles -> the tensor name used in :attr:`LoraModule.tensors`.
+_LORA_SLOT = {
+    (Role.LORA_A, "weight"): "lora_A",
+    (Role.LORA_B, "weight"): "lora_B",
+    (Role.LORA_B, "bias"): "lora_B.bias",
+    (Role.LORA_EMBEDDING_A, None): "lora_A",
+    (Role.LORA_EMBEDDING_B, None): "lora_B",
+    (Role.DORA_MAGNITUDE, None): "magnitude",
+}
+
+
+@dataclass
+class LoraModule:
+    """One LoRA-adapted module, as the checkpoint describes it.
+
+    ``tensors`` maps ``lora_A``, ``lora_B``, and where present ``lora_B.bias`` and
+    ``magnitude`` (DoRA) to their :class:`TensorInfo`. ``rank`` is read from the tensors
+    (what the layer was built with); ``config_rank`` is what the config says.
+    """
+
+    path: str
+    layer_kind: str  #: ``linear`` (Linear or Conv1D), ``conv1d``/``conv2d``/``conv3d``, ``embedding``
+    rank: Optional[int]
+    config_rank: int
+    alpha: float
+    scaling: float
+    use_dora: bool
+    lora_bias: bool
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  #: slot -> saved key
+
+    @property
+    def dtype(self) -> str:
+        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+
+@dataclass
+class FullCopyModule:
+    """A module saved in full (``modules_to_save``): its tensors replace the base module's."""
+
+    path: str
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  #: param (``weight``, ``dense.bias``) -> info
+    keys: dict[str, str] = field(default_factory=dict)  #: param -> saved key
+
+    @property
+    def dtype(self) -> str:
+        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+@dataclass
+class TokenDelta:
+    """Trainable-token rows: row ``j`` replaces row ``indices[j]`` of the embedding ``path``."""
+
+    path: str
+    indices: Optional[list[int]]
+    tensor: TensorInfo
+    key: str
+
+
+@dataclass
+class AdapterCheckpoint:
+    """An adapter read from its config and weight header.
+
+    Attributes:
+        name: the adapter name (``default`` for a top-level adapter, the folder name otherwise).
+        directory: the local directory holding it.
+        config: the validated :class:`~adapterfmt.config.LoraConfig`.
+        weights_file: the weights file path.
+        prefix: the key prefix found (``base_model.model.`` or ``""``).
+        lora: module path -> :class:`LoraModule`.
+        full_copies: module path -> :class:`FullCopyModule`.
+        base_overrides: base key -> tensor that replaces it (full embeddings saved next to a
+            LoRA, base biases saved by ``bias="all"``/``"lora_only"``).
+        token_deltas: embedding path -> :class:`TokenDelta`.
+        unknown_keys: saved keys the grammar and config do not explain.
+        findings: warnings found while reading (see :mod:`adapterfmt.findings`).
+        sub_adapters: names of other adapters stored in ``<directory>/<name>/``.
+        tensors_in_memory: only for ``.bin`` files: key -> tensor.
+    """
+
+    name: str
+    directory: str
+    config: LoraConfig
+    weights_file: str
+    prefix: str
+    lora: dict[str, LoraModule] = field(default_factory=dict)
+    full_copies: dict[str, FullCopyModule] = field(default_factory=dict)
+    base_overrides: dict[str, TensorInfo] = field(default_factory=dict)
+    base_override_keys: dict[str, str] = field(default_factory=dict)
+    token_deltas: dict[str, TokenDelta] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    sub_adapters: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    tensors_in_memory: Optional[dict[str, Any]] = None
+
+    @property
+    def lora_params(self) -> int:
+        return sum(m.params for m in self.lora.values())
+
+    @property
+    def full_copy_params(self) -> int:
+        return sum(m.params for m in self.full_copies.values())
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        """Every tensor of the weights file, by saved key."""
+        out: dict[str, TensorInfo] = {}
+        for m in self.lora.values():
+            out.update({m.keys[s]: t for s, t in m.tensors.items()})
+        for c in self.full_copies.values():
+            out.update({c.keys[p]: t for p, t in c.tensors.items()})
+        out.update({self.base_override_keys[k]: t for k, t in self.base_overrides.items()})
+        out.update({d.key: d.tensor for d in self.token_deltas.values()})
+        return out
+
+
+def read_adapter(
+    path: "str | os.PathLike[str]",
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    allow_pickle: bool = False,
+) -> AdapterCheckpoint:
+    """Read an adapter directory (or Hub id) into an :class:`AdapterCheckpoint`, headers only.
+
+    Args:
+        path: adapter directory, a sub-adapter directory ``<dir>/<name>``, or a Hub repo id.
+        subfolder: a sub-adapter inside ``path`` (``"second"`` for ``<dir>/second/``).
+        revision: Hub revision.
+        allow_pickle: permit ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+
+    Raises:
+        CheckpointNotFoundError: no adapter there.
+        InvalidConfigError: the config is not valid.
+        HeaderError: the safetensors file is damaged.
+        UnsafeFileError: only a pickle ``.bin`` file exists and ``allow_pickle`` is false.
+    """
+    directory = resolve_dir(path, patterns=ADAPTER_PATTERNS, subfolder=subfolder, revision=revision)
+    config_path = os.path.join(directory, ADAPTER_CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        subs = _sub_adapters(directory)
+        hint = f"it has sub-adapters {subs}; point at one of them" if subs else "is this an adapter directory?"
+        raise CheckpointNotFoundError(f"has no {ADAPTER_CONFIG_FILE}", path=directory, hint=hint)
+    config = read_config(config_path)
+    st_path = os.path.join(directory, ADAPTER_SAFETENSORS_FILE)
+    bin_path = os.path.join(directory, ADAPTER_BIN_FILE)
+    in_memory = None
+    if os.path.isfile(st_path):
+        weights_file = st_path
+        header = read_header(st_path)
+    elif os.path.isfile(bin_path):
+        if not allow_pickle:
+            raise UnsafeFileError(
+                "is a pickle file, which can run code when loaded",
+                path=bin_path,
+                hint="pass --allow-pickle / allow_pickle=True to read it with torch.load(weights_only=True), or convert it to safetensors",
+            )
+        weights_file = bin_path
+        header, in_memory = _read_bin(bin_path)
+    else:
+        raise CheckpointNotFoundError(
+            f"has no {ADAPTER_SAFETENSORS_FILE} or {ADAPTER_BIN_FILE}", path=directory, hint="the adapter weights are missing"
+        )
+    name = subfolder or (os.path.basename(os.path.normpath(directory)) if _is_sub_adapter(directory) else DEFAULT_ADAPTER_NAME)
+    ckpt = AdapterCheckpoint(
+        name=name,
+        directory=directory,
+        config=config,
+        weights_file=weights_file,
+        prefix="",
+        sub_adapters=_sub_adapters(directory),
+        metadata=dict(header.metadata),
+        tensors_in_memory=in_memory,
+    )
+    _describe(ckpt, header)
+    return ckpt
+
+
+def _is_sub_adapter(directory: str) -> bool:
+    parent = os.path.dirname(os.path.normpath(directory))
+    return os.path.isfile(os.path.join(parent, ADAPTER_CONFIG_FILE))
+
+
+def _sub_adapters(directory: str) -> list[str]:
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [e for e in entries if os.path.isfile(os.path.join(directory, e, ADAPTER_CONFIG_FILE))]
+
+
+def _read_bin(path: str) -> tuple[SafetensorsHeader, dict[str, Any]]:
+    from .torch_io import read_pickle_weights
+
+    return read_pickle_weights(path)
+
+
+def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
+    """Sort every tensor of ``header`` into module records; collect findings."""
+    cfg = ckpt.config
+    keys = list(header.tensors)
+    prefixes = {PEFT_PREFIX if k.startswith(PEFT_PREFIX) else "" for k in keys}
+    ckpt.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
+    if len(prefixes) > 1:
+        ckpt.findings.append(
+            Finding("mixed-prefix", "some keys carry the 'base_model.model.' prefix and some do not", [k for k in keys if not k.startswith(PEFT_PREFIX)][:20])
+        )
+
+    plain: list[tuple[str, KeyParts]] = []
+    lora_parts: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
+    embedding_modules: set[str] = set()
+    for key in keys:
+        info = header.tensors[key]
+        parts = parse_saved(key)
+        slot = _LORA_SLOT.get((parts.role, parts.param))
+        if slot is not None:
+            lora_parts.setdefault(parts.module, {})[slot] = (key, info)
+            if parts.role in (Role.LORA_EMBEDDING_A, Role.LORA_EMBEDDING_B):
+                embedding_modules.add(parts.module)
+        elif parts.role is Role.TOKENS_DELTA:
+            idx = _token_indices(cfg, parts.module)
+            ckpt.token_deltas[parts.module] = TokenDelta(parts.module, idx, info, key)
+        elif parts.role is Role.BASE_LAYER:
+            base_key = f"{parts.module}.{parts.param}"
+            ckpt.base_overrides[base_key] = info
+            ckpt.base_override_keys[base_key] = key
+        elif parts.role in (Role.ORIGINAL, Role.FULL_COPY):
+            ckpt.findings.append(
+                Finding(
+                    "wrapper-leftover",
+                    f"'{key}' is a modules_to_save wrapper leftover (PEFT's bias=\"all\" writes these); it is ignored",
+                    [key],
+                )
+            )
+        elif parts.role in (Role.LORA_A, Role.LORA_B):
+            ckpt.unknown_keys.append(key)  # e.g. lora_A.bias: no such tensor in LoRA
+        else:
+            plain.append((key, parts))
+
+    # Plain keys: full copies (config.modules_to_save, exact rule), saved base biases, or unknown.
+    entries = cfg.modules_to_save or []
+    lora_modules = set(lora_parts)
+    rest = [k for k, _ in plain]
+    full_modules = _full_copy_modules(rest, entries)
+    for key, parts in plain:
+        module = _owning(parts, full_modules)
+        if module is not None:
+            copy = ckpt.full_copies.setdefault(module, FullCopyModule(module))
+            param = key[len(parts.prefix) + len(module) + 1 :]
+            copy.tensors[param] = header.tensors[key]
+            copy.keys[param] = key
+        elif parts.param == "bias" and cfg.bias in ("all", "lora_only") and (cfg.bias == "all" or parts.module in lora_modules):
+            base_key = f"{parts.module}.bias" if parts.module else "bias"
+            ckpt.base_overrides[base_key] = header.tensors[key]
+            ckpt.base_override_keys[base_key] = key
+        else:
+            ckpt.unknown_keys.append(key)
+
+    for module, slots in sorted(lora_parts.items()):
+        ckpt.lora[module] = _lora_module(ckpt, module, slots, embedding=module in embedding_modules)
+
+    from .findings import adapter_findings
+
+    ckpt.findings.extend(adapter_findings(ckpt, overlapping_pattern_keys))
+
+
+def _full_copy_modules(keys: list[str], entries: list[str]) -> list[str]:
+    """Module paths under which plain keys are full copies: the module names (derived from the
+    keys) that an entry of ``modules_to_save`` matches exactly (equal or dotted suffix)."""
+    names: set[str] = set()
+    for key in keys:
+        _, rest = (PEFT_PREFIX, key[len(PEFT_PREFIX) :]) if key.startswith(PEFT_PREFIX) else ("", key)
+        segs = rest.split(".")
+        for i in range(1, len(segs)):
+            names.add(".".join(segs[:i]))
+    out = [n for n in names if any(matches_entry(n, e) for e in entries)]
+    # keep outermost: a full copy of ``classifier`` owns ``classifier.dense.*``
+    return sorted(n for n in out if not any(n.startswith(o + ".") for o in out))
+
+
+def _owning(parts: KeyParts, full_modules: list[str]) -> Optional[str]:
+    key = parts.module + "." + parts.param if parts.module else (parts.param or "")
+    best = None
+    for m in full_modules:
+        if key.startswith(m + ".") and (best is None or len(m) > len(best)):
+            best = m
+    return best
+
+
+def _token_indices(cfg: LoraConfig, module: str) -> Optional[list[int]]:
+    spec = cfg.trainable_token_indices
+    if isinstance(spec, list):
+        return list(spec)
+    if isinstance(spec, dict):
+        for name, idx in spec.items():
+            if matches_entry(module, name):
+                return list(idx)
+    return None
+
+
+def _lora_module(
+    ckpt: AdapterCheckpoint, module: str, slots: dict[str, tuple[str, TensorInfo]], *, embedding: bool
+) -> LoraModule:
+    cfg = ckpt.config
+    a = slots.get("lora_A")
+    b = slots.get("lora_B")
+    rank = None
+    if a is not None:
+        rank = a[1].shape[0] if a[1].shape else None
+    elif b is not None and len(b[1].shape) >= 2:
+        rank = b[1].shape[1]
+    ndim = len(a[1].shape) if a else (len(b[1].shape) if b else 2)
+    kind = "embedding" if embedding else {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(ndim, "unknown")
+    config_rank = cfg.rank_for(module)
+    return LoraModule(
+        path=module,
+        layer_kind=kind,
+        rank=rank,
+        config_rank=config_rank,
+        alpha=cfg.alpha_for(module),
+        scaling=cfg.scaling_for(module, rank or config_rank),
+        use_dora="magnitude" in slots,
+        lora_bias="lora_B.bias" in slots,
+        tensors={s: info for s, (_, info) in slots.items()},
+        keys={s: k for s, (k, _) in slots.items()},
+    )

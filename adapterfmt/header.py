@@ -1,0 +1,191 @@
+"""Read a safetensors header without reading tensor bytes and without importing torch.
+
+Why by hand and not ``safetensors.safe_open``: inspect must not import torch (``safe_open``
+needs a framework to return shapes through slices), the merge engine needs the raw byte
+offsets to copy untouched tensors through without decoding them, and every defect must become
+an :class:`~adapterfmt.errors.HeaderError` that names the file and the key. The checks are the
+ones the safetensors library itself makes (``safetensors/src/tensor.rs``), plus duplicate keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from math import prod
+from typing import Mapping
+
+from .constants import DTYPE_BITS, MAX_HEADER_BYTES
+from .errors import HeaderError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range in the file."""
+
+    key: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  #: absolute offset of the first byte in ``file``
+    end: int  #: absolute offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of one safetensors file."""
+
+    path: str
+    tensors: Mapping[str, TensorInfo]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    data_start: int = 8
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        A :class:`SafetensorsHeader` whose tensors carry absolute byte offsets.
+
+    Raises:
+        CheckpointNotFoundError: the file does not exist.
+        HeaderError: the header is truncated, too large, not a JSON object, has duplicate keys,
+            an unknown dtype, offsets that overlap, leave holes or run past the end of the file,
+            or a byte length that does not match ``shape × dtype``.
+    """
+    from .errors import CheckpointNotFoundError
+
+    path = os.fspath(path)
+    name = path
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise HeaderError(
+                    f"file is {size} bytes, too short for a safetensors header",
+                    path=name,
+                    hint="the file is truncated or not safetensors; download it again",
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise HeaderError(
+                    f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit",
+                    path=name,
+                    hint="the file is damaged or not safetensors",
+                )
+            if 8 + n > size:
+                raise HeaderError(
+                    f"header length {n} runs past the end of the {size}-byte file",
+                    path=name,
+                    hint="the file is truncated; download it again",
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such file", path=name) from None
+    except IsADirectoryError:
+        raise CheckpointNotFoundError("is a directory, expected a .safetensors file", path=name) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError("header is not UTF-8", path=name, hint="the file is damaged or not safetensors") from None
+    if not text.startswith("{"):
+        raise HeaderError("header is not a JSON object", path=name, hint="the file is damaged or not safetensors")
+    try:
+        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _Duplicate as dup:
+        raise HeaderError("appears twice in the header", path=name, key=dup.key, hint="the writer is broken; re-export the file") from None
+    except (ValueError, RecursionError):
+        raise HeaderError("header is not valid JSON", path=name, hint="the file is damaged or not safetensors") from None
+    if not isinstance(doc, dict):
+        raise HeaderError("header is not a JSON object", path=name, hint="the file is damaged or not safetensors")
+
+    data_start = 8 + n
+    buffer_len = size - data_start
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise HeaderError("__metadata__ must map strings to strings", path=name, key="__metadata__")
+
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in doc.items():
+        tensors[key] = _tensor_info(name, key, entry, data_start)
+
+    # Tensors must tile the byte buffer from 0 to its end, with no hole and no overlap.
+    cursor = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        rel_start, rel_end = info.start - data_start, info.end - data_start
+        if rel_start != cursor:
+            what = "overlaps the previous tensor" if rel_start < cursor else f"leaves a hole at byte {cursor}"
+            raise HeaderError(f"data offsets {what}", path=name, key=info.key, hint="the file is damaged")
+        cursor = rel_end
+    if cursor != buffer_len:
+        if cursor > buffer_len:
+            raise HeaderError(
+                f"tensor data needs {cursor} bytes but the file has {buffer_len} after the header",
+                path=name,
+                hint="the file is truncated; download it again",
+            )
+        raise HeaderError(
+            f"{buffer_len - cursor} bytes after the last tensor are not covered by the header",
+            path=name,
+            hint="the file is damaged",
+        )
+    return SafetensorsHeader(path=name, tensors=tensors, metadata=dict(metadata), data_start=data_start)
+
+
+def _tensor_info(path: str, key: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderError("header entry is not an object", path=path, key=key, hint="the file is damaged")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise HeaderError(f"unknown dtype {dtype!r}", path=path, key=key, hint=f"expected one of {', '.join(sorted(DTYPE_BITS))}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise HeaderError(f"shape {shape!r} is not a list of non-negative integers", path=path, key=key, hint="the file is damaged")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise HeaderError(f"data_offsets {offsets!r} are not [begin, end]", path=path, key=key, hint="the file is damaged")
+    bits = prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        raise HeaderError(
+            f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets span {offsets[1] - offsets[0]}",
+            path=path,
+            key=key,
+            hint="the file is damaged",
+        )
+    return TensorInfo(key, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
