@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .describe import AdapterCheckpoint
 
 _MAX_KEYS = 20
+#: Heads PEFT adds to modules_to_save for a task type (peft_model.py); a model has only one of them.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,14 @@ def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tup
                         unused,
                     )
                 )
-    missing_copies = [e for e in entries if not any(matches_entry(c, e) for c in ckpt.full_copies)]
+    # PEFT adds every head name of the task type (SEQ_CLS: classifier *and* score); the model has one.
+    auto = _TASK_HEADS.get(str(cfg.task_type or "").upper(), ())
+    has_auto = any(matches_entry(c, e) for e in auto for c in ckpt.full_copies)
+    missing_copies = [
+        e
+        for e in entries
+        if not any(matches_entry(c, e) for c in ckpt.full_copies) and not (has_auto and e in auto)
+    ]
     if missing_copies:
         out.append(
             Finding(

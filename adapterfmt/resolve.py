@@ -1,0 +1,265 @@
+"""Resolve an adapter against a base model, from headers: every module to exactly one base tensor.
+
+:func:`resolve` is what ``adapterfmt check`` reports and what the merge plans from: for each LoRA
+module the base weight it changes, its layout (``linear``, ``conv1d-transposed`` for transformers
+``Conv1D``, ``conv``, ``embedding``) and shape agreement; for each full copy the base tensors it
+replaces. Unresolved names come with the prefix rewrite that would fix them, if one exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Optional
+
+from .base import BaseModel
+from .describe import AdapterCheckpoint, LoraModule
+from .findings import Finding, tied_full_copy_findings
+from .matching import module_names_from_keys, peft_full_copy_matches
+
+_MAX_LISTED = 10
+
+
+@dataclass
+class ResolvedLora:
+    """A LoRA module bound to its base weight."""
+
+    module: LoraModule
+    base_key: str  #: ``X.weight``
+    layout: str  #: ``linear``, ``conv1d-transposed``, ``conv``, ``embedding``
+    bias_key: Optional[str] = None  #: ``X.bias`` for ``lora_bias``
+
+
+@dataclass
+class Resolution:
+    """The outcome of matching one adapter against one base."""
+
+    adapter: AdapterCheckpoint
+    lora: dict[str, ResolvedLora] = field(default_factory=dict)
+    full_copies: dict[str, dict[str, str]] = field(default_factory=dict)  #: module -> {param: base key}
+    overrides: dict[str, str] = field(default_factory=dict)  #: base key -> saved key
+    unresolved: list[str] = field(default_factory=list)  #: module paths / keys with no base tensor
+    shape_errors: list[str] = field(default_factory=list)  #: one message each
+    suggestion: Optional[tuple[str, str]] = None  #: prefix rewrite (old, new) that fixes the unresolved
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unresolved and not self.shape_errors
+
+    @property
+    def lora_total(self) -> int:
+        return len(self.adapter.lora)
+
+    @property
+    def full_total(self) -> int:
+        return len(self.adapter.full_copies)
+
+    def summary(self) -> str:
+        """``154/154 LoRA targets and 1/1 full copies resolved``."""
+        return (
+            f"{len(self.lora)}/{self.lora_total} LoRA targets and "
+            f"{len(self.full_copies)}/{self.full_total} full copies resolved"
+        )
+
+
+def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional[dict[str, str]] = None) -> Resolution:
+    """Bind every module of ``adapter`` to tensors of ``base``; never raises for mismatches.
+
+    Args:
+        prefix_map: explicit rewrites of module-path prefixes, ``{"model.": "language_model.model."}``.
+
+    Returns:
+        A :class:`Resolution`; ``ok`` is false when something did not resolve or shapes disagree.
+    """
+    res = Resolution(adapter)
+    tensors = base.tensors
+
+    def rename(path: str) -> str:
+        for old, new in (prefix_map or {}).items():
+            if path.startswith(old):
+                return new + path[len(old) :]
+        return path
+
+    transposed_votes: list[bool] = []
+    pending_square: list[tuple[LoraModule, str]] = []
+    for path, m in adapter.lora.items():
+        target = rename(path)
+        key = f"{target}.weight" if target else "weight"
+        info = tensors.get(key)
+        if info is None:
+            if target in base.tied:
+                info = tensors.get(f"{base.tied[target]}.weight")
+            if info is None:
+                res.unresolved.append(path)
+                continue
+        a, b = m.tensors.get("lora_A"), m.tensors.get("lora_B")
+        if a is None or b is None:
+            res.shape_errors.append(f"'{path}': lora_A or lora_B is missing (orphan LoRA)")
+            continue
+        layout, err = _layout(m, info.shape, a.shape, b.shape)
+        if err:
+            res.shape_errors.append(f"'{path}': {err}")
+            continue
+        if layout == "square":
+            pending_square.append((m, key))
+            continue
+        if layout in ("linear", "conv1d-transposed"):
+            transposed_votes.append(layout == "conv1d-transposed")
+        res.lora[path] = _resolved(m, key, layout, base, res)
+    # A square weight cannot show its layout; follow the adapter's other linear modules, else the flag.
+    transposed = (sum(transposed_votes) > len(transposed_votes) / 2) if transposed_votes else adapter.config.fan_in_fan_out
+    for m, key in pending_square:
+        res.lora[m.path] = _resolved(m, key, "conv1d-transposed" if transposed else "linear", base, res)
+
+    for path, copy in adapter.full_copies.items():
+        target = rename(path)
+        bound: dict[str, str] = {}
+        for param, info in copy.tensors.items():
+            key = f"{target}.{param}" if target else param
+            base_info = tensors.get(key)
+            if base_info is None and target in base.tied and param == "weight":
+                base_info = tensors.get(f"{base.tied[target]}.weight")
+            if base_info is None:
+                res.unresolved.append(f"{path}.{param}")
+                continue
+            if tuple(base_info.shape) != tuple(info.shape):
+                res.shape_errors.append(
+                    f"'{path}.{param}': full copy has shape {list(info.shape)} but the base tensor '{key}' has {list(base_info.shape)}"
+                )
+                continue
+            bound[param] = key
+        if len(bound) == len(copy.tensors):
+            res.full_copies[path] = bound
+        missing = _missing_module_params(target, copy.tensors, tensors)
+        if missing and len(bound) == len(copy.tensors):
+            res.findings.append(
+                Finding(
+                    "full-copy-incomplete",
+                    f"full copy '{path}' lacks {', '.join(missing)} that the base module has; PEFT's loader raises KeyError on it",
+                    [f"{path}.{p}" for p in missing],
+                )
+            )
+
+    for base_key, saved_key in adapter.base_override_keys.items():
+        key = rename(base_key)
+        info = tensors.get(key)
+        if info is None:
+            res.unresolved.append(base_key)
+        elif tuple(info.shape) != tuple(adapter.base_overrides[base_key].shape):
+            res.shape_errors.append(
+                f"'{saved_key}': has shape {list(adapter.base_overrides[base_key].shape)} but base '{key}' has {list(info.shape)}"
+            )
+        else:
+            res.overrides[key] = saved_key
+
+    if res.unresolved:
+        res.suggestion = suggest_prefix(res.unresolved, list(tensors), adapter)
+    res.findings.extend(tied_full_copy_findings(adapter, set(base.tied)))
+    res.findings.extend(endswith_findings(adapter, list(tensors)))
+    return res
+
+
+def _resolved(m: LoraModule, key: str, layout: str, base: BaseModel, res: Resolution) -> ResolvedLora:
+    bias_key = None
+    if m.lora_bias:
+        bias_key = key[: -len("weight")] + "bias"
+        if bias_key not in base.tensors:
+            res.shape_errors.append(f"'{m.path}': lora_bias is set but the base module has no bias '{bias_key}' to add it to")
+    return ResolvedLora(m, key, layout, bias_key)
+
+
+def _layout(m: LoraModule, w: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, Optional[str]]:
+    """The base layout implied by shapes, or an error message."""
+    if m.layer_kind == "embedding":
+        # lora_embedding_A (r, V), lora_embedding_B (D, r); base (V, D)
+        if len(w) == 2 and len(a) == 2 and len(b) == 2 and (a[1], b[0]) == tuple(w):
+            return "embedding", None
+        return "", f"embedding LoRA A {list(a)} / B {list(b)} does not fit base weight {list(w)} (expected A (r, {w[0] if w else '?'}), B ({w[1] if len(w) > 1 else '?'}, r))"
+    if m.layer_kind == "linear":
+        if len(w) != 2 or len(a) != 2 or len(b) != 2:
+            return "", f"linear LoRA A {list(a)} / B {list(b)} does not fit base weight {list(w)}"
+        out_in = (b[0], a[1])
+        if tuple(w) == out_in and w[0] != w[1]:
+            return "linear", None
+        if tuple(w) == out_in[::-1] and w[0] != w[1]:
+            return "conv1d-transposed", None
+        if tuple(w) == out_in:
+            return "square", None
+        return "", f"LoRA A {list(a)} / B {list(b)} gives a ({b[0]}, {a[1]}) delta but the base weight is {list(w)}"
+    if m.layer_kind.startswith("conv"):
+        # A (r, in/g, *k), B (out, r/g, 1...); base (out, in/g, *k)
+        if len(w) != len(a) or w[0] != b[0] or tuple(w[1:]) != tuple(a[1:]):
+            return "", f"conv LoRA A {list(a)} / B {list(b)} does not fit base weight {list(w)}"
+        if any(d != 1 for d in b[2:]):
+            return "", f"conv lora_B {list(b)} must have a 1x1 kernel"
+        if b[1] != a[0]:
+            return "", f"conv LoRA with groups > 1 (A rank {a[0]}, B {b[1]}) cannot be merged"
+        return "conv", None
+    return "", f"cannot tell the layer kind from lora_A {list(a)}"
+
+
+def _missing_module_params(target: str, copy: dict, tensors: dict) -> list[str]:
+    prefix = f"{target}." if target else ""
+    have = {k[len(prefix) :] for k in tensors if k.startswith(prefix)}
+    # direct params only for a leaf module; nested ones for containers
+    return sorted(p for p in have if p not in copy and (len(copy) == 0 or any("." in c for c in copy) or "." not in p))
+
+
+def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: AdapterCheckpoint) -> Optional[tuple[str, str]]:
+    """A prefix rewrite ``(old, new)`` that maps the most unresolved module paths onto base tensors.
+
+    Tries dropping the first k segments of a path and putting any base key prefix in front, and
+    keeps the rewrite that fixes the most names (ties: the shortest rewrite).
+    """
+    weights = {k for k in base_keys}
+    candidates: dict[tuple[str, str], int] = {}
+    probe = unresolved[:50]
+    for path in probe:
+        segs = path.split(".")
+        for k in range(0, len(segs)):
+            old = ".".join(segs[:k]) + ("." if k else "")
+            tail = ".".join(segs[k:])
+            suffix = f"{tail}.weight" if path in adapter.lora else tail
+            for key in weights:
+                if key.endswith(suffix) and (len(key) == len(suffix) or key[-len(suffix) - 1] == "."):
+                    new = key[: len(key) - len(suffix)]
+                    if (old, new) != ("", ""):
+                        candidates[(old, new)] = 0
+    best, best_score = None, 0
+    for old, new in candidates:
+        score = 0
+        for path in probe:
+            if not path.startswith(old):
+                continue
+            renamed = new + path[len(old) :]
+            key = f"{renamed}.weight" if path in adapter.lora else renamed
+            score += key in weights
+        if score > best_score or (score == best_score and best and len(old) + len(new) < len(best[0]) + len(best[1])):
+            best, best_score = (old, new), score
+    return best if best_score else None
+
+
+def endswith_findings(adapter: AdapterCheckpoint, base_keys: list[str]) -> list[Finding]:
+    """Where PEFT's plain ``endswith`` on modules_to_save binds a different or several base modules."""
+    names, _ = module_names_from_keys(base_keys)
+    out = []
+    for entry in adapter.config.modules_to_save or []:
+        loose = peft_full_copy_matches(names, entry)
+        exact = [n for n in names if n == entry or n.endswith("." + entry)]
+        if len(loose) > 1 or set(loose) != set(exact):
+            out.append(
+                Finding(
+                    "full-copy-suffix",
+                    f"modules_to_save entry '{entry}' binds {', '.join(loose[:_MAX_LISTED]) or 'nothing'} under PEFT's plain "
+                    f"endswith matching, but {', '.join(exact) or 'nothing'} under exact matching",
+                    loose[:_MAX_LISTED],
+                )
+            )
+    return out
+
+
+def delta_numel(m: LoraModule) -> int:
+    """Elements of the dense delta a LoRA module produces (for cost estimates)."""
+    a, b = m.tensors["lora_A"], m.tensors["lora_B"]
+    return b.shape[0] * prod(a.shape[1:])

@@ -1,0 +1,1 @@
+"""The ``adapterfmt`` command line (installed as the ``adapterfmt_cli`` package)."""
