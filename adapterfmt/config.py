@@ -30,7 +30,7 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "arrow_config": "Arrow routes between adapters",
 }
 
-#: ``init_lora_weights`` values whose adapters are relative to a modified base (FORMAT.md §6).
+#: ``init_lora_weights`` values whose adapters are relative to a modified base (FORMAT.md §4.4).
 MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -108,7 +108,7 @@ def overlapping_pattern_keys(patterns: Mapping[str, Any], modules: list[str]) ->
     """``(module, first_key, other_key)`` where two pattern keys both match a module with different values.
 
     PEFT writes patterns with ``sort_keys=True``, so the order at training time is lost; an
-    overlap can silently change r or alpha on reload (FORMAT.md §6.6).
+    overlap can silently change r or alpha on reload (FORMAT.md §4.2).
     """
     out = []
     for m in modules:
@@ -220,11 +220,14 @@ def read_config(path: "str | os.PathLike[str]") -> LoraConfig:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            data = f.read(10_000_001)
+            # check the size first: read(n) allocates n bytes up front, whatever the file holds
+            if os.fstat(f.fileno()).st_size > 10_000_000:
+                raise InvalidConfigError("is larger than 10 MB; not an adapter config", path=path)
+            data = f.read()
     except FileNotFoundError:
         raise CheckpointNotFoundError("no such file", path=path, hint="an adapter directory needs adapter_config.json") from None
-    if len(data) > 10_000_000:
-        raise InvalidConfigError("is larger than 10 MB; not an adapter config", path=path)
+    except OSError as e:
+        raise InvalidConfigError(f"cannot be read ({e.strerror or type(e).__name__})", path=path) from None
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -19,7 +19,7 @@ from .constants import (
     DEFAULT_ADAPTER_NAME,
     PEFT_PREFIX,
 )
-from .errors import CheckpointNotFoundError, UnsafeFileError
+from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from .findings import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import KeyParts, Role, parse_saved
@@ -236,6 +236,8 @@ def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
     """Sort every tensor of ``header`` into module records; collect findings."""
     cfg = ckpt.config
     keys = list(header.tensors)
+    if not keys:
+        raise InconsistentAdapterError("holds no tensors", path=header.path, hint="the adapter is empty; re-export it")
     prefixes = {PEFT_PREFIX if k.startswith(PEFT_PREFIX) else "" for k in keys}
     ckpt.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
     if len(prefixes) > 1:
@@ -248,7 +250,10 @@ def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
     embedding_modules: set[str] = set()
     for key in keys:
         info = header.tensors[key]
-        parts = parse_saved(key)
+        try:
+            parts = parse_saved(key)
+        except UnknownKeyError as e:
+            raise UnknownKeyError(e.message, path=header.path, key=key, hint="the file is damaged; re-export the adapter") from None
         slot = _LORA_SLOT.get((parts.role, parts.param))
         if slot is not None:
             lora_parts.setdefault(parts.module, {})[slot] = (key, info)
@@ -302,15 +307,19 @@ def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
 
 
 def _full_copy_modules(keys: list[str], entries: list[str]) -> list[str]:
-    """Module paths under which plain keys are full copies: the module names (derived from the
-    keys) that an entry of ``modules_to_save`` matches exactly (equal or dotted suffix)."""
+    """Module paths under which plain keys are full copies.
+
+    These are the module names (derived from the keys) that PEFT wrapped for an entry of
+    ``modules_to_save``: PEFT uses a plain ``name.endswith(entry)``, so a real checkpoint made
+    with ``["classifier"]`` also holds ``pre_classifier.*``. The file is described as PEFT wrote
+    it; ``full-copy-suffix`` findings then point out where exact matching would differ."""
     names: set[str] = set()
     for key in keys:
         _, rest = (PEFT_PREFIX, key[len(PEFT_PREFIX) :]) if key.startswith(PEFT_PREFIX) else ("", key)
         segs = rest.split(".")
         for i in range(1, len(segs)):
             names.add(".".join(segs[:i]))
-    out = [n for n in names if any(matches_entry(n, e) for e in entries)]
+    out = [n for n in names if any(n.endswith(e) for e in entries)]
     # keep outermost: a full copy of ``classifier`` owns ``classifier.dense.*``
     return sorted(n for n in out if not any(n.startswith(o + ".") for o in out))
 

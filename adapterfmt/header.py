@@ -89,6 +89,9 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
     name = path
     try:
         size = os.path.getsize(path)
+        if not os.path.isfile(path) and not os.path.isdir(path):
+            # a FIFO would block open() forever, a device has no size: refuse before opening
+            raise HeaderError("is not a regular file (a pipe or a device)", path=name, hint="point at a .safetensors file")
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -115,6 +118,8 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
         raise CheckpointNotFoundError("no such file", path=name) from None
     except IsADirectoryError:
         raise CheckpointNotFoundError("is a directory, expected a .safetensors file", path=name) from None
+    except OSError as e:
+        raise HeaderError(f"cannot be read ({e.strerror or type(e).__name__})", path=name) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -145,7 +150,7 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         rel_start, rel_end = info.start - data_start, info.end - data_start
         if rel_start != cursor:
-            what = "overlaps the previous tensor" if rel_start < cursor else f"leaves a hole at byte {cursor}"
+            what = "overlap the previous tensor" if rel_start < cursor else f"leave a hole at byte {cursor}"
             raise HeaderError(f"data offsets {what}", path=name, key=info.key, hint="the file is damaged")
         cursor = rel_end
     if cursor != buffer_len:

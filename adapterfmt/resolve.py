@@ -210,7 +210,8 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
     """A prefix rewrite ``(old, new)`` that maps the most unresolved module paths onto base tensors.
 
     Tries dropping the first k segments of a path and putting any base key prefix in front, and
-    keeps the rewrite that fixes the most names (ties: the shortest rewrite).
+    keeps the rewrite that fixes the most names, less the names that resolve now and would not
+    after it (ties: the shortest rewrite, then the first in sorted order).
     """
     weights = {k for k in base_keys}
     candidates: dict[tuple[str, str], int] = {}
@@ -226,8 +227,12 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
                     new = key[: len(key) - len(suffix)]
                     if (old, new) != ("", ""):
                         candidates[(old, new)] = 0
-    best, best_score = None, 0
-    for old, new in candidates:
+    # Base keys the adapter binds to already: a rewrite that would unbind them is penalised.
+    failed = set(unresolved)
+    bound = [f"{p}.weight" for p in adapter.lora if p not in failed]
+    bound += [f"{c}.{param}" for c, copy in adapter.full_copies.items() for param in copy.tensors if f"{c}.{param}" not in failed]
+    best, best_rank = None, (0, 0)
+    for old, new in sorted(candidates):
         score = 0
         for path in probe:
             if not path.startswith(old):
@@ -235,9 +240,11 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
             renamed = new + path[len(old) :]
             key = f"{renamed}.weight" if path in adapter.lora else renamed
             score += key in weights
-        if score > best_score or (score == best_score and best and len(old) + len(new) < len(best[0]) + len(best[1])):
-            best, best_score = (old, new), score
-    return best if best_score else None
+        score -= sum(1 for k in bound if k.startswith(old) and new + k[len(old) :] not in weights)
+        rank = (score, -(len(old) + len(new)))
+        if score > 0 and (best is None or rank > best_rank):
+            best, best_rank = (old, new), rank
+    return best
 
 
 def endswith_findings(adapter: AdapterCheckpoint, base_keys: list[str]) -> list[Finding]:

@@ -91,9 +91,8 @@ def safe_join(directory: str, name: str, *, what: str = "file") -> str:
 
     if os.path.isabs(name) or name.replace("\\", "/").split("/")[0] == "..":
         raise UnsafeFileError(f"{what} {name!r} points outside its directory", path=directory, key=name)
-    root = os.path.realpath(directory)
     full = os.path.realpath(os.path.join(directory, name))
-    if os.path.commonpath([root, full]) != root:
+    if not any(os.path.commonpath([root, full]) == root for root in _allowed_roots(directory)):
         raise UnsafeFileError(
             f"{what} {name!r} resolves outside its directory (to {full})",
             path=directory,
@@ -101,3 +100,20 @@ def safe_join(directory: str, name: str, *, what: str = "file") -> str:
             hint="refusing to follow a path or symlink that escapes the checkpoint",
         )
     return os.path.join(directory, name)
+
+
+def _allowed_roots(directory: str) -> list[str]:
+    """Where files of ``directory`` may resolve to: the directory itself and, inside a
+    huggingface_hub cache snapshot (``<repo>/snapshots/<rev>/...``), the repo's ``blobs`` folder,
+    because every snapshot file there is a symlink to ``../../blobs/<hash>``."""
+    roots = [os.path.realpath(directory)]
+    path = os.path.abspath(directory)
+    while os.path.dirname(path) != path:
+        parent = os.path.dirname(path)
+        if os.path.basename(parent) == "snapshots":
+            blobs = os.path.join(os.path.dirname(parent), "blobs")
+            if os.path.isdir(blobs):
+                roots.append(os.path.realpath(blobs))
+            break
+        path = parent
+    return roots

@@ -8,6 +8,7 @@ open while a :class:`TensorReader` lives); pickle ``.bin`` adapters only through
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -79,7 +80,9 @@ def read_pickle_weights(path: str) -> tuple[SafetensorsHeader, dict[str, torch.T
         UnsafeFileError: the file holds more than tensors (``weights_only`` refused it).
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr about pickle protocols; the CLI prints one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ...
         raise UnsafeFileError(f"cannot be loaded with torch.load(weights_only=True) ({type(e).__name__})", path=path) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

@@ -1,0 +1,59 @@
+"""Opt-in value scan: NaN and Inf in an adapter's tensors (imports torch).
+
+Only ``adapterfmt inspect --scan`` reads tensor values; everything else works from headers. The
+scan reads one tensor at a time and checks it in chunks, so memory stays at one tensor plus a
+small boolean buffer, even for a large full copy such as ``lm_head``.
+"""
+
+from __future__ import annotations
+
+from .describe import AdapterCheckpoint
+from .findings import Finding
+
+#: Elements checked per step; bounds the temporary boolean masks.
+_CHUNK = 1 << 24
+
+
+def count_non_finite(tensor: "torch.Tensor") -> tuple[int, int]:  # noqa: F821 - torch is imported lazily
+    """``(nan_count, inf_count)`` of a tensor; integer and bool tensors have none."""
+    import torch
+
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0, 0
+    flat = tensor.reshape(-1)
+    nan = inf = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        nan += int(torch.isnan(part).sum())
+        inf += int(torch.isinf(part).sum())
+    return nan, inf
+
+
+def non_finite_findings(ckpt: AdapterCheckpoint) -> list[Finding]:
+    """One ``non-finite`` finding per tensor of ``ckpt`` that holds NaN or Inf.
+
+    Args:
+        ckpt: the adapter (safetensors file, or a ``.bin`` already loaded into memory).
+
+    Returns:
+        The findings, in key order; empty when every value is finite.
+
+    Raises:
+        HeaderError: the file cannot be read by safetensors.
+    """
+    from .torch_io import TensorReader
+
+    out = []
+    with TensorReader(ckpt.tensors_in_memory) as reader:
+        for key, info in sorted(ckpt.tensor_infos().items()):
+            nan, inf = count_non_finite(reader.get(info))
+            if nan or inf:
+                out.append(
+                    Finding(
+                        "non-finite",
+                        f"{ckpt.weights_file}: '{key}' holds {nan} NaN and {inf} Inf value(s) of {info.numel}; "
+                        "the adapter is broken, retrain or re-export it",
+                        [key],
+                    )
+                )
+    return out

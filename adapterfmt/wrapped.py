@@ -1,0 +1,599 @@
+"""Wrapped checkpoints: a whole ``PeftModel.state_dict()`` saved as it sits in memory.
+
+Trainer, FSDP, DeepSpeed and Lightning saves, ``torch.save(peft_model.state_dict())`` and
+``save_file(peft_model.state_dict())`` keep PEFT's in-memory names
+(``…q_proj.base_layer.weight``, ``…q_proj.lora_A.default.weight``,
+``lm_head.original_module.weight``, ``lm_head.modules_to_save.default.weight``), with or without
+the ``base_model.model.`` prefix, in one safetensors file, in shards with an index, or in a
+pickle. :func:`read_wrapped` describes such a file with the records of an adapter
+(:class:`~adapterfmt.describe.AdapterCheckpoint`, one per adapter name) plus the base weights it
+carries, and says for every full copy whether the trained copy differs from the frozen original.
+
+A state dict does not store ``lora_alpha``: without ``alpha=`` or ``config=`` the description
+leaves ``lora_alpha`` / ``alpha`` / ``scaling`` as ``None`` (unknown) rather than guessing a scale.
+Nothing here imports torch, except to read a pickle the caller allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickletools
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional, Union
+
+from .base import read_base
+from .config import LoraConfig, parse_config, read_config
+from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
+from .describe import AdapterCheckpoint, _describe
+from .errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError, UnsafeFileError
+from .findings import Finding
+from .header import SafetensorsHeader, TensorInfo, read_header
+from .keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved
+from .matching import module_names_from_keys, peft_full_copy_matches
+
+#: ``layout`` of every :class:`WrappedCheckpoint` (an adapter directory is PEFT's saved layout).
+WRAPPED_LAYOUT = "wrapped"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+#: Roles whose wrapped key carries an adapter name: the adapter's own tensors.
+_ADAPTER_ROLES = LORA_ROLES | {Role.FULL_COPY, Role.TOKENS_DELTA}
+_MAX_KEYS = 20
+#: Bytes compared per read when checking whether a full copy changed.
+_CHUNK = 1 << 22
+#: A ``data.pkl`` larger than this is not sniffed for key names.
+_MAX_PICKLE_INDEX = 64 << 20
+
+AlphaSpec = Union[float, Mapping[str, float], None]
+ConfigSpec = Union[LoraConfig, str, "os.PathLike[str]", Mapping[str, Union[LoraConfig, str, "os.PathLike[str]"]], None]
+
+
+@dataclass
+class WrappedCheckpoint:
+    """A whole wrapped model's state dict, described.
+
+    Attributes:
+        path: what the caller named (file or directory).
+        directory: the directory holding the weights (its ``config.json``, if any, is ``model_config``).
+        weight_files: the weight files, in index order.
+        storage: ``safetensors``, ``safetensors-sharded`` or ``pickle``.
+        prefix: ``base_model.model.`` or ``""``.
+        adapters: adapter name -> its tensors as an adapter (saved names in ``keys``; each
+            :class:`TensorInfo` keeps the wrapped key and the file it lives in).
+        base: base key -> the tensor of the plain model (``base_layer``, ``original_module``, untouched).
+        base_keys: base key -> wrapped key.
+        originals: full-copy module -> parameter -> its frozen ``original_module`` tensor.
+        copy_changed: adapter -> full-copy module -> whether the trained copy differs from the
+            original byte for byte (empty when copies were not compared).
+        alpha_known: adapter -> whether ``lora_alpha`` came from the caller (else it is ``None``).
+        findings: file-level warnings; each adapter's own are in ``adapters[name].findings``.
+        tensors_in_memory: only for pickles: wrapped key -> tensor.
+    """
+
+    path: str
+    directory: str
+    weight_files: list[str]
+    storage: str
+    prefix: str
+    adapters: dict[str, AdapterCheckpoint] = field(default_factory=dict)
+    base: dict[str, TensorInfo] = field(default_factory=dict)
+    base_keys: dict[str, str] = field(default_factory=dict)
+    originals: dict[str, dict[str, TensorInfo]] = field(default_factory=dict)
+    copy_changed: dict[str, dict[str, bool]] = field(default_factory=dict)
+    alpha_known: dict[str, bool] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    tensors_in_memory: Optional[dict[str, Any]] = None
+    layout: str = WRAPPED_LAYOUT
+
+    @property
+    def base_nbytes(self) -> int:
+        return sum(max(t.nbytes, 0) for t in self.base.values())
+
+    def all_findings(self) -> list[Finding]:
+        """File-level findings, then each adapter's."""
+        return list(self.findings) + [f for a in self.adapters.values() for f in a.findings]
+
+    def summary(self) -> str:
+        """``wrapped PeftModel.state_dict() (safetensors-sharded, 3 files, prefix 'base_model.model.'): adapters default, other``."""
+        files = f", {len(self.weight_files)} files" if len(self.weight_files) > 1 else ""
+        return (
+            f"wrapped PeftModel.state_dict() ({self.storage}{files}, prefix {self.prefix!r}): "
+            f"adapters {', '.join(self.adapters) or 'none'}; {len(self.base)} base tensors"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The facts inspect prints for the file (per-adapter modules come from ``adapters``)."""
+        return {
+            "layout": self.layout,
+            "storage": self.storage,
+            "weight_files": list(self.weight_files),
+            "prefix": self.prefix,
+            "adapters": list(self.adapters),
+            "alpha_known": dict(self.alpha_known),
+            "base_tensors": len(self.base),
+            "base_bytes": self.base_nbytes,
+            "full_copies": {
+                name: {m: ("trained" if changed else "unchanged") for m, changed in mods.items()}
+                for name, mods in self.copy_changed.items()
+            },
+            "unknown_keys": list(self.unknown_keys),
+        }
+
+
+@dataclass(frozen=True)
+class _Located:
+    directory: str
+    files: list[str]
+    storage: str
+    index: Optional[str] = None
+
+
+def _locate(path: str) -> _Located:
+    """The weight files of a wrapped checkpoint at ``path`` (file or directory), without reading them."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE)):
+            raise CheckpointNotFoundError(
+                f"is a PEFT adapter directory (it has {ADAPTER_CONFIG_FILE}), not a wrapped state dict",
+                path=path,
+                hint="read it as an adapter",
+            )
+        index = os.path.join(path, SAFETENSORS_INDEX_FILE)
+        if os.path.isfile(index):
+            return _Located(path, [], "safetensors-sharded", index)
+        names = sorted(os.listdir(path))
+        single = [n for n in names if n == SAFETENSORS_WEIGHTS_FILE] or [n for n in names if n.endswith(".safetensors")]
+        if len(single) == 1:
+            return _Located(path, [os.path.join(path, single[0])], "safetensors")
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if not single and len(pickles) == 1:
+            return _Located(path, [os.path.join(path, pickles[0])], "pickle")
+        found = single or pickles
+        raise CheckpointNotFoundError(
+            f"holds {len(found) or 'no'} weight files{' (' + ', '.join(found[:5]) + ')' if found else ''}",
+            path=path,
+            hint=f"name the state-dict file itself, or give a directory with one file or a {SAFETENSORS_INDEX_FILE}",
+        )
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError("no such file or directory", path=path)
+    directory = os.path.dirname(path) or "."
+    if os.path.basename(path) == SAFETENSORS_INDEX_FILE:
+        return _Located(directory, [], "safetensors-sharded", path)
+    if path.endswith(".safetensors"):
+        return _Located(directory, [path], "safetensors")
+    if path.endswith(PICKLE_SUFFIXES):
+        return _Located(directory, [path], "pickle")
+    raise CheckpointNotFoundError(
+        "is not a .safetensors, index .json or pickle (.bin/.pt/.pth) file", path=path, hint="name the state-dict file"
+    )
+
+
+def _pickle_key_names(path: str) -> list[str]:
+    """Strings in a ``torch.save`` zip's ``data.pkl``, read with :mod:`pickletools` (nothing is executed).
+
+    Lets :func:`is_wrapped_checkpoint` recognise a pickle without unpickling it; an old
+    non-zip pickle gives ``[]``.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [i for i in z.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"]
+            if len(members) != 1 or members[0].file_size > _MAX_PICKLE_INDEX:
+                return []
+            data = z.read(members[0])
+        return [arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str) and "UNICODE" in op.name]
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return []
+
+
+def _has_adapter_key(keys: "list[str] | Any") -> bool:
+    for key in keys:
+        try:
+            parts = parse_wrapped(key)
+        except UnknownKeyError:
+            continue
+        if parts.role in _ADAPTER_ROLES and parts.adapter:
+            return True
+    return False
+
+
+def is_wrapped_checkpoint(path: "str | os.PathLike[str]") -> bool:
+    """Whether ``path`` is a local wrapped state dict: some key carries an adapter name
+    (``….lora_A.<name>.weight``, ``….modules_to_save.<name>.…``).
+
+    Reads headers only (a pickle's key names are sniffed with :mod:`pickletools`, nothing is
+    unpickled); never raises for a path that is something else, and never touches the network.
+    """
+    spec = os.fspath(path)
+    if not os.path.exists(spec):
+        return False
+    try:
+        loc = _locate(spec)
+        if loc.index is not None:
+            import json
+
+            with open(loc.index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            return isinstance(weight_map, dict) and _has_adapter_key(weight_map)
+        if loc.storage == "pickle":
+            return _has_adapter_key(_pickle_key_names(loc.files[0]))
+        return _has_adapter_key(read_header(loc.files[0]).tensors)
+    except (OSError, ValueError, AttributeError, CheckpointNotFoundError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# CONFIG REBUILT FROM THE TENSORS
+# ---------------------------------------------------------------------------------------------
+
+#: Fields of a rebuilt ``adapter_config.json`` that the tensors cannot tell (PEFT's defaults).
+_CONFIG_DEFAULTS: dict[str, Any] = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "inference_mode": True,
+    "bias": "none",
+    "lora_dropout": 0.0,
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "alpha_pattern": {},
+    "trainable_token_indices": None,
+}
+#: Fields that filter target modules: meaningless next to an exact ``target_modules`` list.
+_TARGET_FILTERS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def exact_pattern(module: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that PEFT resolves to ``module`` alone.
+
+    PEFT matches ``re.match(r"(.*\\.)?(KEY)$", name)``; a leading ``^`` forbids the optional
+    prefix, and escaping makes the dots literal.
+    """
+    return "^" + re.escape(module)
+
+
+def rebuild_config(
+    ranks: Mapping[str, int],
+    *,
+    full_copies: "list[str]",
+    use_dora: bool,
+    lora_bias: bool,
+    fan_in_fan_out: bool,
+    base_modules: "list[str]" = (),  # type: ignore[assignment]
+    alpha: Optional[float] = None,
+    config: Optional[LoraConfig] = None,
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` document of an adapter whose tensors are known.
+
+    From the tensors: ``r`` (the most common rank; ties -> the smaller), ``rank_pattern``
+    (:func:`exact_pattern` keys for the other modules), ``target_modules`` (the module paths; a
+    full-match regex instead when a path is also the dotted tail of another module of the base,
+    which PEFT's list rule would catch too), ``modules_to_save``, ``use_dora``, ``lora_bias``,
+    ``fan_in_fan_out``. From the caller: ``lora_alpha`` (``alpha``), or everything else of a known
+    ``config`` (alpha, alpha_pattern, rsLoRA, task type, token indices ...; its target filters are
+    dropped since the target list is exact).
+
+    Args:
+        ranks: LoRA module path -> rank read from its tensors.
+        full_copies: module paths saved in full.
+        base_modules: every module name of the base (to spot ambiguous target names).
+        alpha: ``lora_alpha``; ``None`` with no config leaves it ``None`` (unknown).
+        config: a known config of this adapter.
+
+    Raises:
+        InvalidConfigError: both ``alpha`` and ``config`` were given.
+    """
+    if alpha is not None and config is not None:
+        raise InvalidConfigError("give lora_alpha or a config, not both", key="lora_alpha", hint="use --alpha or --config")
+    doc: dict[str, Any] = {**_CONFIG_DEFAULTS, **(dict(config.raw) if config is not None else {"lora_alpha": alpha})}
+    for name in _TARGET_FILTERS:
+        doc[name] = None
+    counts = Counter(ranks.values())
+    r = min(counts, key=lambda k: (-counts[k], k)) if counts else int(doc.get("r", 8))
+    modules = sorted(ranks)
+    others = set(base_modules) - set(modules)
+    ambiguous = any(o.endswith("." + m) for m in modules for o in others)
+    doc.update(
+        r=r,
+        rank_pattern={exact_pattern(m): k for m, k in sorted(ranks.items()) if k != r},
+        target_modules=("^(" + "|".join(re.escape(m) for m in modules) + ")$") if ambiguous else modules,
+        modules_to_save=sorted(full_copies) or None,
+        use_dora=use_dora,
+        lora_bias=lora_bias,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# READING
+# ---------------------------------------------------------------------------------------------
+
+
+def read_wrapped(
+    path: "str | os.PathLike[str]",
+    *,
+    alpha: AlphaSpec = None,
+    config: ConfigSpec = None,
+    allow_pickle: bool = False,
+    compare_copies: bool = True,
+) -> WrappedCheckpoint:
+    """Describe a wrapped state dict: one :class:`AdapterCheckpoint` per adapter name plus the base.
+
+    Args:
+        path: a ``.safetensors`` file, ``model.safetensors.index.json``, a directory holding one
+            of those (or one ``.safetensors`` file), or a pickle ``.bin``/``.pt``/``.pth``.
+        alpha: ``lora_alpha`` of every adapter, or a mapping adapter name -> alpha.
+        config: a known ``adapter_config.json`` (path, directory or :class:`LoraConfig`) for every
+            adapter, or a mapping adapter name -> one.
+        allow_pickle: permit a pickle (read with ``torch.load(weights_only=True)``).
+        compare_copies: compare each full copy with its original byte for byte
+            (``full-copy-unchanged``); reads both tensors, stopping at the first difference.
+
+    Returns:
+        A :class:`WrappedCheckpoint`.
+
+    Raises:
+        CheckpointNotFoundError: no weights there, or ``path`` is an adapter directory.
+        UnsafeFileError: a pickle without ``allow_pickle``.
+        HeaderError / ShardIndexError: damaged files or index.
+        InvalidConfigError: both alpha and config for one adapter, or a config that is not valid.
+        UnknownKeyError: no key carries an adapter name (not a wrapped state dict).
+        InconsistentAdapterError: two wrapped keys name the same base tensor.
+    """
+    spec = os.fspath(path)
+    loc = _locate(spec)
+    in_memory = None
+    model_config: dict[str, Any] = {}
+    if loc.storage == "pickle":
+        if not allow_pickle:
+            raise UnsafeFileError(
+                "is a pickle file, which can run code when loaded",
+                path=loc.files[0],
+                hint="pass --allow-pickle / allow_pickle=True to read it with torch.load(weights_only=True), or convert it to safetensors",
+            )
+        from .torch_io import read_pickle_weights
+
+        header, in_memory = read_pickle_weights(loc.files[0])
+        tensors, files = dict(header.tensors), list(loc.files)
+    else:
+        base_model = read_base(loc.index and loc.directory or loc.files[0])
+        tensors, model_config = dict(base_model.tensors), base_model.config
+        files = [os.path.join(base_model.directory, s) for s in base_model.shards]
+    wrapped = WrappedCheckpoint(
+        path=spec,
+        directory=loc.directory,
+        weight_files=files,
+        storage=loc.storage,
+        prefix="",
+        model_config=model_config,
+        tensors_in_memory=in_memory,
+    )
+    groups = _sort_keys(wrapped, tensors)
+    if not groups:
+        raise UnknownKeyError(
+            "no tensor carries an adapter name (….lora_A.<name>.weight, ….modules_to_save.<name>.…)",
+            path=spec,
+            hint="this is not a wrapped PeftModel.state_dict(); for a plain model or an adapter directory use the other commands",
+        )
+    base_modules, _ = module_names_from_keys(wrapped.base)
+    for name, entries in groups.items():
+        wrapped.adapters[name] = _describe_adapter(wrapped, name, entries, base_modules, _pick(alpha, name), _pick_config(config, name))
+        wrapped.alpha_known[name] = _pick(alpha, name) is not None or _pick_config(config, name) is not None
+    _file_findings(wrapped, base_modules)
+    if compare_copies:
+        compare_full_copies(wrapped)
+    return wrapped
+
+
+def _pick(spec: Any, name: str) -> Any:
+    if isinstance(spec, Mapping):
+        return spec.get(name)
+    return spec
+
+
+def _pick_config(spec: ConfigSpec, name: str) -> Optional[LoraConfig]:
+    value = _pick(spec, name)
+    if value is None or isinstance(value, LoraConfig):
+        return value
+    value = os.fspath(value)
+    return read_config(os.path.join(value, ADAPTER_CONFIG_FILE) if os.path.isdir(value) else value)
+
+
+def _sort_keys(wrapped: WrappedCheckpoint, tensors: Mapping[str, TensorInfo]) -> dict[str, list[tuple[KeyParts, TensorInfo]]]:
+    """Fill ``base``/``originals``/``unknown_keys``; return adapter name -> its parsed tensors."""
+    groups: dict[str, list[tuple[KeyParts, TensorInfo]]] = {}
+    prefixes: set[str] = set()
+    for key, info in tensors.items():
+        try:
+            parts = parse_wrapped(key)
+        except UnknownKeyError:
+            wrapped.unknown_keys.append(key)
+            continue
+        prefixes.add(parts.prefix)
+        if parts.role in _ADAPTER_ROLES and parts.adapter:
+            groups.setdefault(parts.adapter, []).append((parts, info))
+            continue
+        base_key = render_base(parts)
+        if base_key in wrapped.base_keys:
+            from .errors import InconsistentAdapterError
+
+            raise InconsistentAdapterError(
+                f"names the same base tensor '{base_key}' as '{wrapped.base_keys[base_key]}'",
+                path=info.file,
+                key=key,
+                hint="the state dict mixes wrapped and plain names for one module; re-export it",
+            )
+        wrapped.base[base_key] = info
+        wrapped.base_keys[base_key] = key
+        if parts.role is Role.ORIGINAL:
+            wrapped.originals.setdefault(parts.module, {})[parts.param or ""] = info
+    wrapped.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
+    if len(prefixes) > 1:
+        wrapped.findings.append(
+            Finding(
+                "mixed-prefix",
+                f"{wrapped.path}: some keys carry the 'base_model.model.' prefix and some do not",
+                [k for k in tensors if not k.startswith(PEFT_PREFIX)][:_MAX_KEYS],
+            )
+        )
+    # adapters in the order PEFT created them: ``default`` first, then as found
+    return dict(sorted(groups.items(), key=lambda kv: kv[0] != DEFAULT_ADAPTER_NAME))
+
+
+def _describe_adapter(
+    wrapped: WrappedCheckpoint,
+    name: str,
+    entries: "list[tuple[KeyParts, TensorInfo]]",
+    base_modules: "list[str]",
+    alpha: Optional[float],
+    config: Optional[LoraConfig],
+) -> AdapterCheckpoint:
+    """One adapter of the file, described by :mod:`adapterfmt.describe` from its saved names."""
+    saved: dict[str, TensorInfo] = {}
+    ranks: dict[str, int] = {}
+    b_ranks: dict[str, int] = {}
+    dora: dict[str, bool] = {}
+    bias: dict[str, bool] = {}
+    copies: set[str] = set()
+    for parts, info in entries:
+        saved[render_saved(parts)] = info
+        if parts.role in LORA_ROLES:
+            dora.setdefault(parts.module, False)
+            bias.setdefault(parts.module, False)
+        if parts.role in (Role.LORA_A, Role.LORA_EMBEDDING_A) and parts.param in (None, "weight") and info.shape:
+            ranks[parts.module] = info.shape[0]
+        elif parts.role in (Role.LORA_B, Role.LORA_EMBEDDING_B) and parts.param in (None, "weight") and len(info.shape) >= 2:
+            b_ranks[parts.module] = info.shape[1]
+        elif parts.role is Role.DORA_MAGNITUDE:
+            dora[parts.module] = True
+        elif parts.role is Role.LORA_B and parts.param == "bias":
+            bias[parts.module] = True
+        elif parts.role is Role.FULL_COPY:
+            copies.add(parts.module)
+    ranks = {**b_ranks, **ranks}
+    doc = rebuild_config(
+        ranks,
+        full_copies=sorted(copies),
+        use_dora=bool(dora) and all(dora.values()),
+        lora_bias=bool(bias) and all(bias.values()),
+        fan_in_fan_out=_transposed(wrapped, entries),
+        base_modules=base_modules,
+        alpha=alpha,
+        config=config,
+    )
+    known = doc.get("lora_alpha") is not None
+    cfg = parse_config({**doc, "lora_alpha": doc["lora_alpha"] if known else 1.0})
+    first = wrapped.weight_files[0] if len(wrapped.weight_files) == 1 else wrapped.path
+    ckpt = AdapterCheckpoint(
+        name=name,
+        directory=wrapped.directory,
+        config=cfg,
+        weights_file=first,
+        prefix=wrapped.prefix,
+        tensors_in_memory=wrapped.tensors_in_memory,
+    )
+    _describe(ckpt, SafetensorsHeader(path=first, tensors=saved))
+    if not known:
+        ckpt.config = replace(cfg, lora_alpha=None, raw=doc)  # type: ignore[arg-type]
+        for m in ckpt.lora.values():
+            m.alpha = m.scaling = None  # type: ignore[assignment]
+    return ckpt
+
+
+def _transposed(wrapped: WrappedCheckpoint, entries: "list[tuple[KeyParts, TensorInfo]]") -> bool:
+    """Whether the adapter's linear layers store ``(in, out)`` weights (transformers ``Conv1D``),
+    voted over the non-square base weights the file carries."""
+    a = {p.module: i.shape for p, i in entries if p.role is Role.LORA_A and p.param == "weight" and len(i.shape) == 2}
+    b = {p.module: i.shape for p, i in entries if p.role is Role.LORA_B and p.param == "weight" and len(i.shape) == 2}
+    votes = []
+    for module in a.keys() & b.keys():
+        base = wrapped.base.get(f"{module}.weight")
+        out_in = (b[module][0], a[module][1])
+        if base is not None and len(base.shape) == 2 and out_in[0] != out_in[1]:
+            if tuple(base.shape) in (out_in, out_in[::-1]):
+                votes.append(tuple(base.shape) == out_in[::-1])
+    return sum(votes) > len(votes) / 2
+
+
+def _file_findings(wrapped: WrappedCheckpoint, base_modules: "list[str]") -> None:
+    if wrapped.unknown_keys:
+        wrapped.findings.append(
+            Finding(
+                "unknown-key",
+                f"{wrapped.path}: {len(wrapped.unknown_keys)} key(s) fit no rule of PEFT's in-memory names, "
+                f"e.g. '{wrapped.unknown_keys[0]}'",
+                wrapped.unknown_keys[:_MAX_KEYS],
+            )
+        )
+    for name, ckpt in wrapped.adapters.items():
+        for module in ckpt.full_copies:
+            loose = [n for n in peft_full_copy_matches(base_modules, module) if n != module]
+            if loose:
+                ckpt.findings.append(
+                    Finding(
+                        "full-copy-suffix",
+                        f"adapter '{name}': modules_to_save entry '{module}' also catches {', '.join(loose[:_MAX_KEYS])} "
+                        "under PEFT's plain endswith rule; PEFT will expect full tensors for them too",
+                        loose[:_MAX_KEYS],
+                    )
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# TRAINED COPY VS ORIGINAL
+# ---------------------------------------------------------------------------------------------
+
+
+def compare_full_copies(wrapped: WrappedCheckpoint) -> None:
+    """Fill ``copy_changed`` and add a ``full-copy-unchanged`` finding per adapter whose trained
+    copy of a module equals its ``original_module`` byte for byte (a copy that never trained,
+    e.g. PEFT #2494: ``modules_to_save`` frozen under ``inject_adapter_in_model`` in peft <= 0.15).
+
+    Safetensors are compared as raw byte ranges of the files (no torch); pickles as the bytes of
+    the tensors in memory.
+    """
+    for name, ckpt in wrapped.adapters.items():
+        status = wrapped.copy_changed.setdefault(name, {})
+        for module, copy in ckpt.full_copies.items():
+            originals = wrapped.originals.get(module, {})
+            if not originals:
+                continue
+            status[module] = any(
+                originals.get(param) is None or not _same_bytes(originals[param], info, wrapped.tensors_in_memory)
+                for param, info in copy.tensors.items()
+            )
+        same = sorted(m for m, changed in status.items() if not changed)
+        if same:
+            ckpt.findings.append(
+                Finding(
+                    "full-copy-unchanged",
+                    f"adapter '{name}': the trained copy of {', '.join(repr(m) for m in same)} equals its frozen "
+                    "original_module byte for byte; it never trained (PEFT's frozen modules_to_save bug #2494 with "
+                    "inject_adapter_in_model on peft <= 0.15, or a save before training), so it changes nothing",
+                    same,
+                )
+            )
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo, in_memory: Optional[Mapping[str, Any]]) -> bool:
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return False
+    if in_memory is not None and a.start == -1:
+        import torch
+
+        x, y = in_memory[a.key].contiguous().reshape(-1), in_memory[b.key].contiguous().reshape(-1)
+        return bool(torch.equal(x.view(torch.uint8), y.view(torch.uint8)))
+    if a.nbytes != b.nbytes:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        fa.seek(a.start)
+        fb.seek(b.start)
+        left = a.nbytes
+        while left:
+            n = min(_CHUNK, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True

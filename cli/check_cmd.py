@@ -1,0 +1,98 @@
+"""``adapterfmt check``: prove an adapter binds to a base model, from headers only."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from adapterfmt.base import read_base
+from adapterfmt.describe import read_adapter
+from adapterfmt.resolve import resolve
+from adapterfmt.summary import CheckReport, check_report
+
+from .output import emit_json, warn
+
+EXAMPLES = """
+\b
+Examples:
+  adapterfmt check --base testdata/tiny-llama --adapter testdata/tiny-llama-lora
+  adapterfmt check --base my-vlm --adapter my-lora --prefix-map model.=language_model.model.
+"""
+
+
+def parse_prefix_map(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """``("OLD=NEW", ...)`` -> ``{OLD: NEW}``, in the order given (the first matching rewrite wins)."""
+    out: dict[str, str] = {}
+    for v in values:
+        old, sep, new = v.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{v!r} is not OLD=NEW (e.g. model.=language_model.model.)", ctx=ctx, param=param)
+        out[old] = new
+    return out
+
+
+def render_check(report: CheckReport) -> str:
+    """The human-readable check result (stdout)."""
+    lines = [report.summary]
+    if report.overrides_total:
+        lines.append(f"{report.overrides_resolved}/{report.overrides_total} base overrides resolved")
+    if report.unresolved_count:
+        more = report.unresolved_count - len(report.unresolved)
+        lines.append(f"unresolved: {report.unresolved_count}" + (f" (first {len(report.unresolved)} listed)" if more else ""))
+        lines += [f"  {u.name}  (no base tensor '{u.looked_for}')" for u in report.unresolved]
+        if more:
+            lines.append(f"  ... and {more} more")
+    suggestion = report.suggestion_text()
+    if suggestion:
+        lines.append(suggestion)
+    if report.shape_errors:
+        lines.append(f"shape errors ({len(report.shape_errors)}):")
+        lines += [f"  {e}" for e in report.shape_errors]
+    return "\n".join(lines)
+
+
+@click.command("check", epilog=EXAMPLES)
+@click.option("--base", required=True, metavar="MODEL", help="Base model directory (single file or sharded) or Hub id.")
+@click.option("--adapter", required=True, metavar="ADAPTER", help="Adapter directory or Hub id.")
+@click.option("--subfolder", metavar="NAME", help="Check the sub-adapter stored in <ADAPTER>/<NAME>/.")
+@click.option(
+    "--prefix-map",
+    multiple=True,
+    metavar="OLD=NEW",
+    callback=parse_prefix_map,
+    help="Rewrite adapter module paths starting with OLD to start with NEW before matching (repeatable).",
+)
+@click.option("--allow-pickle", is_flag=True, help="Permit adapter_model.bin (read with torch.load(weights_only=True)).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+@click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
+def check_command(
+    base: str,
+    adapter: str,
+    subfolder: Optional[str],
+    prefix_map: dict[str, str],
+    allow_pickle: bool,
+    as_json: bool,
+    strict: bool,
+) -> None:
+    """Check that every adapter module resolves to exactly one base tensor with a matching shape.
+
+    Reads config.json and safetensors headers only (no tensor values, no torch). Prints
+    "N/N LoRA targets and M/M full copies resolved"; on failure lists the first unresolved
+    names and, where one exists, the prefix rewrite that fixes them. Also warns where PEFT's
+    plain endswith matching of modules_to_save would bind a different or more than one module.
+
+    Exit status: 0 when everything resolves with matching shapes; 1 on zero or partial
+    resolution or a shape error (or, with --strict, any warning); 2 when an input cannot be read.
+    """
+    ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+    res = resolve(ckpt, read_base(base), prefix_map=prefix_map or None)
+    report = check_report(res, adapter=adapter, base=base, prefix_map=prefix_map)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        click.echo(render_check(report))
+        for w in report.warnings:
+            warn(f"warning[{w.code}]: {w.message}")
+    if not report.ok or (strict and report.warnings):
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,68 @@
+"""``adapterfmt convert``: a wrapped ``PeftModel.state_dict()`` -> PEFT's adapter directory."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from .output import emit_json, warn
+
+EXAMPLES = """
+\b
+Examples:
+  adapterfmt convert run/model.safetensors -o my-adapter --alpha 16
+  adapterfmt convert run/ -o my-adapter --config train/adapter_config.json --base-out my-base
+  adapterfmt convert run/pytorch_model.bin -o my-adapter --alpha 16 --adapter-name other --allow-pickle
+"""
+
+
+@click.command("convert", epilog=EXAMPLES)
+@click.argument("wrapped", metavar="WRAPPED")
+@click.option("-o", "--output", required=True, metavar="ADAPTER_DIR", help="Adapter directory to create (new or empty).")
+@click.option("--adapter-name", metavar="NAME", help="Write only this adapter, at the top of ADAPTER_DIR.")
+@click.option("--alpha", type=float, metavar="A", help="lora_alpha used in training (a state dict does not store it).")
+@click.option("--config", "config", metavar="CONFIG.json", help="The training run's adapter_config.json (alpha, alpha_pattern, rsLoRA, ...).")
+@click.option("--base-out", metavar="BASE_DIR", help="Also write the plain base model the checkpoint carries.")
+@click.option("--allow-pickle", is_flag=True, help="Permit a .bin/.pt/.pth pickle (read with torch.load(weights_only=True)).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary instead of text.")
+def convert_command(
+    wrapped: str,
+    output: str,
+    adapter_name: Optional[str],
+    alpha: Optional[float],
+    config: Optional[str],
+    base_out: Optional[str],
+    allow_pickle: bool,
+    as_json: bool,
+) -> None:
+    """Convert a wrapped PeftModel.state_dict() checkpoint into the adapter layout PEFT saves.
+
+    WRAPPED is a .safetensors file, a model.safetensors.index.json (or a directory holding
+    either), or with --allow-pickle a .bin/.pt/.pth, whose keys are PEFT's in-memory names
+    (…lora_A.default.weight, …base_layer.weight, …modules_to_save.default.weight). The output is
+    what save_pretrained writes: adapter_config.json rebuilt from the tensors (rank per module,
+    target_modules, modules_to_save, use_dora) plus --alpha or --config, and
+    adapter_model.safetensors. Without --adapter-name every adapter is written, `default` at
+    the top and any other in ADAPTER_DIR/<name>/. The output appears only when complete.
+
+    Exit status: 0 on success; 2 when the input cannot be converted (one "Error:" line), e.g.
+    without --alpha or --config, since guessing the scale would change the model.
+    """
+    if alpha is not None and config is not None:
+        raise click.UsageError("give --alpha or --config, not both")
+    from adapterfmt.convert import convert_wrapped
+
+    result = convert_wrapped(
+        wrapped, output, adapter_name=adapter_name, alpha=alpha, config=config, base_out=base_out, allow_pickle=allow_pickle
+    )
+    if as_json:
+        emit_json(result.as_dict())
+    else:
+        for name, directory in result.adapters.items():
+            click.echo(f"adapter '{name}': {directory}")
+        if result.base_out:
+            click.echo(f"base model: {result.base_out}")
+        click.echo(f"{result.tensors} tensors, {result.nbytes:,} bytes written")
+        for w in result.findings:
+            warn(f"warning[{w.code}]: {w.message}")

@@ -1,0 +1,115 @@
+"""``adapterfmt inspect``: describe an adapter from its config and header."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from adapterfmt.describe import read_adapter
+from adapterfmt.summary import InspectReport
+
+from .output import emit_json, table, warn
+
+EXAMPLES = """
+\b
+Examples:
+  adapterfmt inspect testdata/tiny-llama-lora
+  adapterfmt inspect testdata/tiny-llama-multi --subfolder second --json
+  adapterfmt inspect testdata/tiny-llama-tied-lora --base testdata/tiny-llama-tied --strict
+  adapterfmt inspect user/my-adapter --scan
+"""
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def render_inspect(report: InspectReport) -> str:
+    """The human-readable inspect page (stdout)."""
+    a = report.adapter
+    lines = [
+        f"adapter: {report.source} (name '{a['name']}', {a['weights_file']})",
+        f"config:  r={a['r']} lora_alpha={a['lora_alpha']:g}"
+        + (" use_rslora" if a["use_rslora"] else "")
+        + (" use_dora" if a["use_dora"] else "")
+        + (f" task={a['task_type']}" if a["task_type"] else "")
+        + (f" peft={a['peft_version']}" if a["peft_version"] else "")
+        + (f" base={a['base_model_name_or_path']}" if a["base_model_name_or_path"] else ""),
+        "",
+    ]
+    rows = [
+        (m.module, m.kind, "-" if m.rank is None else m.rank, _num(m.alpha), _num(m.scaling), m.dtype, f"{m.params:,}")
+        for m in report.modules
+    ]
+    lines.append(table(rows, ("module", "kind", "rank", "alpha", "scaling", "dtype", "params"), align_right=(2, 3, 4, 6)))
+    t = report.totals
+    lines.append("")
+    lines.append(
+        f"totals: {t.lora_modules} LoRA modules, {t.full_copies} full cop{'y' if t.full_copies == 1 else 'ies'}"
+        + (f", {t.token_deltas} token deltas" if t.token_deltas else "")
+        + (f", {t.base_overrides} base overrides" if t.base_overrides else "")
+        + f"; {t.params:,} params (LoRA {t.lora_params:,}, full copies {t.full_copy_params:,}); {t.nbytes:,} bytes"
+    )
+    if report.sub_adapters:
+        subs = ", ".join(report.sub_adapters)
+        lines.append(f"sub-adapters: {subs} (inspect one with --subfolder {report.sub_adapters[0]})")
+    if report.check is not None:
+        lines.append(f"base: {report.check.base}: {report.check.summary}")
+    if report.scanned:
+        lines.append("values: scanned for NaN/Inf")
+    return "\n".join(lines)
+
+
+@click.command("inspect", epilog=EXAMPLES)
+@click.argument("adapter", metavar="PATH_OR_HUB_ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (modules, totals, warnings) instead of a table.")
+@click.option("--scan", is_flag=True, help="Also read tensor values and report NaN/Inf (non-finite); loads torch.")
+@click.option("--base", "base", metavar="MODEL", help="Also resolve against this base model (directory or Hub id), from headers.")
+@click.option("--subfolder", metavar="NAME", help="Inspect the sub-adapter stored in <PATH>/<NAME>/.")
+@click.option("--allow-pickle", is_flag=True, help="Permit adapter_model.bin (read with torch.load(weights_only=True)).")
+@click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
+def inspect_command(
+    adapter: str,
+    as_json: bool,
+    scan: bool,
+    base: Optional[str],
+    subfolder: Optional[str],
+    allow_pickle: bool,
+    strict: bool,
+) -> None:
+    """Describe a LoRA adapter: one row per module (kind, rank, alpha, scaling, dtype, params).
+
+    Reads adapter_config.json and the safetensors header only; tensor values are read (and torch
+    imported) only with --scan. Warnings (codes such as orphan-lora, rank-mismatch, unknown-key,
+    config-tensor-mismatch, target-and-full-copy, tied-full-copy with --base, non-finite with
+    --scan) go to stderr, or into "warnings" with --json.
+
+    Exit status: 0 when the adapter could be read, warnings or not; 1 with --strict when there
+    is a warning; 2 when the input cannot be read (one "Error:" line).
+    """
+    from adapterfmt.summary import inspect_report
+
+    ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+    check = None
+    if base is not None:
+        from adapterfmt.base import read_base
+        from adapterfmt.resolve import resolve
+        from adapterfmt.summary import check_report
+
+        check = check_report(resolve(ckpt, read_base(base)), adapter=adapter, base=base)
+    scan_findings = None
+    if scan:
+        from adapterfmt.scan import non_finite_findings
+
+        scan_findings = non_finite_findings(ckpt)
+    report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        click.echo(render_inspect(report))
+        for w in report.warnings:
+            warn(f"warning[{w.code}]: {w.message}")
+    if strict and report.warnings:
+        warn(f"{len(report.warnings)} warning(s); failing because of --strict")
+        raise click.exceptions.Exit(1)
