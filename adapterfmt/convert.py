@@ -10,8 +10,10 @@
 * :func:`wrapped_names` is the reverse mapping: adapter(s) + base keys -> the exact names of the
   wrapped model's ``state_dict()`` in memory.
 
-Outputs are built in a temporary directory beside the target and renamed into place when
-complete; an existing non-empty output is refused. Tensor bytes are copied unchanged (same dtype).
+Outputs are staged beside the target and renamed into place when complete, with the merge
+engine's :mod:`adapterfmt.writer` (``StagedDirectory``, ``check_output_path``); an existing
+non-empty output is refused. Tensor bytes are copied unchanged by its ``ShardWriter``, file to file,
+so converting a safetensors checkpoint needs no torch and little memory.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import fnmatch
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 from .constants import (
     ADAPTER_CONFIG_FILE,
@@ -39,7 +40,6 @@ from .errors import (
     CheckpointNotFoundError,
     InconsistentAdapterError,
     InvalidConfigError,
-    OutputPathError,
     UnknownKeyError,
     UnsupportedFeatureError,
 )
@@ -47,7 +47,9 @@ from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, parse_saved, parse_wrapped, render_saved, render_wrapped
 from .wrapped import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
+from .writer import ShardWriter, StagedDirectory, TensorSpec, check_output_path, clean_stale
 
+_METADATA = {"format": "pt"}
 #: huggingface_hub's default shard size (``split_state_dict_into_shards_factory``).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 #: Small model files copied from the checkpoint's directory into ``base_out`` when present.
@@ -96,52 +98,6 @@ class ConvertResult:
             "bytes": self.nbytes,
             "warnings": [f.as_dict() for f in self.findings],
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# OUTPUT DIRECTORIES
-# ---------------------------------------------------------------------------------------------
-
-
-def check_output(output: "str | os.PathLike[str]", *, inputs: Sequence[str] = ()) -> str:
-    """Refuse an output directory that is not empty, or that is or lies inside an input.
-
-    Paths are compared resolved (``realpath``), so relative and symlinked spellings are caught.
-
-    Raises:
-        OutputPathError: the output exists and is a non-empty directory or a file, or is inside
-            (or equal to) an input directory or file.
-    """
-    out = os.fspath(output)
-    real = os.path.realpath(out)
-    for src in inputs:
-        src_real = os.path.realpath(src)
-        if real == src_real or (os.path.isdir(src_real) and os.path.commonpath([real, src_real]) == src_real):
-            raise OutputPathError("is inside the input checkpoint", path=out, key=None, hint=f"choose a directory outside {src}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise OutputPathError(
-            "already exists and is not an empty directory", path=out, hint="choose a new directory or empty this one"
-        )
-    return out
-
-
-@contextlib.contextmanager
-def staged_directory(output: str) -> Iterator[str]:
-    """A temporary directory beside ``output``, renamed to ``output`` when the block succeeds.
-
-    Whatever is left of it (an exception, a crash before the rename) is removed, so ``output``
-    either holds the complete result or does not exist.
-    """
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (check_output): replace it
-        os.rename(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,42 +158,77 @@ def check_convertible(adapter: AdapterCheckpoint, *, path: str) -> None:
             )
 
 
-def write_adapter(adapter: AdapterCheckpoint, directory: str, reader: Any) -> tuple[int, int]:
+def _nbytes(info: TensorInfo) -> int:
+    """Size from dtype and shape (a pickle's tensors have no byte range)."""
+    return info.numel * DTYPE_BITS[info.dtype] // 8
+
+
+def write_safetensors(path: str, items: Sequence[tuple[str, TensorInfo]], in_memory: Optional[Mapping[str, Any]] = None) -> int:
+    """One safetensors file holding ``items`` (output key, source tensor), in order, bytes unchanged.
+
+    Uses the merge engine's :class:`~adapterfmt.writer.ShardWriter`: tensors of a safetensors
+    source are copied file to file by the kernel, never decoded (no torch); tensors of a pickle
+    come from ``in_memory`` (wrapped key -> tensor). Returns the tensor bytes written.
+    """
+    writer = ShardWriter(path, [TensorSpec(key, info.dtype, tuple(info.shape)) for key, info in items], metadata=_METADATA)
+    fds: dict[str, int] = {}
+    try:
+        for key, info in items:
+            if info.start >= 0:
+                if info.file not in fds:
+                    fds[info.file] = os.open(info.file, os.O_RDONLY)
+                writer.copy([key], fds[info.file], info.start)
+            else:
+                tensor = (in_memory or {})[info.key]
+                writer.write(key, memoryview(tensor.contiguous().reshape(-1).view(_uint8()).numpy()))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    writer.close()
+    return sum(_nbytes(info) for _, info in items)
+
+
+def _uint8() -> Any:
+    import torch  # only pickles reach here, and reading them imported torch already
+
+    return torch.uint8
+
+
+def write_adapter(adapter: AdapterCheckpoint, directory: str) -> tuple[int, int]:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of one adapter into ``directory``.
 
     Args:
         adapter: an adapter of a :class:`WrappedCheckpoint` (its config is the rebuilt document).
-        reader: a :class:`~adapterfmt.torch_io.TensorReader` over the checkpoint.
 
     Returns:
         ``(tensors, bytes)`` written.
     """
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
-    tensors = {saved_key(info): reader.get(info).contiguous().clone() for info in adapter.tensor_infos().values()}
-    save_file(tensors, os.path.join(directory, ADAPTER_SAFETENSORS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(dict(adapter.config.raw), f, indent=2, sort_keys=True)
-        f.write("\n")
-    return len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+    items = sorted((saved_key(info), info) for info in adapter.tensor_infos().values())
+    nbytes = write_safetensors(os.path.join(directory, ADAPTER_SAFETENSORS_FILE), items, adapter.tensors_in_memory)
+    _write_json(os.path.join(directory, ADAPTER_CONFIG_FILE), dict(adapter.config.raw), sort_keys=True)
+    return len(items), nbytes
 
 
 def write_base(
-    wrapped: WrappedCheckpoint, directory: str, reader: Any, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE
+    wrapped: WrappedCheckpoint, directory: str, *, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE
 ) -> tuple[int, int]:
     """Write the plain base model the checkpoint carries (base names, bytes unchanged) into ``directory``.
 
-    Shards are planned with huggingface_hub's ``split_state_dict_into_shards_factory`` from the
-    header sizes, then written one shard at a time with ``safetensors.torch.save_file``; an index
-    is written when there is more than one. The model files found beside the checkpoint's weights
-    (:data:`MODEL_FILE_PATTERNS`: ``config.json``, tokenizer files, ...) are copied.
+    Shards are planned from the header sizes with huggingface_hub's
+    ``split_state_dict_into_shards_factory`` (``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` plus the index) and written by
+    :func:`write_safetensors`, so memory stays small whatever the model's size. The model files
+    found beside the checkpoint's weights (:data:`MODEL_FILE_PATTERNS`: ``config.json``,
+    tokenizer files, ...) are copied.
 
     Returns:
         ``(tensors, bytes)`` written.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
-    from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     split = split_state_dict_into_shards_factory(
@@ -246,17 +237,13 @@ def write_base(
         filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN,
         max_shard_size=max_shard_size,
     )
+    nbytes = 0
     for filename, keys in split.filename_to_tensors.items():
-        # clone: a pickle may hold tied tensors sharing storage, which save_file refuses
-        shard = {k: reader.get(wrapped.base[k]).contiguous().clone() for k in keys}
-        save_file(shard, os.path.join(directory, filename), metadata={"format": "pt"})
-        del shard
-    nbytes = sum(_nbytes(i) for i in wrapped.base.values())
+        items = [(k, wrapped.base[k]) for k in keys]
+        nbytes += write_safetensors(os.path.join(directory, filename), items, wrapped.tensors_in_memory)
     if split.is_sharded:
         index = {"metadata": {"total_size": nbytes}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-        with open(os.path.join(directory, SAFETENSORS_INDEX_FILE), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
+        _write_json(os.path.join(directory, SAFETENSORS_INDEX_FILE), index)
     for name in sorted(os.listdir(wrapped.directory)):
         src = os.path.join(wrapped.directory, name)
         if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS):
@@ -264,9 +251,10 @@ def write_base(
     return len(wrapped.base), nbytes
 
 
-def _nbytes(info: TensorInfo) -> int:
-    """Size from dtype and shape (a pickle's tensors have no byte range)."""
-    return info.numel * DTYPE_BITS[info.dtype] // 8
+def _write_json(path: str, doc: Any, *, sort_keys: bool = False) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
 
 
 def _select(wrapped: WrappedCheckpoint, adapter_name: Optional[str]) -> dict[str, AdapterCheckpoint]:
@@ -292,6 +280,7 @@ def convert_wrapped(
     base_out: "str | os.PathLike[str] | None" = None,
     allow_pickle: bool = False,
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
 ) -> ConvertResult:
     """Write a wrapped checkpoint in PEFT's saved adapter layout (and optionally its base model).
 
@@ -306,6 +295,7 @@ def convert_wrapped(
         base_out: also write the plain base model here.
         allow_pickle: permit a pickle checkpoint (``torch.load(weights_only=True)``).
         max_shard_size: shard size of ``base_out``.
+        overwrite: replace non-empty outputs (the old ones are removed only once the new ones are complete).
 
     Returns:
         A :class:`ConvertResult`.
@@ -316,31 +306,31 @@ def convert_wrapped(
         CheckpointNotFoundError: no such checkpoint or adapter name.
         InconsistentAdapterError / UnknownKeyError / UnsupportedFeatureError: see :func:`check_convertible`.
     """
-    from .torch_io import TensorReader
-
     src = os.fspath(path)
-    out = check_output(output, inputs=[src])
-    base_dir = None if base_out is None else check_output(base_out, inputs=[src])
-    if base_dir is not None and os.path.realpath(base_dir) == os.path.realpath(out):
-        raise OutputPathError("is also the adapter output", path=base_dir, hint="give --base-out its own directory")
+    out = check_output_path(output, [src], overwrite=overwrite)
+    base_dir = None if base_out is None else check_output_path(base_out, [src, out], overwrite=overwrite)
     wrapped = read_wrapped(src, alpha=alpha, config=config, allow_pickle=allow_pickle)
     chosen = _select(wrapped, adapter_name)
     for adapter in chosen.values():
         check_convertible(adapter, path=src)
-    layout = {
-        name: "" if adapter_name is not None or name == DEFAULT_ADAPTER_NAME else name for name in chosen
-    }
-    result = ConvertResult(src, out, {n: os.path.join(out, sub) if sub else out for n, sub in layout.items()}, base_dir)
+    # save_pretrained's layout: ``default`` at the top, any other adapter in a sub-directory
+    subdirs = {name: "" if adapter_name is not None or name == DEFAULT_ADAPTER_NAME else name for name in chosen}
+    result = ConvertResult(src, out, {n: os.path.join(out, sub) if sub else out for n, sub in subdirs.items()}, base_dir)
     result.findings = wrapped.findings + [f for a in chosen.values() for f in a.findings]
-    with TensorReader(wrapped.tensors_in_memory) as reader, contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(staged_directory(out))
-        base_tmp = stack.enter_context(staged_directory(base_dir)) if base_dir is not None else None
-        for name, sub in layout.items():
-            n, b = write_adapter(chosen[name], os.path.join(tmp, sub) if sub else tmp, reader)
+    for target in (out, base_dir):
+        if target is not None:
+            clean_stale(target)
+    with StagedDirectory(out, overwrite=overwrite) as staged, (
+        StagedDirectory(base_dir, overwrite=overwrite) if base_dir else contextlib.nullcontext()
+    ) as staged_base:
+        for name, sub in subdirs.items():
+            n, b = write_adapter(chosen[name], os.path.join(staged.path, sub))
             result.tensors, result.nbytes = result.tensors + n, result.nbytes + b
-        if base_tmp is not None:
-            n, b = write_base(wrapped, base_tmp, reader, max_shard_size=max_shard_size)
+        if staged_base is not None:
+            n, b = write_base(wrapped, staged_base.path, max_shard_size=max_shard_size)
             result.tensors, result.nbytes = result.tensors + n, result.nbytes + b
+            staged_base.commit()
+        staged.commit()
     return result
 
 
@@ -356,39 +346,52 @@ def merge_wrapped(
 ) -> Any:
     """Merge one adapter of a wrapped checkpoint into the base it carries; write the plain model.
 
-    The base and the adapter are first written to a temporary directory beside ``output``
-    (exactly as :func:`convert_wrapped` with ``base_out``), then merged by
-    :func:`adapterfmt.merging.merge_to_directory`, which keeps its guarantees (exact math,
-    atomic output).
+    The base and the adapter are first written (byte copies, as :func:`convert_wrapped` writes
+    them) to a scratch directory beside ``output``, which is removed afterwards (and by the next
+    run if this one is killed); then :func:`adapterfmt.merging.merge_to_directory` merges them, with
+    its guarantees (PEFT's math, an output that appears only when complete). The scratch copy
+    costs one extra write of the base.
 
     Args:
+        path: the wrapped checkpoint.
+        output: the merged model directory.
         adapter_name: the adapter to merge (``None``: ``default``, or the only adapter).
-        merge_options: passed to ``merge_to_directory`` (``dtype``, ``max_shard_size``, ...).
+        alpha: ``lora_alpha`` of that adapter (or adapter name -> alpha).
+        config: a known ``adapter_config.json`` of it (or adapter name -> one).
+        allow_pickle: permit a pickle checkpoint.
+        merge_options: passed to ``merge_to_directory`` (``dtype``, ``max_shard_size``,
+            ``overwrite``, ``verify``, ``progress`` ...).
 
     Returns:
-        What ``merge_to_directory`` returns.
+        The :class:`~adapterfmt.merging.MergeSummary`, its ``adapters`` naming the checkpoint and
+        its ``findings`` led by the checkpoint's (``full-copy-unchanged`` ...).
 
     Raises:
-        InvalidConfigError: no alpha and no config.
+        InvalidConfigError: no alpha and no config (nothing is guessed).
         OutputPathError: ``output`` is not empty or lies inside the checkpoint.
+        CheckpointNotFoundError: no such checkpoint or adapter name.
+        whatever ``merge_to_directory`` raises.
     """
     from .merging import merge_to_directory
 
     src = os.fspath(path)
-    out = check_output(output, inputs=[src])
+    out = check_output_path(output, [src], overwrite=bool(merge_options.get("overwrite")))
+    wrapped = read_wrapped(src, alpha=alpha, config=config, allow_pickle=allow_pickle)
     if adapter_name is None:
-        from .wrapped import read_wrapped as _read
-
-        names = list(_read(src, allow_pickle=allow_pickle, compare_copies=False).adapters)
-        adapter_name = DEFAULT_ADAPTER_NAME if DEFAULT_ADAPTER_NAME in names or len(names) != 1 else names[0]
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".adapterfmt-wrapped-", dir=parent) as tmp:
-        adapter_dir, base_dir = os.path.join(tmp, "adapter"), os.path.join(tmp, "base")
-        convert_wrapped(
-            src, adapter_dir, adapter_name=adapter_name, alpha=alpha, config=config, base_out=base_dir, allow_pickle=allow_pickle
-        )
-        return merge_to_directory(base_dir, adapter_dir, out, **merge_options)
+        names = list(wrapped.adapters)
+        adapter_name = names[0] if len(names) == 1 else DEFAULT_ADAPTER_NAME
+    adapter = _select(wrapped, adapter_name)[adapter_name]
+    check_convertible(adapter, path=src)
+    scratch = f"{out}-wrapped-inputs"
+    clean_stale(scratch)
+    with StagedDirectory(scratch) as staged:  # never committed: removed on the way out
+        adapter_dir, base_dir = os.path.join(staged.path, "adapter"), os.path.join(staged.path, "base")
+        write_adapter(adapter, adapter_dir)
+        write_base(wrapped, base_dir)
+        summary = merge_to_directory(base_dir, adapter_dir, out, **merge_options)
+    summary.adapters = [f"{src} [{adapter_name}]"]
+    summary.findings = wrapped.findings + adapter.findings + list(summary.findings)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,29 +45,38 @@ def lora_delta(
     return delta
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, layout: str) -> torch.Tensor:
+def dora_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, layout: str, *, onto: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """DoRA's merged weight in float32: ``(m / ‖W + ΔW‖) ⊙ (W + ΔW)``, the norm per output unit.
 
     Linear: one norm per output row (over the input dim); Conv1D weights are viewed in
     ``(out, in)`` layout; embedding: one norm per embedding column (over the vocab); conv: one
     per output channel. ``magnitude`` is ``lora_magnitude_vector`` as saved.
+
+    ``onto``: the weight the factor is applied to, ``(m / ‖W + ΔW‖) ⊙ (onto + ΔW)``, when it
+    differs from ``weight`` — PEFT merging several adapters in turn takes the norm from the
+    unmerged base weight but scales the weight that already holds the earlier adapters.
     """
+    onto = weight if onto is None else onto
     if layout == EMBEDDING:
         v = weight.float() + delta
         norm = torch.linalg.norm(v, dim=0, keepdim=True)  # (1, D)
-        return v * (magnitude.float().view(1, -1) / norm)
+        target = v if onto is weight else onto.float() + delta
+        return target * (magnitude.float().view(1, -1) / norm)
     if layout in (LINEAR, CONV1D_TRANSPOSED):
         w = weight.T if layout == CONV1D_TRANSPOSED else weight
         d = delta.T if layout == CONV1D_TRANSPOSED else delta
         norm = torch.linalg.norm(w + 1 * d, dim=1).to(torch.promote_types(w.dtype, d.dtype))
         factor = (magnitude / norm).view(-1, 1)
-        merged = factor * (w + d)
+        o = onto.T if layout == CONV1D_TRANSPOSED else onto
+        merged = factor * (o + d)
         return merged.T if layout == CONV1D_TRANSPOSED else merged
     if layout == CONV:
         v = weight + 1 * delta
         norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
         factor = magnitude / norm
-        return factor.view(-1, *[1] * (v.dim() - 1)) * (weight + delta)
+        return factor.view(-1, *[1] * (v.dim() - 1)) * (onto + delta)
     raise ValueError(f"unknown layout {layout!r}")
 
 

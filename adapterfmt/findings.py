@@ -51,7 +51,7 @@ def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tup
             )
             continue
         a, b = m.tensors["lora_A"], m.tensors["lora_B"]
-        a_rank = a.shape[0] if m.layer_kind != "embedding" else a.shape[0]
+        a_rank = a.shape[0]
         b_rank = b.shape[1] if len(b.shape) >= 2 else None
         if b_rank is not None and a_rank != b_rank:
             out.append(

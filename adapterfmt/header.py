@@ -174,7 +174,7 @@ def _tensor_info(path: str, key: str, entry: object, data_start: int) -> TensorI
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise HeaderError(f"unknown dtype {dtype!r}", path=path, key=key, hint=f"expected one of {', '.join(sorted(DTYPE_BITS))}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise HeaderError(f"shape {shape!r} is not a list of non-negative integers", path=path, key=key, hint="the file is damaged")

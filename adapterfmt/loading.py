@@ -31,7 +31,6 @@ from .constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_AD
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 from .describe import AdapterCheckpoint, FullCopyModule, LoraModule, read_adapter
 from .errors import (
-    AdapterFormatError,
     AmbiguousMatchError,
     InconsistentAdapterError,
     MergeError,
@@ -213,7 +212,7 @@ def load(
     registry = _registry(model, create=True)
     created: list[tuple[str, nn.Module]] = []
     try:
-        _build(model, plan, adapter_name, registry, created)
+        _build(model, plan, adapter_name, registry, created, dropout=_dropout(ckpt.config))
         _assign_all(model, plan, tensors, adapter_name, ckpt)
         overrides = _apply_overrides(model, plan, ckpt)
     except BaseException:
@@ -465,19 +464,18 @@ def _model_key(saved_key: str, model_path: str, name: str, full_copy_modules: li
     return render_wrapped(replace(parts, module=model_path, prefix=""), adapter=name, prefix="")
 
 
-def _build(model: nn.Module, plan: _Plan, name: str, registry: _Registry, created: list[tuple[str, nn.Module]]) -> None:
+def _build(
+    model: nn.Module, plan: _Plan, name: str, registry: _Registry, created: list[tuple[str, nn.Module]], *, dropout: float
+) -> None:
     """Create the wrappers (or reuse existing ones) with empty ``meta`` placeholders for ``name``."""
-    dropout = float(0.0)
     for t in plan.lora:
         layer = t.module
         if not isinstance(layer, LoraLayer):
             layer = make_lora_layer(t.module)
-            layer.active_adapters = list(registry.active)
+            layer.active_adapters = list(registry.active or [name])
             _replace_module(model, t.path, layer)
             created.append((t.path, t.module))
         m = t.record
-        cfg = _config_of(m)
-        dropout = float(cfg.raw.get("lora_dropout") or 0.0) if cfg is not None else dropout
         layer.create_adapter(
             name,
             m.tensors["lora_A"].shape[0],
@@ -492,14 +490,16 @@ def _build(model: nn.Module, plan: _Plan, name: str, registry: _Registry, create
         wrapper = c.module
         if not isinstance(wrapper, FullCopy):
             wrapper = FullCopy(c.module)
-            wrapper.active_adapters = list(registry.active)
+            wrapper.active_adapters = list(registry.active or [name])
             _replace_module(model, c.path, wrapper)
             created.append((c.path, c.module))
         wrapper.add_copy(name, device="meta")
 
 
-def _config_of(m: LoraModule) -> Optional[LoraConfig]:
-    return getattr(m, "_config", None)
+def _dropout(cfg: LoraConfig) -> float:
+    """``lora_dropout`` from the config (training only; eval mode never drops)."""
+    value = cfg.raw.get("lora_dropout") or 0.0
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _assign_all(model: nn.Module, plan: _Plan, tensors: dict[str, torch.Tensor], name: str, ckpt: AdapterCheckpoint) -> None:
@@ -728,7 +728,7 @@ def wrap(
             layer = modules[path]
             if not isinstance(layer, LoraLayer):
                 layer = make_lora_layer(modules[path])
-                layer.active_adapters = list(registry.active)
+                layer.active_adapters = list(registry.active or [adapter_name])
                 _replace_module(model, path, layer)
                 created.append((path, modules[path]))
             rank = cfg.rank_for(path)
@@ -746,7 +746,7 @@ def wrap(
             wrapper = modules[path]
             if not isinstance(wrapper, FullCopy):
                 wrapper = FullCopy(modules[path])
-                wrapper.active_adapters = list(registry.active)
+                wrapper.active_adapters = list(registry.active or [adapter_name])
                 _replace_module(model, path, wrapper)
                 created.append((path, modules[path]))
             wrapper.add_copy(adapter_name)

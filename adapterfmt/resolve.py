@@ -144,6 +144,9 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
     for base_key, saved_key in adapter.base_override_keys.items():
         key = rename(base_key)
         info = tensors.get(key)
+        module, _, param = key.rpartition(".")
+        if info is None and module in base.tied and param == "weight":
+            info = tensors.get(f"{base.tied[module]}.weight")  # a tied head saved in full
         if info is None:
             res.unresolved.append(base_key)
         elif tuple(info.shape) != tuple(adapter.base_overrides[base_key].shape):
@@ -171,6 +174,8 @@ def _resolved(m: LoraModule, key: str, layout: str, base: BaseModel, res: Resolu
 
 def _layout(m: LoraModule, w: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, Optional[str]]:
     """The base layout implied by shapes, or an error message."""
+    if m.layer_kind in ("embedding", "linear") and len(a) == 2 and len(b) == 2 and a[0] != b[1]:
+        return "", f"lora_A has rank {a[0]} but lora_B has rank {b[1]} (A {list(a)}, B {list(b)})"
     if m.layer_kind == "embedding":
         # lora_embedding_A (r, V), lora_embedding_B (D, r); base (V, D)
         if len(w) == 2 and len(a) == 2 and len(b) == 2 and (a[1], b[0]) == tuple(w):

@@ -7,14 +7,19 @@ small boolean buffer, even for a large full copy such as ``lm_head``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .describe import AdapterCheckpoint
 from .findings import Finding
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: Elements checked per step; bounds the temporary boolean masks.
 _CHUNK = 1 << 24
 
 
-def count_non_finite(tensor: "torch.Tensor") -> tuple[int, int]:  # noqa: F821 - torch is imported lazily
+def count_non_finite(tensor: "torch.Tensor") -> tuple[int, int]:
     """``(nan_count, inf_count)`` of a tensor; integer and bool tensors have none."""
     import torch
 

@@ -97,12 +97,26 @@ class WrappedCheckpoint:
         return list(self.findings) + [f for a in self.adapters.values() for f in a.findings]
 
     def summary(self) -> str:
-        """``wrapped PeftModel.state_dict() (safetensors-sharded, 3 files, prefix 'base_model.model.'): adapters default, other``."""
+        """The layout line, then one line per full copy saying which adapters trained it::
+
+            layout: wrapped PeftModel.state_dict() (safetensors-sharded, 3 files, prefix 'base_model.model.')
+            adapters: default, other (lora_alpha unknown: pass --alpha or --config to convert)
+            base: 21 tensors, 17,600 bytes
+            full copy 'lm_head': default trained, other UNCHANGED
+        """
         files = f", {len(self.weight_files)} files" if len(self.weight_files) > 1 else ""
-        return (
-            f"wrapped PeftModel.state_dict() ({self.storage}{files}, prefix {self.prefix!r}): "
-            f"adapters {', '.join(self.adapters) or 'none'}; {len(self.base)} base tensors"
-        )
+        unknown = [n for n, known in self.alpha_known.items() if not known]
+        lines = [
+            f"layout: {self.layout} PeftModel.state_dict() ({self.storage}{files}, prefix {self.prefix!r})",
+            f"adapters: {', '.join(self.adapters)}"
+            + (f" (lora_alpha unknown for {', '.join(unknown)}: pass --alpha or --config to convert)" if unknown else ""),
+            f"base: {len(self.base)} tensors, {self.base_nbytes:,} bytes",
+        ]
+        modules = sorted({m for status in self.copy_changed.values() for m in status})
+        for m in modules:
+            states = [f"{n} {'trained' if s[m] else 'UNCHANGED'}" for n, s in self.copy_changed.items() if m in s]
+            lines.append(f"full copy {m!r}: {', '.join(states)}")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         """The facts inspect prints for the file (per-adapter modules come from ``adapters``)."""
@@ -358,7 +372,7 @@ def read_wrapped(
         header, in_memory = read_pickle_weights(loc.files[0])
         tensors, files = dict(header.tensors), list(loc.files)
     else:
-        base_model = read_base(loc.index and loc.directory or loc.files[0])
+        base_model = read_base(loc.directory if loc.index else loc.files[0])
         tensors, model_config = dict(base_model.tensors), base_model.config
         files = [os.path.join(base_model.directory, s) for s in base_model.shards]
     wrapped = WrappedCheckpoint(
@@ -529,7 +543,7 @@ def _file_findings(wrapped: WrappedCheckpoint, base_modules: "list[str]") -> Non
         )
     for name, ckpt in wrapped.adapters.items():
         for module in ckpt.full_copies:
-            loose = [n for n in peft_full_copy_matches(base_modules, module) if n != module]
+            loose = [n for n in peft_full_copy_matches(base_modules, module) if n not in ckpt.full_copies]
             if loose:
                 ckpt.findings.append(
                     Finding(

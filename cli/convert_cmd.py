@@ -24,6 +24,7 @@ Examples:
 @click.option("--alpha", type=float, metavar="A", help="lora_alpha used in training (a state dict does not store it).")
 @click.option("--config", "config", metavar="CONFIG.json", help="The training run's adapter_config.json (alpha, alpha_pattern, rsLoRA, ...).")
 @click.option("--base-out", metavar="BASE_DIR", help="Also write the plain base model the checkpoint carries.")
+@click.option("--overwrite", is_flag=True, help="Replace non-empty output directories (only once the new ones are complete).")
 @click.option("--allow-pickle", is_flag=True, help="Permit a .bin/.pt/.pth pickle (read with torch.load(weights_only=True)).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary instead of text.")
 def convert_command(
@@ -33,6 +34,7 @@ def convert_command(
     alpha: Optional[float],
     config: Optional[str],
     base_out: Optional[str],
+    overwrite: bool,
     allow_pickle: bool,
     as_json: bool,
 ) -> None:
@@ -44,7 +46,8 @@ def convert_command(
     what save_pretrained writes: adapter_config.json rebuilt from the tensors (rank per module,
     target_modules, modules_to_save, use_dora) plus --alpha or --config, and
     adapter_model.safetensors. Without --adapter-name every adapter is written, `default` at
-    the top and any other in ADAPTER_DIR/<name>/. The output appears only when complete.
+    the top and any other in ADAPTER_DIR/<name>/. The output appears only when complete; a
+    non-empty one is refused unless --overwrite.
 
     Exit status: 0 on success; 2 when the input cannot be converted (one "Error:" line), e.g.
     without --alpha or --config, since guessing the scale would change the model.
@@ -54,7 +57,8 @@ def convert_command(
     from adapterfmt.convert import convert_wrapped
 
     result = convert_wrapped(
-        wrapped, output, adapter_name=adapter_name, alpha=alpha, config=config, base_out=base_out, allow_pickle=allow_pickle
+        wrapped, output, adapter_name=adapter_name, alpha=alpha, config=config, base_out=base_out, allow_pickle=allow_pickle,
+        overwrite=overwrite,
     )
     if as_json:
         emit_json(result.as_dict())

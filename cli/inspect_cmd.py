@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import click
 
+from adapterfmt.base import read_base
+from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
-from adapterfmt.summary import InspectReport
+from adapterfmt.resolve import resolve
+from adapterfmt.summary import InspectReport, check_report, inspect_report
 
 from .output import emit_json, table, warn
 
@@ -30,7 +34,7 @@ def render_inspect(report: InspectReport) -> str:
     a = report.adapter
     lines = [
         f"adapter: {report.source} (name '{a['name']}', {a['weights_file']})",
-        f"config:  r={a['r']} lora_alpha={a['lora_alpha']:g}"
+        f"config:  r={a['r']} lora_alpha={_num(a['lora_alpha'])}"
         + (" use_rslora" if a["use_rslora"] else "")
         + (" use_dora" if a["use_dora"] else "")
         + (f" task={a['task_type']}" if a["task_type"] else "")
@@ -61,6 +65,33 @@ def render_inspect(report: InspectReport) -> str:
     return "\n".join(lines)
 
 
+def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str], allow_pickle: bool, strict: bool) -> None:
+    """A wrapped ``PeftModel.state_dict()``: its layout and copy status, then each adapter in it
+    as an adapter (:mod:`adapterfmt.wrapped`)."""
+    from adapterfmt.wrapped import read_wrapped
+
+    if base is not None:
+        raise click.UsageError("--base does not apply to a wrapped checkpoint: it carries its own base")
+    wrapped = read_wrapped(path, allow_pickle=allow_pickle)
+    scans = {}
+    if scan:
+        from adapterfmt.scan import non_finite_findings
+
+        scans = {name: non_finite_findings(ckpt) for name, ckpt in wrapped.adapters.items()}
+    reports = {name: inspect_report(ckpt, source=path, scan_findings=scans.get(name)) for name, ckpt in wrapped.adapters.items()}
+    warnings = list(wrapped.findings) + [w for r in reports.values() for w in r.warnings]
+    if as_json:
+        emit_json({"source": path, **wrapped.as_dict(), "adapter_reports": {n: r.as_dict() for n, r in reports.items()},
+                   "warnings": [w.as_dict() for w in warnings]})
+    else:
+        click.echo("\n\n".join([wrapped.summary()] + [render_inspect(r) for r in reports.values()]))
+        for w in warnings:
+            warn(f"warning[{w.code}]: {w.message}")
+    if strict and warnings:
+        warn(f"{len(warnings)} warning(s); failing because of --strict")
+        raise click.exceptions.Exit(1)
+
+
 @click.command("inspect", epilog=EXAMPLES)
 @click.argument("adapter", metavar="PATH_OR_HUB_ID")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (modules, totals, warnings) instead of a table.")
@@ -88,15 +119,16 @@ def inspect_command(
     Exit status: 0 when the adapter could be read, warnings or not; 1 with --strict when there
     is a warning; 2 when the input cannot be read (one "Error:" line).
     """
-    from adapterfmt.summary import inspect_report
+    # An adapter directory is never a wrapped state dict; only other paths pay for importing that reader.
+    if subfolder is None and not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_FILE)):
+        from adapterfmt.wrapped import is_wrapped_checkpoint
 
+        if is_wrapped_checkpoint(adapter):
+            _inspect_wrapped(adapter, as_json=as_json, scan=scan, base=base, allow_pickle=allow_pickle, strict=strict)
+            return
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     check = None
     if base is not None:
-        from adapterfmt.base import read_base
-        from adapterfmt.resolve import resolve
-        from adapterfmt.summary import check_report
-
         check = check_report(resolve(ckpt, read_base(base)), adapter=adapter, base=base)
     scan_findings = None
     if scan:

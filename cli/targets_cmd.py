@@ -12,12 +12,12 @@ from adapterfmt.summary import TargetsReport, preview_targets
 
 from .output import emit_json, table, warn
 
-EXAMPLES = r"""
+EXAMPLES = """
 \b
 Examples:
   adapterfmt targets --base testdata/tiny-llama --target-modules q_proj --target-modules v_proj
   adapterfmt targets --base testdata/tiny-llama --target-modules q_proj,v_proj --layers-to-transform 0
-  adapterfmt targets --base my-model --target-regex '.*\.(?!11)\d+\.fc1$' --json
+  adapterfmt targets --base my-model --target-regex '.*\\.(?!11)\\d+\\.fc1$' --json
 """
 
 #: A list entry is a module name or dotted suffix, never a pattern.

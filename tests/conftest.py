@@ -149,3 +149,66 @@ def run_cli() -> Callable[..., CliResult]:
         return CliResult(result.exit_code, result.stdout, result.stderr, result.exception)
 
     return run
+
+
+def tiny_torch_model():
+    """A seeded toy ``nn.Module`` with every layer kind PEFT adapts, a container head and the
+    ``model.layers.0.x`` / ``img_model.layers.0.x`` name trap. Module names::
+
+        emb (Embedding 16x8), q (Linear 8->8), conv (Conv2d 2->4, 3x3),
+        model.layers.0.x, img_model.layers.0.x (Linear 8->8), classifier.dense, classifier.out_proj
+    """
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.x = nn.Linear(8, 8)
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Linear(8, 8)
+            self.out_proj = nn.Linear(8, 3)
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.q = nn.Linear(8, 8)
+            self.conv = nn.Conv2d(2, 4, 3)
+            self.model = Stack()
+            self.img_model = Stack()
+            self.classifier = Head()
+
+    torch.manual_seed(0)
+    return Tiny()
+
+
+#: LoRA configurations over :func:`tiny_torch_model` that together produce every saved key kind.
+TINY_PEFT_CONFIGS = {
+    "lora-embedding-conv-container": dict(target_modules=["q", "emb", "conv"], modules_to_save=["classifier"]),
+    "dora": dict(target_modules=["q", "conv", "emb"], use_dora=True),
+    "lora-bias-tokens": dict(target_modules=["q"], lora_bias=True, trainable_token_indices={"emb": [1, 3]}),
+    "suffix-trap": dict(target_modules=["q"], modules_to_save=["model.layers.0.x"]),
+    "bias-all": dict(target_modules=["q", "model.layers.0.x"], bias="all", modules_to_save=["classifier"]),
+}
+
+
+def tiny_peft_model(name: str, *, adapter_name: str = "default"):
+    """``get_peft_model(tiny_torch_model(), LoraConfig(r=2, **TINY_PEFT_CONFIGS[name]))`` with non-zero B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_torch_model(), LoraConfig(r=2, lora_alpha=4, **TINY_PEFT_CONFIGS[name]), adapter_name=adapter_name)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_B" in key or "lora_embedding_B" in key:
+                param.normal_()
+    return model

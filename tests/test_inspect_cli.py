@@ -181,7 +181,7 @@ def test_unknown_key(run_cli, copy_testdata):
 
 
 def test_non_finite_only_with_scan(run_cli, copy_testdata):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     d = copy_testdata("tiny-llama-lora")
     key = f"{Q_PROJ}.lora_A.weight"
 

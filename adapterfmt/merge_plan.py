@@ -1,0 +1,579 @@
+"""Plan a merge from headers alone: what every output tensor is, where it goes, what it costs.
+
+:func:`plan_merge` gives every tensor of the base model one action and lays the output out in
+shards. No tensor byte is read and torch is not imported, so every refusal (unresolved modules,
+shape errors, unsupported features, adapters that conflict) happens before anything is written.
+
+Actions:
+
+* ``copy`` — nothing changes it: its bytes are copied through, no decode, no dtype round trip;
+* ``convert`` — only ``dtype`` changes it;
+* ``replace`` — a full copy (``modules_to_save``) or a base tensor saved in the adapter takes
+  its place, cast to the output dtype;
+* ``merge`` — ``W + Σ weight_i · ΔW_i`` in float32, rounded once (DoRA, ``lora_bias`` and
+  trainable-token rows are terms of the same sum, applied in adapter order).
+
+Tied embeddings (FORMAT-REF §5.8): where the base ties an output head to its input embedding and
+an adapter changes either, both tensors are written and ``tie_word_embeddings`` is set to false.
+The values follow PEFT's ``merge_and_unload``: LoRA deltas and token rows on either module land
+in the one shared tensor, so both get them; a full copy replaces only its own module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from .base import BaseModel
+from .constants import DTYPE_BITS, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
+from .describe import AdapterCheckpoint
+from .errors import (
+    InvalidConfigError,
+    MergeError,
+    ShapeMismatchError,
+    UnknownKeyError,
+    UnresolvedModulesError,
+    UnsupportedFeatureError,
+)
+from .findings import Finding
+from .header import TensorInfo
+from .keys import KeyParts, Role, render_base
+from .resolve import ResolvedLora, resolve
+
+COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
+
+#: ``--dtype`` spellings -> safetensors dtype.
+DTYPE_NAMES = {
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp16": "F16", "float16": "F16", "half": "F16",
+    "fp32": "F32", "float32": "F32", "float": "F32",
+}  # fmt: skip
+#: Dtypes that ``--dtype`` converts and that LoRA can be merged into.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+#: safetensors dtype -> the ``dtype`` value transformers writes in config.json.
+CONFIG_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+#: Files of a model directory that hold weights in some format; never copied next to merged ones.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
+_LISTED = 5
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """``+ scaling · ΔW`` of one LoRA module (``scaling`` includes the adapter's weight)."""
+
+    adapter: int
+    lora: ResolvedLora
+    scaling: float
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """``+ scaling · lora_B.bias`` on a base bias (``lora_bias``)."""
+
+    adapter: int
+    info: TensorInfo
+    scaling: float
+
+
+@dataclass(frozen=True)
+class RowsTerm:
+    """Rows ``indices[j]`` replaced by row ``j`` of a trainable-token tensor (FORMAT-REF §5.7)."""
+
+    adapter: int
+    info: TensorInfo
+    indices: tuple[int, ...]
+
+
+Term = Union[LoraTerm, BiasTerm, RowsTerm]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: its key, dtype and shape, and how it is made from ``source``."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    action: str
+    source: TensorInfo  #: the base tensor, or the adapter tensor that replaces it
+    terms: tuple[Term, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
+    @property
+    def raw(self) -> bool:
+        """Written by copying the source's bytes (same dtype, nothing added)."""
+        return not self.terms and self.source.dtype == self.dtype
+
+
+@dataclass
+class ShardPlan:
+    """One output safetensors file: its name and tensors in write order."""
+
+    name: str
+    tensors: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class MergePlan:
+    """Everything :func:`~adapterfmt.merging.merge_to_directory` writes, decided from headers.
+
+    Attributes:
+        shards: output files in write order.
+        indexed: whether ``model.safetensors.index.json`` is written.
+        config: the ``config.json`` to write when it must change (untied head, dtype), else None.
+        files: names of the base directory's non-weight files copied as they are.
+        untied: head tensors written next to their embedding (``lm_head.weight``).
+        skipped: adapter modules or keys left out under ``allow_unused``.
+        findings: warnings from resolving the adapters.
+    """
+
+    base: BaseModel
+    adapters: list[AdapterCheckpoint]
+    weights: list[float]
+    dtype: Optional[str]
+    shards: list[ShardPlan]
+    indexed: bool
+    config: Optional[dict[str, Any]]
+    files: list[str]
+    untied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    def tensors(self) -> Iterator[PlannedTensor]:
+        for shard in self.shards:
+            yield from shard.tensors
+
+    @property
+    def total_size(self) -> int:
+        """Tensor bytes of the output (``metadata.total_size`` of the index)."""
+        return sum(s.nbytes for s in self.shards)
+
+    def count(self, action: str) -> int:
+        return sum(1 for t in self.tensors() if t.action == action)
+
+    def index(self) -> dict[str, Any]:
+        """The ``model.safetensors.index.json`` document (keys sorted, as transformers writes them)."""
+        metadata = {k: v for k, v in self.base.index_metadata.items() if k not in ("total_size", "total_parameters")}
+        if "total_parameters" in self.base.index_metadata:
+            metadata["total_parameters"] = sum(math.prod(t.shape) for t in self.tensors())
+        metadata["total_size"] = self.total_size
+        weight_map = {t.key: s.name for s in self.shards for t in s.tensors}
+        return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def normalize_dtype(dtype: Optional[str]) -> Optional[str]:
+    """``"bf16"`` / ``"bfloat16"`` / ``"BF16"`` -> ``"BF16"``; None stays None.
+
+    Raises:
+        MergeError: an unknown spelling.
+    """
+    if dtype is None:
+        return None
+    name = DTYPE_NAMES.get(str(dtype).lower(), str(dtype).upper())
+    if name not in ("F16", "BF16", "F32"):
+        raise MergeError(f"unknown output dtype {dtype!r}", key="dtype", hint="use bf16, fp16 or fp32")
+    return name
+
+
+def plan_merge(
+    base: BaseModel,
+    adapters: Sequence[AdapterCheckpoint],
+    *,
+    weights: Optional[Sequence[float]] = None,
+    dtype: Optional[str] = None,
+    max_shard_size: "int | str | None" = None,
+    allow_unused: bool = False,
+) -> MergePlan:
+    """Decide every output tensor of merging ``adapters`` into ``base``, from headers.
+
+    Args:
+        base (`BaseModel`): from :func:`~adapterfmt.base.read_base`.
+        adapters (`Sequence[AdapterCheckpoint]`): merged in this order.
+        weights (`Sequence[float]`, *optional*): one per adapter, defaults to 1.0 each. Multiplies
+            the LoRA deltas (and ``lora_bias``); full copies and token rows are not weighted.
+        dtype (`str`, *optional*): output dtype of every floating-point tensor (``bf16``,
+            ``fp16``, ``fp32``); defaults to each base tensor's own dtype.
+        max_shard_size (`int` or `str`, *optional*): re-plan the shards with huggingface_hub's
+            planner (``"5GB"``); defaults to the base's own shard layout.
+        allow_unused (`bool`, *optional*, defaults to `False`): merge what resolves and skip
+            adapter modules that match no base tensor, instead of refusing.
+
+    Returns:
+        A :class:`MergePlan`.
+
+    Raises:
+        UnresolvedModulesError: adapter modules match no base tensor (and not ``allow_unused``).
+        UnknownKeyError: adapter keys that fit no rule of the key grammar (and not ``allow_unused``).
+        ShapeMismatchError: adapter tensors that do not fit their base tensors.
+        UnsupportedFeatureError: config features adapterfmt cannot merge, conv ``groups > 1``,
+            merging into a non-float (quantized) tensor.
+        MergeError: bad weights or dtype, two adapters replacing one tensor, a full copy and a
+            LoRA on one module.
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise MergeError("no adapter to merge", hint="give at least one adapter")
+    weights = _weights(weights, len(adapters))
+    out_dtype = normalize_dtype(dtype)
+    slots = _Slots(base)
+    skipped: list[str] = []
+    findings: list[Finding] = []
+    for i, adapter in enumerate(adapters):
+        _refuse_unsupported(adapter)
+        res = resolve(adapter, base)
+        _refuse_bad_resolution(adapter, res, allow_unused)
+        skipped += res.unresolved
+        findings += res.findings
+        if adapter.unknown_keys:
+            skipped += adapter.unknown_keys
+        slots.add(i, adapter, res, weights[i], skipped, allow_unused)
+    planned, extra, untied = slots.plan(out_dtype)
+    shards, indexed = _layout(base, planned, extra, max_shard_size)
+    return MergePlan(
+        base=base,
+        adapters=adapters,
+        weights=weights,
+        dtype=out_dtype,
+        shards=shards,
+        indexed=indexed,
+        config=_config(base.config, untie=bool(untied), dtype=out_dtype),
+        files=_copied_files(base),
+        untied=untied,
+        skipped=skipped,
+        findings=findings,
+    )
+
+
+def _weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
+    if weights is None or len(weights) == 0:
+        return [1.0] * n
+    if len(weights) != n:
+        raise MergeError(f"got {len(weights)} weights for {n} adapters", key="weight", hint="give one --weight per --adapter, or none")
+    out = [float(w) for w in weights]
+    bad = [w for w in out if not math.isfinite(w)]
+    if bad:
+        raise MergeError(f"weight {bad[0]} is not a finite number", key="weight")
+    return out
+
+
+def _refuse_unsupported(adapter: AdapterCheckpoint) -> None:
+    for name, why in adapter.config.unsupported.items():
+        raise UnsupportedFeatureError(
+            f"is set ({why}); adapterfmt cannot merge it", path=adapter.config.path or adapter.directory, key=name, hint="merge it with PEFT instead"
+        )
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:_LISTED])
+    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def _refuse_bad_resolution(adapter: AdapterCheckpoint, res: Any, allow_unused: bool) -> None:
+    if res.shape_errors:
+        more = f" (and {len(res.shape_errors) - 1} more)" if len(res.shape_errors) > 1 else ""
+        raise ShapeMismatchError(
+            res.shape_errors[0] + more, path=adapter.weights_file, hint="is this adapter for this base model? `adapterfmt check` lists them all"
+        )
+    if allow_unused:
+        return
+    if res.unresolved:
+        total = len(adapter.lora) + sum(len(c.tensors) for c in adapter.full_copies.values()) + len(adapter.base_overrides)
+        if res.suggestion:
+            old, new = res.suggestion
+            hint = f"renaming the prefix '{old}' to '{new}' would match some (see `adapterfmt check`); or pass --allow-unused to merge the rest"
+        else:
+            hint = "is this adapter for this base model? pass --allow-unused to merge the rest"
+        raise UnresolvedModulesError(
+            f"{len(res.unresolved)} of {total} adapter modules and full-copy tensors match no tensor of the base model: {_listed(res.unresolved)}",
+            unresolved=res.unresolved,
+            suggestion=res.suggestion,
+            path=adapter.weights_file,
+            hint=hint,
+        )
+    if adapter.unknown_keys:
+        raise UnknownKeyError(
+            f"fits no rule of the key grammar ({len(adapter.unknown_keys)} such keys: {_listed(adapter.unknown_keys)})",
+            path=adapter.weights_file,
+            key=adapter.unknown_keys[0],
+            hint="merging without them would drop trained values silently; pass --allow-unused to do so",
+        )
+
+
+def _weight_key(module: str) -> str:
+    return render_base(KeyParts(module, Role.PLAIN, "weight"))
+
+
+@dataclass
+class _Slot:
+    """What the adapters do to one output key."""
+
+    full_copy: Optional[tuple[int, TensorInfo]] = None  #: modules_to_save: the module is replaced
+    override: Optional[tuple[int, TensorInfo]] = None  #: a saved base tensor: replaced, LoRA applies on top
+    terms: list[Term] = field(default_factory=list)
+
+
+class _Slots:
+    """Per output key, the replacements and terms of every adapter; then the planned tensors."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+        self.slots: dict[str, _Slot] = {}
+        self.heads: dict[str, str] = {}  #: embedding module -> tied head module an adapter named
+
+    def _slot(self, key: str) -> _Slot:
+        return self.slots.setdefault(key, _Slot())
+
+    def _replace(self, key: str, which: str, adapter: int, info: TensorInfo, adapters_desc: str) -> None:
+        slot = self._slot(key)
+        held = slot.full_copy or slot.override
+        if held is not None:
+            raise MergeError(
+                f"adapters #{held[0] + 1} and #{adapter + 1} both replace this tensor",
+                key=key,
+                path=adapters_desc,
+                hint="merge them separately or drop one of the full copies",
+            )
+        setattr(slot, which, (adapter, info))
+
+    def _tied_head(self, module: str, key: str) -> Optional[str]:
+        """The embedding module if ``module`` is a tied head that ``key`` reaches through the tie."""
+        if module in self.base.tied and _weight_key(module) != key:
+            return self.base.tied[module]
+        return None
+
+    def add(self, i: int, adapter: AdapterCheckpoint, res: Any, weight: float, skipped: list[str], allow_unused: bool) -> None:
+        where = adapter.weights_file
+        for base_key, saved_key in res.overrides.items():
+            self._replace(base_key, "override", i, adapter.base_overrides[base_key], where)
+        for module, params in res.full_copies.items():
+            copy_ = adapter.full_copies[module]
+            for param, base_key in params.items():
+                key = render_base(KeyParts(module, Role.FULL_COPY, param))
+                embedding = self._tied_head(module, base_key)
+                if embedding is not None:
+                    self.heads.setdefault(embedding, module)
+                self._replace(key if embedding else base_key, "full_copy", i, copy_.tensors[param], where)
+        for path, rl in res.lora.items():
+            embedding = self._tied_head(path, rl.base_key)
+            if embedding is not None:
+                self.heads.setdefault(embedding, path)
+            self._slot(rl.base_key).terms.append(LoraTerm(i, rl, rl.module.scaling * weight))
+            if rl.bias_key:
+                bias = rl.module.tensors["lora_B.bias"]
+                base_bias = self.base.tensors[rl.bias_key]
+                if tuple(bias.shape) != tuple(base_bias.shape):
+                    raise ShapeMismatchError(
+                        f"lora_B.bias has shape {list(bias.shape)} but the base bias '{rl.bias_key}' has {list(base_bias.shape)}",
+                        path=where,
+                        key=rl.module.keys["lora_B.bias"],
+                    )
+                self._slot(rl.bias_key).terms.append(BiasTerm(i, bias, rl.module.scaling * weight))
+        for path, td in adapter.token_deltas.items():
+            key = render_base(KeyParts(path, Role.TOKENS_DELTA))
+            if key not in self.base.tensors and path in self.base.tied:
+                key = _weight_key(self.base.tied[path])
+            if key not in self.base.tensors:
+                if not allow_unused:
+                    raise UnresolvedModulesError(
+                        f"trainable tokens for '{path}' match no tensor of the base model",
+                        unresolved=[path],
+                        path=where,
+                        key=td.key,
+                        hint="pass --allow-unused to merge the rest",
+                    )
+                skipped.append(path)
+                continue
+            self._slot(key).terms.append(RowsTerm(i, td.tensor, _token_indices(td, self.base.tensors[key], where)))
+
+    def plan(self, out_dtype: Optional[str]) -> tuple[dict[str, PlannedTensor], dict[str, str], list[str]]:
+        """``(planned by key, new key -> key it follows, untied head keys)``."""
+        base = self.base
+        heads_of: dict[str, list[str]] = {}
+        for head, embedding in base.tied.items():
+            heads_of.setdefault(embedding, []).append(head)
+        shared: dict[str, str] = {}  # embedding key -> head key written beside it
+        for embedding, heads in heads_of.items():
+            emb_key = _weight_key(embedding)
+            head_key = _weight_key(self.heads.get(embedding) or heads[0])
+            if emb_key in base.tensors and (emb_key in self.slots or head_key in self.slots):
+                shared[emb_key] = head_key
+        for key, slot in self.slots.items():
+            if slot.full_copy and slot.terms and key not in shared:
+                raise MergeError(
+                    f"adapter #{slot.full_copy[0] + 1} replaces this module (modules_to_save) while adapter "
+                    f"#{slot.terms[0].adapter + 1} changes it with LoRA; PEFT cannot combine the two either",
+                    key=key,
+                    hint="merge the adapters one at a time",
+                )
+        planned = {key: self._tensor(key, info, self.slots.get(key), out_dtype) for key, info in base.tensors.items()}
+        for emb_key, head_key in shared.items():
+            emb = self.slots.get(emb_key) or _Slot()
+            head = self.slots.get(head_key) or _Slot()
+            if emb.full_copy and head.full_copy and emb.terms:
+                raise MergeError(
+                    "LoRA on a tied embedding whose input and output modules are both replaced by full copies changes nothing",
+                    key=emb_key,
+                    hint="drop the LoRA or one of the full copies",
+                )
+            # One tensor shared by both modules: LoRA and token rows on either land in it (as in
+            # PEFT's in-place merge); a full copy replaces only its own module.
+            together = _Slot(override=emb.override, terms=emb.terms)
+            info = base.tensors[emb_key]
+            planned[emb_key] = self._tensor(emb_key, info, _Slot(full_copy=emb.full_copy) if emb.full_copy else together, out_dtype)
+            planned[head_key] = self._tensor(head_key, info, _Slot(full_copy=head.full_copy) if head.full_copy else together, out_dtype)
+        _check_disjoint_rows(planned)
+        return planned, {head: emb for emb, head in shared.items()}, list(shared.values())
+
+    def _tensor(self, key: str, base_info: TensorInfo, slot: Optional[_Slot], out_dtype: Optional[str]) -> PlannedTensor:
+        dtype = out_dtype if out_dtype and base_info.dtype in FLOAT_DTYPES else base_info.dtype
+        slot = slot or _Slot()
+        replaced = slot.full_copy or slot.override
+        if not replaced and not slot.terms:
+            return PlannedTensor(key, dtype, base_info.shape, COPY if dtype == base_info.dtype else CONVERT, base_info)
+        source = replaced[1] if replaced else base_info
+        if slot.terms:
+            if base_info.dtype not in FLOAT_DTYPES or source.dtype not in FLOAT_DTYPES:
+                raise UnsupportedFeatureError(
+                    f"is stored as {source.dtype}; LoRA can only be merged into float tensors ({', '.join(FLOAT_DTYPES)})",
+                    path=source.file,
+                    key=key,
+                    hint="dequantize the base model first",
+                )
+            return PlannedTensor(key, dtype, base_info.shape, MERGE, source, tuple(slot.terms))
+        if replaced and source.dtype not in FLOAT_DTYPES and source.dtype != dtype:
+            raise UnsupportedFeatureError(f"is stored as {source.dtype} but the base tensor is {dtype}", path=source.file, key=key)
+        return PlannedTensor(key, dtype, base_info.shape, REPLACE, source)
+
+
+def _token_indices(td: Any, base_info: TensorInfo, where: str) -> tuple[int, ...]:
+    if td.indices is None:
+        raise InvalidConfigError(
+            f"trainable_token_indices names no indices for '{td.path}'", path=where, key="trainable_token_indices", hint="fix adapter_config.json"
+        )
+    vocab, dim = (base_info.shape + (0, 0))[:2]
+    shape = tuple(td.tensor.shape)
+    if len(base_info.shape) != 2 or shape != (len(td.indices), dim):
+        raise ShapeMismatchError(
+            f"holds {list(shape)} but {len(td.indices)} indices of the base embedding {list(base_info.shape)} need [{len(td.indices)}, {dim}]",
+            path=where,
+            key=td.key,
+        )
+    bad = [i for i in td.indices if not 0 <= i < vocab]
+    if bad or len(set(td.indices)) != len(td.indices):
+        why = f"index {bad[0]} is outside the vocabulary of {vocab}" if bad else "an index appears twice"
+        raise InvalidConfigError(f"trainable_token_indices: {why}", path=where, key="trainable_token_indices")
+    return tuple(td.indices)
+
+
+def _check_disjoint_rows(planned: dict[str, PlannedTensor]) -> None:
+    for t in planned.values():
+        seen: dict[int, int] = {}
+        for term in t.terms:
+            if isinstance(term, RowsTerm):
+                for idx in term.indices:
+                    if idx in seen and seen[idx] != term.adapter:
+                        raise MergeError(
+                            f"adapters #{seen[idx] + 1} and #{term.adapter + 1} both replace token row {idx}",
+                            key=t.key,
+                            hint="PEFT refuses overlapping trainable tokens too; merge one of them",
+                        )
+                    seen[idx] = term.adapter
+
+
+def _layout(
+    base: BaseModel, planned: dict[str, PlannedTensor], extra: dict[str, str], max_shard_size: "int | str | None"
+) -> tuple[list[ShardPlan], bool]:
+    """Shards in write order, and whether an index is written.
+
+    Default: the base's shard files and key order, a new head key placed after its embedding.
+    Within a file, tensors keep the base's byte order (so untouched runs copy in one call), moved
+    only to keep wider dtypes first as safetensors does for alignment.
+    """
+    follows: dict[str, list[str]] = {}
+    for new, after in extra.items():
+        follows.setdefault(after, []).append(new)
+    shard_order = sorted(base.shards)
+    ordered: list[tuple[str, list[str]]] = []
+    for shard in shard_order:
+        keys: list[str] = []
+        for key in sorted(base.shard_keys[shard], key=lambda k: base.tensors[k].start):
+            keys.append(key)
+            keys += follows.get(key, [])
+        ordered.append((shard, keys))
+    if max_shard_size is None:
+        index = os.path.join(base.directory, SAFETENSORS_INDEX_FILE)
+        indexed = len(base.shards) > 1 or bool(base.directory) and base.shards[0] != SAFETENSORS_WEIGHTS_FILE and os.path.isfile(index)
+        return [ShardPlan(name, _aligned([planned[k] for k in keys])) for name, keys in ordered if keys], indexed
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    flat = {k: planned[k] for _, keys in ordered for k in keys}
+    try:
+        split = split_state_dict_into_shards_factory(
+            flat, get_storage_size=lambda t: t.nbytes, filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN, max_shard_size=max_shard_size
+        )
+    except ValueError as e:
+        raise MergeError(f"is not a size ({e})", key=str(max_shard_size), hint="write it like 5GB, 500MB or a number of bytes") from None
+    shards = [ShardPlan(name, _aligned([flat[k] for k in keys])) for name, keys in split.filename_to_tensors.items()]
+    return shards, len(shards) > 1
+
+
+def _aligned(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
+    return sorted(tensors, key=lambda t: -DTYPE_BITS[t.dtype])
+
+
+def _config(config: dict[str, Any], *, untie: bool, dtype: Optional[str]) -> Optional[dict[str, Any]]:
+    """The changed ``config.json``, or None when it is copied as it is."""
+    if not config or not (untie or dtype):
+        return None
+    doc = copy.deepcopy(config)
+    inner = doc.get("text_config") if isinstance(doc.get("text_config"), dict) else None
+    if untie:
+        doc["tie_word_embeddings"] = False
+        if inner is not None:
+            inner["tie_word_embeddings"] = False
+    if dtype:
+        name = CONFIG_DTYPES[dtype]
+        fields = [f for f in ("dtype", "torch_dtype") if f in doc] or ["dtype"]
+        for f in fields:
+            doc[f] = name
+        for f in ("dtype", "torch_dtype"):
+            if inner is not None and f in inner:
+                inner[f] = name
+    return doc
+
+
+def _copied_files(base: BaseModel) -> list[str]:
+    """Top-level files of the base directory that are not weights: config, tokenizer, generation config, README."""
+    out: list[str] = []
+    if not base.directory:  # a state dict in memory
+        return out
+    for name in sorted(os.listdir(base.directory)):
+        path = os.path.join(base.directory, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        if name == SAFETENSORS_INDEX_FILE or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        out.append(name)
+    return out
+
+
+__all__ = [
+    "BiasTerm",
+    "LoraTerm",
+    "MergePlan",
+    "PlannedTensor",
+    "RowsTerm",
+    "ShardPlan",
+    "normalize_dtype",
+    "plan_merge",
+]

@@ -1,0 +1,115 @@
+"""``adapterfmt merge``: fold LoRA adapters into a base model and write a model directory."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import click
+
+from .output import emit_json, progress_enabled, warn
+
+EXAMPLES = """
+\b
+Examples:
+  adapterfmt merge --base testdata/tiny-llama --adapter testdata/tiny-llama-lora -o merged
+  adapterfmt merge --base M --adapter a --adapter b --weight 0.7 --weight 0.3 -o merged --dtype bf16
+  adapterfmt merge --base M --adapter A -o merged --max-shard-size 2GB --verify --json
+"""
+
+
+class _Bar:
+    """A tqdm bar over bytes on stderr, created on the first report (when the total is known)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, n: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", leave=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.command("merge", epilog=EXAMPLES)
+@click.option("--base", required=True, metavar="MODEL", help="Base model directory (single file or sharded) or Hub id.")
+@click.option("--adapter", "adapters", required=True, multiple=True, metavar="ADAPTER", help="Adapter directory or Hub id (repeatable; merged in order).")
+@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter's LoRA deltas, one per --adapter (default 1.0 each).")
+@click.option("-o", "--output", required=True, metavar="OUT", help="Output directory (must not be inside an input).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    help="Dtype of every floating-point tensor of the output (default: the base's own).",
+)
+@click.option("--max-shard-size", metavar="SIZE", help="Re-shard the output (e.g. 5GB); default: the base's shard layout.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (atomically).")
+@click.option("--allow-unused", is_flag=True, help="Merge what resolves; skip adapter modules that match no base tensor.")
+@click.option("--allow-pickle", is_flag=True, help="Permit adapter_model.bin (read with torch.load(weights_only=True)).")
+@click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+def merge_command(
+    base: str,
+    adapters: tuple[str, ...],
+    weights: tuple[float, ...],
+    output: str,
+    dtype: Optional[str],
+    max_shard_size: Optional[str],
+    overwrite: bool,
+    allow_unused: bool,
+    allow_pickle: bool,
+    verify: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Merge LoRA adapters into a base model and write a Hugging Face model directory.
+
+    Plans from headers first: any adapter module that matches no base tensor, any shape
+    mismatch or unsupported feature stops the merge before anything is written. Then streams
+    tensor by tensor (untouched tensors are copied byte for byte) into a temporary directory
+    beside OUT, which is renamed into place only when complete.
+    """
+    from adapterfmt import merge_to_directory
+
+    bar = _Bar(progress_enabled(quiet))
+    try:
+        summary = merge_to_directory(
+            base,
+            list(adapters),
+            output,
+            weights=list(weights) or None,
+            dtype=dtype,
+            max_shard_size=int(max_shard_size) if max_shard_size and max_shard_size.isdigit() else max_shard_size,
+            overwrite=overwrite,
+            allow_unused=allow_unused,
+            allow_pickle=allow_pickle,
+            verify=verify,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    if not quiet:
+        for path in summary.removed_stale:
+            warn(f"removed the leftover of an interrupted merge: {path}")
+        for name in summary.skipped:
+            warn(f"skipped (matches nothing in the base model): {name}")
+        for key in summary.untied:
+            warn(f"wrote the tied head '{key}' separately and set tie_word_embeddings to false")
+        for f in summary.findings:
+            warn(f"warning [{f.code}]: {f.message}")
+    if as_json:
+        emit_json(summary.as_dict())
+        return
+    click.echo(
+        f"{summary.output}: {summary.tensors_merged} tensors merged, {summary.tensors_replaced} replaced, "
+        f"{summary.tensors_copied + summary.tensors_converted} copied"
+        f"{f' ({summary.tensors_converted} converted)' if summary.tensors_converted else ''}; "
+        f"{summary.bytes_written / 1e9:.2f} GB in {summary.seconds:.1f} s"
+    )
