@@ -136,6 +136,18 @@ def _compile(pattern: str, name: str, path: Optional[str]) -> None:
         raise InvalidConfigError(f"is not a valid regular expression ({e})", path=path, key=name, hint="fix the pattern") from None
 
 
+def _is_finite_number(value: Any, kind: type) -> bool:
+    """A JSON number usable as ``kind``: not a bool, not NaN/Infinity (Python's json accepts
+    both), not too large for a float, and whole when ``kind`` is int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(as_float) and (kind is not int or as_float.is_integer())
+
+
 def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
     """Validate a decoded ``adapter_config.json`` and return a :class:`LoraConfig`.
 
@@ -155,7 +167,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
 
     def num(name: str, default: Any, kind: type, minimum: float, strict: bool) -> Any:
         v = doc.get(name, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        if not _is_finite_number(v, kind):
             raise InvalidConfigError(f"must be a {kind.__name__}, got {v!r}", path=path, key=name)
         if (v <= minimum) if strict else (v < minimum):
             raise InvalidConfigError(f"must be {'>' if strict else '>='} {minimum}, got {v!r}", path=path, key=name)
@@ -171,7 +183,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
             raise InvalidConfigError(f"must be an object, got {value!r}", path=path, key=name)
         for k, v in value.items():
             _compile(k, f"{name}.{k}", path)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= 0 if strict else v < 0):
+            if not _is_finite_number(v, kind) or (v <= 0 if strict else v < 0):
                 raise InvalidConfigError(f"has an invalid value {v!r}", path=path, key=f"{name}.{k}")
         patterns[name] = {k: kind(v) for k, v in value.items()}
 

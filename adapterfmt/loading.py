@@ -43,7 +43,7 @@ from .errors import (
 from .findings import Finding
 from .keys import LORA_ROLES, KeyParts, Role, parse_saved, parse_wrapped, render_base, render_saved, render_wrapped
 from .layers import FullCopy, LoraLayer, adapter_dtype, base_layout, iter_wrappers, make_lora_layer, plain_module_names
-from .matching import select_targets
+from .matching import TargetSelection, select_targets
 from .resolve import suggest_prefix
 from .torch_io import TensorReader
 
@@ -237,7 +237,8 @@ def load(
 
 def _refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
     cfg = ckpt.config
-    for name, why in cfg.unsupported.items():
+    if cfg.unsupported:
+        name, why = next(iter(cfg.unsupported.items()))
         raise UnsupportedFeatureError(f"{why}; adapterfmt.load does not support it", path=cfg.path, key=name)
     if ckpt.token_deltas:
         first = next(iter(ckpt.token_deltas.values()))
@@ -292,6 +293,8 @@ def _plan(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, str])
     unresolved: list[str] = []
     for saved_path, m in ckpt.lora.items():
         path = _rename(saved_path, prefix_map)
+        if path == "":
+            raise UnsupportedFeatureError("LoRA on the root module itself cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)
         module = _find_module(model, path)
         if module is None:
             unresolved.append(saved_path)
@@ -300,13 +303,13 @@ def _plan(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, str])
             raise AmbiguousMatchError(
                 "is saved in full by another adapter on this model and cannot also get LoRA", path=ckpt.weights_file, key=path
             )
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        if path == "":
-            raise UnsupportedFeatureError("LoRA on the root module itself cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)
+        base = _base_of(module)
         _check_lora_shapes(ckpt, m, path, base)
         plan.lora.append(_LoraTarget(m, path, module, base))
     for saved_path, c in ckpt.full_copies.items():
         path = _rename(saved_path, prefix_map)
+        if path == "":
+            raise UnsupportedFeatureError("a full copy of the root module cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)
         module = _find_module(model, path)
         if module is None:
             unresolved.extend(f"{saved_path}.{p}" for p in c.tensors)
@@ -315,8 +318,6 @@ def _plan(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, str])
             raise AmbiguousMatchError(
                 "has LoRA from another adapter on this model and cannot also be saved in full", path=ckpt.weights_file, key=path
             )
-        if path == "":
-            raise UnsupportedFeatureError("a full copy of the root module cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)
         original = module.original_module if isinstance(module, FullCopy) else module
         if isinstance(original, _CONTAINERS):
             raise UnsupportedFeatureError(
@@ -326,7 +327,7 @@ def _plan(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, str])
             )
         unresolved.extend(_check_copy(ckpt, c, saved_path, original))
         plan.copies.append(_CopyTarget(c, path, module, original))
-    base_view = _base_view(model)
+    base_view = _base_view(model) if ckpt.base_overrides or unresolved else {}
     for base_key, info in ckpt.base_overrides.items():
         key = _rename(base_key, prefix_map)
         saved_key = ckpt.base_override_keys[base_key]
@@ -508,7 +509,8 @@ def _assign_all(model: nn.Module, plan: _Plan, tensors: dict[str, torch.Tensor],
     for path in [t.path for t in plan.lora] + [c.path for c in plan.copies]:
         wrapper = _find_module(model, path)
         for key, value in wrapper.state_dict(keep_vars=True).items():
-            if value.is_meta:
+            parts = _parse_model_key(f"{path}.{key}")
+            if value.is_meta and parts is not None and parts.adapter == name:
                 placeholders.add(f"{path}.{key}")
     unexpected = [k for k in tensors if k not in placeholders]
     if unexpected:
@@ -773,7 +775,7 @@ def _all_linear(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[st
     ]
 
 
-def _check_selection(model: nn.Module, sel: Any, modules: dict[str, nn.Module], cfg: LoraConfig, lora_bias: bool) -> None:
+def _check_selection(model: nn.Module, sel: TargetSelection, modules: dict[str, nn.Module], cfg: LoraConfig, lora_bias: bool) -> None:
     for entry, loose in sel.peft_divergence.items():
         raise AmbiguousMatchError(
             f"PEFT's suffix rule for modules_to_save would also bind {', '.join(loose)}; the saved adapter would not load in PEFT",
@@ -1058,7 +1060,7 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     owner_path, _, leaf = key.rpartition(".")
     owner = _find_module(model, owner_path)
     if leaf in owner._parameters:
-        setattr(owner, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+        setattr(owner, leaf, nn.Parameter(tensor, requires_grad=False))
     else:
         setattr(owner, leaf, tensor)
 

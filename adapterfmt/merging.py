@@ -35,7 +35,17 @@ from .header import TensorInfo, read_header
 from .keys import Role, parse_saved
 from .merge_plan import COPY, CONVERT, MERGE, REPLACE, BiasTerm, LoraTerm, MergePlan, PlannedTensor, RowsTerm, Term, plan_merge
 from .torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES
-from .writer import ShardWriter, StagedDirectory, TensorSpec, check_free_space, check_output_path, clean_stale, file_size, pause_point
+from .writer import (
+    ShardWriter,
+    StagedDirectory,
+    TensorSpec,
+    check_free_space,
+    check_output_path,
+    clean_stale,
+    file_size,
+    format_bytes,
+    pause_point,
+)
 
 AdapterSpec = Union[str, "os.PathLike[str]", AdapterCheckpoint]
 #: Elements per block of rows when a merged tensor is added, rounded and written (16 MiB of float32).
@@ -184,8 +194,8 @@ def merge_to_directory(
     removed = clean_stale(out)
     target = check_output_path(out, [model.directory] + [c.directory for c in checkpoints], overwrite=overwrite)
     plan = plan_merge(model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused)
-    needed = _output_bytes(plan)
-    check_free_space(target, needed)
+    sizes = _output_sizes(plan)
+    check_free_space(target, sizes)
     timings["plan"] = time.perf_counter() - started
     report = None if progress is None else (lambda n: progress(n, plan.total_size))
     with StagedDirectory(target, overwrite=overwrite) as staging:
@@ -199,7 +209,7 @@ def merge_to_directory(
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskSpaceError(
-                    f"ran out of space while writing the merged model (it needs {needed} bytes)",
+                    f"ran out of space while writing the merged model (it needs {format_bytes(sum(sizes))})",
                     path=target,
                     hint="free some space or write to another disk (-o); nothing was left behind",
                 ) from None
@@ -218,7 +228,7 @@ def merge_to_directory(
         tensors_replaced=plan.count(REPLACE),
         tensors_copied=plan.count(COPY),
         tensors_converted=plan.count(CONVERT),
-        bytes_written=needed,
+        bytes_written=sum(sizes),
         seconds=time.perf_counter() - started,
         files=files,
         untied=plan.untied,
@@ -396,9 +406,11 @@ def _specs(tensors: Sequence[PlannedTensor]) -> list[TensorSpec]:
     return [TensorSpec(t.key, t.dtype, t.shape) for t in tensors]
 
 
-def _output_bytes(plan: MergePlan) -> int:
-    total = sum(file_size(_specs(s.tensors), _METADATA) for s in plan.shards)
-    return total + sum(os.path.getsize(os.path.join(plan.base.directory, f)) for f in plan.files)
+def _output_sizes(plan: MergePlan) -> list[int]:
+    """Bytes of every output file (the index and a rewritten config.json are counted as copied)."""
+    sizes = [file_size(_specs(s.tensors), _METADATA) for s in plan.shards]
+    sizes += [os.path.getsize(os.path.join(plan.base.directory, f)) for f in plan.files]
+    return sizes + ([len(json.dumps(plan.index(), indent=2)) + 1] if plan.indexed else [])
 
 
 def _copied(t: PlannedTensor) -> bool:

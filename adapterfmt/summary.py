@@ -11,14 +11,16 @@ start-up path of ``adapterfmt inspect``, whose whole run is budgeted at 0.1 s (b
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
 
-from .base import BaseModel
-from .describe import AdapterCheckpoint
 from .findings import Finding
 from .header import TensorInfo
 from .matching import TargetSpec, module_names_from_keys, select_targets
-from .resolve import Resolution
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only; inspect needs neither base nor resolve
+    from .base import BaseModel
+    from .describe import AdapterCheckpoint
+    from .resolve import Resolution
 
 #: How many unresolved names a report lists (the rest are counted).
 MAX_LISTED = 10
@@ -91,8 +93,9 @@ class CheckReport(NamedTuple):
     """An adapter resolved against a base: what ``adapterfmt check`` prints.
 
     ``ok`` is true when every LoRA module, full copy and base override bound to exactly one base
-    tensor with agreeing shapes. ``unresolved`` holds at most :data:`MAX_LISTED` entries;
-    ``unresolved_count`` counts all of them.
+    tensor with agreeing shapes, and the file holds no tensor the format does not explain
+    (``unknown_keys``: such a tensor binds to nothing, and PEFT would drop it silently).
+    ``unresolved`` holds at most :data:`MAX_LISTED` entries; ``unresolved_count`` counts all.
     """
 
     adapter: str
@@ -108,6 +111,7 @@ class CheckReport(NamedTuple):
     unresolved: list[Unresolved]
     unresolved_count: int
     shape_errors: list[str]
+    unknown_keys: list[str]
     suggestion: Optional[tuple[str, str]]
     bindings: list[dict[str, str]]
     warnings: list[Finding]
@@ -132,6 +136,7 @@ class CheckReport(NamedTuple):
             "unresolved": [u.as_dict() for u in self.unresolved],
             "unresolved_count": self.unresolved_count,
             "shape_errors": list(self.shape_errors),
+            "unknown_keys": list(self.unknown_keys),
             "suggestion": None if self.suggestion is None else {"old": self.suggestion[0], "new": self.suggestion[1]},
             "bindings": list(self.bindings),
             "warnings": [w.as_dict() for w in self.warnings],
@@ -331,7 +336,7 @@ def check_report(
     return CheckReport(
         adapter=adapter,
         base=base,
-        ok=res.ok,
+        ok=res.ok and not ckpt.unknown_keys,
         summary=res.summary(),
         lora_resolved=len(res.lora),
         lora_total=res.lora_total,
@@ -342,6 +347,7 @@ def check_report(
         unresolved=[Unresolved(n, _looked_for(n, ckpt, prefix_map)) for n in res.unresolved[:MAX_LISTED]],
         unresolved_count=len(res.unresolved),
         shape_errors=list(res.shape_errors),
+        unknown_keys=list(ckpt.unknown_keys),
         suggestion=res.suggestion,
         bindings=bindings,
         warnings=warnings,

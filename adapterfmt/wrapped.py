@@ -300,7 +300,8 @@ def rebuild_config(
     """
     if alpha is not None and config is not None:
         raise InvalidConfigError("give lora_alpha or a config, not both", key="lora_alpha", hint="use --alpha or --config")
-    doc: dict[str, Any] = {**_CONFIG_DEFAULTS, **(dict(config.raw) if config is not None else {"lora_alpha": alpha})}
+    known = {"lora_alpha": alpha} if config is None else {**config.raw, "lora_alpha": config.lora_alpha}
+    doc: dict[str, Any] = {**_CONFIG_DEFAULTS, **known}
     for name in _TARGET_FILTERS:
         doc[name] = None
     counts = Counter(ranks.values())
@@ -393,8 +394,9 @@ def read_wrapped(
         )
     base_modules, _ = module_names_from_keys(wrapped.base)
     for name, entries in groups.items():
-        wrapped.adapters[name] = _describe_adapter(wrapped, name, entries, base_modules, _pick(alpha, name), _pick_config(config, name))
-        wrapped.alpha_known[name] = _pick(alpha, name) is not None or _pick_config(config, name) is not None
+        given_alpha, given_config = _pick(alpha, name), _pick_config(config, name)
+        wrapped.adapters[name] = _describe_adapter(wrapped, name, entries, base_modules, given_alpha, given_config)
+        wrapped.alpha_known[name] = given_alpha is not None or given_config is not None
     _file_findings(wrapped, base_modules)
     if compare_copies:
         compare_full_copies(wrapped)

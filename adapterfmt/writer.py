@@ -41,8 +41,9 @@ TMP_TAG = "adapterfmt-tmp"
 OLD_TAG = "adapterfmt-old"
 #: Bytes per kernel copy call (so progress moves during long copies).
 _COPY_STEP = 64 << 20
-#: Free space kept beyond the output's size (metadata, filesystem overhead).
-_SPACE_MARGIN = 16 << 20
+#: Free space asked for beyond the output's bytes (directory entries, filesystem metadata).
+_SPACE_MARGIN = 1 << 20
+_BLOCK = 4096
 
 Progress = Callable[[int], None]
 
@@ -249,19 +250,22 @@ def check_output_path(out: "str | os.PathLike[str]", inputs: Sequence[str], *, o
     return absolute
 
 
-def check_free_space(out: str, needed: int) -> None:
-    """Raise before anything is written when the filesystem of ``out`` cannot hold ``needed`` bytes.
+def check_free_space(out: str, file_sizes: Sequence[int]) -> None:
+    """Raise before anything is written when the filesystem of ``out`` cannot hold the output files.
+
+    Asks for each file rounded up to 4 KiB blocks, plus 1 MiB.
 
     Raises:
         DiskSpaceError: with the bytes needed and free.
     """
+    needed = sum(-(-size // _BLOCK) * _BLOCK for size in file_sizes) + _SPACE_MARGIN
     probe = os.path.dirname(out)
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe or os.sep).free
-    if free < needed + _SPACE_MARGIN:
+    if free < needed:
         raise DiskSpaceError(
-            f"the merged model needs {format_bytes(needed + _SPACE_MARGIN)} but only {format_bytes(free)} is free there",
+            f"the merged model needs {format_bytes(needed)} but only {format_bytes(free)} is free there",
             path=probe,
             hint="free some space or write to another disk (-o)",
         )

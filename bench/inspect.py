@@ -8,8 +8,8 @@ Builds once (in ``DIR``, default ``<tmp>/adapterfmt-bench``, outside the reposit
 TinyLlama-shaped LoRA adapter: 22 layers x 7 projections = 154 modules, r=16, float32, about
 50 MB, written with safetensors like any adapter. Then it runs ``adapterfmt inspect DIR`` (table
 and ``--json``) and ``python -c pass`` in fresh processes, interleaved, and prints the medians,
-the difference (what inspect costs beyond starting Python) and the ratio. Goal: the difference
-stays at or under 0.1 s.
+the difference (what inspect costs beyond starting Python) and the ratio, and how both compare
+with the 0.1 s goal. CPU times are printed too: on a busy machine they move less than wall times.
 
 Children run with bytecode caching on (``PYTHONPYCACHEPREFIX`` under ``DIR``) and one warm-up
 run each, as an installed package would: compiling the sources on every run would be measured
@@ -136,8 +136,10 @@ def main() -> None:
             f"  +{med - base_wall:.3f} s wall over python (ratio {med / base_wall:.2f}x), +{cpu - base_cpu:.3f} s CPU"
         )
         print(f"  {name:26s} {med:.3f} s ({min(walls):.3f} .. {max(walls):.3f}) CPU {cpu:.3f} s{extra}")
-    over = statistics.median(w for w, _ in times["adapterfmt inspect"]) - base_wall
-    print(f"goal: inspect costs <= {GOAL_S} s wall beyond starting Python: {'met' if over <= GOAL_S else 'NOT met'} ({over:.3f} s)")
+    inspect_wall = statistics.median(w for w, _ in times["adapterfmt inspect"])
+    over = inspect_wall - base_wall
+    print(f"goal {GOAL_S} s: whole process {inspect_wall:.3f} s ({'met' if inspect_wall <= GOAL_S else 'not met'}); "
+          f"beyond starting Python {over:.3f} s ({'met' if over <= GOAL_S else 'not met'})")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def render_check(report: CheckReport) -> str:
     if report.shape_errors:
         lines.append(f"shape errors ({len(report.shape_errors)}):")
         lines += [f"  {e}" for e in report.shape_errors]
+    if report.unknown_keys:
+        lines.append(f"tensors that fit no rule of the format and bind to nothing ({len(report.unknown_keys)}):")
+        lines += [f"  {k}" for k in report.unknown_keys[:10]]
     return "\n".join(lines)
 
 
@@ -83,7 +86,8 @@ def check_command(
     plain endswith matching of modules_to_save would bind a different or more than one module.
 
     Exit status: 0 when everything resolves with matching shapes; 1 on zero or partial
-    resolution or a shape error (or, with --strict, any warning); 2 when an input cannot be read.
+    resolution, a shape error or a tensor the format does not explain (or, with --strict, any
+    warning); 2 when an input cannot be read.
     """
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     res = resolve(ckpt, read_base(base), prefix_map=prefix_map or None)

@@ -21,7 +21,7 @@ Examples:
 @click.argument("wrapped", metavar="WRAPPED")
 @click.option("-o", "--output", required=True, metavar="ADAPTER_DIR", help="Adapter directory to create (new or empty).")
 @click.option("--adapter-name", metavar="NAME", help="Write only this adapter, at the top of ADAPTER_DIR.")
-@click.option("--alpha", type=float, metavar="A", help="lora_alpha used in training (a state dict does not store it).")
+@click.option("--alpha", type=float, metavar="A", help="lora_alpha used in training (a state dict does not store it); applies to every adapter written.")
 @click.option("--config", "config", metavar="CONFIG.json", help="The training run's adapter_config.json (alpha, alpha_pattern, rsLoRA, ...).")
 @click.option("--base-out", metavar="BASE_DIR", help="Also write the plain base model the checkpoint carries.")
 @click.option("--overwrite", is_flag=True, help="Replace non-empty output directories (only once the new ones are complete).")

@@ -7,10 +7,8 @@ from typing import Optional
 
 import click
 
-from adapterfmt.base import read_base
 from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
-from adapterfmt.resolve import resolve
 from adapterfmt.summary import InspectReport, check_report, inspect_report
 
 from .output import emit_json, table, warn
@@ -129,6 +127,9 @@ def inspect_command(
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     check = None
     if base is not None:
+        from adapterfmt.base import read_base  # only with --base: keeps the plain path's imports small
+        from adapterfmt.resolve import resolve
+
         check = check_report(resolve(ckpt, read_base(base)), adapter=adapter, base=base)
     scan_findings = None
     if scan:

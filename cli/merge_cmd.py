@@ -14,6 +14,7 @@ Examples:
   adapterfmt merge --base testdata/tiny-llama --adapter testdata/tiny-llama-lora -o merged
   adapterfmt merge --base M --adapter a --adapter b --weight 0.7 --weight 0.3 -o merged --dtype bf16
   adapterfmt merge --base M --adapter A -o merged --max-shard-size 2GB --verify --json
+  adapterfmt merge --wrapped run/model.safetensors --alpha 16 -o merged
 """
 
 
@@ -39,8 +40,12 @@ class _Bar:
 
 
 @click.command("merge", epilog=EXAMPLES)
-@click.option("--base", required=True, metavar="MODEL", help="Base model directory (single file or sharded) or Hub id.")
-@click.option("--adapter", "adapters", required=True, multiple=True, metavar="ADAPTER", help="Adapter directory or Hub id (repeatable; merged in order).")
+@click.option("--base", metavar="MODEL", help="Base model directory (single file or sharded) or Hub id; or a wrapped checkpoint (as --wrapped).")
+@click.option("--adapter", "adapters", multiple=True, metavar="ADAPTER", help="Adapter directory or Hub id (repeatable; merged in order).")
+@click.option("--wrapped", metavar="WRAPPED", help="A wrapped PeftModel.state_dict() checkpoint: merge its adapter into the base it carries.")
+@click.option("--adapter-name", metavar="NAME", help="With --wrapped: the adapter to merge (default: 'default' or the only one).")
+@click.option("--alpha", type=float, metavar="A", help="With --wrapped: the lora_alpha used in training (a state dict does not store it).")
+@click.option("--config", "adapter_config", metavar="CONFIG.json", help="With --wrapped: the training run's adapter_config.json.")
 @click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter's LoRA deltas, one per --adapter (default 1.0 each).")
 @click.option("-o", "--output", required=True, metavar="OUT", help="Output directory (must not be inside an input).")
 @click.option(
@@ -56,8 +61,12 @@ class _Bar:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 def merge_command(
-    base: str,
+    base: Optional[str],
     adapters: tuple[str, ...],
+    wrapped: Optional[str],
+    adapter_name: Optional[str],
+    alpha: Optional[float],
+    adapter_config: Optional[str],
     weights: tuple[float, ...],
     output: str,
     dtype: Optional[str],
@@ -75,16 +84,24 @@ def merge_command(
     mismatch or unsupported feature stops the merge before anything is written. Then streams
     tensor by tensor (untouched tensors are copied byte for byte) into a temporary directory
     beside OUT, which is renamed into place only when complete.
+
+    With --wrapped (or a wrapped checkpoint as --base and no --adapter) the base and the adapter
+    both come from one PeftModel.state_dict() save; --alpha or --config is then required.
     """
     from adapterfmt import merge_to_directory
+    from adapterfmt.wrapped import is_wrapped_checkpoint
 
+    if wrapped is None and base is not None and not adapters and is_wrapped_checkpoint(base):
+        wrapped, base = base, None
+    if wrapped is not None and (base is not None or adapters or weights):
+        raise click.UsageError("--wrapped carries its own base and adapters: give it without --base, --adapter and --weight")
+    if wrapped is None and (base is None or not adapters):
+        raise click.UsageError("give --base and --adapter, or --wrapped")
+    if wrapped is None and (adapter_name or alpha is not None or adapter_config):
+        raise click.UsageError("--adapter-name, --alpha and --config apply to --wrapped only")
     bar = _Bar(progress_enabled(quiet))
     try:
-        summary = merge_to_directory(
-            base,
-            list(adapters),
-            output,
-            weights=list(weights) or None,
+        options: dict[str, Any] = dict(
             dtype=dtype,
             max_shard_size=int(max_shard_size) if max_shard_size and max_shard_size.isdigit() else max_shard_size,
             overwrite=overwrite,
@@ -93,6 +110,12 @@ def merge_command(
             verify=verify,
             progress=bar,
         )
+        if wrapped is not None:
+            from adapterfmt.convert import merge_wrapped
+
+            summary = merge_wrapped(wrapped, output, adapter_name=adapter_name, alpha=alpha, config=adapter_config, **options)
+        else:
+            summary = merge_to_directory(base, list(adapters), output, weights=list(weights) or None, **options)
     finally:
         bar.close()
     if not quiet:

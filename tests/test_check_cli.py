@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapterfmt.base import read_base
-from conftest import TESTDATA, write_adapter, write_base
+from conftest import TESTDATA, edit_adapter_weights, write_adapter, write_base
 
 
 def assert_one_error_line(result, *names: str) -> None:
@@ -119,6 +119,19 @@ def test_shape_mismatch_fails(run_cli, tmp_path):
     assert result.exit_code == 1
     assert "13/14 LoRA targets" in result.stdout
     assert "shape errors (1):" in result.stdout and "'model.layers.0.self_attn.q_proj'" in result.stdout
+
+
+def test_unknown_tensor_fails_the_check(run_cli, copy_testdata):
+    torch = pytest.importorskip("torch")
+    d = copy_testdata("tiny-llama-lora")
+    stray = "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"
+    edit_adapter_weights(d, add={stray: torch.zeros(8, 64)})
+    result = run_cli("check", "--base", TESTDATA / "tiny-llama", "--adapter", d)
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved"
+    assert f"  {stray}" in result.stdout.splitlines()
+    assert "warning[unknown-key]" in result.stderr
+    assert run_cli("check", "--base", TESTDATA / "tiny-llama", "--adapter", d, "--json").json()["unknown_keys"] == [stray]
 
 
 def test_peft_endswith_collision_is_reported(run_cli, tmp_path):

@@ -4,15 +4,19 @@ We test:
 * PEFT save -> adapterfmt load -> adapterfmt save gives back the same tensors, keys, metadata and config;
 * adapterfmt save (of a loaded adapter, of a ``wrap``-made DoRA adapter, of two adapters) ->
   ``PeftModel.from_pretrained`` gives the same structure and outputs;
-* adapterfmt save -> adapterfmt load gives the same model.
+* adapterfmt save -> adapterfmt load gives the same model;
+* base tensors a checkpoint replaces (a targeted embedding saved in full, ``bias="all"``) are
+  loaded as PEFT loads them and saved back under the same keys (PEFT's wrapper junk dropped).
 """
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import adapterfmt
 from adapterfmt.constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE
@@ -23,7 +27,9 @@ from _load_helpers import (
     assert_same_structure,
     conv_embed_inputs,
     conv_embed_net,
+    make_peft_adapter,
     peft_reference,
+    tiny_bert,
     tiny_llama,
 )
 
@@ -100,3 +106,35 @@ def test_wrapped_dora_adapter_roundtrips_through_peft_and_back(tmp_path):
     with torch.no_grad():
         assert_outputs_close(ref(conv_embed_inputs()), expected)
         assert_outputs_close(again(conv_embed_inputs()), expected, atol=0)
+
+
+BASE_OVERRIDES = {
+    "embedding-saved-in-full": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "bias-all": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all", task_type="SEQ_CLS")),
+}
+
+
+@pytest.mark.parametrize("name", list(BASE_OVERRIDES))
+def test_base_tensors_saved_in_full(tmp_path, name):
+    build, config = BASE_OVERRIDES[name]
+    src = make_peft_adapter(build, tmp_path / "src", **config)
+    state = load_file(str(src / ADAPTER_SAFETENSORS_FILE))
+    junk = {k for k in state if ".original_module." in k or ".modules_to_save." in k}
+    g = torch.Generator().manual_seed(9)
+    for k, v in state.items():  # make the replaced base tensors differ from the base
+        if "lora_" not in k and k not in junk and not k.startswith("base_model.model.classifier."):
+            state[k] = v + torch.randn(v.shape, generator=g) * 0.1
+    save_file(state, str(src / ADAPTER_SAFETENSORS_FILE), metadata={"format": "pt"})
+
+    ours = build()
+    adapterfmt.load(ours, src)
+    ref = peft_reference(build, src)
+    assert_same_structure(ours, ref.base_model.model)
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_outputs_close(ours(ids).logits, ref(ids).logits)
+    adapterfmt.save(ours, tmp_path / "out")
+    (saved, _) = _file(tmp_path / "out")
+    assert sorted(saved) == sorted(set(state) - junk)
+    for k, v in saved.items():
+        assert torch.equal(v, state[k]), k
