@@ -16,9 +16,11 @@ from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .sources import MODEL_PATTERNS, resolve_dir, safe_join
 
-#: Output-embedding module names and the input embedding they tie to (transformers conventions).
-#: Used only when config.json says ``tie_word_embeddings`` and the head has no tensor of its own.
-_OUTPUT_EMBEDDING_NAMES = ("lm_head", "embed_out", "output", "cls.predictions.decoder")
+#: Tied heads (transformers conventions): the output head, the last name segment of input
+#: embeddings, and the architecture-name suffixes that have such a head.
+_OUTPUT_EMBEDDING = "lm_head"
+_INPUT_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+_LM_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 @dataclass
@@ -152,22 +154,24 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tied_modules(base: BaseModel) -> dict[str, str]:
-    """Output head -> input embedding, where ``tie_word_embeddings`` holds and the head has no tensor."""
+    """``{"lm_head": <input embedding>}`` when the base's head exists only by weight tying.
+
+    That is: config.json ties word embeddings (transformers' default is to tie), an architecture
+    with a language-model head is named, ``lm_head.weight`` is not stored, and exactly one input
+    embedding tensor is. Anything less certain reports no tie.
+    """
     cfg = base.config
-    tie = cfg.get("tie_word_embeddings", _text_config(cfg).get("tie_word_embeddings", True if cfg else False))
-    if not tie:
+    text = _text_config(cfg)
+    if not cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True)):
         return {}
-    embeddings = [k[: -len(".weight")] for k in base.tensors if k.endswith("embed_tokens.weight") or k.endswith("wte.weight") or k.endswith("word_embeddings.weight")]
-    if not embeddings:
+    architectures = cfg.get("architectures") or []
+    if not any(str(a).endswith(_LM_HEAD_ARCHITECTURES) for a in architectures):
         return {}
-    out = {}
-    prefixes = {""} | {k.split(".", 1)[0] + "." for k in base.tensors if "." in k}
-    for head in _OUTPUT_EMBEDDING_NAMES:
-        for p in sorted(prefixes):
-            name = p + head
-            if f"{name}.weight" not in base.tensors:
-                # The head exists only by tying; report it only for the usual top-level name.
-                if p == "":
-                    out[name] = embeddings[0]
-                break
-    return out
+    if f"{_OUTPUT_EMBEDDING}.weight" in base.tensors:
+        return {}
+    embeddings = [
+        k[: -len(".weight")]
+        for k in base.tensors
+        if k.endswith(".weight") and k[: -len(".weight")].rsplit(".", 1)[-1] in _INPUT_EMBEDDING_NAMES
+    ]
+    return {_OUTPUT_EMBEDDING: embeddings[0]} if len(embeddings) == 1 else {}

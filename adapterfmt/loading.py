@@ -968,6 +968,9 @@ def _full_copies_requires_grad(model: nn.Module, adapter_name: Optional[str], fl
 
 
 def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    """Freeze everything; if ``trainable``, unfreeze adapter ``name`` as PEFT's training setup does:
+    its LoRA tensors and full copies, plus the biases its config trains (``bias="all"``: every
+    parameter named ``bias``; ``"lora_only"``: the biases of LoRA-wrapped layers)."""
     model.requires_grad_(False)
     if not trainable:
         model.eval()
@@ -976,8 +979,14 @@ def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
         if isinstance(w, LoraLayer):
             for p in w.adapter_parameters(name):
                 p.requires_grad_(True)
+            if _registry(model).adapters[name].config.get("bias") == "lora_only" and w.base_layer.bias is not None:
+                w.base_layer.bias.requires_grad_(True)
         elif name in w.modules_to_save:
             w.modules_to_save[name].requires_grad_(True)
+    if _registry(model).adapters[name].config.get("bias") == "all":
+        for key, p in model.named_parameters():
+            if key.rpartition(".")[2] == "bias":
+                p.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,8 +127,8 @@ def test_base_tensors_saved_in_full(tmp_path, name):
     save_file(state, str(src / ADAPTER_SAFETENSORS_FILE), metadata={"format": "pt"})
 
     ours = build()
-    adapterfmt.load(ours, src)
-    ref = peft_reference(build, src)
+    adapterfmt.load(ours, src, is_trainable=True)  # trainable: bias="all" also trains every bias, as in PEFT
+    ref = peft_reference(build, src, is_trainable=True)
     assert_same_structure(ours, ref.base_model.model)
     ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
