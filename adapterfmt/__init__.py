@@ -18,6 +18,8 @@ from .findings import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import KeyParts, Role, parse_saved, parse_wrapped, saved_to_base, saved_to_wrapped, wrapped_to_base, wrapped_to_saved
 from .resolve import Resolution, resolve
+from .wrapped import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped
+from .convert import convert_wrapped, merge_wrapped, wrapped_names
 
 __version__ = "0.1.0"
 
@@ -73,6 +75,12 @@ __all__ = [
     "saved_to_wrapped",
     "wrapped_to_base",
     "wrapped_to_saved",
+    "WrappedCheckpoint",
+    "is_wrapped_checkpoint",
+    "read_wrapped",
+    "convert_wrapped",
+    "merge_wrapped",
+    "wrapped_names",
     *_error_names,
     *_LAZY,
 ]

@@ -100,7 +100,7 @@ def read_base(path: "str | os.PathLike[str]", *, revision: Optional[str] = None,
             tensors.update(headers[shard].tensors)
     else:
         name = single or SAFETENSORS_WEIGHTS_FILE
-        file = os.path.join(directory, name)
+        file = os.path.join(directory, name) if single else safe_join(directory, name, what="weights file")
         if not os.path.isfile(file):
             found = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".gguf")))
             hint = f"found {found[0]}: convert it to safetensors first" if found else "is this a model directory?"

@@ -168,7 +168,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
     def num(name: str, default: Any, kind: type, minimum: float, strict: bool) -> Any:
         v = doc.get(name, default)
         if not _is_finite_number(v, kind):
-            raise InvalidConfigError(f"must be a {kind.__name__}, got {v!r}", path=path, key=name)
+            raise InvalidConfigError(f"must be a finite {'integer' if kind is int else 'number'}, got {v!r}", path=path, key=name)
         if (v <= minimum) if strict else (v < minimum):
             raise InvalidConfigError(f"must be {'>' if strict else '>='} {minimum}, got {v!r}", path=path, key=name)
         return kind(v)

@@ -13,7 +13,8 @@
 Outputs are staged beside the target and renamed into place when complete, with the merge
 engine's :mod:`adapterfmt.writer` (``StagedDirectory``, ``check_output_path``); an existing
 non-empty output is refused. Tensor bytes are copied unchanged by its ``ShardWriter``, file to file,
-so converting a safetensors checkpoint needs no torch and little memory.
+so converting a safetensors checkpoint needs no torch and little memory. See docs/FORMAT.md
+§9.3 and §9.4.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .errors import (
 from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, parse_saved, parse_wrapped, render_saved, render_wrapped
+from .sources import safe_join
 from .wrapped import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
 from .writer import ShardWriter, StagedDirectory, TensorSpec, check_output_path, clean_stale
 
@@ -118,7 +120,8 @@ def check_convertible(adapter: AdapterCheckpoint, *, path: str) -> None:
         InconsistentAdapterError: a LoRA module lacks lora_A or lora_B, or DoRA / ``lora_bias``
             is on some modules only (a config cannot express that).
         UnknownKeyError: adapter tensors that fit no LoRA rule (e.g. ``lora_A.<name>.bias``).
-        UnsupportedFeatureError: trainable-token rows without their indices.
+        UnsupportedFeatureError: trainable-token rows without their indices, or LoRA nested in
+            another wrapper (``nn.MultiheadAttention``).
     """
     name = adapter.name
     if adapter.config.lora_alpha is None:
@@ -144,6 +147,14 @@ def check_convertible(adapter: AdapterCheckpoint, *, path: str) -> None:
                     key=module,
                     hint="split the modules into two adapters",
                 )
+    nested = [m for m in adapter.lora if parse_wrapped(f"{m}.weight").role is not Role.PLAIN]
+    if nested:
+        raise UnsupportedFeatureError(
+            f"adapter '{name}': LoRA inside another wrapper (nn.MultiheadAttention's out_proj) has no plain base name",
+            path=path,
+            key=nested[0],
+            hint="convert it with PEFT instead",
+        )
     if adapter.unknown_keys:
         raise UnknownKeyError(
             f"adapter '{name}': tensor fits no LoRA rule", path=path, key=adapter.unknown_keys[0], hint="it cannot be saved in PEFT's layout"
@@ -324,7 +335,8 @@ def convert_wrapped(
         StagedDirectory(base_dir, overwrite=overwrite) if base_dir else contextlib.nullcontext()
     ) as staged_base:
         for name, sub in subdirs.items():
-            n, b = write_adapter(chosen[name], os.path.join(staged.path, sub))
+            # an adapter name comes from the file's keys: it must not lead outside the output
+            n, b = write_adapter(chosen[name], safe_join(staged.path, sub, what="adapter name") if sub else staged.path)
             result.tensors, result.nbytes = result.tensors + n, result.nbytes + b
         if staged_base is not None:
             n, b = write_base(wrapped, staged_base.path, max_shard_size=max_shard_size)

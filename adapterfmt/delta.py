@@ -18,8 +18,45 @@ CONV = "conv"
 EMBEDDING = "embedding"
 
 
+def lora_product(
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    layout: str,
+    weight_shape: "tuple[int, ...] | torch.Size",
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``B @ A`` in float32, shaped like the base weight: :func:`lora_delta` before the scaling.
+
+    ``out``: a contiguous float32 buffer of at least ``prod(weight_shape)`` elements to compute
+    into (the result is a view of it); it spares a caller merging many large tensors the
+    allocation and its page faults. The matmul is the same call either way, so are the bits.
+    """
+    a = lora_a.float()
+    b = lora_b.float()
+    if layout not in (LINEAR, CONV1D_TRANSPOSED, EMBEDDING, CONV):
+        raise ValueError(f"unknown layout {layout!r}")
+    if layout == CONV:
+        b, a = b.flatten(1), a.flatten(1)
+    buffer = None if out is None else out.reshape(-1)[: b.shape[0] * a.shape[1]].view(b.shape[0], a.shape[1])
+    product = torch.matmul(b, a, out=buffer)
+    if layout == CONV:
+        product = product.reshape(weight_shape)
+    elif layout != LINEAR:
+        product = product.T
+    if tuple(product.shape) != tuple(weight_shape):
+        raise ValueError(f"delta shape {tuple(product.shape)} does not match weight shape {tuple(weight_shape)}")
+    return product
+
+
 def lora_delta(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, layout: str, weight_shape: "tuple[int, ...] | torch.Size"
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    layout: str,
+    weight_shape: "tuple[int, ...] | torch.Size",
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The dense float32 delta ``ΔW`` of one LoRA module, shaped like the base weight.
 
@@ -29,20 +66,21 @@ def lora_delta(
         scaling: ``alpha / r`` or ``alpha / sqrt(r)``.
         layout: one of ``linear``, ``conv1d-transposed``, ``conv``, ``embedding``.
         weight_shape: the base weight's shape.
+        out: a float32 buffer to compute into, see :func:`lora_product`.
     """
-    a = lora_a.float()
-    b = lora_b.float()
-    if layout == LINEAR:
-        delta = (b @ a) * scaling
-    elif layout in (CONV1D_TRANSPOSED, EMBEDDING):
-        delta = (b @ a).T * scaling
-    elif layout == CONV:
-        delta = (b.flatten(1) @ a.flatten(1)).reshape(weight_shape) * scaling
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-    if tuple(delta.shape) != tuple(weight_shape):
-        raise ValueError(f"delta shape {tuple(delta.shape)} does not match weight shape {tuple(weight_shape)}")
-    return delta
+    return lora_product(lora_a, lora_b, layout, weight_shape, out=out).mul_(scaling)
+
+
+def add_scaled(acc: torch.Tensor, product: torch.Tensor, scaling: float, *, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``acc + product · scaling`` in float32, in place on ``acc``, as ``acc + lora_delta(...)`` rounds.
+
+    The product is scaled (one rounding) before the add (another), exactly as PEFT's
+    ``W += (B @ A) * s``. With ``first`` (the base weight rows), ``acc`` is only a buffer:
+    ``first + product · scaling`` is written into it, which saves a pass over memory.
+    """
+    if first is not None:
+        return torch.mul(product, scaling, out=acc).add_(first)
+    return acc.add_(product * scaling)
 
 
 def dora_weight(

@@ -24,7 +24,7 @@ from .findings import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import KeyParts, Role, parse_saved
 from .matching import matches_entry, matches_spec
-from .sources import ADAPTER_PATTERNS, resolve_dir
+from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
 
 #: LoRA roles -> the tensor name used in :attr:`LoraModule.tensors`.
 _LORA_SLOT = {
@@ -173,6 +173,8 @@ def read_adapter(
         UnsafeFileError: only a pickle ``.bin`` file exists and ``allow_pickle`` is false.
     """
     directory = resolve_dir(path, patterns=ADAPTER_PATTERNS, subfolder=subfolder, revision=revision)
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, ADAPTER_BIN_FILE):
+        safe_join(directory, name, what="adapter file")  # a symlink may not lead out of the directory
     config_path = os.path.join(directory, ADAPTER_CONFIG_FILE)
     if not os.path.isfile(config_path):
         subs = _sub_adapters(directory)

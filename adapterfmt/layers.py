@@ -518,10 +518,6 @@ class FullCopy(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save)
-
     def add_copy(self, name: str, *, device: "torch.device | str | None" = None) -> nn.Module:
         """Add a deep copy of the original for adapter ``name``.
 

@@ -33,6 +33,7 @@ from .describe import AdapterCheckpoint, FullCopyModule, LoraModule, read_adapte
 from .errors import (
     AmbiguousMatchError,
     InconsistentAdapterError,
+    InvalidConfigError,
     MergeError,
     OutputPathError,
     ShapeMismatchError,
@@ -41,7 +42,17 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .findings import Finding
-from .keys import LORA_ROLES, KeyParts, Role, parse_saved, parse_wrapped, render_base, render_saved, render_wrapped
+from .keys import (
+    LORA_ROLES,
+    KeyParts,
+    Role,
+    parse_saved,
+    parse_wrapped,
+    render_base,
+    render_saved,
+    render_wrapped,
+    split_prefix,
+)
 from .layers import FullCopy, LoraLayer, adapter_dtype, base_layout, iter_wrappers, make_lora_layer, plain_module_names
 from .matching import TargetSelection, select_targets
 from .resolve import suggest_prefix
@@ -172,8 +183,9 @@ def load(
             sub-adapter) or Hub repo id.
         adapter_name (`str`, *optional*, defaults to `"default"`): the name to load it under.
         is_trainable (`bool`, *optional*, defaults to `False`): `True`: this adapter's LoRA tensors
-            and full copies require grad and every other parameter is frozen. `False`: no
-            parameter requires grad and the model is put in eval mode.
+            and full copies require grad (and the biases its ``bias`` setting trains, as in PEFT)
+            and every other parameter is frozen. `False`: no parameter requires grad and the
+            model is put in eval mode.
         prefix_map (`dict`, *optional*): module-path prefix rewrites applied to the checkpoint's
             paths, e.g. ``{"model.": "language_model.model."}`` when the model nests the base
             differently from the one the adapter was trained on.
@@ -538,7 +550,7 @@ def _apply_overrides(model: nn.Module, plan: _Plan, ckpt: AdapterCheckpoint) -> 
         for saved_key, base_key in plan.overrides.items():
             target = base_view[base_key]
             target.copy_(reader.get(infos[saved_key]).to(device=target.device, dtype=target.dtype))
-            _, rest = _split_peft_prefix(saved_key)
+            _, rest = split_prefix(saved_key)
             out[rest] = model_keys[base_key]
     return out
 
@@ -598,7 +610,7 @@ def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAM
         saved = replace(parts, module=_unrename(parts.module, info.prefix_map))
         out[render_saved(saved, prefix=PEFT_PREFIX)] = value
     for saved_key, model_key in info.overrides.items():
-        out[PEFT_PREFIX + saved_key] = state[model_key]
+        out[render_saved(parse_saved(saved_key), prefix=PEFT_PREFIX)] = state[model_key]
     return out
 
 
@@ -665,7 +677,19 @@ def wrap(
     name exactly one module. Layers are created in ``named_modules()`` order with PEFT's
     initialisation, so under the same seed the new tensors equal ``get_peft_model``'s.
 
-    Afterwards only this adapter's tensors and full copies require grad.
+    Afterwards only this adapter's tensors and full copies require grad. The first adapter on a
+    model becomes active; a later one is added inactive (see :func:`set_adapter`).
+
+    Args:
+        model (`torch.nn.Module`): any model (or a handle).
+        target_modules (`list[str]` or `str`): modules to give LoRA; required, since adapterfmt
+            has no per-architecture defaults.
+        exclude_modules (`list[str]` or `str`, *optional*): modules never to target.
+        modules_to_save (`list[str]`, *optional*): modules to train and save in full.
+        r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias, rank_pattern, alpha_pattern,
+        layers_to_transform, layers_pattern, init_lora_weights: as in PEFT's ``LoraConfig``
+            (``init_lora_weights``: `True`, `False` or `"gaussian"`).
+        adapter_name (`str`, *optional*, defaults to `"default"`).
 
     Returns:
         A :class:`LoadedAdapters` handle; save the trained adapter with :func:`save`.
@@ -675,12 +699,17 @@ def wrap(
             suffix rule would bind others too), or a module is both a LoRA target and a module to save.
         UnresolvedModulesError: ``target_modules`` / ``modules_to_save`` match nothing.
         UnsupportedFeatureError: a target is a layer type LoRA cannot wrap, or ``lora_bias`` on an embedding.
-        InvalidConfigError: invalid values (``r <= 0``, a bad regular expression, ...).
+        InvalidConfigError: invalid values (``r <= 0``, a bad regular expression, ...) or no
+            ``target_modules``.
         ValueError: ``adapter_name`` is invalid or already present.
     """
     model = _as_model(model)
     registry = _registry(model, create=False)
     _check_new_name(registry, adapter_name)
+    if target_modules is None and not modules_to_save:
+        raise InvalidConfigError(
+            "is required: adapterfmt has no per-architecture defaults", key="target_modules", hint="list the modules to adapt"
+        )
     named = [(n, m) for n, m in plain_module_names(model) if n]
     modules = dict(named)
     names = [n for n, _ in named]
@@ -970,23 +999,28 @@ def _full_copies_requires_grad(model: nn.Module, adapter_name: Optional[str], fl
 def _set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
     """Freeze everything; if ``trainable``, unfreeze adapter ``name`` as PEFT's training setup does:
     its LoRA tensors and full copies, plus the biases its config trains (``bias="all"``: every
-    parameter named ``bias``; ``"lora_only"``: the biases of LoRA-wrapped layers)."""
+    parameter named ``bias`` except in the originals of full copies; ``"lora_only"``: the biases
+    of LoRA-wrapped layers)."""
     model.requires_grad_(False)
     if not trainable:
         model.eval()
         return
+    bias = _registry(model).adapters[name].config.get("bias")
     for _, w in iter_wrappers(model):
         if isinstance(w, LoraLayer):
             for p in w.adapter_parameters(name):
                 p.requires_grad_(True)
-            if _registry(model).adapters[name].config.get("bias") == "lora_only" and w.base_layer.bias is not None:
+            if bias == "lora_only" and w.base_layer.bias is not None:
                 w.base_layer.bias.requires_grad_(True)
         elif name in w.modules_to_save:
             w.modules_to_save[name].requires_grad_(True)
-    if _registry(model).adapters[name].config.get("bias") == "all":
+    if bias == "all":
         for key, p in model.named_parameters():
             if key.rpartition(".")[2] == "bias":
                 p.requires_grad_(True)
+        for _, w in iter_wrappers(model):
+            if isinstance(w, FullCopy):
+                w.original_module.requires_grad_(False)  # the original under a full copy stays frozen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1086,10 +1120,6 @@ def _unrename(path: str, prefix_map: Mapping[str, str]) -> str:
         if path.startswith(new):
             return old + path[len(new) :]
     return path
-
-
-def _split_peft_prefix(key: str) -> tuple[str, str]:
-    return (PEFT_PREFIX, key[len(PEFT_PREFIX) :]) if key.startswith(PEFT_PREFIX) else ("", key)
 
 
 def _parse_model_key(key: str) -> Optional[KeyParts]:

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from math import prod
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -27,7 +28,7 @@ import torch
 
 from .base import BaseModel, read_base
 from .constants import MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE
-from .delta import dora_weight, lora_delta
+from .delta import add_scaled, dora_weight, lora_product
 from .describe import AdapterCheckpoint, read_adapter
 from .errors import AdapterFormatError, DiskSpaceError, HeaderError, MergeError, UnsupportedFeatureError
 from .findings import Finding
@@ -36,6 +37,7 @@ from .keys import Role, parse_saved
 from .merge_plan import COPY, CONVERT, MERGE, REPLACE, BiasTerm, LoraTerm, MergePlan, PlannedTensor, RowsTerm, Term, plan_merge
 from .torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES
 from .writer import (
+    BackgroundIO,
     ShardWriter,
     StagedDirectory,
     TensorSpec,
@@ -45,11 +47,13 @@ from .writer import (
     file_size,
     format_bytes,
     pause_point,
+    pause_requested,
 )
 
 AdapterSpec = Union[str, "os.PathLike[str]", AdapterCheckpoint]
-#: Elements per block of rows when a merged tensor is added, rounded and written (16 MiB of float32).
-BLOCK_ELEMENTS = 4 << 20
+#: Elements per block of rows when a tensor is added up, rounded and written (1 MiB of float32:
+#: the block stays in cache through its three passes).
+BLOCK_ELEMENTS = 1 << 18
 _METADATA = {"format": "pt"}
 _STATE_DICT = "<state_dict>"
 
@@ -58,9 +62,10 @@ _STATE_DICT = "<state_dict>"
 class MergeSummary:
     """What :func:`merge_to_directory` wrote.
 
-    ``timings`` splits ``seconds`` into ``plan``, ``read``, ``compute``, ``write`` (tensor bytes
-    written from memory), ``copy`` (kernel copies of untouched tensors), ``files`` and ``sync``
-    (waiting for fsync, verification and the rename).
+    ``timings`` splits ``seconds``: ``plan``, ``read`` and ``compute`` (main thread), ``write``
+    (the background thread writing tensor bytes and kernel-copying untouched tensors, overlapped
+    with compute), ``io_wait`` (compute waiting for that thread), ``files`` and ``sync`` (waiting
+    for fsync, verification and the rename).
     """
 
     output: str
@@ -188,7 +193,7 @@ def merge_to_directory(
         MergeError: ``verify`` found a problem (nothing is left behind).
     """
     started = time.perf_counter()
-    timings = dict.fromkeys(("plan", "read", "compute", "write", "copy", "files", "sync"), 0.0)
+    timings = dict.fromkeys(("plan", "read", "compute", "write", "io_wait", "files", "sync"), 0.0)
     model = base if isinstance(base, BaseModel) else read_base(base)
     checkpoints = [_adapter(a, allow_pickle) for a in _as_list(adapters)]
     removed = clean_stale(out)
@@ -201,7 +206,7 @@ def merge_to_directory(
     with StagedDirectory(target, overwrite=overwrite) as staging:
         pause_point("start")
         try:
-            with _Inputs(checkpoints) as inputs:
+            with _Inputs(checkpoints) as inputs, _cores_beside_writer():
                 _write_shards(plan, staging.path, inputs, report, timings)
             mark = time.perf_counter()
             files = _write_files(plan, staging.path)
@@ -285,6 +290,21 @@ def _state_dict_base(state: Mapping[str, Any]) -> BaseModel:
     return base
 
 
+@contextmanager
+def _cores_beside_writer() -> Iterator[None]:
+    """torch's intra-op threads less one (at least one) while the background writer runs.
+
+    On a 2-core machine a second compute thread would spin in barriers against the writer
+    thread; the matmul's bits do not depend on it for LoRA shapes (the rank is not split).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Inputs:
     """Reads input tensors by :class:`TensorInfo`.
 
@@ -358,43 +378,84 @@ def _whole(term: Term) -> bool:
     return isinstance(term, RowsTerm) or (isinstance(term, LoraTerm) and term.lora.module.use_dora)
 
 
-def _prepare(term: Term, inputs: _Inputs, shape: tuple[int, ...]) -> Any:
+class _Workspace:
+    """Float32 buffers reused from one merged tensor to the next for the full-size deltas.
+
+    A fresh buffer of tens of MB costs as much in page faults as the matmul that fills it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def get(self, slot: int, numel: int) -> torch.Tensor:
+        while len(self._buffers) <= slot:
+            self._buffers.append(torch.empty(0))
+        if self._buffers[slot].numel() < numel:
+            self._buffers[slot] = torch.empty(0)  # drop the old one before allocating
+            self._buffers[slot] = torch.empty(numel)
+        return self._buffers[slot]
+
+
+def _prepare(term: Term, inputs: _Inputs, shape: tuple[int, ...], out: Optional[torch.Tensor]) -> Any:
+    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
-        delta = lora_delta(inputs.read(m.tensors["lora_A"]), inputs.read(m.tensors["lora_B"]), term.scaling, term.lora.layout, shape)
-        return delta, (inputs.read(m.tensors["magnitude"]) if m.use_dora else None)
+        product = lora_product(inputs.read(m.tensors["lora_A"]), inputs.read(m.tensors["lora_B"]), term.lora.layout, shape, out=out)
+        return product, (inputs.read(m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):
         return inputs.read(term.info).float() * term.scaling
     return torch.tensor(term.indices, dtype=torch.long), inputs.read(term.info)
 
 
+def _rows(t: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
+    return t if rows is None else t[rows[0] : rows[1]]
+
+
 def _apply(term: Term, value: Any, acc: torch.Tensor, src: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
     """One term of ``W + Σ``: in place on the float32 accumulator where it can be."""
     if isinstance(term, LoraTerm):
-        delta, magnitude = value
-        if magnitude is not None:
-            return dora_weight(src, delta, magnitude, term.lora.layout, onto=acc)
-        return acc.add_(delta if rows is None else delta[rows[0] : rows[1]])
+        product, magnitude = value
+        if magnitude is not None:  # whole tensor only; the product is used once
+            return dora_weight(src, product.mul_(term.scaling), magnitude, term.lora.layout, onto=acc)
+        return add_scaled(acc, _rows(product, rows), term.scaling)
     if isinstance(term, BiasTerm):
-        return acc.add_(value if rows is None else value[rows[0] : rows[1]])
+        return acc.add_(_rows(value, rows))
     index, values = value
     return acc.index_copy_(0, index, values.to(acc.dtype))
 
 
-def _blocks(t: PlannedTensor, inputs: _Inputs, block: Optional[int]) -> Iterator[torch.Tensor]:
-    """The output tensor ``t`` in its output dtype, in blocks of rows (one block if ``block`` is None)."""
+def _fused(term: Term) -> bool:
+    """A first term that can be computed straight into the accumulator (``W + s·P`` in one pass)."""
+    return isinstance(term, LoraTerm) and not term.lora.module.use_dora
+
+
+def _blocks(t: PlannedTensor, inputs: _Inputs, block: Optional[int], workspace: Optional[_Workspace] = None) -> Iterator[torch.Tensor]:
+    """The output tensor ``t`` in its output dtype, in blocks of rows (one block if ``block`` is None).
+
+    Every yielded tensor is new (never a view of an input, of ``workspace`` or of another block).
+    """
     dtype = TORCH_DTYPES[t.dtype]
     if not t.terms:
         for rows in _row_blocks(t.shape, block):
-            yield inputs.read(t.source, rows).to(dtype)
+            src = inputs.read(t.source, rows)
+            yield src.to(dtype, copy=src.dtype == dtype and t.source.start < 0)
         return
-    prepared = [_prepare(term, inputs, t.shape) for term in t.terms]
+    numel = prod(t.shape)
+    prepared = [_prepare(term, inputs, t.shape, workspace.get(n, numel) if workspace else None) for n, term in enumerate(t.terms)]
+    buffer: Optional[torch.Tensor] = None
     for rows in _row_blocks(t.shape, None if any(_whole(term) for term in t.terms) else block):
         src = inputs.read(t.source, rows)
-        acc = src.to(torch.float32, copy=True)
-        for term, value in zip(t.terms, prepared):
+        terms = list(zip(t.terms, prepared))
+        if _fused(t.terms[0]):
+            if buffer is None:
+                buffer = torch.empty(src.shape, dtype=torch.float32)
+            (term, (product, _)), terms = terms[0], terms[1:]
+            acc = add_scaled(buffer[: src.shape[0]], _rows(product, rows), term.scaling, first=src)
+        else:
+            acc = src.to(torch.float32, copy=True)
+        for term, value in terms:
             acc = _apply(term, value, acc, src, rows)
-        yield acc.to(dtype)
+        yield acc.to(dtype, copy=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,38 +498,39 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _write_shards(plan: MergePlan, directory: str, inputs: _Inputs, progress: Optional[Callable[[int], None]], timings: dict[str, float]) -> None:
-    """Write every shard; each file's fsync runs in the background while the next is computed."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterfmt-fsync") as syncer:
-        pending = []
-        for number, shard in enumerate(plan.shards, 1):
-            writer = ShardWriter(os.path.join(directory, shard.name), _specs(shard.tensors), metadata=_METADATA, progress=progress)
-            try:
+    """Write every shard: compute here, file writes on a background thread, fsyncs on another."""
+    workspace = _Workspace()
+    writers: list[ShardWriter] = []
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterfmt-fsync") as syncer, BackgroundIO() as io:
+            synced: list[Any] = []
+            for number, shard in enumerate(plan.shards, 1):
+                writer = ShardWriter(os.path.join(directory, shard.name), _specs(shard.tensors), metadata=_METADATA, progress=progress)
+                writers.append(writer)
                 for i, run in enumerate(_runs(shard.tensors)):
                     first = run[0]
-                    mark = time.perf_counter()
                     if _copied(first):
-                        writer.copy([t.key for t in run], inputs.fd(first.source.file), first.source.start)
-                        timings["copy"] += time.perf_counter() - mark
+                        io.submit(writer.copy, [t.key for t in run], inputs.fd(first.source.file), first.source.start)
                     else:
-                        read, write = inputs.seconds, timings["write"]
-                        for block in _blocks(first, inputs, BLOCK_ELEMENTS):
-                            data = _as_bytes(block)
-                            start = time.perf_counter()
-                            writer.write(first.key, data)
-                            timings["write"] += time.perf_counter() - start
-                        spent = time.perf_counter() - mark
-                        timings["compute"] += spent - (inputs.seconds - read) - (timings["write"] - write)
-                    if i == 0:
+                        mark, read, waited = time.perf_counter(), inputs.seconds, io.waited
+                        for block in _blocks(first, inputs, BLOCK_ELEMENTS, workspace):
+                            io.submit(writer.write, first.key, _as_bytes(block), nbytes=block.nbytes)
+                        timings["compute"] += time.perf_counter() - mark - (inputs.seconds - read) - (io.waited - waited)
+                    if i == 0 and pause_requested(f"write:{number}"):
+                        io.drain()
                         pause_point(f"write:{number}")
-            except BaseException:
-                writer.abort()
-                raise
-            pending.append(syncer.submit(writer.close))
-        mark = time.perf_counter()
-        for future in pending:
-            future.result()
-        timings["sync"] += time.perf_counter() - mark
-    timings["read"] += inputs.seconds
+                io.submit(lambda w=writer: synced.append(syncer.submit(w.close)))
+            io.close()
+            timings["write"] += io.busy
+            timings["io_wait"] = io.waited
+            mark = time.perf_counter()
+            for future in synced:
+                future.result()
+            timings["sync"] += time.perf_counter() - mark
+    finally:
+        for writer in writers:
+            writer.abort()
+        timings["read"] += inputs.seconds
 
 
 def _write_files(plan: MergePlan, directory: str) -> list[str]:

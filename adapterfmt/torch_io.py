@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import HeaderError, UnsafeFileError
+from .errors import HeaderError, UnsafeFileError, UnsupportedFeatureError
 from .header import SafetensorsHeader, TensorInfo
 
 #: safetensors dtype name -> torch dtype (entries needing newer torch are added when present).
@@ -51,6 +51,10 @@ class TensorReader:
     def get(self, info: TensorInfo) -> torch.Tensor:
         if info.key in self._in_memory and info.start == info.end == -1:
             return self._in_memory[info.key]
+        if info.dtype not in TORCH_DTYPES:
+            raise UnsupportedFeatureError(
+                f"has dtype {info.dtype}, which adapterfmt cannot compute with", path=info.file, key=info.key, hint="convert it to F32, F16 or BF16"
+            )
         handle = self._handles.get(info.file)
         if handle is None:
             try:

@@ -8,7 +8,7 @@ when there is nothing it can check: no such directory, or no weights in it.
 Codes: ``bad-header``, ``bad-index``, ``missing-shard``, ``path-escape``, ``key-not-in-shard``,
 ``key-not-indexed``, ``duplicate-key``, ``total-size``, ``unindexed-file``, ``bad-config``,
 ``missing-config``, ``pickle-weights``, ``bad-adapter``, ``orphan-lora``, ``rank-mismatch``,
-``unknown-key``.
+``unknown-key``. Any symlink among the directory's files that leads out of it is a ``path-escape``.
 """
 
 from __future__ import annotations
@@ -58,8 +58,23 @@ def verify_directory(path: "str | os.PathLike[str]") -> list[Finding]:
     if not os.path.isdir(directory):
         raise CheckpointNotFoundError("is not a directory; give a model or adapter directory", path=directory)
     if any(os.path.lexists(os.path.join(directory, f)) for f in _ADAPTER_FILES):
-        return _verify_adapter(directory)
-    return _verify_model(directory)
+        found = _verify_adapter(directory)
+    else:
+        found = _verify_model(directory)
+    found += _escaping_links(directory)
+    return list({(f.code, f.message): f for f in found}.values())
+
+
+def _escaping_links(directory: str) -> list[Finding]:
+    """Symlinks among the directory's files that lead out of it (a merge copies non-weight files)."""
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if os.path.islink(os.path.join(directory, name)):
+            try:
+                safe_join(directory, name)
+            except AdapterFormatError as e:
+                out.append(Finding("path-escape", str(e), [name]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +150,7 @@ def _header_findings(
     if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
         return None, [Finding("path-escape", f"{where}: names {name!r}, which is outside the directory", [name])]
     try:
-        full = safe_join(directory, name, what="shard")
+        full = safe_join(directory, name)
     except AdapterFormatError as e:
         return None, [Finding("path-escape", str(e), [name])]
     if not os.path.isfile(full):

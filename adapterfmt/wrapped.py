@@ -11,11 +11,13 @@ carries, and says for every full copy whether the trained copy differs from the 
 
 A state dict does not store ``lora_alpha``: without ``alpha=`` or ``config=`` the description
 leaves ``lora_alpha`` / ``alpha`` / ``scaling`` as ``None`` (unknown) rather than guessing a scale.
-Nothing here imports torch, except to read a pickle the caller allowed.
+Nothing here imports torch, except to read a pickle the caller allowed. See docs/FORMAT.md §9.1
+(reading) and §9.2 (the rebuilt config).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickletools
 import re
@@ -28,7 +30,7 @@ from .base import read_base
 from .config import LoraConfig, parse_config, read_config
 from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
 from .describe import AdapterCheckpoint, _describe
-from .errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError, UnsafeFileError
+from .errors import CheckpointNotFoundError, InconsistentAdapterError, InvalidConfigError, UnknownKeyError, UnsafeFileError
 from .findings import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved
@@ -37,6 +39,8 @@ from .matching import module_names_from_keys, peft_full_copy_matches
 #: ``layout`` of every :class:`WrappedCheckpoint` (an adapter directory is PEFT's saved layout).
 WRAPPED_LAYOUT = "wrapped"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+#: The pickle a directory is read from when it holds several (trainer dirs add optimizer.pt ...).
+PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 #: Roles whose wrapped key carries an adapter name: the adapter's own tensors.
 _ADAPTER_ROLES = LORA_ROLES | {Role.FULL_COPY, Role.TOKENS_DELTA}
 _MAX_KEYS = 20
@@ -161,7 +165,7 @@ def _locate(path: str) -> _Located:
         single = [n for n in names if n == SAFETENSORS_WEIGHTS_FILE] or [n for n in names if n.endswith(".safetensors")]
         if len(single) == 1:
             return _Located(path, [os.path.join(path, single[0])], "safetensors")
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        pickles = [n for n in names if n == PICKLE_WEIGHTS_FILE] or [n for n in names if n.endswith(PICKLE_SUFFIXES)]
         if not single and len(pickles) == 1:
             return _Located(path, [os.path.join(path, pickles[0])], "pickle")
         found = single or pickles
@@ -197,7 +201,7 @@ def _pickle_key_names(path: str) -> list[str]:
                 return []
             data = z.read(members[0])
         return [arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str) and "UNICODE" in op.name]
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # damaged or exotic zip / pickle
         return []
 
 
@@ -225,8 +229,6 @@ def is_wrapped_checkpoint(path: "str | os.PathLike[str]") -> bool:
     try:
         loc = _locate(spec)
         if loc.index is not None:
-            import json
-
             with open(loc.index, encoding="utf-8") as f:
                 weight_map = json.load(f).get("weight_map")
             return isinstance(weight_map, dict) and _has_adapter_key(weight_map)
@@ -433,8 +435,6 @@ def _sort_keys(wrapped: WrappedCheckpoint, tensors: Mapping[str, TensorInfo]) ->
             continue
         base_key = render_base(parts)
         if base_key in wrapped.base_keys:
-            from .errors import InconsistentAdapterError
-
             raise InconsistentAdapterError(
                 f"names the same base tensor '{base_key}' as '{wrapped.base_keys[base_key]}'",
                 path=info.file,

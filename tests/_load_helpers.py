@@ -23,6 +23,13 @@ def tiny_llama() -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(TESTDATA / "tiny-llama", dtype=torch.float32)
 
 
+def tiny_llama_tied() -> nn.Module:
+    """``testdata/tiny-llama-tied``: lm_head tied to the input embedding, float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TESTDATA / "tiny-llama-tied", dtype=torch.float32)
+
+
 def tiny_bert() -> nn.Module:
     """``testdata/tiny-bert``: BertForSequenceClassification, 3 labels, float32."""
     from transformers import AutoModelForSequenceClassification

@@ -410,6 +410,22 @@ def _non_finite(a: Path, _: Path) -> None:
     edit_tensors(a / ADAPTER_WEIGHTS, nan)
 
 
+@case(
+    "lora-exotic-dtype",
+    "q_proj lora_A stored as F4 (a valid safetensors dtype torch cannot compute with); inspect --scan reads it",
+    key=Q_A,
+    scan=True,
+    error="UnsupportedFeatureError",
+    expect={"inspect": 2, "check": 0, "merge": 2, "load": "error", "verify": 0},
+)
+def _lora_exotic_dtype(a: Path, _: Path) -> None:
+    def f4(t: dict) -> None:
+        _, shape, raw = t[Q_A]
+        t[Q_A] = ("F4", shape, raw[: shape[0] * shape[1] // 2])
+
+    edit_tensors(a / ADAPTER_WEIGHTS, f4)
+
+
 @case("empty-adapter", "weights file with no tensors at all")
 def _empty_adapter(a: Path, _: Path) -> None:
     pack(a / ADAPTER_WEIGHTS, {})
@@ -453,6 +469,26 @@ def _config_r_negative(a: Path, _: Path) -> None:
 @case("config-alpha-negative", "lora_alpha = -16", file=ADAPTER_CONFIG, key="lora_alpha")
 def _config_alpha_negative(a: Path, _: Path) -> None:
     edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("lora_alpha", -16))
+
+
+@case("config-alpha-nan", "lora_alpha = NaN (Python's json accepts it)", file=ADAPTER_CONFIG, key="lora_alpha")
+def _config_alpha_nan(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("lora_alpha", float("nan")))
+
+
+@case("config-alpha-infinity", "lora_alpha = Infinity", file=ADAPTER_CONFIG, key="lora_alpha")
+def _config_alpha_infinity(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("lora_alpha", float("inf")))
+
+
+@case("config-r-huge", "r = 10**400 (too large for a float)", file=ADAPTER_CONFIG, key="'r'")
+def _config_r_huge(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("r", 10**400))
+
+
+@case("config-rank-pattern-nan", "rank_pattern value NaN", file=ADAPTER_CONFIG, key="rank_pattern.down_proj")
+def _config_rank_pattern_nan(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("rank_pattern", {"down_proj": float("nan")}))
 
 
 @case("config-bad-regex", "target_modules is the regex '(q_proj'", file=ADAPTER_CONFIG, key="target_modules")
@@ -537,6 +573,32 @@ def _shard_symlink_escape(base: Path, folder: Path) -> None:
     outside.parent.mkdir()
     (base / SHARD2).rename(outside)
     (base / SHARD2).symlink_to(os.path.relpath(outside, base))
+
+
+@case(
+    "single-file-symlink-escape",
+    "the adapter's weights file is a symlink to a file outside the adapter directory",
+    error="UnsafeFileError",
+)
+def _single_file_symlink_escape(a: Path, folder: Path) -> None:
+    outside = folder / "elsewhere" / ADAPTER_WEIGHTS
+    outside.parent.mkdir()
+    (a / ADAPTER_WEIGHTS).rename(outside)
+    (a / ADAPTER_WEIGHTS).symlink_to(os.path.relpath(outside, a))
+
+
+@case(
+    "base-file-symlink-escape",
+    "the base's tokenizer.json is a symlink to a private file outside the model directory (merge copies non-weight files)",
+    side="base",
+    file="tokenizer.json",
+    expect={"check": 0, "merge": 2, "verify": 1},
+)
+def _base_file_symlink_escape(base: Path, folder: Path) -> None:
+    secret = folder / "home" / ".netrc"
+    secret.parent.mkdir()
+    secret.write_text("machine huggingface.co login me password hunter2\n")
+    (base / "tokenizer.json").symlink_to(os.path.relpath(secret, base))
 
 
 @case("base-config-not-json", "base config.json is not JSON", side="base", file="config.json")

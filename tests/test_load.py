@@ -1,6 +1,7 @@
 """adapterfmt.load against PEFT's PeftModel.from_pretrained, on tiny models of every supported layer type.
 
-We test, for Llama (Linear, rank/alpha patterns, full lm_head copy), Llama DoRA, BERT classifier
+We test, for Llama (Linear, rank/alpha patterns, full lm_head copy), Llama DoRA, Llama with a
+full copy of its tied lm_head, BERT classifier
 (+ lora_bias), GPT-2 (Conv1D; lora_bias; DoRA + rsLoRA), a custom Conv1d/2d/3d + Embedding network
 (LoRA and DoRA + rsLoRA) and a diffusers SD3 transformer with ``proj_out`` saved in full:
 * module names, state_dict keys (in order), values and requires_grad equal PEFT's;
@@ -33,6 +34,7 @@ from _load_helpers import (
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    tiny_llama_tied,
     tiny_sd3,
 )
 
@@ -103,6 +105,7 @@ SD3_CONFIG = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to
 CASES = {
     "llama-lora": (tiny_llama, TESTDATA / "tiny-llama-lora", llama_out),
     "llama-dora": (tiny_llama, TESTDATA / "tiny-llama-dora", llama_out),
+    "llama-tied-head-copy": (tiny_llama_tied, TESTDATA / "tiny-llama-tied-lora", llama_out),
     "bert-classifier": (tiny_bert, TESTDATA / "tiny-bert-classifier", bert_out),
     "bert-lorabias": (tiny_bert, TESTDATA / "tiny-bert-lorabias", bert_out),
     "gpt2": (tiny_gpt2, "gpt2", gpt2_out),

@@ -3,8 +3,9 @@
 We test:
 * two adapters side by side (``lora_A.default`` / ``lora_A.second``): PEFT's structure and outputs
   with either active, and with adapters disabled;
-* ``merge`` gives PEFT's merged weights (fp32: bit-equal), ``unmerge`` restores them, DoRA and
-  conv/embedding merges keep the outputs;
+* ``merge`` gives PEFT's merged weights (fp32: bit-equal), ``unmerge`` restores them (DoRA: exactly);
+  merges on conv, embedding and Conv1D layers (DoRA, rsLoRA, lora_bias) keep the outputs and equal
+  PEFT's ``merge_and_unload``;
 * ``unload(merge=True)`` equals ``merge_and_unload``; ``unload()`` gives back the plain model.
 """
 
@@ -25,6 +26,7 @@ from _load_helpers import (
     conv_embed_net,
     make_peft_adapter,
     peft_reference,
+    tiny_gpt2,
     tiny_llama,
 )
 
@@ -118,19 +120,31 @@ def test_dora_merge_keeps_outputs_and_unmerge_is_exact():
         assert torch.equal(v, before[k]), k
 
 
-def test_conv_and_embedding_merge(tmp_path):
-    adapter = make_peft_adapter(
-        conv_embed_net, tmp_path / "a", r=4, lora_alpha=8, target_modules=["embed", "conv1", "conv2", "conv3", "head"], use_dora=True
-    )
-    ours = conv_embed_net()
+MERGE_CASES = {
+    "conv-embedding-dora": (conv_embed_net, conv_embed_inputs, dict(target_modules=["embed", "conv1", "conv2", "conv3", "head"], use_dora=True)),
+    "conv1d-dora-rslora": (tiny_gpt2, lambda: IDS % 64, dict(target_modules=["c_attn", "c_proj"], use_dora=True, use_rslora=True)),
+    "conv1d-lora-bias": (tiny_gpt2, lambda: IDS % 64, dict(target_modules=["c_attn", "c_fc"], lora_bias=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(MERGE_CASES))
+def test_merge_and_unload_per_layer_type(tmp_path, name):
+    build, inputs, config = MERGE_CASES[name]
+    adapter = make_peft_adapter(build, tmp_path / "a", r=4, lora_alpha=8, **config)
+    ours = build()
     adapterfmt.load(ours, adapter)
-    ref = peft_reference(conv_embed_net, adapter).merge_and_unload()
-    with torch.no_grad():
-        out = ours(conv_embed_inputs())
-        adapterfmt.merge(ours)
-        assert_outputs_close(ours(conv_embed_inputs()), out, atol=1e-5)
-        adapterfmt.unload(ours, merge=True)
-        assert_outputs_close(ours(conv_embed_inputs()), ref(conv_embed_inputs()), atol=1e-5)
+    ref = peft_reference(build, adapter).merge_and_unload()
+
+    def run(m):
+        with torch.no_grad():
+            out = m(inputs())
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    out = run(ours)
+    adapterfmt.merge(ours)
+    assert_outputs_close(run(ours), out, atol=1e-5)
+    adapterfmt.unload(ours, merge=True)
+    assert_outputs_close(run(ours), run(ref), atol=1e-5)
 
 
 def test_unknown_adapter_name_is_refused(pair):

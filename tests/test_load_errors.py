@@ -3,7 +3,7 @@
 We test: modules missing from the model (with the prefix_map hint, and prefix_map fixing it, saving
 back under the checkpoint's own names), a resized vocabulary (both shapes named), unsupported
 config features, unknown tensors, DoRA flags that disagree with the tensors, incomplete full
-copies, and LoRA on a layer type it cannot wrap.
+copies, LoRA on a layer type it cannot wrap, and a pickle file without ``allow_pickle``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from adapterfmt.errors import (
     ShapeMismatchError,
     UnknownKeyError,
     UnresolvedModulesError,
+    UnsafeFileError,
     UnsupportedFeatureError,
 )
 
@@ -147,3 +148,18 @@ def test_lora_on_an_unsupported_layer_is_refused(tmp_path):
     bad = edited(tmp_path, tensors=lambda s: {**s, **extra})
     with pytest.raises(UnsupportedFeatureError, match="is a LlamaRMSNorm"):
         adapterfmt.load(tiny_llama(), bad)
+
+
+def test_pickle_adapter_needs_allow_pickle(tmp_path):
+    dst = tmp_path / "bin-adapter"
+    dst.mkdir()
+    shutil.copy(LORA / ADAPTER_CONFIG_FILE, dst / ADAPTER_CONFIG_FILE)
+    torch.save(load_file(str(LORA / ADAPTER_SAFETENSORS_FILE)), dst / "adapter_model.bin")
+    model = tiny_llama()
+    with pytest.raises(UnsafeFileError, match="allow_pickle"):
+        adapterfmt.load(model, dst)
+    adapterfmt.load(model, dst, allow_pickle=True)
+    expected = tiny_llama()
+    adapterfmt.load(expected, LORA)
+    for k, v in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adapterfmt
-from adapterfmt.errors import AmbiguousMatchError, UnresolvedModulesError, UnsupportedFeatureError
+from adapterfmt.errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
 from adapterfmt.layers import LoraLayer
 
 from _load_helpers import assert_same_structure, conv_embed_net, mlp_stack, tiny_gpt2
@@ -76,6 +76,7 @@ def test_regex_and_exclude_select_exactly():
         (dict(target_modules=["q_proj"]), UnresolvedModulesError, "matches no module"),
         (dict(target_modules=["fc1"], modules_to_save=["nothing"]), UnresolvedModulesError, "matches no module"),
         (dict(target_modules=["blocks.0"]), UnsupportedFeatureError, "is a Block"),
+        (dict(), InvalidConfigError, "no per-architecture defaults"),
     ],
 )
 def test_wrap_errors_leave_the_model_untouched(kwargs, error, match):

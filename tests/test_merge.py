@@ -248,7 +248,7 @@ def test_cli_json_summary_and_one_line_errors(tmp_path: Path, base: Path) -> Non
     doc = json.loads(result.stdout)
     assert (doc["tensors_merged"], doc["tensors_replaced"], doc["tensors_copied"], doc["tensors_converted"]) == (14, 1, 0, 6)
     assert doc["output"] == str(out) and "model.safetensors.index.json" in doc["files"] and doc["bytes_written"] > 0
-    assert set(doc["timings"]) >= {"read", "compute", "write", "copy", "sync"}
+    assert set(doc["timings"]) >= {"read", "compute", "write", "io_wait", "sync"}
     for args, message in [
         (["--weight", "1", "--weight", "2"], "2 weights for 1 adapters"),
         (["--max-shard-size", "lots"], "is not a size"),

@@ -332,10 +332,23 @@ def test_round_trip_every_saved_key_kind(name, tmp_path):
     _tensors_equal(state_dict_of(loaded), state_dict_of(pm))
 
 
-def test_token_rows_need_the_runs_config(tmp_path):
+def test_token_rows_need_the_runs_config_and_nested_wrappers_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
     path = save_wrapped(tiny_peft_model("lora-bias-tokens"), tmp_path / "w")
     with pytest.raises(UnsupportedFeatureError, match="trainable-token rows without their indices"):
         convert_wrapped(path, tmp_path / "out", alpha=4)
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2)
+
+    path = save_wrapped(get_peft_model(Attention(), LoraConfig(r=2, target_modules=["attn"])), tmp_path / "mha")
+    assert set(read_wrapped(path).adapters["default"].lora) == {"attn", "attn.base_layer.out_proj"}
+    with pytest.raises(UnsupportedFeatureError, match="MultiheadAttention") as e:
+        convert_wrapped(path, tmp_path / "out", alpha=4)
+    assert e.value.key == "attn.base_layer.out_proj" and not (tmp_path / "out").exists()
 
 
 def test_conv1d_model_gets_fan_in_fan_out_from_the_base_shapes(tmp_path):
@@ -367,3 +380,12 @@ def test_merge_wrapped_equals_peft_merge_and_unload(llama, tmp_path, name):
     pm, _ = llama_two_adapters(0)  # merge_and_unload changes the model: use a fresh, identical one
     pm.set_adapter(name)
     _tensors_equal(load_file(tmp_path / "merged" / "model.safetensors"), state_dict_of(pm.merge_and_unload()))
+
+
+def test_adapter_names_from_the_file_cannot_escape_the_output(tmp_path):
+    sd = {"q.weight": torch.ones(4, 4), "q.lora_A./tmp/evil.weight": torch.ones(2, 4), "q.lora_B./tmp/evil.weight": torch.ones(4, 2)}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    assert list(read_wrapped(tmp_path / "w.safetensors").adapters) == ["/tmp/evil"]
+    with pytest.raises(UnsafeFileError, match="adapter name"):
+        convert_wrapped(tmp_path / "w.safetensors", tmp_path / "out", alpha=2)
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"] and not os.path.exists("/tmp/evil")

@@ -62,3 +62,26 @@ def test_inspect_shows_layout_adapters_and_unchanged_copy(frozen, run_cli):
     r = run_cli("inspect", root / "p" / "pytorch_model.bin", "--allow-pickle", "--json")
     assert r.exit_code == 0 and r.json()["storage"] == "pickle"
     assert r.json()["full_copies"]["other"] == {"lm_head": "unchanged"}
+
+
+def test_merge_wrapped_command_equals_merge_and_unload(frozen, run_cli, tmp_path):
+    import torch
+
+    pm, _, root = frozen
+    r = run_cli("merge", "--wrapped", root / "w", "-o", tmp_path / "merged", "--alpha", "8", "--json", "-q")
+    assert r.exit_code == 0, r
+    doc = r.json()
+    assert doc["tensors_merged"] == 8 and doc["tensors_replaced"] == 1 and sorted(doc["files"]) == ["config.json", "model.safetensors"]
+    # a wrapped checkpoint given as --base (no --adapter) is the same request
+    assert run_cli("merge", "--base", root / "w", "-o", tmp_path / "again", "--alpha", "8", "-q").exit_code == 0
+    pm.set_adapter("default")
+    expected = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}  # last use of pm
+    for out in ("merged", "again"):
+        got = load_file(tmp_path / out / "model.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    r = run_cli("merge", "--wrapped", root / "w", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--alpha" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("merge", "--wrapped", root / "w", "--base", root / "w", "-o", tmp_path / "x", "--alpha", "8")
+    assert r.exit_code == 2 and "without --base" in r.stderr
+    assert not (tmp_path / "x").exists()
