@@ -206,8 +206,8 @@ def merge_to_directory(
     with StagedDirectory(target, overwrite=overwrite) as staging:
         pause_point("start")
         try:
-            with _Inputs(checkpoints) as inputs, _cores_beside_writer():
-                _write_shards(plan, staging.path, inputs, report, timings)
+            with _Inputs(checkpoints) as inputs, _Threads() as threads:
+                _write_shards(plan, staging.path, inputs, _Workspace(threads), report, timings)
             mark = time.perf_counter()
             files = _write_files(plan, staging.path)
             timings["files"] = time.perf_counter() - mark
@@ -290,19 +290,32 @@ def _state_dict_base(state: Mapping[str, Any]) -> BaseModel:
     return base
 
 
-@contextmanager
-def _cores_beside_writer() -> Iterator[None]:
-    """torch's intra-op threads less one (at least one) while the background writer runs.
+class _Threads:
+    """torch's intra-op threads while the background writer runs: one less (at least one), except
+    around the matmuls, which run with all of them as PEFT runs them (same threads, same bits).
 
-    On a 2-core machine a second compute thread would spin in barriers against the writer
-    thread; the matmul's bits do not depend on it for LoRA shapes (the rank is not split).
+    On a 2-core machine a second thread in the blockwise passes would spin in barriers against
+    the writer thread.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+
+    def __init__(self) -> None:
+        self.all = torch.get_num_threads()
+        self.rest = max(1, self.all - 1)
+
+    def __enter__(self) -> "_Threads":
+        torch.set_num_threads(self.rest)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.all)
+
+    @contextmanager
+    def matmul(self) -> Iterator[None]:
+        torch.set_num_threads(self.all)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.rest)
 
 
 class _Inputs:
@@ -384,8 +397,9 @@ class _Workspace:
     A fresh buffer of tens of MB costs as much in page faults as the matmul that fills it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, threads: _Threads) -> None:
         self._buffers: list[torch.Tensor] = []
+        self.threads = threads
 
     def get(self, slot: int, numel: int) -> torch.Tensor:
         while len(self._buffers) <= slot:
@@ -396,11 +410,16 @@ class _Workspace:
         return self._buffers[slot]
 
 
-def _prepare(term: Term, inputs: _Inputs, shape: tuple[int, ...], out: Optional[torch.Tensor]) -> Any:
+def _prepare(term: Term, n: int, inputs: _Inputs, shape: tuple[int, ...], workspace: Optional[_Workspace]) -> Any:
     """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
-        product = lora_product(inputs.read(m.tensors["lora_A"]), inputs.read(m.tensors["lora_B"]), term.lora.layout, shape, out=out)
+        a, b = inputs.read(m.tensors["lora_A"]), inputs.read(m.tensors["lora_B"])
+        if workspace is None:
+            product = lora_product(a, b, term.lora.layout, shape)
+        else:
+            with workspace.threads.matmul():
+                product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)))
         return product, (inputs.read(m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):
         return inputs.read(term.info).float() * term.scaling
@@ -440,8 +459,7 @@ def _blocks(t: PlannedTensor, inputs: _Inputs, block: Optional[int], workspace: 
             src = inputs.read(t.source, rows)
             yield src.to(dtype, copy=src.dtype == dtype and t.source.start < 0)
         return
-    numel = prod(t.shape)
-    prepared = [_prepare(term, inputs, t.shape, workspace.get(n, numel) if workspace else None) for n, term in enumerate(t.terms)]
+    prepared = [_prepare(term, n, inputs, t.shape, workspace) for n, term in enumerate(t.terms)]
     buffer: Optional[torch.Tensor] = None
     for rows in _row_blocks(t.shape, None if any(_whole(term) for term in t.terms) else block):
         src = inputs.read(t.source, rows)
@@ -497,9 +515,10 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_shards(plan: MergePlan, directory: str, inputs: _Inputs, progress: Optional[Callable[[int], None]], timings: dict[str, float]) -> None:
+def _write_shards(
+    plan: MergePlan, directory: str, inputs: _Inputs, workspace: _Workspace, progress: Optional[Callable[[int], None]], timings: dict[str, float]
+) -> None:
     """Write every shard: compute here, file writes on a background thread, fsyncs on another."""
-    workspace = _Workspace()
     writers: list[ShardWriter] = []
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterfmt-fsync") as syncer, BackgroundIO() as io:
