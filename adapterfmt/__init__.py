@@ -9,38 +9,86 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .base import BaseModel, read_base
-from .config import LoraConfig, parse_config, read_config
-from .describe import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter
-from .errors import *  # noqa: F401,F403
+from .errors import *  # noqa: F401,F403  (tiny, and callers catch these first)
 from .errors import __all__ as _error_names
-from .findings import Finding
-from .header import SafetensorsHeader, TensorInfo, read_header
-from .keys import KeyParts, Role, parse_saved, parse_wrapped, saved_to_base, saved_to_wrapped, wrapped_to_base, wrapped_to_saved
-from .resolve import Resolution, resolve
-from .wrapped import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped
-from .convert import convert_wrapped, merge_wrapped, wrapped_names
 
 __version__ = "0.1.0"
 
-#: name -> module, imported on first attribute access (these modules import torch).
+#: public name -> submodule. Everything is imported on first attribute access, so
+#: ``import adapterfmt`` stays cheap (the header-only CLI path pays only for what it uses) and
+#: never imports torch; ``merging``/``loading`` import torch when first used.
 _LAZY = {
-    "merge_state_dict": ".merging",
-    "merge": ".loading",
-    "merge_to_directory": ".merging",
-    "load": ".loading",
-    "save": ".loading",
-    "wrap": ".loading",
-    "set_adapter": ".loading",
-    "disable_adapters": ".loading",
-    "unmerge": ".loading",
-    "unload": ".loading",
-    "freeze_full_copies": ".loading",
-    "unfreeze_full_copies": ".loading",
+    **dict.fromkeys(["BaseModel", "read_base"], ".base"),
+    **dict.fromkeys(["LoraConfig", "parse_config", "read_config"], ".config"),
+    **dict.fromkeys(["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "read_adapter"], ".describe"),
+    "Finding": ".findings",
+    **dict.fromkeys(["SafetensorsHeader", "TensorInfo", "read_header"], ".header"),
+    **dict.fromkeys(
+        [
+            "KeyParts",
+            "Role",
+            "parse_saved",
+            "parse_wrapped",
+            "saved_to_base",
+            "saved_to_wrapped",
+            "wrapped_to_base",
+            "wrapped_to_saved",
+        ],
+        ".keys",
+    ),
+    **dict.fromkeys(["Resolution", "resolve"], ".resolution"),
+    **dict.fromkeys(["WrappedCheckpoint", "is_wrapped_checkpoint", "read_wrapped"], ".wrapped"),
+    **dict.fromkeys(["convert_wrapped", "merge_wrapped", "wrapped_names"], ".convert"),
+    **dict.fromkeys(["merge_state_dict", "merge_to_directory"], ".merging"),
+    **dict.fromkeys(
+        [
+            "load",
+            "save",
+            "wrap",
+            "merge",
+            "unmerge",
+            "unload",
+            "set_adapter",
+            "disable_adapters",
+            "freeze_full_copies",
+            "unfreeze_full_copies",
+        ],
+        ".loading",
+    ),
 }
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
+    from .base import BaseModel, read_base  # noqa: F401
+    from .config import LoraConfig, parse_config, read_config  # noqa: F401
+    from .convert import convert_wrapped, merge_wrapped, wrapped_names  # noqa: F401
+    from .describe import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter  # noqa: F401
+    from .findings import Finding  # noqa: F401
+    from .header import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
+    from .keys import (  # noqa: F401
+        KeyParts,
+        Role,
+        parse_saved,
+        parse_wrapped,
+        saved_to_base,
+        saved_to_wrapped,
+        wrapped_to_base,
+        wrapped_to_saved,
+    )
+    from .loading import (  # noqa: F401
+        disable_adapters,
+        freeze_full_copies,
+        load,
+        merge,
+        save,
+        set_adapter,
+        unfreeze_full_copies,
+        unload,
+        unmerge,
+        wrap,
+    )
     from .merging import merge_state_dict, merge_to_directory  # noqa: F401
+    from .resolution import Resolution, resolve  # noqa: F401
+    from .wrapped import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -50,37 +98,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'adapterfmt' has no attribute {name!r}")
 
 
-__all__ = [
-    "AdapterCheckpoint",
-    "BaseModel",
-    "Finding",
-    "FullCopyModule",
-    "KeyParts",
-    "LoraConfig",
-    "LoraModule",
-    "Resolution",
-    "Role",
-    "SafetensorsHeader",
-    "TensorInfo",
-    "TokenDelta",
-    "parse_config",
-    "parse_saved",
-    "parse_wrapped",
-    "read_adapter",
-    "read_base",
-    "read_config",
-    "read_header",
-    "resolve",
-    "saved_to_base",
-    "saved_to_wrapped",
-    "wrapped_to_base",
-    "wrapped_to_saved",
-    "WrappedCheckpoint",
-    "is_wrapped_checkpoint",
-    "read_wrapped",
-    "convert_wrapped",
-    "merge_wrapped",
-    "wrapped_names",
-    *_error_names,
-    *_LAZY,
-]
+__all__ = sorted([*_LAZY, *_error_names])

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-#: Layouts (see :mod:`adapterfmt.resolve`).
+#: Layouts (see :mod:`adapterfmt.resolution`).
 LINEAR = "linear"
 CONV1D_TRANSPOSED = "conv1d-transposed"  # transformers Conv1D: weight stored (in, out)
 CONV = "conv"

@@ -55,7 +55,7 @@ from .keys import (
 )
 from .layers import FullCopy, LoraLayer, adapter_dtype, base_layout, iter_wrappers, make_lora_layer, plain_module_names
 from .matching import TargetSelection, select_targets
-from .resolve import suggest_prefix
+from .resolution import suggest_prefix
 from .torch_io import TensorReader
 
 _REGISTRY_ATTR = "_adapterfmt"

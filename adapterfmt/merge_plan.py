@@ -41,7 +41,8 @@ from .errors import (
 from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
-from .resolve import ResolvedLora, resolve
+from .resolution import Resolution, ResolvedLora, resolve
+from .sources import safe_join
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
 
@@ -200,7 +201,8 @@ def plan_merge(
         base (`BaseModel`): from :func:`~adapterfmt.base.read_base`.
         adapters (`Sequence[AdapterCheckpoint]`): merged in this order.
         weights (`Sequence[float]`, *optional*): one per adapter, defaults to 1.0 each. Multiplies
-            the LoRA deltas (and ``lora_bias``); full copies and token rows are not weighted.
+            the LoRA deltas (and ``lora_bias``); full copies and token rows are not weighted, and
+            an adapter with DoRA modules takes weight 1 only.
         dtype (`str`, *optional*): output dtype of every floating-point tensor (``bf16``,
             ``fp16``, ``fp32``); defaults to each base tensor's own dtype.
         max_shard_size (`int` or `str`, *optional*): re-plan the shards with huggingface_hub's
@@ -267,7 +269,9 @@ def _weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
 
 
 def _refuse_unsupported(adapter: AdapterCheckpoint) -> None:
-    for name, why in adapter.config.unsupported.items():
+    unsupported = adapter.config.unsupported
+    if unsupported:
+        name, why = next(iter(unsupported.items()))
         raise UnsupportedFeatureError(
             f"is set ({why}); adapterfmt cannot merge it", path=adapter.config.path or adapter.directory, key=name, hint="merge it with PEFT instead"
         )
@@ -278,7 +282,7 @@ def _listed(names: Sequence[str]) -> str:
     return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
 
 
-def _refuse_bad_resolution(adapter: AdapterCheckpoint, res: Any, allow_unused: bool) -> None:
+def _refuse_bad_resolution(adapter: AdapterCheckpoint, res: Resolution, allow_unused: bool) -> None:
     if res.shape_errors:
         more = f" (and {len(res.shape_errors) - 1} more)" if len(res.shape_errors) > 1 else ""
         raise ShapeMismatchError(
@@ -333,14 +337,14 @@ class _Slots:
     def _slot(self, key: str) -> _Slot:
         return self.slots.setdefault(key, _Slot())
 
-    def _replace(self, key: str, which: str, adapter: int, info: TensorInfo, adapters_desc: str) -> None:
+    def _replace(self, key: str, which: str, adapter: int, info: TensorInfo, where: str) -> None:
         slot = self._slot(key)
         held = slot.full_copy or slot.override
         if held is not None:
             raise MergeError(
                 f"adapters #{held[0] + 1} and #{adapter + 1} both replace this tensor",
                 key=key,
-                path=adapters_desc,
+                path=where,
                 hint="merge them separately or drop one of the full copies",
             )
         setattr(slot, which, (adapter, info))
@@ -351,9 +355,17 @@ class _Slots:
             return self.base.tied[module]
         return None
 
-    def add(self, i: int, adapter: AdapterCheckpoint, res: Any, weight: float, skipped: list[str], allow_unused: bool) -> None:
+    def add(self, i: int, adapter: AdapterCheckpoint, res: Resolution, weight: float, skipped: list[str], allow_unused: bool) -> None:
         where = adapter.weights_file
-        for base_key, saved_key in res.overrides.items():
+        dora = [path for path, rl in res.lora.items() if rl.module.use_dora]
+        if dora and weight != 1.0:
+            raise MergeError(
+                f"has DoRA modules ('{dora[0]}'), which merge only with weight 1: DoRA is not linear in ΔW, so weight {weight} has no meaning",
+                path=where,
+                key="weight",
+                hint="drop --weight for this adapter",
+            )
+        for base_key in res.overrides:
             self._replace(base_key, "override", i, adapter.base_overrides[base_key], where)
         for module, params in res.full_copies.items():
             copy_ = adapter.full_copies[module]
@@ -364,6 +376,8 @@ class _Slots:
                     self.heads.setdefault(embedding, module)
                 self._replace(key if embedding else base_key, "full_copy", i, copy_.tensors[param], where)
         for path, rl in res.lora.items():
+            for slot, info in rl.module.tensors.items():
+                _refuse_non_float(info, rl.module.keys[slot], where)
             embedding = self._tied_head(path, rl.base_key)
             if embedding is not None:
                 self.heads.setdefault(embedding, path)
@@ -393,6 +407,7 @@ class _Slots:
                     )
                 skipped.append(path)
                 continue
+            _refuse_non_float(td.tensor, td.key, where)
             self._slot(key).terms.append(RowsTerm(i, td.tensor, _token_indices(td, self.base.tensors[key], where)))
 
     def plan(self, out_dtype: Optional[str]) -> tuple[dict[str, PlannedTensor], dict[str, str], list[str]]:
@@ -453,6 +468,16 @@ class _Slots:
         if replaced and source.dtype not in FLOAT_DTYPES and source.dtype != dtype:
             raise UnsupportedFeatureError(f"is stored as {source.dtype} but the base tensor is {dtype}", path=source.file, key=key)
         return PlannedTensor(key, dtype, base_info.shape, REPLACE, source)
+
+
+def _refuse_non_float(info: TensorInfo, key: str, where: str) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        raise UnsupportedFeatureError(
+            f"is stored as {info.dtype}; LoRA tensors are merged from {', '.join(FLOAT_DTYPES)} only",
+            path=where,
+            key=key,
+            hint="convert the adapter to a float dtype first",
+        )
 
 
 def _token_indices(td: Any, base_info: TensorInfo, where: str) -> tuple[int, ...]:
@@ -553,7 +578,11 @@ def _config(config: dict[str, Any], *, untie: bool, dtype: Optional[str]) -> Opt
 
 
 def _copied_files(base: BaseModel) -> list[str]:
-    """Top-level files of the base directory that are not weights: config, tokenizer, generation config, README."""
+    """Top-level files of the base directory that are not weights: config, tokenizer, generation config, README.
+
+    Raises:
+        UnsafeFileError: one is a symlink that resolves outside the model directory.
+    """
     out: list[str] = []
     if not base.directory:  # a state dict in memory
         return out
@@ -563,6 +592,7 @@ def _copied_files(base: BaseModel) -> list[str]:
             continue
         if name == SAFETENSORS_INDEX_FILE or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
+        safe_join(base.directory, name)  # a symlink out of the model directory is not followed
         out.append(name)
     return out
 

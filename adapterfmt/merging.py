@@ -5,10 +5,18 @@ refusal comes before any work; then they execute the plan with the math of
 :mod:`adapterfmt.delta` (PEFT's order of operations: ``ΔW = (B @ A) · s`` in float32, added to
 the base weight in float32, rounded once).
 
-:func:`merge_to_directory` streams: an untouched tensor is copied file to file by the kernel; a
-merged one is computed from its full float32 delta (the same matmul PEFT runs, so the bits agree)
-and then added, rounded and written in blocks of rows, so peak memory is a few times the largest
-tensor, never the model.
+:func:`merge_to_directory` streams. An untouched tensor is copied file to file by the kernel. A
+merged one gets its full ``B @ A`` product in one matmul (the call PEFT makes, so the bits agree;
+split into row blocks a matmul may sum in another order), then is scaled, added, rounded and
+written in blocks of rows that stay in cache. Whole tensors are computed on worker threads with
+one intra-op thread each (torch releases the GIL in its kernels), file writes run on a writer
+thread, fsyncs on another; at most ``workers + 1`` tensors are in flight, so peak memory is a few
+times the largest tensor, never the model.
+
+One intra-op thread is not how PEFT runs its matmul. MKL splits an ``(out, r) @ (r, in)``
+product over rows and columns, not over the rank, so the bits are the same for any thread count
+for LoRA shapes (checked up to r=256 on 2048x5632 and 32000x2048; only matrices a few elements
+wide with a rank of 64 or more differed); the PEFT parity tests run this way.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import errno
 import json
 import os
 import shutil
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,7 +40,7 @@ from .base import BaseModel, read_base
 from .constants import MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE
 from .delta import add_scaled, dora_weight, lora_product
 from .describe import AdapterCheckpoint, read_adapter
-from .errors import AdapterFormatError, DiskSpaceError, HeaderError, MergeError, UnsupportedFeatureError
+from .errors import AdapterFormatError, DiskSpaceError, HeaderError, MergeError, NonFiniteValuesError, UnsupportedFeatureError
 from .findings import Finding
 from .header import TensorInfo, read_header
 from .keys import Role, parse_saved
@@ -62,10 +72,11 @@ _STATE_DICT = "<state_dict>"
 class MergeSummary:
     """What :func:`merge_to_directory` wrote.
 
-    ``timings`` splits ``seconds``: ``plan``, ``read`` and ``compute`` (main thread), ``write``
-    (the background thread writing tensor bytes and kernel-copying untouched tensors, overlapped
-    with compute), ``io_wait`` (compute waiting for that thread), ``files`` and ``sync`` (waiting
-    for fsync, verification and the rename).
+    ``timings`` (seconds): ``plan``; ``read`` and ``compute``, summed over the worker threads
+    (they overlap each other and the writes); ``write``, the writer thread writing tensor bytes
+    and kernel-copying untouched tensors; ``compute_wait`` and ``io_wait``, the main thread
+    waiting for the workers and for the writer; ``files``; ``sync``, waiting for fsync,
+    verification and the rename.
     """
 
     output: str
@@ -164,7 +175,9 @@ def merge_to_directory(
     ``out`` gets the base's shard files and key order (or ``max_shard_size`` shards), a correct
     ``model.safetensors.index.json``, safetensors metadata ``{"format": "pt"}``, and every
     non-weight file of the base (config, generation config, tokenizer files). It is staged beside
-    ``out`` and renamed into place only when complete; a killed run leaves no ``out``.
+    ``out`` and renamed into place only when complete; a killed run leaves no ``out``. While it
+    runs, torch's intra-op thread count is 1 (restored on return): whole tensors are computed on
+    worker threads instead, one per thread torch had.
 
     Args:
         base (`str`, `os.PathLike` or `BaseModel`): model directory or Hub id.
@@ -193,7 +206,7 @@ def merge_to_directory(
         MergeError: ``verify`` found a problem (nothing is left behind).
     """
     started = time.perf_counter()
-    timings = dict.fromkeys(("plan", "read", "compute", "write", "io_wait", "files", "sync"), 0.0)
+    timings = dict.fromkeys(("plan", "read", "compute", "compute_wait", "write", "io_wait", "files", "sync"), 0.0)
     model = base if isinstance(base, BaseModel) else read_base(base)
     checkpoints = [_adapter(a, allow_pickle) for a in _as_list(adapters)]
     removed = clean_stale(out)
@@ -206,8 +219,8 @@ def merge_to_directory(
     with StagedDirectory(target, overwrite=overwrite) as staging:
         pause_point("start")
         try:
-            with _Inputs(checkpoints) as inputs, _Threads() as threads:
-                _write_shards(plan, staging.path, inputs, _Workspace(threads), report, timings)
+            with _Inputs(checkpoints) as inputs, _one_thread_per_worker() as workers:
+                _write_shards(plan, staging.path, inputs, workers, report, timings)
             mark = time.perf_counter()
             files = _write_files(plan, staging.path)
             timings["files"] = time.perf_counter() - mark
@@ -290,32 +303,21 @@ def _state_dict_base(state: Mapping[str, Any]) -> BaseModel:
     return base
 
 
-class _Threads:
-    """torch's intra-op threads while the background writer runs: one less (at least one), except
-    around the matmuls, which run with all of them as PEFT runs them (same threads, same bits).
+@contextmanager
+def _one_thread_per_worker() -> Iterator[int]:
+    """Set torch to one intra-op thread and yield how many compute workers to run instead.
 
-    On a 2-core machine a second thread in the blockwise passes would spin in barriers against
-    the writer thread.
+    Whole tensors are spread over worker threads, which scales better than splitting the small
+    blockwise passes, and leaves no thread spinning in a barrier while the writer thread holds a
+    core (on 2 cores that spinning made a merge ten times slower). See the module docstring for
+    why the matmul's bits do not change.
     """
-
-    def __init__(self) -> None:
-        self.all = torch.get_num_threads()
-        self.rest = max(1, self.all - 1)
-
-    def __enter__(self) -> "_Threads":
-        torch.set_num_threads(self.rest)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.all)
-
-    @contextmanager
-    def matmul(self) -> Iterator[None]:
-        torch.set_num_threads(self.all)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(self.rest)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield max(1, min(threads, os.cpu_count() or 1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Inputs:
@@ -333,7 +335,8 @@ class _Inputs:
             if a.tensors_in_memory is not None:
                 self._memory[a.weights_file] = a.tensors_in_memory
         self._fds: dict[str, int] = {}
-        self.seconds = 0.0
+        self._lock = threading.Lock()
+        self.seconds = 0.0  #: time spent reading, summed over threads
 
     def __enter__(self) -> "_Inputs":
         return self
@@ -344,12 +347,13 @@ class _Inputs:
         self._fds.clear()
 
     def fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = os.open(file, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._fds[file] = fd
-        return fd
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[file] = fd
+            return fd
 
     def read(self, info: TensorInfo, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """The tensor ``info`` (rows ``rows[0]:rows[1]`` of it), in its stored dtype."""
@@ -368,7 +372,8 @@ class _Inputs:
             if n == 0:
                 raise HeaderError("ended before the tensor's bytes (was it changed during the merge?)", path=info.file, key=info.key)
             got += n
-        self.seconds += time.perf_counter() - mark
+        with self._lock:
+            self.seconds += time.perf_counter() - mark
         return buf.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
 
@@ -397,9 +402,8 @@ class _Workspace:
     A fresh buffer of tens of MB costs as much in page faults as the matmul that fills it.
     """
 
-    def __init__(self, threads: _Threads) -> None:
+    def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
-        self.threads = threads
 
     def get(self, slot: int, numel: int) -> torch.Tensor:
         while len(self._buffers) <= slot:
@@ -410,20 +414,33 @@ class _Workspace:
         return self._buffers[slot]
 
 
+def _finite(inputs: _Inputs, info: TensorInfo) -> torch.Tensor:
+    """An adapter tensor that a merge applies, refused if it holds NaN or infinity.
+
+    Raises:
+        NonFiniteValuesError: naming the adapter file and the saved key.
+    """
+    t = inputs.read(info)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteValuesError(
+            "holds NaN or infinite values; merging it would corrupt the model",
+            path=info.file,
+            key=info.key,
+            hint="the adapter is broken (`adapterfmt inspect --scan` lists every such tensor)",
+        )
+    return t
+
+
 def _prepare(term: Term, n: int, inputs: _Inputs, shape: tuple[int, ...], workspace: Optional[_Workspace]) -> Any:
     """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
-        a, b = inputs.read(m.tensors["lora_A"]), inputs.read(m.tensors["lora_B"])
-        if workspace is None:
-            product = lora_product(a, b, term.lora.layout, shape)
-        else:
-            with workspace.threads.matmul():
-                product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)))
-        return product, (inputs.read(m.tensors["magnitude"]) if m.use_dora else None)
+        a, b = _finite(inputs, m.tensors["lora_A"]), _finite(inputs, m.tensors["lora_B"])
+        product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
+        return product, (_finite(inputs, m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):
-        return inputs.read(term.info).float() * term.scaling
-    return torch.tensor(term.indices, dtype=torch.long), inputs.read(term.info)
+        return _finite(inputs, term.info).float() * term.scaling
+    return torch.tensor(term.indices, dtype=torch.long), _finite(inputs, term.info)
 
 
 def _rows(t: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
@@ -515,38 +532,76 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def _compute(t: PlannedTensor, inputs: _Inputs, local: threading.local) -> tuple[list[torch.Tensor], float]:
+    """A worker's job: every block of ``t`` (and the seconds it took)."""
+    start = time.perf_counter()
+    if not hasattr(local, "workspace"):
+        local.workspace = _Workspace()
+    return list(_blocks(t, inputs, BLOCK_ELEMENTS, local.workspace)), time.perf_counter() - start
+
+
 def _write_shards(
-    plan: MergePlan, directory: str, inputs: _Inputs, workspace: _Workspace, progress: Optional[Callable[[int], None]], timings: dict[str, float]
+    plan: MergePlan, directory: str, inputs: _Inputs, workers: int, progress: Optional[Callable[[int], None]], timings: dict[str, float]
 ) -> None:
-    """Write every shard: compute here, file writes on a background thread, fsyncs on another."""
+    """Write every shard, in order: tensors computed ``workers`` at a time on worker threads, file
+    writes and kernel copies on one background thread, fsyncs on another.
+
+    The main thread keeps the output order: it hands a tensor's blocks to the writer thread once
+    that tensor and everything before it are done, and lets at most ``workers + 1`` tensors be in
+    flight, which bounds memory to a few of the largest tensors.
+    """
     writers: list[ShardWriter] = []
+    local = threading.local()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterfmt-compute")
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterfmt-fsync") as syncer, BackgroundIO() as io:
             synced: list[Any] = []
+            jobs: deque[tuple[Any, ...]] = deque()
+            computing = 0
+
+            def finish_one() -> None:
+                nonlocal computing
+                kind, writer, run, payload, pause = jobs.popleft()
+                if kind == "copy":
+                    io.submit(writer.copy, [t.key for t in run], inputs.fd(run[0].source.file), run[0].source.start)
+                elif kind == "compute":
+                    mark = time.perf_counter()
+                    blocks, seconds = payload.result()
+                    timings["compute_wait"] += time.perf_counter() - mark
+                    timings["compute"] += seconds
+                    computing -= 1
+                    for block in blocks:
+                        io.submit(writer.write, run[0].key, _as_bytes(block), nbytes=block.nbytes)
+                else:
+                    io.submit(lambda w=writer: synced.append(syncer.submit(w.close)))
+                if pause and pause_requested(pause):
+                    io.drain()
+                    pause_point(pause)
+
             for number, shard in enumerate(plan.shards, 1):
                 writer = ShardWriter(os.path.join(directory, shard.name), _specs(shard.tensors), metadata=_METADATA, progress=progress)
                 writers.append(writer)
                 for i, run in enumerate(_runs(shard.tensors)):
-                    first = run[0]
-                    if _copied(first):
-                        io.submit(writer.copy, [t.key for t in run], inputs.fd(first.source.file), first.source.start)
+                    pause = f"write:{number}" if i == 0 else None
+                    if _copied(run[0]):
+                        jobs.append(("copy", writer, run, None, pause))
                     else:
-                        mark, read, waited = time.perf_counter(), inputs.seconds, io.waited
-                        for block in _blocks(first, inputs, BLOCK_ELEMENTS, workspace):
-                            io.submit(writer.write, first.key, _as_bytes(block), nbytes=block.nbytes)
-                        timings["compute"] += time.perf_counter() - mark - (inputs.seconds - read) - (io.waited - waited)
-                    if i == 0 and pause_requested(f"write:{number}"):
-                        io.drain()
-                        pause_point(f"write:{number}")
-                io.submit(lambda w=writer: synced.append(syncer.submit(w.close)))
+                        jobs.append(("compute", writer, run, pool.submit(_compute, run[0], inputs, local), pause))
+                        computing += 1
+                    while computing > workers:
+                        finish_one()
+                jobs.append(("close", writer, None, None, None))
+            while jobs:
+                finish_one()
             io.close()
             timings["write"] += io.busy
-            timings["io_wait"] = io.waited
+            timings["io_wait"] += io.waited
             mark = time.perf_counter()
             for future in synced:
                 future.result()
             timings["sync"] += time.perf_counter() - mark
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         for writer in writers:
             writer.abort()
         timings["read"] += inputs.seconds
@@ -585,24 +640,25 @@ def _fsync_file(path: str) -> None:
 
 
 def _verify(directory: str, plan: MergePlan, target: str) -> None:
-    """:func:`adapterfmt.verify.verify_directory` on the staged output, plus headers against the plan.
+    """:func:`adapterfmt.verify.verify_directory` on the staged output, then each shard's header
+    against the plan (keys in order, dtypes, shapes, metadata).
 
     Raises:
         MergeError: the first problem (the staged output is then removed, ``out`` never appears).
     """
     from .verify import verify_directory
 
-    findings = list(verify_directory(directory))
+    problems = [f.message for f in verify_directory(directory)]
     for shard in plan.shards:
         try:
             header = read_header(os.path.join(directory, shard.name))
         except AdapterFormatError as e:
-            findings.append(Finding("bad-header", str(e), [shard.name]))
+            problems.append(str(e))
             continue
         got = [(k, i.dtype, i.shape) for k, i in header.tensors.items()]
         want = [(t.key, t.dtype, t.shape) for t in shard.tensors]
         if got != want or dict(header.metadata) != _METADATA:
-            findings.append(Finding("plan-mismatch", f"{shard.name}: its header does not match the merge plan", [shard.name]))
-    if findings:
-        more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
-        raise MergeError(f"the merged output failed verification: {findings[0].message}{more}", path=target, hint="nothing was written; please report this")
+            problems.append(f"{shard.name}: its header does not match the merge plan")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MergeError(f"the merged output failed verification: {problems[0]}{more}", path=target, hint="nothing was written; please report this")

@@ -20,7 +20,7 @@ from .matching import TargetSpec, module_names_from_keys, select_targets
 if TYPE_CHECKING:  # pragma: no cover - annotations only; inspect needs neither base nor resolve
     from .base import BaseModel
     from .describe import AdapterCheckpoint
-    from .resolve import Resolution
+    from .resolution import Resolution
 
 #: How many unresolved names a report lists (the rest are counted).
 MAX_LISTED = 10
@@ -298,7 +298,7 @@ def _failure_findings(check: CheckReport) -> list[Finding]:
 
 
 def _looked_for(name: str, adapter: AdapterCheckpoint, prefix_map: Optional[dict[str, str]]) -> str:
-    """The base key :func:`~adapterfmt.resolve.resolve` looked up for an unresolved ``name``."""
+    """The base key :func:`~adapterfmt.resolution.resolve` looked up for an unresolved ``name``."""
     for old, new in (prefix_map or {}).items():
         if name.startswith(old):
             name_mapped = new + name[len(old) :]
@@ -315,7 +315,7 @@ def check_report(
     base: str,
     prefix_map: Optional[dict[str, str]] = None,
 ) -> CheckReport:
-    """Build the check record from a :class:`~adapterfmt.resolve.Resolution`.
+    """Build the check record from a :class:`~adapterfmt.resolution.Resolution`.
 
     Args:
         res: ``resolve(adapter, base, prefix_map=prefix_map)``.

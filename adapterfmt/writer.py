@@ -6,6 +6,8 @@ dtype and shape), then tensor bytes are appended one tensor — or one block of 
 and untouched tensors are copied file to file by the kernel (``os.copy_file_range``), never
 decoded. The bytes are what safetensors writes: an 8-byte little-endian header length, the JSON
 header padded with spaces to a multiple of 8, then the tensor data in header order.
+:class:`BackgroundIO` runs those writes on a thread of their own, in order, while the next
+tensors are computed.
 
 The output directory is staged as ``.OUT.adapterfmt-tmp-<pid>`` beside ``OUT``, every file is
 fsynced, and it is renamed into place only when complete. A run killed half-way leaves only that
@@ -17,8 +19,9 @@ moves the new one in, then deletes the old one.
 Test hook: ``ADAPTERFMT_TEST_PAUSE_AT=<point>`` makes the merge sleep at that point (for
 ``ADAPTERFMT_TEST_PAUSE_SECONDS``, default 300) so a test can kill it there; when
 ``ADAPTERFMT_TEST_PAUSE_MARKER`` names a file, the point's name is written to it first. Points:
-``start`` (staging directory created, nothing written), ``write:<N>`` (first tensor of shard N,
-1-based, written), ``files`` (all shards written), ``rename`` (output complete, before the rename).
+``start`` (staging directory created, nothing written), ``write:<N>`` (the first tensor, or run
+of copied tensors, of shard N, 1-based, is in the file), ``files`` (all shards written),
+``rename`` (output complete, before the rename).
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ class BackgroundIO:
     what is still queued and waits for the call in progress.
     """
 
-    def __init__(self, limit: int = 64 << 20) -> None:
+    def __init__(self, limit: int = 16 << 20) -> None:
         self._limit = limit
         self._cv = threading.Condition()
         self._items: deque[tuple[Callable[..., Any], tuple[Any, ...], int]] = deque()

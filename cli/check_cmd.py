@@ -8,7 +8,7 @@ import click
 
 from adapterfmt.base import read_base
 from adapterfmt.describe import read_adapter
-from adapterfmt.resolve import resolve
+from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
 
 from .output import emit_json, warn

@@ -128,7 +128,7 @@ def inspect_command(
     check = None
     if base is not None:
         from adapterfmt.base import read_base  # only with --base: keeps the plain path's imports small
-        from adapterfmt.resolve import resolve
+        from adapterfmt.resolution import resolve
 
         check = check_report(resolve(ckpt, read_base(base)), adapter=adapter, base=base)
     scan_findings = None

@@ -25,6 +25,7 @@ import adapterfmt
 from adapterfmt.errors import (
     DiskSpaceError,
     MergeError,
+    NonFiniteValuesError,
     OutputPathError,
     ShapeMismatchError,
     UnresolvedModulesError,
@@ -69,6 +70,20 @@ def test_unresolved_module_stops_before_anything_is_written(tmp_path: Path, base
     assert unequal(read_dir(out), adapterfmt.merge_state_dict(read_dir(base), LORA)) == []
 
 
+def test_non_finite_lora_values_are_refused_and_nothing_is_left(tmp_path: Path, base: Path) -> None:
+    adapter = Path(shutil.copytree(LORA, tmp_path / "adapter"))
+    from safetensors.torch import load_file
+
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(NonFiniteValuesError) as info:
+        adapterfmt.merge_to_directory(base, adapter, tmp_path / "merged")
+    assert info.value.key == key and info.value.path.endswith("adapter_model.safetensors")
+    assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "change, error",
     [
@@ -96,7 +111,9 @@ def test_conflicting_adapters_are_refused(tmp_path: Path, base: Path) -> None:
         adapterfmt.merge_to_directory(base, LORA, tmp_path / "c", weights=[0.5, 0.5])
     with pytest.raises(MergeError, match="not a finite number"):
         adapterfmt.merge_to_directory(base, LORA, tmp_path / "d", weights=[float("nan")])
-    assert _leftovers(tmp_path) == [] and not any((tmp_path / n).exists() for n in "abcd")
+    with pytest.raises(MergeError, match="DoRA modules"):
+        adapterfmt.merge_to_directory(base, [LORA, TESTDATA / "tiny-llama-dora"], tmp_path / "e", weights=[1.0, 0.5])
+    assert _leftovers(tmp_path) == [] and not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_overlapping_token_rows_conv_groups_and_integer_bases_are_refused(tmp_path: Path) -> None:

@@ -187,6 +187,15 @@ def test_weighted_adapters_in_fp32(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
+def test_dora_and_lora_on_one_module_in_fp32(tmp_path: Path) -> None:
+    """PEFT takes each DoRA norm from the unmerged weight and scales the weight as it stands."""
+    base, dora, lora = TESTDATA / "tiny-llama", TESTDATA / "tiny-llama-dora", TESTDATA / "tiny-llama-lora"
+    out = tmp_path / "merged"
+    adapterfmt.merge_to_directory(base, [dora, lora], out, dtype="fp32")
+    ref_model = peft_merged(lambda: _causal(base, torch.float32), [dora, lora])
+    assert unequal(read_dir(out), ref_model.state_dict()) == []
+
+
 def test_trainable_tokens_replace_rows(tmp_path: Path) -> None:
     base, model = _tiny_llama(tmp_path, "base", tied=False)
     adapter = tmp_path / "adapter"
