@@ -16,7 +16,13 @@ Actions:
 Tied embeddings (FORMAT-REF §5.8): where the base ties an output head to its input embedding and
 an adapter changes either, both tensors are written and ``tie_word_embeddings`` is set to false.
 The values follow PEFT's ``merge_and_unload``: LoRA deltas and token rows on either module land
-in the one shared tensor, so both get them; a full copy replaces only its own module.
+in the one shared tensor, so both get them; a full copy replaces only its own module. (PEFT's
+merged model keeps the tie in the LoRA case, the two tensors being one; writing both with equal
+values gives the same logits and cannot be re-tied wrongly by a later change.)
+
+An output ``dtype`` applies to every floating-point tensor, not only the merged ones, and is
+written to config.json: asking for an fp16 model means all of it, as transformers' ``dtype``
+does. Integer, bool and fp8 tensors are copied as they are.
 """
 
 from __future__ import annotations

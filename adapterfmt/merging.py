@@ -72,11 +72,11 @@ _STATE_DICT = "<state_dict>"
 class MergeSummary:
     """What :func:`merge_to_directory` wrote.
 
-    ``timings`` (seconds): ``plan``; ``read`` and ``compute``, summed over the worker threads
-    (they overlap each other and the writes); ``write``, the writer thread writing tensor bytes
-    and kernel-copying untouched tensors; ``compute_wait`` and ``io_wait``, the main thread
-    waiting for the workers and for the writer; ``files``; ``sync``, waiting for fsync,
-    verification and the rename.
+    ``timings`` (seconds): ``plan``; ``compute``, the worker threads on merged and converted
+    tensors, summed over workers, reads included; ``read``, the part of it spent reading inputs;
+    ``write``, the writer thread writing tensor bytes and kernel-copying untouched tensors (it
+    overlaps compute); ``compute_wait`` and ``io_wait``, the main thread waiting for the workers
+    and for the writer; ``files``; ``sync``, waiting for fsync, verification and the rename.
     """
 
     output: str
@@ -177,7 +177,7 @@ def merge_to_directory(
     non-weight file of the base (config, generation config, tokenizer files). It is staged beside
     ``out`` and renamed into place only when complete; a killed run leaves no ``out``. While it
     runs, torch's intra-op thread count is 1 (restored on return): whole tensors are computed on
-    worker threads instead, one per thread torch had.
+    worker threads instead, one per core torch would use, less one for the writer thread.
 
     Args:
         base (`str`, `os.PathLike` or `BaseModel`): model directory or Hub id.
@@ -305,17 +305,19 @@ def _state_dict_base(state: Mapping[str, Any]) -> BaseModel:
 
 @contextmanager
 def _one_thread_per_worker() -> Iterator[int]:
-    """Set torch to one intra-op thread and yield how many compute workers to run instead.
+    """Set torch to one intra-op thread and yield how many compute workers to run instead: one
+    per core torch would use, less one for the writer thread (at least one).
 
     Whole tensors are spread over worker threads, which scales better than splitting the small
     blockwise passes, and leaves no thread spinning in a barrier while the writer thread holds a
-    core (on 2 cores that spinning made a merge ten times slower). See the module docstring for
+    core (on 2 cores that spinning made a merge ten times slower). Each worker holds a product
+    and an output tensor, so fewer workers also keep memory down. See the module docstring for
     why the matmul's bits do not change.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield max(1, min(threads, os.cpu_count() or 1))
+        yield max(1, min(threads, os.cpu_count() or 1) - 1)
     finally:
         torch.set_num_threads(threads)
 

@@ -130,9 +130,11 @@ def merge_command(
     if as_json:
         emit_json(summary.as_dict())
         return
+    from adapterfmt.writer import format_bytes
+
     click.echo(
         f"{summary.output}: {summary.tensors_merged} tensors merged, {summary.tensors_replaced} replaced, "
         f"{summary.tensors_copied + summary.tensors_converted} copied"
         f"{f' ({summary.tensors_converted} converted)' if summary.tensors_converted else ''}; "
-        f"{summary.bytes_written / 1e9:.2f} GB in {summary.seconds:.1f} s"
+        f"{format_bytes(summary.bytes_written)} in {summary.seconds:.1f} s"
     )

@@ -286,3 +286,56 @@ def test_planning_reads_headers_only() -> None:
         "assert plan.count('merge') == 14 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_several_compute_workers_write_the_same_bytes(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with more cores, tensors are computed concurrently; the files must not change."""
+    one = tmp_path / "one"
+    adapterfmt.merge_to_directory(base, LORA, one)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    torch.set_num_threads(4)
+    try:
+        adapterfmt.merge_to_directory(base, LORA, tmp_path / "three", max_shard_size="60KB")
+        adapterfmt.merge_to_directory(base, LORA, tmp_path / "same")
+        assert torch.get_num_threads() == 4  # restored after the merge
+    finally:
+        torch.set_num_threads(threads)
+    for name in os.listdir(one):
+        assert (one / name).read_bytes() == (tmp_path / "same" / name).read_bytes(), name
+    assert unequal(read_dir(tmp_path / "three"), read_dir(one)) == []
+
+
+def _hub_snapshot(cache: Path, repo_id: str, source: Path) -> None:
+    """``source`` as huggingface_hub caches it: snapshot files are symlinks to ``../../blobs``."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in sorted(source.iterdir()):
+        if f.is_file():
+            blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, blob)
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def test_hub_ids_from_the_local_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    _hub_snapshot(cache, "user/tiny-llama", TESTDATA / "tiny-llama")
+    _hub_snapshot(cache, "user/tiny-llama-lora", LORA)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "merged"
+    args = [sys.executable, "-m", "adapterfmt_cli.main", "merge", "--base", "user/tiny-llama", "--adapter", "user/tiny-llama-lora", "-o", str(out), "--json"]
+    result = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["files"] == sorted(os.listdir(TESTDATA / "tiny-llama"))
+    assert not any(os.path.islink(out / f) for f in os.listdir(out))  # files, not links into the cache
+    local = tmp_path / "local"
+    adapterfmt.merge_to_directory(TESTDATA / "tiny-llama", LORA, local)
+    for name in os.listdir(local):
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
