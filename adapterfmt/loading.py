@@ -35,6 +35,7 @@ from .errors import (
     InconsistentAdapterError,
     InvalidConfigError,
     MergeError,
+    NonFiniteValuesError,
     OutputPathError,
     ShapeMismatchError,
     UnknownKeyError,
@@ -42,6 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .findings import Finding
+from .header import TensorInfo
 from .keys import (
     LORA_ROLES,
     KeyParts,
@@ -56,6 +58,7 @@ from .keys import (
 from .layers import FullCopy, LoraLayer, adapter_dtype, base_layout, iter_wrappers, make_lora_layer, plain_module_names
 from .matching import TargetSelection, select_targets
 from .resolution import suggest_prefix
+from .scan import count_non_finite
 from .torch_io import TensorReader
 
 _REGISTRY_ATTR = "_adapterfmt"
@@ -461,14 +464,27 @@ def _read_tensors(ckpt: AdapterCheckpoint, plan: _Plan, name: str) -> dict[str, 
             dtype = adapter_dtype(like)
             for slot, info in t.record.tensors.items():
                 key = _model_key(t.record.keys[slot], t.path, name, full_copy_modules)
-                out[key] = reader.get(info).to(device=like.device, dtype=dtype)
+                out[key] = _finite(ckpt, info, reader.get(info)).to(device=like.device, dtype=dtype)
         for c in plan.copies:
             state = c.original.state_dict(keep_vars=True)
             for param, info in c.record.tensors.items():
                 key = _model_key(c.record.keys[param], c.path, name, full_copy_modules)
                 like = state[param]
-                out[key] = reader.get(info).to(device=like.device, dtype=like.dtype)
+                out[key] = _finite(ckpt, info, reader.get(info)).to(device=like.device, dtype=like.dtype)
     return out
+
+
+def _finite(ckpt: AdapterCheckpoint, info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or NonFiniteValuesError: a NaN/Inf adapter would silently poison every output."""
+    nan, inf = count_non_finite(tensor)
+    if nan or inf:
+        raise NonFiniteValuesError(
+            f"holds {nan} NaN and {inf} Inf value(s) of {info.numel}",
+            path=ckpt.weights_file,
+            key=info.key,
+            hint="the adapter is broken; retrain or re-export it",
+        )
+    return tensor
 
 
 def _model_key(saved_key: str, model_path: str, name: str, full_copy_modules: list[str]) -> str:
