@@ -367,8 +367,9 @@ class _Inputs:
         if rows is not None:
             row = info.nbytes // info.shape[0]
             start, length, shape = info.start + rows[0] * row, (rows[1] - rows[0]) * row, (rows[1] - rows[0], *info.shape[1:])
-        buf = torch.empty(length, dtype=torch.uint8)
-        view, got = memoryview(buf.numpy()), 0
+        # A bytearray, not tensor.numpy(): numpy is not a dependency. frombuffer shares its memory.
+        raw = bytearray(length)
+        view, got = memoryview(raw), 0
         while got < length:
             n = os.preadv(self.fd(info.file), [view[got:]], start + got)
             if n == 0:
@@ -376,6 +377,7 @@ class _Inputs:
             got += n
         with self._lock:
             self.seconds += time.perf_counter() - mark
+        buf = torch.frombuffer(raw, dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
         return buf.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
 

@@ -38,4 +38,4 @@ def test_readme_key_mapping_example() -> None:
     )
     ckpt = adapterfmt.read_adapter(ROOT / "testdata" / "tiny-llama-lora")
     base = adapterfmt.read_base(ROOT / "testdata" / "tiny-llama")
-    assert adapterfmt.resolution(ckpt, base).summary() == "14/14 LoRA targets and 1/1 full copies resolved"
+    assert adapterfmt.resolve(ckpt, base).summary() == "14/14 LoRA targets and 1/1 full copies resolved"
