@@ -23,7 +23,7 @@ from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKe
 from .findings import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import KeyParts, Role, parse_saved
-from .matching import matches_entry, matches_spec
+from .matching import matches_entry
 from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
 
 #: LoRA roles -> the tensor name used in :attr:`LoraModule.tensors`.
@@ -37,8 +37,22 @@ _LORA_SLOT = {
 }
 
 
+class _TensorGroup:
+    """``dtype`` and ``params`` of a record that holds ``tensors: dict[str, TensorInfo]``."""
+
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def dtype(self) -> str:
+        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
 @dataclass
-class LoraModule:
+class LoraModule(_TensorGroup):
     """One LoRA-adapted module, as the checkpoint describes it.
 
     ``tensors`` maps ``lora_A``, ``lora_B``, and where present ``lora_B.bias`` and
@@ -57,31 +71,14 @@ class LoraModule:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  #: slot -> saved key
 
-    @property
-    def dtype(self) -> str:
-        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
-
-    @property
-    def params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
-
-
 
 @dataclass
-class FullCopyModule:
+class FullCopyModule(_TensorGroup):
     """A module saved in full (``modules_to_save``): its tensors replace the base module's."""
 
     path: str
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  #: param (``weight``, ``dense.bias``) -> info
     keys: dict[str, str] = field(default_factory=dict)  #: param -> saved key
-
-    @property
-    def dtype(self) -> str:
-        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
-
-    @property
-    def params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
 
 
 @dataclass

@@ -11,7 +11,7 @@ from adapterfmt.describe import read_adapter
 from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
 
-from .output import emit_json, warn
+from .output import emit_report
 
 EXAMPLES = """
 \b
@@ -92,11 +92,6 @@ def check_command(
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     res = resolve(ckpt, read_base(base), prefix_map=prefix_map or None)
     report = check_report(res, adapter=adapter, base=base, prefix_map=prefix_map)
-    if as_json:
-        emit_json(report.as_dict())
-    else:
-        click.echo(render_check(report))
-        for w in report.warnings:
-            warn(f"warning[{w.code}]: {w.message}")
+    emit_report(report, render_check, as_json=as_json)
     if not report.ok or (strict and report.warnings):
         raise click.exceptions.Exit(1)

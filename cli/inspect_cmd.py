@@ -11,7 +11,7 @@ from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
 from adapterfmt.summary import InspectReport, check_report, inspect_report
 
-from .output import emit_json, table, warn
+from .output import emit_json, emit_report, table, warn
 
 EXAMPLES = """
 \b
@@ -137,12 +137,7 @@ def inspect_command(
 
         scan_findings = non_finite_findings(ckpt)
     report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)
-    if as_json:
-        emit_json(report.as_dict())
-    else:
-        click.echo(render_inspect(report))
-        for w in report.warnings:
-            warn(f"warning[{w.code}]: {w.message}")
+    emit_report(report, render_inspect, as_json=as_json)
     if strict and report.warnings:
         warn(f"{len(report.warnings)} warning(s); failing because of --strict")
         raise click.exceptions.Exit(1)

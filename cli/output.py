@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
@@ -31,6 +31,16 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_right:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def emit_report(report: Any, render: Callable[[Any], str], *, as_json: bool) -> None:
+    """A report as JSON (``report.as_dict()``) or as text on stdout plus its warnings on stderr."""
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    click.echo(render(report))
+    for w in report.warnings:
+        warn(f"warning[{w.code}]: {w.message}")
 
 
 def warn(message: str) -> None:

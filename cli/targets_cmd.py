@@ -10,7 +10,7 @@ import click
 from adapterfmt.base import read_base
 from adapterfmt.summary import TargetsReport, preview_targets
 
-from .output import emit_json, table, warn
+from .output import emit_report, table, warn
 
 EXAMPLES = """
 \b
@@ -123,12 +123,7 @@ def targets_command(
         layers_to_transform=layers_to_transform,
         layers_pattern=list(layers_pattern) or None,
     )
-    if as_json:
-        emit_json(report.as_dict())
-    else:
-        click.echo(render_targets(report))
-        for w in report.warnings:
-            warn(f"warning[{w.code}]: {w.message}")
+    emit_report(report, render_targets, as_json=as_json)
     if not report.lora_targets:
         if not as_json:
             warn("no module would get LoRA; PEFT raises an error for this config")
