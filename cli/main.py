@@ -8,7 +8,6 @@ inspect`` never pays for torch. Every :class:`~adapterfmt.errors.AdapterFormatEr
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from typing import Any, Optional
 
@@ -41,14 +40,10 @@ class LazyGroup(click.Group):
     """Imports a command's module only when that command is looked up."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in COMMANDS if self._available(name)]
-
-    def _available(self, name: str) -> bool:
-        module = COMMANDS[name].split(":")[0]
-        return importlib.util.find_spec(module, __package__) is not None
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name not in COMMANDS or not self._available(name):
+        if name not in COMMANDS:
             return None
         module_name, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module_name, __package__), attr)
