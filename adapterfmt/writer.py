@@ -309,9 +309,10 @@ def pause_point(name: str) -> None:
     if not pause_requested(name):
         return
     marker = os.environ.get("ADAPTERFMT_TEST_PAUSE_MARKER")
-    if marker:
-        with open(marker, "w") as f:
+    if marker:  # written whole, then renamed: a watcher never reads a half-written marker
+        with open(f"{marker}.tmp", "w") as f:
             f.write(name)
+        os.replace(f"{marker}.tmp", marker)
     time.sleep(float(os.environ.get("ADAPTERFMT_TEST_PAUSE_SECONDS", "300")))
 
 
