@@ -22,8 +22,8 @@ from .constants import (
 from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from .findings import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
-from .keys import KeyParts, Role, parse_saved
-from .matching import matches_entry
+from .keys import KeyParts, Role, parse_saved, split_prefix
+from .matching import is_within, matches_entry
 from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
 
 #: LoRA roles -> the tensor name used in :attr:`LoraModule.tensors`.
@@ -314,13 +314,13 @@ def _full_copy_modules(keys: list[str], entries: list[str]) -> list[str]:
     it; ``full-copy-suffix`` findings then point out where exact matching would differ."""
     names: set[str] = set()
     for key in keys:
-        _, rest = (PEFT_PREFIX, key[len(PEFT_PREFIX) :]) if key.startswith(PEFT_PREFIX) else ("", key)
+        _, rest = split_prefix(key)
         segs = rest.split(".")
         for i in range(1, len(segs)):
             names.add(".".join(segs[:i]))
     out = [n for n in names if any(n.endswith(e) for e in entries)]
     # keep outermost: a full copy of ``classifier`` owns ``classifier.dense.*``
-    return sorted(n for n in out if not any(n.startswith(o + ".") for o in out))
+    return sorted(n for n in out if not any(n != o and is_within(n, o) for o in out))
 
 
 def _owning(parts: KeyParts, full_modules: list[str]) -> Optional[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .matching import matches_entry, matches_spec, peft_full_copy_matches
+from .matching import is_within, matches_entry, matches_spec, peft_full_copy_matches
 
 if TYPE_CHECKING:  # pragma: no cover
     from .describe import AdapterCheckpoint
@@ -92,7 +92,7 @@ def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tup
     # A module that is both a LoRA target and a full copy (by tensors or by config).
     entries = cfg.modules_to_save or []
     both = sorted(
-        p for p in ckpt.lora if any(p == c or p.startswith(c + ".") for c in ckpt.full_copies) or any(matches_entry(p, e) for e in entries)
+        p for p in ckpt.lora if any(is_within(p, c) for c in ckpt.full_copies) or any(matches_entry(p, e) for e in entries)
     )
     if isinstance(cfg.target_modules, list):
         both += sorted(set(cfg.target_modules) & set(entries))

@@ -25,6 +25,11 @@ def matches_entry(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def is_within(name: str, module: str) -> bool:
+    """``name`` is ``module`` itself or lies inside it (``module.`` + more segments)."""
+    return name == module or name.startswith(module + ".")
+
+
 def matches_spec(name: str, spec: TargetSpec) -> bool:
     """PEFT's ``target_modules`` rule: list -> exact or dotted suffix; string -> full regex match."""
     if spec is None:

@@ -15,7 +15,7 @@ from typing import Optional
 from .base import BaseModel
 from .describe import AdapterCheckpoint, LoraModule
 from .findings import Finding, tied_full_copy_findings
-from .matching import module_names_from_keys, peft_full_copy_matches
+from .matching import matches_entry, module_names_from_keys, peft_full_copy_matches
 
 _MAX_LISTED = 10
 
@@ -258,7 +258,7 @@ def endswith_findings(adapter: AdapterCheckpoint, base_keys: list[str]) -> list[
     out = []
     for entry in adapter.config.modules_to_save or []:
         loose = peft_full_copy_matches(names, entry)
-        exact = [n for n in names if n == entry or n.endswith("." + entry)]
+        exact = [n for n in names if matches_entry(n, entry)]
         if len(loose) > 1 or set(loose) != set(exact):
             out.append(
                 Finding(
