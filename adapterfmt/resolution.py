@@ -216,7 +216,8 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
 
     Tries dropping the first k segments of a path and putting any base key prefix in front, and
     keeps the rewrite that fixes the most names, less the names that resolve now and would not
-    after it (ties: the shortest rewrite, then the first in sorted order).
+    after it (ties: the shortest rewrite, then the first in sorted order). A rewrite must fix at
+    least half of the unresolved names to be suggested.
     """
     weights = {k for k in base_keys}
     candidates: dict[tuple[str, str], int] = {}
@@ -247,7 +248,8 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
             score += key in weights
         score -= sum(1 for k in bound if k.startswith(old) and new + k[len(old) :] not in weights)
         rank = (score, -(len(old) + len(new)))
-        if score > 0 and (best is None or rank > best_rank):
+        # A rewrite that explains only a stray name or two is a coincidence, not a fix.
+        if score > 0 and 2 * score >= len(probe) and (best is None or rank > best_rank):
             best, best_rank = (old, new), rank
     return best
 
