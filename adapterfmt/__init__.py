@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 #: public name -> submodule. Everything is imported on first attribute access, so
 #: ``import adapterfmt`` stays cheap (the header-only CLI path pays only for what it uses) and
-#: never imports torch; ``merging``/``loading`` import torch when first used.
+#: never imports torch; ``merging`` and the loader (``loading``, ``saving``, ``wrapping``,
+#: ``adapter_state``) import torch when first used.
 _LAZY = {
     **dict.fromkeys(["BaseModel", "read_base"], ".base"),
     **dict.fromkeys(["LoraConfig", "parse_config", "read_config"], ".config"),
@@ -40,11 +41,11 @@ _LAZY = {
     **dict.fromkeys(["WrappedCheckpoint", "is_wrapped_checkpoint", "read_wrapped"], ".wrapped"),
     **dict.fromkeys(["convert_wrapped", "merge_wrapped", "wrapped_names"], ".convert"),
     **dict.fromkeys(["merge_state_dict", "merge_to_directory"], ".merging"),
+    "load": ".loading",
+    "save": ".saving",
+    "wrap": ".wrapping",
     **dict.fromkeys(
         [
-            "load",
-            "save",
-            "wrap",
             "merge",
             "unmerge",
             "unload",
@@ -53,7 +54,7 @@ _LAZY = {
             "freeze_full_copies",
             "unfreeze_full_copies",
         ],
-        ".loading",
+        ".adapter_state",
     ),
 }
 
@@ -74,21 +75,21 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
         wrapped_to_base,
         wrapped_to_saved,
     )
-    from .loading import (  # noqa: F401
+    from .adapter_state import (  # noqa: F401
         disable_adapters,
         freeze_full_copies,
-        load,
         merge,
-        save,
         set_adapter,
         unfreeze_full_copies,
         unload,
         unmerge,
-        wrap,
     )
+    from .loading import load  # noqa: F401
     from .merging import merge_state_dict, merge_to_directory  # noqa: F401
     from .resolution import Resolution, resolve  # noqa: F401
+    from .saving import save  # noqa: F401
     from .wrapped import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped  # noqa: F401
+    from .wrapping import wrap  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ full copy of its tied lm_head, BERT classifier
 * module names, state_dict keys (in order), values and requires_grad equal PEFT's;
 * outputs equal within 1e-6 (float32);
 * a training step with ``is_trainable=True`` changes exactly the LoRA tensors and full copies;
-* ``import adapterfmt.loading`` imports neither peft nor transformers.
+* the loader's modules (``loading``, ``saving``, ``wrapping``, ``adapter_state``) import neither peft nor transformers.
 """
 
 from __future__ import annotations
@@ -205,7 +205,8 @@ def test_bf16_base_keeps_float32_adapters():
 
 def test_loading_imports_neither_peft_nor_transformers():
     code = (
-        "import sys, adapterfmt, adapterfmt.loading; adapterfmt.load; "
+        "import sys, adapterfmt, adapterfmt.loading, adapterfmt.saving, adapterfmt.wrapping, adapterfmt.adapter_state; "
+        "adapterfmt.load; "
         "bad = [m for m in ('peft', 'transformers', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
     )

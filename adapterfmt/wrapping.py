@@ -1,0 +1,228 @@
+"""Add a fresh, trainable LoRA adapter to any torch model, as PEFT's ``get_peft_model`` would.
+
+Which modules are adapted follows PEFT's matching rules exactly (:mod:`adapterfmt.matching`); the
+new layers get PEFT's initialisation in ``named_modules()`` order, so under the same seed the
+tensors equal PEFT's. The adapter's ``adapter_config.json`` is built here and kept on the model
+for :func:`~adapterfmt.save`. This module imports torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+from torch import nn
+
+from .adapter_state import (
+    AdapterInfo,
+    LoadedAdapters,
+    ModelLike,
+    as_model,
+    check_new_name,
+    full_copy_at,
+    get_registry,
+    lora_layer_at,
+    register,
+    remove_adapter,
+    set_trainable,
+)
+from .config import LoraConfig, parse_config
+from .constants import DEFAULT_ADAPTER_NAME
+from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
+from .errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
+from .layers import FullCopy, LoraLayer, base_layout, plain_module_names
+from .matching import TargetSelection, select_targets
+from .module_tree import CONTAINERS, base_of, original_of
+
+
+def wrap(
+    model: ModelLike,
+    target_modules: "Sequence[str] | str | None" = None,
+    *,
+    exclude_modules: "Sequence[str] | str | None" = None,
+    modules_to_save: Optional[Sequence[str]] = None,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    lora_bias: bool = False,
+    rank_pattern: Optional[Mapping[str, int]] = None,
+    alpha_pattern: Optional[Mapping[str, float]] = None,
+    layers_to_transform: "int | Sequence[int] | None" = None,
+    layers_pattern: "str | Sequence[str] | None" = None,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    init_lora_weights: "bool | str" = True,
+) -> LoadedAdapters:
+    """Add a fresh, trainable LoRA adapter, as ``get_peft_model`` with the same ``LoraConfig`` would.
+
+    Matching (docs/FORMAT.md §5, :mod:`adapterfmt.matching`): a list entry matches a module named
+    exactly so or ending in ``"." + entry``; a string is a regular expression the whole name must
+    match (``r".*\\.(?!11)\\d+\\.fc1$"``); ``"all-linear"`` means every Linear / Conv1D except the
+    model's output embedding; ``exclude_modules`` always wins. ``modules_to_save`` entries must each
+    name exactly one module. Layers are created in ``named_modules()`` order with PEFT's
+    initialisation, so under the same seed the new tensors equal ``get_peft_model``'s.
+
+    Afterwards only this adapter's tensors and full copies require grad. The first adapter on a
+    model becomes active; a later one is added inactive (see :func:`~adapterfmt.set_adapter`).
+
+    Args:
+        model (`torch.nn.Module`): any model (or a handle).
+        target_modules (`list[str]` or `str`): modules to give LoRA; required, since adapterfmt
+            has no per-architecture defaults.
+        exclude_modules (`list[str]` or `str`, *optional*): modules never to target.
+        modules_to_save (`list[str]`, *optional*): modules to train and save in full.
+        r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias, rank_pattern, alpha_pattern,
+        layers_to_transform, layers_pattern, init_lora_weights: as in PEFT's ``LoraConfig``
+            (``init_lora_weights``: `True`, `False` or `"gaussian"`).
+        adapter_name (`str`, *optional*, defaults to `"default"`).
+
+    Returns:
+        A :class:`LoadedAdapters` handle; save the trained adapter with :func:`~adapterfmt.save`.
+
+    Raises:
+        AmbiguousMatchError: a ``modules_to_save`` entry matches several modules (or PEFT's loose
+            suffix rule would bind others too), or a module is both a LoRA target and a module to save.
+        UnresolvedModulesError: ``target_modules`` / ``modules_to_save`` match nothing.
+        UnsupportedFeatureError: a target is a layer type LoRA cannot wrap, or ``lora_bias`` on an embedding.
+        InvalidConfigError: invalid values (``r <= 0``, a bad regular expression, ...) or no
+            ``target_modules``.
+        ValueError: ``adapter_name`` is invalid or already present.
+    """
+    model = as_model(model)
+    registry = get_registry(model, create=False)
+    check_new_name(registry, adapter_name)
+    if target_modules is None and not modules_to_save:
+        raise InvalidConfigError(
+            "is required: adapterfmt has no per-architecture defaults", key="target_modules", hint="list the modules to adapt"
+        )
+    named = [(n, m) for n, m in plain_module_names(model) if n]
+    modules = dict(named)
+    names = [n for n, _ in named]
+    targets_spec: Any = list(target_modules) if isinstance(target_modules, (list, tuple, set)) else target_modules
+    if isinstance(targets_spec, str) and targets_spec.lower() == "all-linear":
+        targets_spec = _all_linear(model, named)
+    doc = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": targets_spec,
+        "exclude_modules": list(exclude_modules) if isinstance(exclude_modules, (list, tuple, set)) else exclude_modules,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
+        "use_rslora": use_rslora,
+        "use_dora": use_dora,
+        "lora_bias": lora_bias,
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}),
+        "layers_to_transform": list(layers_to_transform) if isinstance(layers_to_transform, (list, tuple)) else layers_to_transform,
+        "layers_pattern": layers_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": init_lora_weights,
+        "inference_mode": False,
+    }
+    cfg = parse_config(doc)
+    sel = select_targets(
+        names,
+        target_modules=cfg.target_modules,
+        exclude_modules=cfg.exclude_modules,
+        modules_to_save=cfg.modules_to_save,
+        layers_to_transform=cfg.layers_to_transform,
+        layers_pattern=cfg.layers_pattern,
+    )
+    _check_selection(model, sel, modules, cfg, lora_bias)
+    if any(base_layout(base_of(modules[t])) == CONV1D_TRANSPOSED for t in sel.lora_targets):
+        doc["fan_in_fan_out"] = True
+
+    registry = get_registry(model, create=True)
+    created: list[tuple[str, nn.Module]] = []
+    copies = [ms[0] for ms in sel.full_copies.values()]
+    try:
+        for path in sel.lora_targets:
+            layer = lora_layer_at(model, path, modules[path], registry.active or [adapter_name], created)
+            rank = cfg.rank_for(path)
+            layer.create_adapter(
+                adapter_name,
+                rank,
+                alpha=cfg.alpha_for(path),
+                scaling=cfg.scaling_for(path, rank),
+                dropout=lora_dropout,
+                lora_bias=lora_bias,
+                use_dora=use_dora,
+            )
+            layer.init_adapter(adapter_name, init_lora_weights)
+        for path in copies:
+            full_copy_at(model, path, modules[path], registry.active or [adapter_name], created).add_copy(adapter_name)
+    except BaseException:
+        remove_adapter(model, registry, adapter_name, created)
+        raise
+    register(registry, AdapterInfo(adapter_name, doc, list(sel.lora_targets), copies))
+    set_trainable(model, adapter_name, True)
+    return LoadedAdapters(model)
+
+
+def _all_linear(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[str]:
+    """``all-linear`` as PEFT expands it: every Linear / Conv1D by full name, minus the output embedding."""
+    out_emb = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        out_emb = getter()
+    return [
+        n
+        for n, m in named
+        if base_layout(base_of(m)) in (LINEAR, CONV1D_TRANSPOSED) and not isinstance(m, FullCopy) and m is not out_emb
+    ]
+
+
+def _check_selection(model: nn.Module, sel: TargetSelection, modules: dict[str, nn.Module], cfg: LoraConfig, lora_bias: bool) -> None:
+    for entry, loose in sel.peft_divergence.items():
+        raise AmbiguousMatchError(
+            f"PEFT's suffix rule for modules_to_save would also bind {', '.join(loose)}; the saved adapter would not load in PEFT",
+            key=entry,
+            hint="rename the entry to the full module path and make sure no other module name ends with it",
+        )
+    empty = [e for e, ms in sel.full_copies.items() if not ms]
+    if empty:
+        raise UnresolvedModulesError(
+            f"modules_to_save entry matches no module of the {type(model).__name__}",
+            unresolved=empty,
+            key=empty[0],
+            hint="give a module name or dotted suffix that exists",
+        )
+    if not sel.lora_targets and not sel.full_copies:
+        raise UnresolvedModulesError(
+            f"target_modules matches no module of the {type(model).__name__}"
+            + (f" (all {len(sel.excluded)} matches are excluded)" if sel.excluded else ""),
+            unresolved=[cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules or []),
+            key="target_modules",
+            hint="list module names or dotted suffixes, or give a regular expression matching whole names",
+        )
+    for path in sel.lora_targets:
+        module = modules[path]
+        if isinstance(module, FullCopy):
+            raise AmbiguousMatchError("is saved in full by another adapter and cannot also get LoRA", key=path)
+        base = base_of(module)
+        layout = base_layout(base)
+        if layout is None:
+            raise UnsupportedFeatureError(
+                f"is a {type(base).__name__}; LoRA can wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding",
+                key=path,
+                hint="narrow target_modules to supported layers",
+            )
+        if lora_bias and layout == EMBEDDING:
+            raise UnsupportedFeatureError("lora_bias is not supported on embedding layers", key=path)
+        rank = cfg.rank_for(path)
+        if layout == CONV and rank % base.groups:
+            raise UnsupportedFeatureError(f"rank {rank} is not divisible by the convolution's groups={base.groups}", key=path)
+    for entry, matched in sel.full_copies.items():
+        module = modules[matched[0]]
+        if isinstance(module, LoraLayer):
+            raise AmbiguousMatchError("has LoRA from another adapter and cannot also be saved in full", key=matched[0])
+        original = original_of(module)
+        if isinstance(original, CONTAINERS):
+            raise UnsupportedFeatureError(f"a {type(original).__name__} cannot be saved in full", key=matched[0])
+
+
+__all__ = ["wrap"]
