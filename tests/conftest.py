@@ -20,6 +20,26 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "testdata"
+#: Every adapter shipped in testdata/ (relative to it).
+ADAPTERS = [
+    "tiny-llama-lora",
+    "tiny-llama-multi",
+    "tiny-llama-multi/second",
+    "tiny-bert-classifier",
+    "tiny-llama-tied-lora",
+    "tiny-llama-dora",
+    "tiny-bert-lorabias",
+]
+
+
+def assert_one_error_line(result: Any, *names: str) -> None:
+    """Exit 2 with exactly one ``Error: ...`` line on stderr naming every one of ``names``, no traceback."""
+    assert result.exit_code == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
 
 
 @pytest.fixture

@@ -8,16 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapterfmt.base import read_base
-from conftest import TESTDATA, edit_adapter_weights, write_adapter, write_base
-
-
-def assert_one_error_line(result, *names: str) -> None:
-    assert result.exit_code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
+from conftest import TESTDATA, assert_one_error_line, edit_adapter_weights, write_adapter, write_base
 
 
 def base_like(src: str, dest: Path, *, rename=lambda k: k, drop=lambda k: False, reshape=None) -> Path:

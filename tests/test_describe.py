@@ -7,19 +7,9 @@ import pytest
 from adapterfmt.describe import read_adapter
 from adapterfmt.errors import CheckpointNotFoundError, UnsafeFileError
 from adapterfmt.header import read_header
-from conftest import TESTDATA, TINY_PEFT_CONFIGS, tiny_peft_model, write_adapter
+from conftest import ADAPTERS, TESTDATA, TINY_PEFT_CONFIGS, tiny_peft_model, write_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*have invalid shape")  # PEFT's ZeRO-3 hint about lora_B.bias
-
-ADAPTERS = [
-    "tiny-llama-lora",
-    "tiny-llama-multi",
-    "tiny-llama-multi/second",
-    "tiny-bert-classifier",
-    "tiny-llama-tied-lora",
-    "tiny-llama-dora",
-    "tiny-bert-lorabias",
-]
 
 
 def assert_every_key_once(ckpt) -> None:

@@ -13,17 +13,8 @@ from pathlib import Path
 import pytest
 
 from adapterfmt.keys import split_prefix
-from conftest import TESTDATA, edit_adapter_config, edit_adapter_weights
+from conftest import ADAPTERS, TESTDATA, assert_one_error_line, edit_adapter_config, edit_adapter_weights
 
-ADAPTERS = [
-    "tiny-llama-lora",
-    "tiny-llama-multi",
-    "tiny-llama-multi/second",
-    "tiny-bert-classifier",
-    "tiny-llama-tied-lora",
-    "tiny-llama-dora",
-    "tiny-bert-lorabias",
-]
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
@@ -35,15 +26,6 @@ def warning(doc: dict, code: str) -> dict:
     found = [w for w in doc["warnings"] if w["code"] == code]
     assert found, f"no {code!r} warning in {doc['warnings']}"
     return found[0]
-
-
-def assert_one_error_line(result, *names: str) -> None:
-    assert result.exit_code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
 
 
 # ---------------------------------------------------------------------------------------------

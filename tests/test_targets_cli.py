@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TESTDATA, write_base
+from conftest import TESTDATA, assert_one_error_line, write_base
 
 FC1_REGEX = r".*\.(?!11)\d+\.fc1$"
-
-
-def assert_one_error_line(result, *names: str) -> None:
-    assert result.exit_code == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
 
 
 def targets(run_cli, *args) -> list[str]:
