@@ -26,6 +26,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .layers import FullCopy, LoraLayer, base_layout
+from .matching import is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .resolution import suggest_prefix
 
@@ -93,7 +94,7 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
                 f"module '{path}' has no {missing[0]} (orphan LoRA tensor)", path=ckpt.weights_file, key=next(iter(m.keys.values()))
             )
         for copy_path in ckpt.full_copies:
-            if path == copy_path or path.startswith(copy_path + "."):
+            if is_within(path, copy_path):
                 raise AmbiguousMatchError(
                     f"is both a LoRA target and inside the full copy '{copy_path}'",
                     path=ckpt.weights_file,
