@@ -10,7 +10,7 @@ every shape. Modules missing from the model are collected and reported together,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .layers import FullCopy, LoraLayer, base_layout
-from .matching import is_within
+from .matching import apply_prefix_map, is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .resolution import suggest_prefix
 
@@ -122,7 +122,7 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
     plan = LoadPlan()
     unresolved: list[str] = []
     for saved_path, m in ckpt.lora.items():
-        path = rename(saved_path, prefix_map)
+        path = apply_prefix_map(saved_path, prefix_map)
         if path == "":
             raise UnsupportedFeatureError("LoRA on the root module itself cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)
         module = find_module(model, path)
@@ -137,7 +137,7 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
         _check_lora_shapes(ckpt, m, path, base)
         plan.lora.append(LoraTarget(m, path, module, base))
     for saved_path, c in ckpt.full_copies.items():
-        path = rename(saved_path, prefix_map)
+        path = apply_prefix_map(saved_path, prefix_map)
         if path == "":
             raise UnsupportedFeatureError("a full copy of the root module cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)
         module = find_module(model, path)
@@ -159,7 +159,7 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
         plan.copies.append(CopyTarget(c, path, module, original))
     view = base_view(model) if ckpt.base_overrides or unresolved else {}
     for base_key, info in ckpt.base_overrides.items():
-        key = rename(base_key, prefix_map)
+        key = apply_prefix_map(base_key, prefix_map)
         saved_key = ckpt.base_override_keys[base_key]
         target = view.get(key)
         if target is None:
@@ -267,22 +267,6 @@ def _unresolved_error(
         key=unresolved[0],
         hint=hint,
     )
-
-
-def rename(path: str, prefix_map: Mapping[str, str]) -> str:
-    """A checkpoint module path as the model names it: the first matching ``prefix_map`` entry applied."""
-    for old, new in prefix_map.items():
-        if path.startswith(old):
-            return new + path[len(old) :]
-    return path
-
-
-def unrename(path: str, prefix_map: Mapping[str, str]) -> str:
-    """The inverse of :func:`rename`: a model path as the checkpoint names it."""
-    for old, new in prefix_map.items():
-        if path.startswith(new):
-            return old + path[len(new) :]
-    return path
 
 
 def listing(items: Sequence[str]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import AmbiguousMatchError, InvalidConfigError
 
@@ -28,6 +28,23 @@ def matches_entry(name: str, entry: str) -> bool:
 def is_within(name: str, module: str) -> bool:
     """``name`` is ``module`` itself or lies inside it (``module.`` + more segments)."""
     return name == module or name.startswith(module + ".")
+
+
+def apply_prefix_map(path: str, prefix_map: Optional[Mapping[str, str]]) -> str:
+    """``path`` as the model names it: the first ``prefix_map`` entry ``old -> new`` whose ``old``
+    starts the path is applied (``{"model.": "language_model.model."}``)."""
+    for old, new in (prefix_map or {}).items():
+        if path.startswith(old):
+            return new + path[len(old) :]
+    return path
+
+
+def undo_prefix_map(path: str, prefix_map: Optional[Mapping[str, str]]) -> str:
+    """The inverse of :func:`apply_prefix_map`: a model path as the checkpoint names it."""
+    for old, new in (prefix_map or {}).items():
+        if path.startswith(new):
+            return old + path[len(new) :]
+    return path
 
 
 def matches_spec(name: str, spec: TargetSpec) -> bool:

@@ -15,7 +15,7 @@ from typing import Optional
 from .base import BaseModel
 from .describe import AdapterCheckpoint, LoraModule
 from .findings import Finding, tied_full_copy_findings
-from .matching import matches_entry, module_names_from_keys, peft_full_copy_matches
+from .matching import apply_prefix_map, matches_entry, module_names_from_keys, peft_full_copy_matches
 
 _MAX_LISTED = 10
 
@@ -75,16 +75,10 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
     res = Resolution(adapter)
     tensors = base.tensors
 
-    def rename(path: str) -> str:
-        for old, new in (prefix_map or {}).items():
-            if path.startswith(old):
-                return new + path[len(old) :]
-        return path
-
     transposed_votes: list[bool] = []
     pending_square: list[tuple[LoraModule, str]] = []
     for path, m in adapter.lora.items():
-        target = rename(path)
+        target = apply_prefix_map(path, prefix_map)
         key = f"{target}.weight" if target else "weight"
         info = tensors.get(key)
         if info is None:
@@ -113,7 +107,7 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
         res.lora[m.path] = _resolved(m, key, "conv1d-transposed" if transposed else "linear", base, res)
 
     for path, copy in adapter.full_copies.items():
-        target = rename(path)
+        target = apply_prefix_map(path, prefix_map)
         bound: dict[str, str] = {}
         for param, info in copy.tensors.items():
             key = f"{target}.{param}" if target else param
@@ -142,7 +136,7 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
             )
 
     for base_key, saved_key in adapter.base_override_keys.items():
-        key = rename(base_key)
+        key = apply_prefix_map(base_key, prefix_map)
         info = tensors.get(key)
         module, _, param = key.rpartition(".")
         if info is None and module in base.tied and param == "weight":

@@ -20,7 +20,7 @@ from .adapter_state import ModelLike, adapter_info, as_model, get_registry
 from .constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from .errors import OutputPathError
 from .keys import LORA_ROLES, Role, parse_saved, render_saved
-from .load_plan import unrename
+from .matching import undo_prefix_map
 from .module_tree import parse_model_key
 
 
@@ -71,7 +71,7 @@ def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAM
         parts = parse_model_key(key)
         if parts is None or parts.adapter != adapter_name or not (parts.role in LORA_ROLES or parts.role is Role.FULL_COPY):
             continue
-        saved = replace(parts, module=unrename(parts.module, info.prefix_map))
+        saved = replace(parts, module=undo_prefix_map(parts.module, info.prefix_map))
         out[render_saved(saved, prefix=PEFT_PREFIX)] = value
     for saved_key, model_key in info.overrides.items():
         out[render_saved(parse_saved(saved_key), prefix=PEFT_PREFIX)] = state[model_key]
