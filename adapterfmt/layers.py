@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, dora_weight, lora_delta, merged_weight
+from .errors import UnsupportedFeatureError
 
 #: Adapter weights in these dtypes are kept in float32, as PEFT's ``autocast_adapter_dtype`` does.
 _UPCAST_DTYPES = {torch.float16, torch.bfloat16} | {
@@ -55,6 +56,19 @@ def base_layout(module: nn.Module) -> Optional[str]:
     if is_transformers_conv1d(module):
         return CONV1D_TRANSPOSED
     return None
+
+
+def supported_layout(module: nn.Module, key: str, *, path: Optional[str] = None, hint: Optional[str] = None) -> str:
+    """:func:`base_layout` of ``module`` (named ``key``), or UnsupportedFeatureError if LoRA cannot wrap it."""
+    layout = base_layout(module)
+    if layout is None:
+        raise UnsupportedFeatureError(
+            f"is a {type(module).__name__}; LoRA can wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding",
+            path=path,
+            key=key,
+            hint=hint,
+        )
+    return layout
 
 
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:

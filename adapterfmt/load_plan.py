@@ -25,7 +25,7 @@ from .errors import (
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
-from .layers import FullCopy, LoraLayer, base_layout
+from .layers import FullCopy, LoraLayer, supported_layout
 from .matching import apply_prefix_map, is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .resolution import suggest_prefix
@@ -178,14 +178,8 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
 
 
 def _check_lora_shapes(ckpt: AdapterCheckpoint, m: LoraModule, path: str, base: nn.Module) -> None:
-    layout = base_layout(base)
     where = ckpt.weights_file
-    if layout is None:
-        raise UnsupportedFeatureError(
-            f"is a {type(base).__name__}; LoRA can wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding",
-            path=where,
-            key=path,
-        )
+    layout = supported_layout(base, path, path=where)
     if layout not in _KIND_LAYOUTS.get(m.layer_kind, ()) or (layout == CONV and base.weight.dim() != len(m.tensors["lora_A"].shape)):
         raise ShapeMismatchError(
             f"the checkpoint holds {m.layer_kind} LoRA tensors (lora_A {list(m.tensors['lora_A'].shape)}) but the model's "

@@ -29,7 +29,7 @@ from .config import LoraConfig, parse_config
 from .constants import DEFAULT_ADAPTER_NAME
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 from .errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
-from .layers import FullCopy, LoraLayer, base_layout, plain_module_names
+from .layers import FullCopy, LoraLayer, base_layout, plain_module_names, supported_layout
 from .matching import TargetSelection, select_targets
 from .module_tree import CONTAINERS, base_of, original_of
 
@@ -204,13 +204,7 @@ def _check_selection(model: nn.Module, sel: TargetSelection, modules: dict[str, 
         if isinstance(module, FullCopy):
             raise AmbiguousMatchError("is saved in full by another adapter and cannot also get LoRA", key=path)
         base = base_of(module)
-        layout = base_layout(base)
-        if layout is None:
-            raise UnsupportedFeatureError(
-                f"is a {type(base).__name__}; LoRA can wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding",
-                key=path,
-                hint="narrow target_modules to supported layers",
-            )
+        layout = supported_layout(base, path, hint="narrow target_modules to supported layers")
         if lora_bias and layout == EMBEDDING:
             raise UnsupportedFeatureError("lora_bias is not supported on embedding layers", key=path)
         rank = cfg.rank_for(path)
