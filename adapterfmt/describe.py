@@ -1,17 +1,19 @@
-"""The checkpoint model: an adapter directory read from its headers into typed module records.
+"""Reading the checkpoint model: an adapter directory read from its headers into typed records.
 
-``read_adapter(path)`` -> :class:`AdapterCheckpoint`, the one description that inspect, check,
-merge and load all use. Nothing here reads tensor bytes or imports torch (except for a
+``read_adapter(path)`` -> :class:`~adapterfmt.checkpoint.AdapterCheckpoint` (the records live in
+:mod:`adapterfmt.checkpoint` and are re-exported here); :func:`describe_tensors` sorts any header's
+saved keys into those records (the wrapped-state-dict reader uses it too). Warnings come from the
+rules in :mod:`adapterfmt.findings`. Nothing here reads tensor bytes or imports torch (except for a
 ``.bin`` file, which needs ``allow_pickle=True`` and is then read with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import LoraConfig, overlapping_pattern_keys, read_config
+from .checkpoint import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
+from .config import LoraConfig, read_config
 from .constants import (
     ADAPTER_BIN_FILE,
     ADAPTER_CONFIG_FILE,
@@ -20,11 +22,13 @@ from .constants import (
     PEFT_PREFIX,
 )
 from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
-from .findings import Finding
+from .findings import adapter_findings, mixed_prefix_finding, wrapper_leftover_finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import KeyParts, Role, parse_saved, split_prefix
 from .matching import is_within, matches_entry
 from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
+
+__all__ = ["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "describe_tensors", "read_adapter"]
 
 #: LoRA roles -> the tensor name used in :attr:`LoraModule.tensors`.
 _LORA_SLOT = {
@@ -35,117 +39,6 @@ _LORA_SLOT = {
     (Role.LORA_EMBEDDING_B, None): "lora_B",
     (Role.DORA_MAGNITUDE, None): "magnitude",
 }
-
-
-class _TensorGroup:
-    """``dtype`` and ``params`` of a record that holds ``tensors: dict[str, TensorInfo]``."""
-
-    tensors: dict[str, TensorInfo]
-
-    @property
-    def dtype(self) -> str:
-        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
-
-    @property
-    def params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
-
-
-@dataclass
-class LoraModule(_TensorGroup):
-    """One LoRA-adapted module, as the checkpoint describes it.
-
-    ``tensors`` maps ``lora_A``, ``lora_B``, and where present ``lora_B.bias`` and
-    ``magnitude`` (DoRA) to their :class:`TensorInfo`. ``rank`` is read from the tensors
-    (what the layer was built with); ``config_rank`` is what the config says.
-    """
-
-    path: str
-    layer_kind: str  #: ``linear`` (Linear or Conv1D), ``conv1d``/``conv2d``/``conv3d``, ``embedding``
-    rank: Optional[int]
-    config_rank: int
-    alpha: float
-    scaling: float
-    use_dora: bool
-    lora_bias: bool
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    keys: dict[str, str] = field(default_factory=dict)  #: slot -> saved key
-
-
-@dataclass
-class FullCopyModule(_TensorGroup):
-    """A module saved in full (``modules_to_save``): its tensors replace the base module's."""
-
-    path: str
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)  #: param (``weight``, ``dense.bias``) -> info
-    keys: dict[str, str] = field(default_factory=dict)  #: param -> saved key
-
-
-@dataclass
-class TokenDelta:
-    """Trainable-token rows: row ``j`` replaces row ``indices[j]`` of the embedding ``path``."""
-
-    path: str
-    indices: Optional[list[int]]
-    tensor: TensorInfo
-    key: str
-
-
-@dataclass
-class AdapterCheckpoint:
-    """An adapter read from its config and weight header.
-
-    Attributes:
-        name: the adapter name (``default`` for a top-level adapter, the folder name otherwise).
-        directory: the local directory holding it.
-        config: the validated :class:`~adapterfmt.config.LoraConfig`.
-        weights_file: the weights file path.
-        prefix: the key prefix found (``base_model.model.`` or ``""``).
-        lora: module path -> :class:`LoraModule`.
-        full_copies: module path -> :class:`FullCopyModule`.
-        base_overrides: base key -> tensor that replaces it (full embeddings saved next to a
-            LoRA, base biases saved by ``bias="all"``/``"lora_only"``).
-        token_deltas: embedding path -> :class:`TokenDelta`.
-        unknown_keys: saved keys the grammar and config do not explain.
-        findings: warnings found while reading (see :mod:`adapterfmt.findings`).
-        sub_adapters: names of other adapters stored in ``<directory>/<name>/``.
-        tensors_in_memory: only for ``.bin`` files: key -> tensor.
-    """
-
-    name: str
-    directory: str
-    config: LoraConfig
-    weights_file: str
-    prefix: str
-    lora: dict[str, LoraModule] = field(default_factory=dict)
-    full_copies: dict[str, FullCopyModule] = field(default_factory=dict)
-    base_overrides: dict[str, TensorInfo] = field(default_factory=dict)
-    base_override_keys: dict[str, str] = field(default_factory=dict)
-    token_deltas: dict[str, TokenDelta] = field(default_factory=dict)
-    unknown_keys: list[str] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    sub_adapters: list[str] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
-    tensors_in_memory: Optional[dict[str, Any]] = None
-
-    @property
-    def lora_params(self) -> int:
-        return sum(m.params for m in self.lora.values())
-
-    @property
-    def full_copy_params(self) -> int:
-        return sum(m.params for m in self.full_copies.values())
-
-    def tensor_infos(self) -> dict[str, TensorInfo]:
-        """Every tensor of the weights file, by saved key."""
-        out: dict[str, TensorInfo] = {}
-        for m in self.lora.values():
-            out.update({m.keys[s]: t for s, t in m.tensors.items()})
-        for c in self.full_copies.values():
-            out.update({c.keys[p]: t for p, t in c.tensors.items()})
-        out.update({self.base_override_keys[k]: t for k, t in self.base_overrides.items()})
-        out.update({d.key: d.tensor for d in self.token_deltas.values()})
-        return out
 
 
 def read_adapter(
@@ -208,7 +101,7 @@ def read_adapter(
         metadata=dict(header.metadata),
         tensors_in_memory=in_memory,
     )
-    _describe(ckpt, header)
+    describe_tensors(ckpt, header)
     return ckpt
 
 
@@ -231,8 +124,14 @@ def _read_bin(path: str) -> tuple[SafetensorsHeader, dict[str, Any]]:
     return read_pickle_weights(path)
 
 
-def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
-    """Sort every tensor of ``header`` into module records; collect findings."""
+def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
+    """Sort every tensor of ``header`` (saved key names) into ``ckpt``'s module records, and add
+    the adapter's findings (:func:`~adapterfmt.findings.adapter_findings`) to ``ckpt.findings``.
+
+    ``ckpt`` comes with its name, directory, config and weights file set; the records are filled
+    in here. Raises :class:`~adapterfmt.errors.InconsistentAdapterError` for an empty header and
+    :class:`~adapterfmt.errors.UnknownKeyError` for a key no grammar rule parses.
+    """
     cfg = ckpt.config
     keys = list(header.tensors)
     if not keys:
@@ -240,9 +139,7 @@ def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
     prefixes = {PEFT_PREFIX if k.startswith(PEFT_PREFIX) else "" for k in keys}
     ckpt.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
     if len(prefixes) > 1:
-        ckpt.findings.append(
-            Finding("mixed-prefix", "some keys carry the 'base_model.model.' prefix and some do not", [k for k in keys if not k.startswith(PEFT_PREFIX)][:20])
-        )
+        ckpt.findings.append(mixed_prefix_finding(header.path, [k for k in keys if not k.startswith(PEFT_PREFIX)]))
 
     plain: list[tuple[str, KeyParts]] = []
     lora_parts: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
@@ -266,13 +163,7 @@ def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
             ckpt.base_overrides[base_key] = info
             ckpt.base_override_keys[base_key] = key
         elif parts.role in (Role.ORIGINAL, Role.FULL_COPY):
-            ckpt.findings.append(
-                Finding(
-                    "wrapper-leftover",
-                    f"'{key}' is a modules_to_save wrapper leftover (PEFT's bias=\"all\" writes these); it is ignored",
-                    [key],
-                )
-            )
+            ckpt.findings.append(wrapper_leftover_finding(key))
         elif parts.role in (Role.LORA_A, Role.LORA_B):
             ckpt.unknown_keys.append(key)  # e.g. lora_A.bias: no such tensor in LoRA
         else:
@@ -300,9 +191,7 @@ def _describe(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None:
     for module, slots in sorted(lora_parts.items()):
         ckpt.lora[module] = _lora_module(ckpt, module, slots, embedding=module in embedding_modules)
 
-    from .findings import adapter_findings
-
-    ckpt.findings.extend(adapter_findings(ckpt, overlapping_pattern_keys))
+    ckpt.findings.extend(adapter_findings(ckpt))
 
 
 def _full_copy_modules(keys: list[str], entries: list[str]) -> list[str]:

@@ -1,39 +1,129 @@
-"""Warnings about a checkpoint: stable codes, a message, and the keys concerned.
+"""Every warning rule about an adapter, and the one message builder for each warning code.
+
+A rule looks at the checkpoint model (records of :mod:`adapterfmt.checkpoint`, a base's tensor
+names, a targets selection) and returns :class:`~adapterfmt.finding.Finding` records; the readers
+and reports (describe, resolution, summary, wrapped) call these rules and never build a warning
+message of their own. The dependency runs one way: this module imports the records, never the
+readers.
 
 Codes (docs/FORMAT.md §7): ``target-and-full-copy``, ``orphan-lora``, ``rank-mismatch``,
 ``unknown-key``, ``non-finite``, ``tied-full-copy``, ``config-tensor-mismatch``,
 ``unsupported-feature``, ``pattern-overlap``, ``full-copy-suffix``, ``wrapper-leftover``,
-``mixed-prefix``, ``full-copy-unchanged``.
+``mixed-prefix``, ``full-copy-unchanged``, ``full-copy-incomplete``, ``unused-target``,
+``unused-exclude``, ``full-copy-missing``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .matching import is_within, matches_entry, matches_spec, peft_full_copy_matches
+from .config import overlapping_pattern_keys
+from .finding import Finding
+from .matching import is_within, matches_entry, matches_spec, module_names_from_keys, peft_full_copy_matches
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .describe import AdapterCheckpoint
+    from .checkpoint import AdapterCheckpoint, LoraModule
+    from .matching import TargetSelection
+
+__all__ = [
+    "Finding",
+    "adapter_findings",
+    "endswith_findings",
+    "full_copy_incomplete_finding",
+    "full_copy_suffix_finding",
+    "full_copy_unchanged_finding",
+    "lora_rank_mismatch_finding",
+    "mixed_prefix_finding",
+    "targets_findings",
+    "tied_full_copy_findings",
+    "unknown_keys_finding",
+    "wrapper_leftover_finding",
+]
 
 _MAX_KEYS = 20
+#: How many module names a ``full-copy-suffix`` warning lists.
+_MAX_LISTED = 10
 #: Heads PEFT adds to modules_to_save for a task type (peft_model.py); a model has only one of them.
 _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One warning: ``code`` (stable), ``message`` (one line), ``keys`` (saved keys or module names)."""
-
-    code: str
-    message: str
-    keys: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "keys": list(self.keys)}
+# ---------------------------------------------------------------------------------------------
+# MESSAGE BUILDERS: one per code that more than one rule or reader reports
+# ---------------------------------------------------------------------------------------------
 
 
-def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tuple[str, str, str]]]) -> list[Finding]:
+def full_copy_suffix_finding(
+    entry: str, peft_binds: Sequence[str], exact_binds: Sequence[str], keys: Sequence[str], *, adapter: Optional[str] = None
+) -> Finding:
+    """``full-copy-suffix``: PEFT's plain ``endswith`` binds ``entry`` to other modules than the exact rule.
+
+    ``keys`` are the modules the warning is about (those only PEFT's rule binds, or all it binds
+    when it binds several); ``adapter`` names the adapter when a file holds more than one.
+    """
+    where = f"adapter '{adapter}': " if adapter is not None else ""
+    return Finding(
+        "full-copy-suffix",
+        f"{where}modules_to_save entry '{entry}' binds {', '.join(peft_binds[:_MAX_LISTED]) or 'nothing'} under PEFT's "
+        f"plain endswith matching, but {', '.join(exact_binds[:_MAX_LISTED]) or 'nothing'} under exact matching; "
+        "PEFT expects full tensors for every module it binds",
+        list(keys[:_MAX_LISTED]),
+    )
+
+
+def mixed_prefix_finding(where: str, unprefixed: Sequence[str]) -> Finding:
+    """``mixed-prefix``: some keys of ``where`` carry ``base_model.model.`` and ``unprefixed`` do not."""
+    return Finding(
+        "mixed-prefix", f"{where}: some keys carry the 'base_model.model.' prefix and some do not", list(unprefixed[:_MAX_KEYS])
+    )
+
+
+def unknown_keys_finding(where: str, keys: Sequence[str], grammar: str) -> Finding:
+    """``unknown-key``: ``keys`` of ``where`` fit no rule of ``grammar`` (the saved format or PEFT's in-memory names)."""
+    return Finding("unknown-key", f"{where}: {len(keys)} key(s) fit no rule of {grammar}, e.g. '{keys[0]}'", list(keys[:_MAX_KEYS]))
+
+
+def wrapper_leftover_finding(key: str) -> Finding:
+    """``wrapper-leftover``: a saved ``modules_to_save`` / ``original_module`` wrapper key, ignored."""
+    return Finding(
+        "wrapper-leftover", f"'{key}' is a modules_to_save wrapper leftover (PEFT's bias=\"all\" writes these); it is ignored", [key]
+    )
+
+
+def lora_rank_mismatch_finding(where: str, m: "LoraModule", a_rank: int, b_rank: int) -> Finding:
+    """``rank-mismatch`` between the two LoRA factors of one module."""
+    return Finding(
+        "rank-mismatch",
+        f"{where}: module '{m.path}' lora_A has rank {a_rank} but lora_B has rank {b_rank}",
+        [m.keys["lora_A"], m.keys["lora_B"]],
+    )
+
+
+def full_copy_unchanged_finding(adapter: str, modules: Sequence[str]) -> Finding:
+    """``full-copy-unchanged``: the trained copies of ``modules`` equal their frozen originals byte for byte."""
+    return Finding(
+        "full-copy-unchanged",
+        f"adapter '{adapter}': the trained copy of {', '.join(repr(m) for m in modules)} equals its frozen "
+        "original_module byte for byte; it never trained (PEFT's frozen modules_to_save bug #2494 with "
+        "inject_adapter_in_model on peft <= 0.15, or a save before training), so it changes nothing",
+        list(modules),
+    )
+
+
+def full_copy_incomplete_finding(path: str, missing: Sequence[str]) -> Finding:
+    """``full-copy-incomplete``: the full copy ``path`` lacks parameters the base module has."""
+    return Finding(
+        "full-copy-incomplete",
+        f"full copy '{path}' lacks {', '.join(missing)} that the base module has; PEFT's loader raises KeyError on it",
+        [f"{path}.{p}" for p in missing],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# RULES
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_findings(ckpt: "AdapterCheckpoint") -> list[Finding]:
     """Everything that can be said about an adapter from its config and header alone."""
     cfg = ckpt.config
     out: list[Finding] = []
@@ -54,13 +144,7 @@ def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tup
         a_rank = a.shape[0]
         b_rank = b.shape[1] if len(b.shape) >= 2 else None
         if b_rank is not None and a_rank != b_rank:
-            out.append(
-                Finding(
-                    "rank-mismatch",
-                    f"{where}: module '{path}' lora_A has rank {a_rank} but lora_B has rank {b_rank}",
-                    [m.keys["lora_A"], m.keys["lora_B"]],
-                )
-            )
+            out.append(lora_rank_mismatch_finding(where, m, a_rank, b_rank))
         elif m.rank != m.config_rank:
             out.append(
                 Finding(
@@ -80,14 +164,7 @@ def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tup
             )
 
     if ckpt.unknown_keys:
-        out.append(
-            Finding(
-                "unknown-key",
-                f"{where}: {len(ckpt.unknown_keys)} tensor(s) fit no rule of the format "
-                f"(not LoRA, not under a modules_to_save entry), e.g. '{ckpt.unknown_keys[0]}'",
-                ckpt.unknown_keys[:_MAX_KEYS],
-            )
-        )
+        out.append(unknown_keys_finding(where, ckpt.unknown_keys, "the format (not LoRA, not under a modules_to_save entry)"))
 
     # A module that is both a LoRA target and a full copy (by tensors or by config).
     entries = cfg.modules_to_save or []
@@ -148,21 +225,17 @@ def adapter_findings(ckpt: "AdapterCheckpoint", overlaps: Callable[..., list[tup
     # Where PEFT's plain endswith would bind modules_to_save differently from the exact rule.
     module_names = set(ckpt.full_copies) | set(ckpt.lora)
     for e in entries:
-        loose = sorted(set(peft_full_copy_matches(module_names, e)) - {n for n in module_names if matches_entry(n, e)})
+        peft_binds = sorted(peft_full_copy_matches(module_names, e))
+        exact = sorted(n for n in module_names if matches_entry(n, e))
+        loose = sorted(set(peft_binds) - set(exact))
         if loose:
-            out.append(
-                Finding(
-                    "full-copy-suffix",
-                    f"modules_to_save entry '{e}' also catches {', '.join(loose)} under PEFT's plain endswith rule",
-                    loose,
-                )
-            )
+            out.append(full_copy_suffix_finding(e, peft_binds, exact, loose))
 
     for fieldname, why in cfg.unsupported.items():
         out.append(Finding("unsupported-feature", f"config field '{fieldname}' is set: {why}; merge and load refuse it", [fieldname]))
 
     for name, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
-        hits = overlaps(patterns, list(ckpt.lora))
+        hits = overlapping_pattern_keys(patterns, list(ckpt.lora))
         if hits:
             m, first, other = hits[0]
             out.append(
@@ -189,3 +262,37 @@ def tied_full_copy_findings(ckpt: "AdapterCheckpoint", tied_modules: set[str]) -
             hits,
         )
     ]
+
+
+
+def endswith_findings(adapter: "AdapterCheckpoint", base_keys: Sequence[str]) -> list[Finding]:
+    """``full-copy-suffix`` against a base: PEFT's plain ``endswith`` on modules_to_save binds a
+    different module, or several, among the base's modules."""
+    names, _ = module_names_from_keys(base_keys)
+    out = []
+    for entry in adapter.config.modules_to_save or []:
+        loose = peft_full_copy_matches(names, entry)
+        exact = [n for n in names if matches_entry(n, entry)]
+        if len(loose) > 1 or set(loose) != set(exact):
+            out.append(full_copy_suffix_finding(entry, loose, exact, loose))
+    return out
+
+
+def targets_findings(sel: "TargetSelection", exclude_modules: "str | Sequence[str] | None") -> list[Finding]:
+    """What ``adapterfmt targets`` warns about a selection: entries that select nothing, and
+    ``modules_to_save`` entries PEFT's plain ``endswith`` would bind more widely."""
+    out = []
+    if sel.unused_targets:
+        out.append(
+            Finding("unused-target", f"target_modules entries {', '.join(map(repr, sel.unused_targets))} match no module", list(sel.unused_targets))
+        )
+    if exclude_modules is not None and not sel.excluded:
+        spec = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+        out.append(Finding("unused-exclude", f"exclude_modules {', '.join(map(repr, spec))} excludes no target", spec))
+    missing = [e for e, ms in sel.full_copies.items() if not ms]
+    if missing:
+        out.append(Finding("full-copy-missing", f"modules_to_save entries {', '.join(map(repr, missing))} match no module", missing))
+    for entry, differing in sel.peft_divergence.items():
+        exact = sel.full_copies.get(entry, [])
+        out.append(full_copy_suffix_finding(entry, sorted(set(differing) ^ set(exact)), exact, differing))
+    return out

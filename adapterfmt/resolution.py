@@ -13,11 +13,12 @@ from math import prod
 from typing import Optional
 
 from .base import BaseModel
-from .describe import AdapterCheckpoint, LoraModule
-from .findings import Finding, tied_full_copy_findings
-from .matching import apply_prefix_map, matches_entry, module_names_from_keys, peft_full_copy_matches
+from .checkpoint import AdapterCheckpoint, LoraModule
+from .finding import Finding
+from .findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
+from .matching import apply_prefix_map
 
-_MAX_LISTED = 10
+__all__ = ["Resolution", "ResolvedLora", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
 
 
 @dataclass
@@ -127,13 +128,7 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
             res.full_copies[path] = bound
         missing = _missing_module_params(target, copy.tensors, tensors)
         if missing and len(bound) == len(copy.tensors):
-            res.findings.append(
-                Finding(
-                    "full-copy-incomplete",
-                    f"full copy '{path}' lacks {', '.join(missing)} that the base module has; PEFT's loader raises KeyError on it",
-                    [f"{path}.{p}" for p in missing],
-                )
-            )
+            res.findings.append(full_copy_incomplete_finding(path, missing))
 
     for base_key, saved_key in adapter.base_override_keys.items():
         key = apply_prefix_map(base_key, prefix_map)
@@ -246,25 +241,6 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
         if score > 0 and 2 * score >= len(probe) and (best is None or rank > best_rank):
             best, best_rank = (old, new), rank
     return best
-
-
-def endswith_findings(adapter: AdapterCheckpoint, base_keys: list[str]) -> list[Finding]:
-    """Where PEFT's plain ``endswith`` on modules_to_save binds a different or several base modules."""
-    names, _ = module_names_from_keys(base_keys)
-    out = []
-    for entry in adapter.config.modules_to_save or []:
-        loose = peft_full_copy_matches(names, entry)
-        exact = [n for n in names if matches_entry(n, entry)]
-        if len(loose) > 1 or set(loose) != set(exact):
-            out.append(
-                Finding(
-                    "full-copy-suffix",
-                    f"modules_to_save entry '{entry}' binds {', '.join(loose[:_MAX_LISTED]) or 'nothing'} under PEFT's plain "
-                    f"endswith matching, but {', '.join(exact) or 'nothing'} under exact matching",
-                    loose[:_MAX_LISTED],
-                )
-            )
-    return out
 
 
 def delta_numel(m: LoraModule) -> int:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
 
-from .findings import Finding
+from .finding import Finding
+from .findings import targets_findings
 from .header import TensorInfo
 from .matching import TargetSpec, module_names_from_keys, select_targets
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; inspect needs neither base nor resolve
     from .base import BaseModel
-    from .describe import AdapterCheckpoint
+    from .checkpoint import AdapterCheckpoint
     from .resolution import Resolution
 
 #: How many unresolved names a report lists (the rest are counted).
@@ -421,23 +422,5 @@ def preview_targets(
     for m in sel.lora_targets:
         info = base_model.tensors.get(f"{m}.weight") or base_model.tensors[f"{base_model.tied[m]}.weight"]
         rows.append({"module": m, "shape": list(info.shape), "dtype": info.dtype, "tied_to": base_model.tied.get(m)})
-    warnings = []
-    if sel.unused_targets:
-        warnings.append(
-            Finding("unused-target", f"target_modules entries {', '.join(map(repr, sel.unused_targets))} match no module", list(sel.unused_targets))
-        )
-    if exclude_modules is not None and not sel.excluded:
-        spec = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
-        warnings.append(Finding("unused-exclude", f"exclude_modules {', '.join(map(repr, spec))} excludes no target", spec))
-    missing = [e for e, ms in sel.full_copies.items() if not ms]
-    if missing:
-        warnings.append(Finding("full-copy-missing", f"modules_to_save entries {', '.join(map(repr, missing))} match no module", missing))
-    for entry, extra in sel.peft_divergence.items():
-        warnings.append(
-            Finding(
-                "full-copy-suffix",
-                f"modules_to_save entry '{entry}' would also wrap {', '.join(extra[:MAX_LISTED])} under PEFT's plain endswith rule",
-                extra[:MAX_LISTED],
-            )
-        )
+    warnings = targets_findings(sel, exclude_modules)
     return TargetsReport(base=base, lora_targets=rows, full_copies=sel.full_copies, excluded=sel.excluded, warnings=warnings)

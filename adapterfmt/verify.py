@@ -27,7 +27,7 @@ from .constants import (
     SAFETENSORS_WEIGHTS_FILE,
 )
 from .errors import AdapterFormatError, CheckpointNotFoundError
-from .findings import Finding
+from .findings import Finding, lora_rank_mismatch_finding
 from .header import SafetensorsHeader, read_header
 from .sources import safe_join
 
@@ -210,13 +210,7 @@ def _adapter_tensor_findings(read_adapter: Any, directory: str) -> list[Finding]
         if a is None or b is None or not a.shape or len(b.shape) < 2:
             continue
         if a.shape[0] != b.shape[1]:
-            out.append(
-                Finding(
-                    "rank-mismatch",
-                    f"{ckpt.weights_file}: module '{path}' lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}",
-                    [m.keys["lora_A"], m.keys["lora_B"]],
-                )
-            )
+            out.append(lora_rank_mismatch_finding(ckpt.weights_file, m, a.shape[0], b.shape[1]))
     return out
 
 

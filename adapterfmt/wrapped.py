@@ -29,9 +29,11 @@ from typing import Any, Mapping, Optional, Union
 from .base import read_base
 from .config import LoraConfig, parse_config, read_config
 from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
-from .describe import AdapterCheckpoint, _describe
+from .checkpoint import AdapterCheckpoint
+from .describe import describe_tensors
 from .errors import CheckpointNotFoundError, InconsistentAdapterError, InvalidConfigError, UnknownKeyError, UnsafeFileError
-from .findings import Finding
+from .finding import Finding
+from .findings import full_copy_suffix_finding, full_copy_unchanged_finding, mixed_prefix_finding, unknown_keys_finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved
 from .matching import module_names_from_keys, peft_full_copy_matches
@@ -43,7 +45,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 #: Roles whose wrapped key carries an adapter name: the adapter's own tensors.
 _ADAPTER_ROLES = LORA_ROLES | {Role.FULL_COPY, Role.TOKENS_DELTA}
-_MAX_KEYS = 20
 #: Bytes compared per read when checking whether a full copy changed.
 _CHUNK = 1 << 22
 #: A ``data.pkl`` larger than this is not sniffed for key names.
@@ -447,13 +448,7 @@ def _sort_keys(wrapped: WrappedCheckpoint, tensors: Mapping[str, TensorInfo]) ->
             wrapped.originals.setdefault(parts.module, {})[parts.param or ""] = info
     wrapped.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
     if len(prefixes) > 1:
-        wrapped.findings.append(
-            Finding(
-                "mixed-prefix",
-                f"{wrapped.path}: some keys carry the 'base_model.model.' prefix and some do not",
-                [k for k in tensors if not k.startswith(PEFT_PREFIX)][:_MAX_KEYS],
-            )
-        )
+        wrapped.findings.append(mixed_prefix_finding(wrapped.path, [k for k in tensors if not k.startswith(PEFT_PREFIX)]))
     # adapters in the order PEFT created them: ``default`` first, then as found
     return dict(sorted(groups.items(), key=lambda kv: kv[0] != DEFAULT_ADAPTER_NAME))
 
@@ -510,7 +505,7 @@ def _describe_adapter(
         prefix=wrapped.prefix,
         tensors_in_memory=wrapped.tensors_in_memory,
     )
-    _describe(ckpt, SafetensorsHeader(path=first, tensors=saved))
+    describe_tensors(ckpt, SafetensorsHeader(path=first, tensors=saved))
     if not known:
         ckpt.config = replace(cfg, lora_alpha=None, raw=doc)  # type: ignore[arg-type]
         for m in ckpt.lora.values():
@@ -535,26 +530,13 @@ def _transposed(wrapped: WrappedCheckpoint, entries: "list[tuple[KeyParts, Tenso
 
 def _file_findings(wrapped: WrappedCheckpoint, base_modules: "list[str]") -> None:
     if wrapped.unknown_keys:
-        wrapped.findings.append(
-            Finding(
-                "unknown-key",
-                f"{wrapped.path}: {len(wrapped.unknown_keys)} key(s) fit no rule of PEFT's in-memory names, "
-                f"e.g. '{wrapped.unknown_keys[0]}'",
-                wrapped.unknown_keys[:_MAX_KEYS],
-            )
-        )
+        wrapped.findings.append(unknown_keys_finding(wrapped.path, wrapped.unknown_keys, "PEFT's in-memory names"))
     for name, ckpt in wrapped.adapters.items():
         for module in ckpt.full_copies:
-            loose = [n for n in peft_full_copy_matches(base_modules, module) if n not in ckpt.full_copies]
+            peft_binds = peft_full_copy_matches(base_modules, module)
+            loose = [n for n in peft_binds if n not in ckpt.full_copies]
             if loose:
-                ckpt.findings.append(
-                    Finding(
-                        "full-copy-suffix",
-                        f"adapter '{name}': modules_to_save entry '{module}' also catches {', '.join(loose[:_MAX_KEYS])} "
-                        "under PEFT's plain endswith rule; PEFT will expect full tensors for them too",
-                        loose[:_MAX_KEYS],
-                    )
-                )
+                ckpt.findings.append(full_copy_suffix_finding(module, peft_binds, [module], loose, adapter=name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,15 +564,7 @@ def compare_full_copies(wrapped: WrappedCheckpoint) -> None:
             )
         same = sorted(m for m, changed in status.items() if not changed)
         if same:
-            ckpt.findings.append(
-                Finding(
-                    "full-copy-unchanged",
-                    f"adapter '{name}': the trained copy of {', '.join(repr(m) for m in same)} equals its frozen "
-                    "original_module byte for byte; it never trained (PEFT's frozen modules_to_save bug #2494 with "
-                    "inject_adapter_in_model on peft <= 0.15, or a save before training), so it changes nothing",
-                    same,
-                )
-            )
+            ckpt.findings.append(full_copy_unchanged_finding(name, same))
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo, in_memory: Optional[Mapping[str, Any]]) -> bool:
