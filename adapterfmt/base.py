@@ -14,6 +14,7 @@ from typing import Any, Optional
 from .constants import MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
 from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError
 from .header import SafetensorsHeader, TensorInfo, read_header
+from .keys import weight_key, weight_module
 from .sources import MODEL_PATTERNS, resolve_dir, safe_join
 
 #: Tied heads (transformers conventions): the output head, the last name segment of input
@@ -167,11 +168,8 @@ def _tied_modules(base: BaseModel) -> dict[str, str]:
     architectures = cfg.get("architectures") or []
     if not any(str(a).endswith(_LM_HEAD_ARCHITECTURES) for a in architectures):
         return {}
-    if f"{_OUTPUT_EMBEDDING}.weight" in base.tensors:
+    if weight_key(_OUTPUT_EMBEDDING) in base.tensors:
         return {}
-    embeddings = [
-        k[: -len(".weight")]
-        for k in base.tensors
-        if k.endswith(".weight") and k[: -len(".weight")].rsplit(".", 1)[-1] in _INPUT_EMBEDDING_NAMES
-    ]
+    modules = [weight_module(k) for k in base.tensors]
+    embeddings = [m for m in modules if m is not None and m.rsplit(".", 1)[-1] in _INPUT_EMBEDDING_NAMES]
     return {_OUTPUT_EMBEDDING: embeddings[0]} if len(embeddings) == 1 else {}

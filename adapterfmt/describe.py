@@ -24,7 +24,7 @@ from .constants import (
 from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from .findings import adapter_findings, mixed_prefix_finding, wrapper_leftover_finding
 from .header import SafetensorsHeader, TensorInfo, read_header
-from .keys import KeyParts, Role, parse_saved, split_prefix
+from .keys import KeyParts, Role, bias_key, param_key, parse_saved, split_prefix
 from .matching import is_within, matches_entry
 from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
 
@@ -159,7 +159,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
             idx = _token_indices(cfg, parts.module)
             ckpt.token_deltas[parts.module] = TokenDelta(parts.module, idx, info, key)
         elif parts.role is Role.BASE_LAYER:
-            base_key = f"{parts.module}.{parts.param}"
+            base_key = param_key(parts.module, parts.param or "")
             ckpt.base_overrides[base_key] = info
             ckpt.base_override_keys[base_key] = key
         elif parts.role in (Role.ORIGINAL, Role.FULL_COPY):
@@ -182,7 +182,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
             copy.tensors[param] = header.tensors[key]
             copy.keys[param] = key
         elif parts.param == "bias" and cfg.bias in ("all", "lora_only") and (cfg.bias == "all" or parts.module in lora_modules):
-            base_key = f"{parts.module}.bias" if parts.module else "bias"
+            base_key = bias_key(parts.module)
             ckpt.base_overrides[base_key] = header.tensors[key]
             ckpt.base_override_keys[base_key] = key
         else:
@@ -213,7 +213,7 @@ def _full_copy_modules(keys: list[str], entries: list[str]) -> list[str]:
 
 
 def _owning(parts: KeyParts, full_modules: list[str]) -> Optional[str]:
-    key = parts.module + "." + parts.param if parts.module else (parts.param or "")
+    key = param_key(parts.module, parts.param or "")
     best = None
     for m in full_modules:
         if key.startswith(m + ".") and (best is None or len(m) > len(best)):

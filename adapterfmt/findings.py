@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from .config import overlapping_pattern_keys
 from .finding import Finding
+from .keys import param_key
 from .matching import is_within, matches_entry, matches_spec, module_names_from_keys, peft_full_copy_matches
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,7 +115,7 @@ def full_copy_incomplete_finding(path: str, missing: Sequence[str]) -> Finding:
     return Finding(
         "full-copy-incomplete",
         f"full copy '{path}' lacks {', '.join(missing)} that the base module has; PEFT's loader raises KeyError on it",
-        [f"{path}.{p}" for p in missing],
+        [param_key(path, p) for p in missing],
     )
 
 

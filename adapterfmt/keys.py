@@ -259,3 +259,36 @@ def saved_to_base(key: str, *, full_copy_modules: Iterable[str] = ()) -> str:
 def wrapped_to_base(key: str) -> str:
     """The base key of a wrapped tensor: ``X.base_layer.weight`` / ``Y.original_module.weight`` -> ``X.weight``."""
     return render_base(parse_wrapped(key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Base-namespace parameter keys: ``module.param``, the plain model's own tensor names
+# ---------------------------------------------------------------------------------------------
+
+
+def param_key(module: str, param: str) -> str:
+    """A module's parameter key in the base namespace: ``("X", "weight")`` -> ``X.weight``;
+    a module at the root (empty path) -> ``weight``."""
+    return f"{module}.{param}" if module else param
+
+
+def weight_key(module: str) -> str:
+    """``X`` -> ``X.weight``: the base weight a LoRA module of ``X`` changes."""
+    return param_key(module, "weight")
+
+
+def bias_key(module: str) -> str:
+    """``X`` -> ``X.bias``: the base bias ``lora_bias`` (or ``bias="all"``) adds to / replaces."""
+    return param_key(module, "bias")
+
+
+def split_param(key: str) -> tuple[str, str]:
+    """``X.weight`` -> ``("X", "weight")``; ``weight`` -> ``("", "weight")`` (the inverse of :func:`param_key`)."""
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def weight_module(key: str) -> Optional[str]:
+    """``X.weight`` -> ``X``; ``None`` for a key that is not a weight."""
+    module, param = split_param(key)
+    return module if param == "weight" else None

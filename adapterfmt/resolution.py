@@ -16,6 +16,7 @@ from .base import BaseModel
 from .checkpoint import AdapterCheckpoint, LoraModule
 from .finding import Finding
 from .findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
+from .keys import bias_key, param_key, split_param, weight_key
 from .matching import apply_prefix_map
 
 __all__ = ["Resolution", "ResolvedLora", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
@@ -80,11 +81,11 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
     pending_square: list[tuple[LoraModule, str]] = []
     for path, m in adapter.lora.items():
         target = apply_prefix_map(path, prefix_map)
-        key = f"{target}.weight" if target else "weight"
+        key = weight_key(target)
         info = tensors.get(key)
         if info is None:
             if target in base.tied:
-                info = tensors.get(f"{base.tied[target]}.weight")
+                info = tensors.get(weight_key(base.tied[target]))
             if info is None:
                 res.unresolved.append(path)
                 continue
@@ -111,12 +112,12 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
         target = apply_prefix_map(path, prefix_map)
         bound: dict[str, str] = {}
         for param, info in copy.tensors.items():
-            key = f"{target}.{param}" if target else param
+            key = param_key(target, param)
             base_info = tensors.get(key)
             if base_info is None and target in base.tied and param == "weight":
-                base_info = tensors.get(f"{base.tied[target]}.weight")
+                base_info = tensors.get(weight_key(base.tied[target]))
             if base_info is None:
-                res.unresolved.append(f"{path}.{param}")
+                res.unresolved.append(param_key(path, param))
                 continue
             if tuple(base_info.shape) != tuple(info.shape):
                 res.shape_errors.append(
@@ -133,9 +134,9 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
     for base_key, saved_key in adapter.base_override_keys.items():
         key = apply_prefix_map(base_key, prefix_map)
         info = tensors.get(key)
-        module, _, param = key.rpartition(".")
+        module, param = split_param(key)
         if info is None and module in base.tied and param == "weight":
-            info = tensors.get(f"{base.tied[module]}.weight")  # a tied head saved in full
+            info = tensors.get(weight_key(base.tied[module]))  # a tied head saved in full
         if info is None:
             res.unresolved.append(base_key)
         elif tuple(info.shape) != tuple(adapter.base_overrides[base_key].shape):
@@ -153,12 +154,12 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
 
 
 def _resolved(m: LoraModule, key: str, layout: str, base: BaseModel, res: Resolution) -> ResolvedLora:
-    bias_key = None
+    bias = None
     if m.lora_bias:
-        bias_key = key[: -len("weight")] + "bias"
-        if bias_key not in base.tensors:
-            res.shape_errors.append(f"'{m.path}': lora_bias is set but the base module has no bias '{bias_key}' to add it to")
-    return ResolvedLora(m, key, layout, bias_key)
+        bias = bias_key(split_param(key)[0])
+        if bias not in base.tensors:
+            res.shape_errors.append(f"'{m.path}': lora_bias is set but the base module has no bias '{bias}' to add it to")
+    return ResolvedLora(m, key, layout, bias)
 
 
 def _layout(m: LoraModule, w: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, Optional[str]]:
@@ -216,7 +217,7 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
         for k in range(0, len(segs)):
             old = ".".join(segs[:k]) + ("." if k else "")
             tail = ".".join(segs[k:])
-            suffix = f"{tail}.weight" if path in adapter.lora else tail
+            suffix = weight_key(tail) if path in adapter.lora else tail
             for key in weights:
                 if key.endswith(suffix) and (len(key) == len(suffix) or key[-len(suffix) - 1] == "."):
                     new = key[: len(key) - len(suffix)]
@@ -224,8 +225,8 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
                         candidates[(old, new)] = 0
     # Base keys the adapter binds to already: a rewrite that would unbind them is penalised.
     failed = set(unresolved)
-    bound = [f"{p}.weight" for p in adapter.lora if p not in failed]
-    bound += [f"{c}.{param}" for c, copy in adapter.full_copies.items() for param in copy.tensors if f"{c}.{param}" not in failed]
+    bound = [weight_key(p) for p in adapter.lora if p not in failed]
+    bound += [param_key(c, param) for c, copy in adapter.full_copies.items() for param in copy.tensors if param_key(c, param) not in failed]
     best, best_rank = None, (0, 0)
     for old, new in sorted(candidates):
         score = 0
@@ -233,7 +234,7 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
             if not path.startswith(old):
                 continue
             renamed = new + path[len(old) :]
-            key = f"{renamed}.weight" if path in adapter.lora else renamed
+            key = weight_key(renamed) if path in adapter.lora else renamed
             score += key in weights
         score -= sum(1 for k in bound if k.startswith(old) and new + k[len(old) :] not in weights)
         rank = (score, -(len(old) + len(new)))

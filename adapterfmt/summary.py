@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
 from .finding import Finding
 from .findings import targets_findings
 from .header import TensorInfo
+from .keys import weight_key
 from .matching import TargetSpec, module_names_from_keys, select_targets
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; inspect needs neither base nor resolve
@@ -306,7 +307,7 @@ def _looked_for(name: str, adapter: AdapterCheckpoint, prefix_map: Optional[dict
             break
     else:
         name_mapped = name
-    return f"{name_mapped}.weight" if name in adapter.lora else name_mapped
+    return weight_key(name_mapped) if name in adapter.lora else name_mapped
 
 
 def check_report(
@@ -420,7 +421,7 @@ def preview_targets(
     )
     rows = []
     for m in sel.lora_targets:
-        info = base_model.tensors.get(f"{m}.weight") or base_model.tensors[f"{base_model.tied[m]}.weight"]
+        info = base_model.tensors.get(weight_key(m)) or base_model.tensors[weight_key(base_model.tied[m])]
         rows.append({"module": m, "shape": list(info.shape), "dtype": info.dtype, "tied_to": base_model.tied.get(m)})
     warnings = targets_findings(sel, exclude_modules)
     return TargetsReport(base=base, lora_targets=rows, full_copies=sel.full_copies, excluded=sel.excluded, warnings=warnings)

@@ -35,7 +35,7 @@ from .errors import CheckpointNotFoundError, InconsistentAdapterError, InvalidCo
 from .finding import Finding
 from .findings import full_copy_suffix_finding, full_copy_unchanged_finding, mixed_prefix_finding, unknown_keys_finding
 from .header import SafetensorsHeader, TensorInfo, read_header
-from .keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved
+from .keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved, weight_key
 from .matching import module_names_from_keys, peft_full_copy_matches
 
 #: ``layout`` of every :class:`WrappedCheckpoint` (an adapter directory is PEFT's saved layout).
@@ -520,7 +520,7 @@ def _transposed(wrapped: WrappedCheckpoint, entries: "list[tuple[KeyParts, Tenso
     b = {p.module: i.shape for p, i in entries if p.role is Role.LORA_B and p.param == "weight" and len(i.shape) == 2}
     votes = []
     for module in a.keys() & b.keys():
-        base = wrapped.base.get(f"{module}.weight")
+        base = wrapped.base.get(weight_key(module))
         out_in = (b[module][0], a[module][1])
         if base is not None and len(base.shape) == 2 and out_in[0] != out_in[1]:
             if tuple(base.shape) in (out_in, out_in[::-1]):
