@@ -8,6 +8,8 @@ from adapterfmt.errors import UnknownKeyError
 from adapterfmt.keys import (
     ROLE_TEMPLATES,
     KeyParts,
+    bias_key,
+    param_key,
     Role,
     parse_saved,
     parse_wrapped,
@@ -16,7 +18,10 @@ from adapterfmt.keys import (
     render_wrapped,
     saved_to_base,
     saved_to_wrapped,
+    split_param,
     split_prefix,
+    weight_key,
+    weight_module,
     wrapped_to_base,
     wrapped_to_saved,
 )
@@ -180,3 +185,16 @@ def test_peft_state_dict_maps_exactly_to_saved_keys(config, adapter_name):
     full = {p.module for p in adapter_owned.values() if p.role is Role.FULL_COPY}
     back = {saved_to_wrapped(k, adapter=adapter_name, full_copy_modules=full) for k in saved_keys}
     assert back == set(adapter_owned)
+
+
+def test_base_parameter_keys():
+    assert weight_key("model.layers.0.q") == "model.layers.0.q.weight" and bias_key("q") == "q.bias"
+    assert param_key("classifier", "dense.bias") == "classifier.dense.bias"
+    assert weight_key("") == "weight" and param_key("", "bias") == "bias"  # a module at the root
+    for module, param in (("a.b", "weight"), ("", "bias"), ("c", "dense.weight")):
+        key = param_key(module, param)
+        assert param_key(*split_param(key)) == key
+    assert split_param("a.b.weight") == ("a.b", "weight") and split_param("weight") == ("", "weight")
+    assert weight_module("a.b.weight") == "a.b" and weight_module("a.b.bias") is None
+    # the base column of the key table agrees with the helper
+    assert saved_to_base("base_model.model.a.b.lora_A.weight") == weight_key("a.b")
