@@ -6,7 +6,8 @@ Trainer, FSDP, DeepSpeed and Lightning saves, ``torch.save(peft_model.state_dict
 ``lm_head.original_module.weight``, ``lm_head.modules_to_save.default.weight``), with or without
 the ``base_model.model.`` prefix, in one safetensors file, in shards with an index, or in a
 pickle. :func:`read_wrapped` describes such a file with the records of an adapter
-(:class:`~adapterfmt.describe.AdapterCheckpoint`, one per adapter name) plus the base weights it
+(:class:`~adapterfmt.checkpoint.AdapterCheckpoint`, one per adapter name; sorted by
+:func:`~adapterfmt.describe.describe_tensors`, the config rebuilt by :mod:`adapterfmt.config_rebuild`) plus the base weights it
 carries, and says for every full copy whether the trained copy differs from the frozen original.
 
 A state dict does not store ``lora_alpha``: without ``alpha=`` or ``config=`` the description
@@ -20,9 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickletools
-import re
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Union
 
@@ -30,8 +29,9 @@ from .base import read_base
 from .config import LoraConfig, parse_config, read_config
 from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
 from .checkpoint import AdapterCheckpoint
+from .config_rebuild import exact_pattern, rebuild_config  # noqa: F401  (public here since 0.1)
 from .describe import describe_tensors
-from .errors import CheckpointNotFoundError, InconsistentAdapterError, InvalidConfigError, UnknownKeyError, UnsafeFileError
+from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from .finding import Finding
 from .findings import full_copy_suffix_finding, full_copy_unchanged_finding, mixed_prefix_finding, unknown_keys_finding
 from .header import SafetensorsHeader, TensorInfo, read_header
@@ -238,90 +238,6 @@ def is_wrapped_checkpoint(path: "str | os.PathLike[str]") -> bool:
         return _has_adapter_key(read_header(loc.files[0]).tensors)
     except (OSError, ValueError, AttributeError, CheckpointNotFoundError):
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# CONFIG REBUILT FROM THE TENSORS
-# ---------------------------------------------------------------------------------------------
-
-#: Fields of a rebuilt ``adapter_config.json`` that the tensors cannot tell (PEFT's defaults).
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    "peft_type": "LORA",
-    "task_type": None,
-    "base_model_name_or_path": None,
-    "inference_mode": True,
-    "bias": "none",
-    "lora_dropout": 0.0,
-    "init_lora_weights": True,
-    "use_rslora": False,
-    "alpha_pattern": {},
-    "trainable_token_indices": None,
-}
-#: Fields that filter target modules: meaningless next to an exact ``target_modules`` list.
-_TARGET_FILTERS = ("layers_to_transform", "layers_pattern", "exclude_modules")
-
-
-def exact_pattern(module: str) -> str:
-    """A ``rank_pattern`` / ``alpha_pattern`` key that PEFT resolves to ``module`` alone.
-
-    PEFT matches ``re.match(r"(.*\\.)?(KEY)$", name)``; a leading ``^`` forbids the optional
-    prefix, and escaping makes the dots literal.
-    """
-    return "^" + re.escape(module)
-
-
-def rebuild_config(
-    ranks: Mapping[str, int],
-    *,
-    full_copies: "list[str]",
-    use_dora: bool,
-    lora_bias: bool,
-    fan_in_fan_out: bool,
-    base_modules: "list[str]" = (),  # type: ignore[assignment]
-    alpha: Optional[float] = None,
-    config: Optional[LoraConfig] = None,
-) -> dict[str, Any]:
-    """The ``adapter_config.json`` document of an adapter whose tensors are known.
-
-    From the tensors: ``r`` (the most common rank; ties -> the smaller), ``rank_pattern``
-    (:func:`exact_pattern` keys for the other modules), ``target_modules`` (the module paths; a
-    full-match regex instead when a path is also the dotted tail of another module of the base,
-    which PEFT's list rule would catch too), ``modules_to_save``, ``use_dora``, ``lora_bias``,
-    ``fan_in_fan_out``. From the caller: ``lora_alpha`` (``alpha``), or everything else of a known
-    ``config`` (alpha, alpha_pattern, rsLoRA, task type, token indices ...; its target filters are
-    dropped since the target list is exact).
-
-    Args:
-        ranks: LoRA module path -> rank read from its tensors.
-        full_copies: module paths saved in full.
-        base_modules: every module name of the base (to spot ambiguous target names).
-        alpha: ``lora_alpha``; ``None`` with no config leaves it ``None`` (unknown).
-        config: a known config of this adapter.
-
-    Raises:
-        InvalidConfigError: both ``alpha`` and ``config`` were given.
-    """
-    if alpha is not None and config is not None:
-        raise InvalidConfigError("give lora_alpha or a config, not both", key="lora_alpha", hint="use --alpha or --config")
-    known = {"lora_alpha": alpha} if config is None else {**config.raw, "lora_alpha": config.lora_alpha}
-    doc: dict[str, Any] = {**_CONFIG_DEFAULTS, **known}
-    for name in _TARGET_FILTERS:
-        doc[name] = None
-    counts = Counter(ranks.values())
-    r = min(counts, key=lambda k: (-counts[k], k)) if counts else int(doc.get("r", 8))
-    modules = sorted(ranks)
-    others = set(base_modules) - set(modules)
-    ambiguous = any(o.endswith("." + m) for m in modules for o in others)
-    doc.update(
-        r=r,
-        rank_pattern={exact_pattern(m): k for m, k in sorted(ranks.items()) if k != r},
-        target_modules=("^(" + "|".join(re.escape(m) for m in modules) + ")$") if ambiguous else modules,
-        modules_to_save=sorted(full_copies) or None,
-        use_dora=use_dora,
-        lora_bias=lora_bias,
-        fan_in_fan_out=fan_in_fan_out,
-    )
-    return doc
 
 
 # ---------------------------------------------------------------------------------------------
