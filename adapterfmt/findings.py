@@ -10,7 +10,7 @@ Codes (docs/FORMAT.md §7): ``target-and-full-copy``, ``orphan-lora``, ``rank-mi
 ``unknown-key``, ``non-finite``, ``tied-full-copy``, ``config-tensor-mismatch``,
 ``unsupported-feature``, ``pattern-overlap``, ``full-copy-suffix``, ``wrapper-leftover``,
 ``mixed-prefix``, ``full-copy-unchanged``, ``full-copy-incomplete``, ``unused-target``,
-``unused-exclude``, ``full-copy-missing``.
+``unused-exclude``, ``full-copy-missing``, ``unresolved-module``, ``shape-mismatch``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ __all__ = [
     "full_copy_unchanged_finding",
     "lora_rank_mismatch_finding",
     "mixed_prefix_finding",
+    "shape_mismatch_finding",
     "targets_findings",
     "tied_full_copy_findings",
     "unknown_keys_finding",
+    "unresolved_module_finding",
     "wrapper_leftover_finding",
 ]
 
@@ -108,6 +110,20 @@ def full_copy_unchanged_finding(adapter: str, modules: Sequence[str]) -> Finding
         "inject_adapter_in_model on peft <= 0.15, or a save before training), so it changes nothing",
         list(modules),
     )
+
+
+def unresolved_module_finding(base: str, count: int, first: str, looked_for: str, names: Sequence[str]) -> Finding:
+    """``unresolved-module``: ``count`` adapter names bind to no tensor of ``base`` (``first`` looked up as ``looked_for``)."""
+    return Finding(
+        "unresolved-module",
+        f"{count} adapter name(s) have no tensor in the base {base}, e.g. '{first}' (looked for '{looked_for}')",
+        list(names),
+    )
+
+
+def shape_mismatch_finding(message: str) -> Finding:
+    """``shape-mismatch``: one of :attr:`~adapterfmt.resolution.Resolution.shape_errors`, as a warning."""
+    return Finding("shape-mismatch", message, [])
 
 
 def full_copy_incomplete_finding(path: str, missing: Sequence[str]) -> Finding:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
 
 from .finding import Finding
-from .findings import targets_findings
+from .findings import shape_mismatch_finding, targets_findings, unresolved_module_finding
 from .header import TensorInfo
 from .keys import weight_key
 from .matching import TargetSpec, module_names_from_keys, select_targets
@@ -288,14 +288,9 @@ def _failure_findings(check: CheckReport) -> list[Finding]:
     if check.unresolved_count:
         first = check.unresolved[0]
         out.append(
-            Finding(
-                "unresolved-module",
-                f"{check.unresolved_count} adapter name(s) have no tensor in the base {check.base}, "
-                f"e.g. '{first.name}' (looked for '{first.looked_for}')",
-                [u.name for u in check.unresolved],
-            )
+            unresolved_module_finding(check.base, check.unresolved_count, first.name, first.looked_for, [u.name for u in check.unresolved])
         )
-    out += [Finding("shape-mismatch", msg, []) for msg in check.shape_errors]
+    out += [shape_mismatch_finding(msg) for msg in check.shape_errors]
     return out
 
 
