@@ -35,6 +35,7 @@ __all__ = [
     "full_copy_unchanged_finding",
     "lora_rank_mismatch_finding",
     "mixed_prefix_finding",
+    "non_finite_finding",
     "shape_mismatch_finding",
     "targets_findings",
     "tied_full_copy_findings",
@@ -124,6 +125,15 @@ def unresolved_module_finding(base: str, count: int, first: str, looked_for: str
 def shape_mismatch_finding(message: str) -> Finding:
     """``shape-mismatch``: one of :attr:`~adapterfmt.resolution.Resolution.shape_errors`, as a warning."""
     return Finding("shape-mismatch", message, [])
+
+
+def non_finite_finding(where: str, key: str, nan: int, inf: int, numel: int) -> Finding:
+    """``non-finite``: tensor ``key`` of ``where`` holds ``nan`` NaN and ``inf`` Inf values (a value scan)."""
+    return Finding(
+        "non-finite",
+        f"{where}: '{key}' holds {nan} NaN and {inf} Inf value(s) of {numel}; the adapter is broken, retrain or re-export it",
+        [key],
+    )
 
 
 def full_copy_incomplete_finding(path: str, missing: Sequence[str]) -> Finding:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .describe import AdapterCheckpoint
-from .findings import Finding
+from .findings import Finding, non_finite_finding
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,12 +53,5 @@ def non_finite_findings(ckpt: AdapterCheckpoint) -> list[Finding]:
         for key, info in sorted(ckpt.tensor_infos().items()):
             nan, inf = count_non_finite(reader.get(info))
             if nan or inf:
-                out.append(
-                    Finding(
-                        "non-finite",
-                        f"{ckpt.weights_file}: '{key}' holds {nan} NaN and {inf} Inf value(s) of {info.numel}; "
-                        "the adapter is broken, retrain or re-export it",
-                        [key],
-                    )
-                )
+                out.append(non_finite_finding(ckpt.weights_file, key, nan, inf, info.numel))
     return out
