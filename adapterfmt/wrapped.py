@@ -7,7 +7,8 @@ Trainer, FSDP, DeepSpeed and Lightning saves, ``torch.save(peft_model.state_dict
 the ``base_model.model.`` prefix, in one safetensors file, in shards with an index, or in a
 pickle. :func:`read_wrapped` describes such a file with the records of an adapter
 (:class:`~adapterfmt.checkpoint.AdapterCheckpoint`, one per adapter name; sorted by
-:func:`~adapterfmt.describe.describe_tensors`, the config rebuilt by :mod:`adapterfmt.config_rebuild`) plus the base weights it
+:func:`~adapterfmt.describe.describe_tensors`, the config rebuilt by :mod:`adapterfmt.config_rebuild`,
+its files found by :mod:`adapterfmt.wrapped_files`) plus the base weights it
 carries, and says for every full copy whether the trained copy differs from the frozen original.
 
 A state dict does not store ``lora_alpha``: without ``alpha=`` or ``config=`` the description
@@ -20,35 +21,33 @@ from __future__ import annotations
 
 import json
 import os
-import pickletools
-import zipfile
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Union
 
 from .base import read_base
 from .config import LoraConfig, parse_config, read_config
-from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
+from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from .checkpoint import AdapterCheckpoint
 from .config_rebuild import exact_pattern, rebuild_config  # noqa: F401  (public here since 0.1)
 from .describe import describe_tensors
 from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from .finding import Finding
 from .findings import full_copy_suffix_finding, full_copy_unchanged_finding, mixed_prefix_finding, unknown_keys_finding
-from .header import SafetensorsHeader, TensorInfo, read_header
+from .header import SafetensorsHeader, TensorInfo
 from .keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved, weight_key
 from .matching import module_names_from_keys, peft_full_copy_matches
+from .wrapped_files import (  # noqa: F401  (PICKLE_*, is_wrapped_checkpoint: public here since 0.1)
+    ADAPTER_ROLES,
+    PICKLE_SUFFIXES,
+    PICKLE_WEIGHTS_FILE,
+    is_wrapped_checkpoint,
+    locate_wrapped,
+)
 
 #: ``layout`` of every :class:`WrappedCheckpoint` (an adapter directory is PEFT's saved layout).
 WRAPPED_LAYOUT = "wrapped"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-#: The pickle a directory is read from when it holds several (trainer dirs add optimizer.pt ...).
-PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
-#: Roles whose wrapped key carries an adapter name: the adapter's own tensors.
-_ADAPTER_ROLES = LORA_ROLES | {Role.FULL_COPY, Role.TOKENS_DELTA}
 #: Bytes compared per read when checking whether a full copy changed.
 _CHUNK = 1 << 22
-#: A ``data.pkl`` larger than this is not sniffed for key names.
-_MAX_PICKLE_INDEX = 64 << 20
 
 AlphaSpec = Union[float, Mapping[str, float], None]
 ConfigSpec = Union[LoraConfig, str, "os.PathLike[str]", Mapping[str, Union[LoraConfig, str, "os.PathLike[str]"]], None]
@@ -142,104 +141,6 @@ class WrappedCheckpoint:
         }
 
 
-@dataclass(frozen=True)
-class _Located:
-    directory: str
-    files: list[str]
-    storage: str
-    index: Optional[str] = None
-
-
-def _locate(path: str) -> _Located:
-    """The weight files of a wrapped checkpoint at ``path`` (file or directory), without reading them."""
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE)):
-            raise CheckpointNotFoundError(
-                f"is a PEFT adapter directory (it has {ADAPTER_CONFIG_FILE}), not a wrapped state dict",
-                path=path,
-                hint="read it as an adapter",
-            )
-        index = os.path.join(path, SAFETENSORS_INDEX_FILE)
-        if os.path.isfile(index):
-            return _Located(path, [], "safetensors-sharded", index)
-        names = sorted(os.listdir(path))
-        single = [n for n in names if n == SAFETENSORS_WEIGHTS_FILE] or [n for n in names if n.endswith(".safetensors")]
-        if len(single) == 1:
-            return _Located(path, [os.path.join(path, single[0])], "safetensors")
-        pickles = [n for n in names if n == PICKLE_WEIGHTS_FILE] or [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        if not single and len(pickles) == 1:
-            return _Located(path, [os.path.join(path, pickles[0])], "pickle")
-        found = single or pickles
-        raise CheckpointNotFoundError(
-            f"holds {len(found) or 'no'} weight files{' (' + ', '.join(found[:5]) + ')' if found else ''}",
-            path=path,
-            hint=f"name the state-dict file itself, or give a directory with one file or a {SAFETENSORS_INDEX_FILE}",
-        )
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError("no such file or directory", path=path)
-    directory = os.path.dirname(path) or "."
-    if os.path.basename(path) == SAFETENSORS_INDEX_FILE:
-        return _Located(directory, [], "safetensors-sharded", path)
-    if path.endswith(".safetensors"):
-        return _Located(directory, [path], "safetensors")
-    if path.endswith(PICKLE_SUFFIXES):
-        return _Located(directory, [path], "pickle")
-    raise CheckpointNotFoundError(
-        "is not a .safetensors, index .json or pickle (.bin/.pt/.pth) file", path=path, hint="name the state-dict file"
-    )
-
-
-def _pickle_key_names(path: str) -> list[str]:
-    """Strings in a ``torch.save`` zip's ``data.pkl``, read with :mod:`pickletools` (nothing is executed).
-
-    Lets :func:`is_wrapped_checkpoint` recognise a pickle without unpickling it; an old
-    non-zip pickle gives ``[]``.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            members = [i for i in z.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"]
-            if len(members) != 1 or members[0].file_size > _MAX_PICKLE_INDEX:
-                return []
-            data = z.read(members[0])
-        return [arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str) and "UNICODE" in op.name]
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # damaged or exotic zip / pickle
-        return []
-
-
-def _has_adapter_key(keys: "list[str] | Any") -> bool:
-    for key in keys:
-        try:
-            parts = parse_wrapped(key)
-        except UnknownKeyError:
-            continue
-        if parts.role in _ADAPTER_ROLES and parts.adapter:
-            return True
-    return False
-
-
-def is_wrapped_checkpoint(path: "str | os.PathLike[str]") -> bool:
-    """Whether ``path`` is a local wrapped state dict: some key carries an adapter name
-    (``….lora_A.<name>.weight``, ``….modules_to_save.<name>.…``).
-
-    Reads headers only (a pickle's key names are sniffed with :mod:`pickletools`, nothing is
-    unpickled); never raises for a path that is something else, and never touches the network.
-    """
-    spec = os.fspath(path)
-    if not os.path.exists(spec):
-        return False
-    try:
-        loc = _locate(spec)
-        if loc.index is not None:
-            with open(loc.index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-            return isinstance(weight_map, dict) and _has_adapter_key(weight_map)
-        if loc.storage == "pickle":
-            return _has_adapter_key(_pickle_key_names(loc.files[0]))
-        return _has_adapter_key(read_header(loc.files[0]).tensors)
-    except (OSError, ValueError, AttributeError, CheckpointNotFoundError):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 # READING
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +178,7 @@ def read_wrapped(
         InconsistentAdapterError: two wrapped keys name the same base tensor.
     """
     spec = os.fspath(path)
-    loc = _locate(spec)
+    loc = locate_wrapped(spec)
     in_memory = None
     model_config: dict[str, Any] = {}
     if loc.storage == "pickle":
@@ -347,7 +248,7 @@ def _sort_keys(wrapped: WrappedCheckpoint, tensors: Mapping[str, TensorInfo]) ->
             wrapped.unknown_keys.append(key)
             continue
         prefixes.add(parts.prefix)
-        if parts.role in _ADAPTER_ROLES and parts.adapter:
+        if parts.role in ADAPTER_ROLES and parts.adapter:
             groups.setdefault(parts.adapter, []).append((parts, info))
             continue
         base_key = render_base(parts)
