@@ -2,6 +2,12 @@
 
 Sources: PEFT ``src/peft/utils/constants.py`` (adapter file names) and huggingface_hub
 ``constants.py`` (model weight file names), see docs/FORMAT.md.
+
+The model file names are huggingface_hub's (``CONFIG_NAME``, ``SAFETENSORS_SINGLE_FILE``,
+``SAFETENSORS_INDEX_FILE``, ``SAFETENSORS_WEIGHTS_FILE_PATTERN``). They are spelled here, not
+imported, because ``import huggingface_hub.constants`` costs the header-only commands about 15 ms
+(half their start-up) and tests/test_no_torch.py keeps huggingface_hub off that path;
+tests/test_constants.py fails if a value here differs from huggingface_hub's.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_SAFETENSORS_FILE = "adapter_model.safetensors"
 ADAPTER_BIN_FILE = "adapter_model.bin"
 
+#: huggingface_hub.constants.CONFIG_NAME
 MODEL_CONFIG_FILE = "config.json"
+#: huggingface_hub.constants.SAFETENSORS_SINGLE_FILE
 SAFETENSORS_WEIGHTS_FILE = "model.safetensors"
+#: huggingface_hub.constants.SAFETENSORS_INDEX_FILE
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-#: ``model{suffix}.safetensors``, suffix ``-00001-of-00005`` (huggingface_hub's pattern).
+#: huggingface_hub.constants.SAFETENSORS_WEIGHTS_FILE_PATTERN: suffix ``-00001-of-00005``.
 SAFETENSORS_WEIGHTS_FILE_PATTERN = "model{suffix}.safetensors"
 
 #: Prefix PEFT puts in front of every saved LoRA key (``PeftModel.base_model.model``).

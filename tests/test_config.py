@@ -40,7 +40,7 @@ def test_real_configs():
 
 
 def test_defaults_equal_peft():
-    peft = pytest.importorskip("peft")
+    import peft
     ours, theirs = parse_config({"peft_type": "LORA"}), peft.LoraConfig()
     for name in ("r", "lora_alpha", "use_rslora", "use_dora", "lora_bias", "bias", "fan_in_fan_out", "init_lora_weights"):
         assert getattr(ours, name) == getattr(theirs, name), name
@@ -48,7 +48,6 @@ def test_defaults_equal_peft():
 
 @pytest.mark.parametrize("patterns", PATTERNS, ids=str)
 def test_pattern_lookup_equals_peft(patterns):
-    pytest.importorskip("peft")
     from peft.utils.other import get_pattern_key
 
     cfg = parse_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": patterns, "alpha_pattern": patterns})

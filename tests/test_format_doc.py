@@ -149,9 +149,8 @@ def test_key_table_example_maps_as_documented(role, saved, wrapped, base):
 @pytest.fixture(scope="module")
 def peft_names() -> dict[str, set[str]]:
     """Saved, wrapped (prefix removed) and base key names from real PEFT models built in code."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     llama = transformers.LlamaConfig(

@@ -96,7 +96,7 @@ PEFT_CASES = [
 
 @pytest.mark.parametrize(("adapter", "base", "head"), PEFT_CASES)
 def test_modules_ranks_and_scalings_equal_peft(run_cli, adapter, base, head):
-    torch = pytest.importorskip("torch")
+    import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -144,7 +144,7 @@ def test_rank_mismatch_between_config_and_tensors(run_cli, copy_testdata):
 
 
 def test_rank_mismatch_between_a_and_b(run_cli, copy_testdata):
-    torch = pytest.importorskip("torch")
+    import torch
     d = copy_testdata("tiny-llama-multi")
     key = f"{Q_PROJ}.lora_B.weight"
     edit_adapter_weights(d, change=lambda t: t.__setitem__(key, torch.zeros(64, 2)))
@@ -153,7 +153,7 @@ def test_rank_mismatch_between_a_and_b(run_cli, copy_testdata):
 
 
 def test_unknown_key(run_cli, copy_testdata):
-    torch = pytest.importorskip("torch")
+    import torch
     d = copy_testdata("tiny-llama-lora")
     stray = "base_model.model.model.layers.0.self_attn.rotary.inv_freq"
     edit_adapter_weights(d, add={stray: torch.ones(4)})
@@ -163,7 +163,7 @@ def test_unknown_key(run_cli, copy_testdata):
 
 
 def test_non_finite_only_with_scan(run_cli, copy_testdata):
-    pytest.importorskip("torch")
+    import torch  # noqa: F401  (the poisoned copy below is written with torch)
     d = copy_testdata("tiny-llama-lora")
     key = f"{Q_PROJ}.lora_A.weight"
 
@@ -243,7 +243,7 @@ def test_base_that_does_not_fit_gives_unresolved_and_shape_warnings(run_cli):
 
 
 def test_bin_needs_allow_pickle(run_cli, copy_testdata):
-    torch = pytest.importorskip("torch")
+    import torch
     from safetensors.torch import load_file
 
     d = copy_testdata("tiny-llama-multi")

@@ -167,7 +167,6 @@ SAVED_ROLES = {Role.LORA_A, Role.LORA_B, Role.LORA_EMBEDDING_A, Role.LORA_EMBEDD
 @pytest.mark.parametrize("config", [c for c in TINY_PEFT_CONFIGS if c != "bias-all"])
 @pytest.mark.parametrize("adapter_name", ["default", "other"])
 def test_peft_state_dict_maps_exactly_to_saved_keys(config, adapter_name):
-    pytest.importorskip("peft")
     from peft import get_peft_model_state_dict
 
     model = tiny_peft_model(config, adapter_name=adapter_name)

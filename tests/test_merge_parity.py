@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from peft import LoraConfig  # noqa: E402
 from safetensors import safe_open  # noqa: E402

@@ -27,7 +27,6 @@ def peft_targets(model, **config) -> list[str]:
 @pytest.fixture
 def llama():
     """A fresh tiny Llama built from ``testdata/tiny-llama/config.json`` (no weights read)."""
-    pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TESTDATA / "tiny-llama"))
@@ -62,7 +61,7 @@ def test_preview_equals_peft(run_cli, llama, args, config):
 
 def test_regex_with_negative_lookahead_on_thirteen_layers(run_cli, tmp_path):
     """``.*\\.(?!11)\\d+\\.fc1$``: every fc1 but layer 11 (and neither fc2 nor the norms)."""
-    torch = pytest.importorskip("torch")
+    import torch
 
     class Block(torch.nn.Module):
         def __init__(self):
