@@ -62,7 +62,9 @@ class Registry:
 class LoadedAdapters:
     """What :func:`~adapterfmt.load` and :func:`~adapterfmt.wrap` return: the model (changed in place) and its adapters.
 
-    Every function of the loader also accepts this handle in place of the model.
+    A read-only view, not a second API: the primary style is the module-level functions called on
+    the model itself (``adapterfmt.set_adapter(model, "x")``, docs/BEHAVIOUR.md §5); each of them
+    also accepts this handle in place of the model, as a convenience.
     """
 
     def __init__(self, model: nn.Module) -> None:

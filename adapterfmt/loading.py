@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from .header import TensorInfo
 from .keys import parse_saved, render_wrapped, split_prefix
 from .layers import adapter_dtype
 from .load_plan import LoadPlan, listing, plan_load, refuse_unloadable
+from .memory_adapter import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor
 from .scan import count_non_finite
 from .torch_io import TensorReader
@@ -52,7 +53,7 @@ from .torch_io import TensorReader
 
 def load(
     model: ModelLike,
-    path_or_hub_id: "str | os.PathLike[str]",
+    path_or_hub_id: "str | os.PathLike[str] | Mapping[str, torch.Tensor]",
     adapter_name: str = DEFAULT_ADAPTER_NAME,
     is_trainable: bool = False,
     prefix_map: Optional[Mapping[str, str]] = None,
@@ -60,6 +61,7 @@ def load(
     subfolder: Optional[str] = None,
     revision: Optional[str] = None,
     allow_pickle: bool = False,
+    config: "LoraConfig | Mapping[str, Any] | None" = None,
 ) -> LoadedAdapters:
     """Wrap every module a LoRA adapter targets, in place, and load its tensors.
 
@@ -73,8 +75,10 @@ def load(
 
     Args:
         model (`torch.nn.Module`): any model; a transformers or diffusers model, or your own.
-        path_or_hub_id (`str` or `os.PathLike`): adapter directory (``<dir>/<name>`` for a
-            sub-adapter) or Hub repo id.
+        path_or_hub_id (`str`, `os.PathLike` or `dict`): adapter directory (``<dir>/<name>`` for a
+            sub-adapter) or Hub repo id; or an in-memory state dict under PEFT's saved keys
+            (what ``get_peft_model_state_dict`` returns), which then needs ``config``. Its
+            tensors are copied, never shared with the caller's dict.
         adapter_name (`str`, *optional*, defaults to `"default"`): the name to load it under.
         is_trainable (`bool`, *optional*, defaults to `False`): `True`: this adapter's LoRA tensors
             and full copies require grad (and the biases its ``bias`` setting trains, as in PEFT)
@@ -85,6 +89,8 @@ def load(
             differently from the one the adapter was trained on.
         subfolder / revision: passed to :func:`~adapterfmt.read_adapter`.
         allow_pickle (`bool`, *optional*, defaults to `False`): permit an ``adapter_model.bin``.
+        config (:class:`~adapterfmt.LoraConfig` or `dict`, *optional*): the adapter's config (a
+            decoded ``adapter_config.json``); only, and required, with a state dict.
 
     Returns:
         A :class:`LoadedAdapters` handle (``.model``, ``.adapters``, ``.active``).
@@ -109,7 +115,7 @@ def load(
     model = as_model(model)
     registry = get_registry(model, create=False)
     check_new_name(registry, adapter_name)
-    ckpt = read_adapter(path_or_hub_id, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
+    ckpt = _read(path_or_hub_id, config, adapter_name, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
     refuse_unloadable(ckpt)
     prefix_map = dict(prefix_map or {})
     plan = plan_load(model, ckpt, prefix_map)
@@ -137,6 +143,19 @@ def load(
     register(registry, info)
     set_trainable(model, adapter_name, is_trainable)
     return LoadedAdapters(model)
+
+
+def _read(source: Any, config: Any, adapter_name: str, **read_options: Any) -> AdapterCheckpoint:
+    """The checkpoint from a directory / Hub id (:func:`read_adapter`) or a state dict + config."""
+    if isinstance(source, Mapping):
+        if config is None:
+            raise TypeError("load(model, state_dict) needs config= (an adapterfmt.LoraConfig or an adapter_config.json dict)")
+        if any(read_options.values()):
+            raise TypeError("subfolder / revision / allow_pickle apply to a path, not to a state dict")
+        return read_state_dict(source, config, adapter_name)
+    if config is not None:
+        raise TypeError("config= is only for a state dict; a directory's adapter_config.json is its config")
+    return read_adapter(source, **read_options)
 
 
 def _read_tensors(ckpt: AdapterCheckpoint, plan: LoadPlan, name: str) -> dict[str, torch.Tensor]:

@@ -24,8 +24,8 @@ from .matching import undo_prefix_map
 from .module_tree import parse_model_key
 
 
-def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optional[str] = DEFAULT_ADAPTER_NAME) -> None:
-    """Write an adapter in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optional[str] = None) -> None:
+    """Write every adapter on the model (or one) in PEFT's layout, as ``PeftModel.save_pretrained`` does.
 
     Keys are PEFT's saved keys (``base_model.model.X.lora_A.weight``, full copies under the
     module's own path), rendered through :mod:`adapterfmt.keys`; tensors that share storage are
@@ -36,8 +36,9 @@ def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optiona
     Args:
         model: a model with adapters (from :func:`~adapterfmt.load` or :func:`~adapterfmt.wrap`), or its handle.
         path: the output directory (created if needed).
-        adapter_name (`str` or `None`, *optional*, defaults to `"default"`): the adapter to
-            write; `None` writes every adapter.
+        adapter_name (`str` or `None`, *optional*, defaults to `None`): `None` writes every
+            adapter on the model (``save_pretrained``'s ``selected_adapters=None``); a name writes
+            only that one (still ``path`` for ``default``, ``path/<name>/`` otherwise).
 
     Raises:
         ValueError: the model has no adapter of that name.

@@ -8,6 +8,7 @@ for :func:`~adapterfmt.save`. This module imports torch only.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
@@ -26,6 +27,7 @@ from .adapter_state import (
     set_trainable,
 )
 from .config import LoraConfig, parse_config
+from .memory_adapter import as_lora_config
 from .constants import DEFAULT_ADAPTER_NAME
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 from .errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
@@ -36,8 +38,9 @@ from .module_tree import CONTAINERS, base_of, original_of
 
 def wrap(
     model: ModelLike,
-    target_modules: "Sequence[str] | str | None" = None,
+    config: "LoraConfig | Mapping[str, Any] | Sequence[str] | str | None" = None,
     *,
+    target_modules: "Sequence[str] | str | None" = None,
     exclude_modules: "Sequence[str] | str | None" = None,
     modules_to_save: Optional[Sequence[str]] = None,
     r: int = 8,
@@ -65,8 +68,15 @@ def wrap(
     Afterwards only this adapter's tensors and full copies require grad. The first adapter on a
     model becomes active; a later one is added inactive (see :func:`~adapterfmt.set_adapter`).
 
+    ``wrap(model, config)`` takes an :class:`adapterfmt.LoraConfig` (or a decoded
+    ``adapter_config.json`` dict), as ``get_peft_model(model, config)`` does; the keyword fields
+    are a convenience for the same thing (``wrap(model, ["q_proj"], r=4)``) and cannot be mixed
+    with a config object.
+
     Args:
         model (`torch.nn.Module`): any model (or a handle).
+        config (:class:`~adapterfmt.LoraConfig`, `dict`, `list[str]` or `str`): the adapter's
+            config; a list or a string here is ``target_modules`` (the keyword form).
         target_modules (`list[str]` or `str`): modules to give LoRA; required, since adapterfmt
             has no per-architecture defaults.
         exclude_modules (`list[str]` or `str`, *optional*): modules never to target.
@@ -87,7 +97,75 @@ def wrap(
         InvalidConfigError: invalid values (``r <= 0``, a bad regular expression, ...) or no
             ``target_modules``.
         ValueError: ``adapter_name`` is invalid or already present.
+        TypeError: a config object together with field keywords.
     """
+    fields = dict(
+        target_modules=target_modules, exclude_modules=exclude_modules, modules_to_save=modules_to_save, r=r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora, lora_bias=lora_bias,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern, init_lora_weights=init_lora_weights,
+    )
+    if isinstance(config, (LoraConfig, Mapping)):
+        given = sorted(k for k, v in fields.items() if v != _KEYWORD_DEFAULTS[k])
+        if given:
+            raise TypeError(f"wrap() got a config object and field keywords {given}: put them in the config")
+        fields = _fields_of(as_lora_config(config))
+    elif config is not None:
+        if target_modules is not None:
+            raise TypeError("wrap() got target_modules twice (positionally and as a keyword)")
+        fields["target_modules"] = config
+    return _wrap(model, adapter_name=adapter_name, **fields)
+
+
+def _fields_of(cfg: LoraConfig) -> dict[str, Any]:
+    """The keyword fields of :func:`wrap` from a config; refuses what ``wrap`` cannot create."""
+    for name, value, default in (
+        ("bias", cfg.bias, "none"),
+        ("target_parameters", cfg.target_parameters, None),
+        ("trainable_token_indices", cfg.trainable_token_indices, None),
+    ):
+        if value not in (default, [], {}):
+            raise UnsupportedFeatureError(
+                f"is {value!r}; wrap() creates only LoRA adapters without it", key=name, hint=f"set {name}={default!r}"
+            )
+    return dict(
+        target_modules=cfg.target_modules,
+        exclude_modules=cfg.exclude_modules,
+        modules_to_save=cfg.modules_to_save,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=float(cfg.raw.get("lora_dropout", 0.0) or 0.0),
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        lora_bias=cfg.lora_bias,
+        rank_pattern=dict(cfg.rank_pattern),
+        alpha_pattern=dict(cfg.alpha_pattern),
+        layers_to_transform=cfg.layers_to_transform,
+        layers_pattern=cfg.layers_pattern,
+        init_lora_weights=cfg.init_lora_weights,
+    )
+
+
+def _wrap(
+    model: ModelLike,
+    *,
+    target_modules: Any,
+    exclude_modules: Any,
+    modules_to_save: Optional[Sequence[str]],
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    use_rslora: bool,
+    use_dora: bool,
+    lora_bias: bool,
+    rank_pattern: Optional[Mapping[str, int]],
+    alpha_pattern: Optional[Mapping[str, float]],
+    layers_to_transform: Any,
+    layers_pattern: Any,
+    adapter_name: str,
+    init_lora_weights: "bool | str",
+) -> LoadedAdapters:
+    """:func:`wrap` with its fields decided."""
     model = as_model(model)
     registry = get_registry(model, create=False)
     check_new_name(registry, adapter_name)
@@ -161,6 +239,12 @@ def wrap(
     register(registry, AdapterInfo(adapter_name, doc, list(sel.lora_targets), copies))
     set_trainable(model, adapter_name, True)
     return LoadedAdapters(model)
+
+
+#: The keyword fields' defaults (a config object may come only with these).
+_KEYWORD_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(wrap).parameters.items() if p.kind is p.KEYWORD_ONLY and name != "adapter_name"
+}
 
 
 def _all_linear(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[str]:

@@ -1,0 +1,74 @@
+"""An adapter held in memory (a PEFT state dict + its config) as an :class:`~adapterfmt.describe.AdapterCheckpoint`.
+
+What diffusers' ``load_lora_weights(state_dict)`` accepts: the tensors never touch the disk, and the
+record is built by the same :func:`~adapterfmt.describe.read_adapter` rules as a file's (the
+state dict is described like a header, exactly as an ``adapter_model.bin`` is), so
+:func:`~adapterfmt.load` checks and applies it identically. This module imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .config import LoraConfig, parse_config
+from .constants import DEFAULT_ADAPTER_NAME
+from .describe import AdapterCheckpoint, _describe
+from .errors import HeaderError, InvalidConfigError
+from .header import SafetensorsHeader, TensorInfo
+from .torch_io import SAFETENSORS_DTYPES
+
+#: What error messages name as the "file" of an in-memory adapter.
+IN_MEMORY = "<in-memory state dict>"
+
+
+def as_lora_config(config: "LoraConfig | Mapping[str, Any]") -> LoraConfig:
+    """``config`` itself, or a decoded ``adapter_config.json`` validated into a :class:`LoraConfig`.
+
+    Raises:
+        InvalidConfigError: neither, or the document is not a valid LoRA config.
+    """
+    if isinstance(config, LoraConfig):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(dict(config))
+    raise InvalidConfigError(
+        f"must be an adapterfmt.LoraConfig or an adapter_config.json dict, got {type(config).__name__}",
+        key="config",
+    )
+
+
+def read_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: "LoraConfig | Mapping[str, Any]",
+    name: str = DEFAULT_ADAPTER_NAME,
+) -> AdapterCheckpoint:
+    """Describe ``state_dict`` (PEFT's saved keys, with or without ``base_model.model.``) as a checkpoint.
+
+    Raises:
+        HeaderError: a value is not a tensor of a safetensors dtype.
+        InvalidConfigError / UnknownKeyError / InconsistentAdapterError: as :func:`~adapterfmt.read_adapter`.
+    """
+    cfg = as_lora_config(config)
+    tensors: dict[str, TensorInfo] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise HeaderError("is not a flat dict of name -> tensor", path=IN_MEMORY, key=str(key))
+        dtype = SAFETENSORS_DTYPES.get(value.dtype)
+        if dtype is None:
+            raise HeaderError(f"has unsupported dtype {value.dtype}", path=IN_MEMORY, key=key)
+        tensors[key] = TensorInfo(key, IN_MEMORY, dtype, tuple(value.shape), -1, -1)
+    ckpt = AdapterCheckpoint(
+        name=name,
+        directory=IN_MEMORY,
+        config=cfg,
+        weights_file=IN_MEMORY,
+        prefix="",
+        tensors_in_memory={k: v.detach().clone() for k, v in state_dict.items()},  # never shared with the caller's
+    )
+    _describe(ckpt, SafetensorsHeader(path=IN_MEMORY, tensors=tensors, metadata={}))
+    return ckpt
+
+
+__all__ = ["IN_MEMORY", "as_lora_config", "read_state_dict"]
