@@ -13,7 +13,7 @@ Actions:
 * ``merge`` — ``W + Σ weight_i · ΔW_i`` in float32, rounded once (DoRA, ``lora_bias`` and
   trainable-token rows are terms of the same sum, applied in adapter order).
 
-Tied embeddings (FORMAT-REF §5.8): where the base ties an output head to its input embedding and
+Tied embeddings (FORMAT §6.9): where the base ties an output head to its input embedding and
 an adapter changes either, both tensors are written and ``tie_word_embeddings`` is set to false.
 The values follow PEFT's ``merge_and_unload``: LoRA deltas and token rows on either module land
 in the one shared tensor, so both get them; a full copy replaces only its own module. (PEFT's
@@ -87,7 +87,7 @@ class BiasTerm:
 
 @dataclass(frozen=True)
 class RowsTerm:
-    """Rows ``indices[j]`` replaced by row ``j`` of a trainable-token tensor (FORMAT-REF §5.7)."""
+    """Rows ``indices[j]`` replaced by row ``j`` of a trainable-token tensor (FORMAT §6.7)."""
 
     adapter: int
     info: TensorInfo

@@ -1,4 +1,9 @@
-"""Keep docs/FORMAT.md honest: its key table, warning codes, errors and refused fields match the code.
+"""Keep docs/FORMAT.md (the spec) and docs/BEHAVIOUR.md honest against the code.
+
+FORMAT: its key table and refused fields match the code, its section numbers stay put, and it
+states the ``format_version`` the CLI's JSON carries. BEHAVIOUR: its warning codes and error
+classes are the code's. Every section citation, in every form the code and docs use, names a
+section that exists in the document it names.
 
 The key table (§3.8) is checked twice: every template cell against ``keys.ROLE_TEMPLATES`` and
 every example row through ``adapterfmt.keys`` in both directions, and every example key against
@@ -23,6 +28,7 @@ from adapterfmt.keys import ROLE_TEMPLATES, Role
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "FORMAT.md").read_text(encoding="utf-8")
+BEHAVIOUR = (ROOT / "docs" / "BEHAVIOUR.md").read_text(encoding="utf-8")
 PACKAGE = Path(adapterfmt.__file__).resolve().parent
 
 SECTIONS = {
@@ -38,9 +44,19 @@ SECTIONS = {
 }
 
 
-def _section(n: int) -> str:
-    m = re.search(rf"^## {n}\. .*?(?=^## \d+\. |\Z)", DOC, flags=re.M | re.S)
-    assert m, f"FORMAT.md has no section {n}"
+BEHAVIOUR_SECTIONS = {
+    1: "Reading",
+    2: "Warning codes",
+    3: "Errors and exit codes",
+    4: "Commands and JSON output",
+    5: "Python API",
+    6: "Wrapped checkpoints",
+}
+
+
+def _section(n: int, doc: str = DOC) -> str:
+    m = re.search(rf"^## {n}\. .*?(?=^## \d+\. |\Z)", doc, flags=re.M | re.S)
+    assert m, f"no section {n}"
     return m.group(0)
 
 
@@ -106,12 +122,107 @@ def test_sections_keep_their_numbers():
     assert re.search(r"^### 3\.5 .*wrapper leftovers", DOC, flags=re.M | re.I)
 
 
-def test_section_citations_in_code_exist():
-    cited = set()
-    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
-        cited |= set(re.findall(r"FORMAT\.md §(\d+(?:\.\d+)?)", path.read_text(encoding="utf-8")))
-    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", DOC, flags=re.M))
-    assert cited and cited <= headings, sorted(cited - headings)
+def _headings(doc: str) -> set[str]:
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", doc, flags=re.M))
+
+
+#: Citable documents by the name a citation uses (``FORMAT``, ``FORMAT.md``, ``docs/FORMAT.md`` ...).
+CITABLE = {"FORMAT": DOC, "BEHAVIOUR": BEHAVIOUR}
+#: A word right before ``§`` written like a document name: upper case, optional folder and ``.md``.
+_DOC_WORD = re.compile(r"(?:[\w.-]+/)*([A-Z][A-Z0-9_-]*)(?:\.md)?$")
+
+
+def citations(text: str, own: str, *, in_doc: bool = False) -> list[tuple[str, str]]:
+    """``(document, section)`` for every ``§N[.M]`` in ``text``.
+
+    A ``§`` right after a document-like word (``FORMAT §6.9``, ``FORMAT.md §3.7``,
+    ``docs/FORMAT.md §5``, ``BEHAVIOUR §2``, and wrong ones such as ``FORMAT-REF §5.8``) cites that
+    word. A bare ``§`` cites ``own``: inside a document (``in_doc``) always the document itself; in
+    code it continues a document named within the 200 characters before it (``FORMAT.md §9.1 and
+    §9.2``, ``§3.2–§3.4``), else it means the spec.
+    """
+    out: list[tuple[str, str]] = []
+    last_named: tuple[int, str] | None = None
+    for m in re.finditer(r"§\s?(\d+(?:\.\d+)?)", text):
+        before = text[max(0, m.start() - 60) : m.start()]
+        word = re.search(r"([\w./-]+)\s*$", before)
+        named = _DOC_WORD.fullmatch(word.group(1)) if word and not re.search(r"[–—-]$", before) else None
+        if named and any(c.isupper() for c in named.group(1)):
+            doc = named.group(1)
+            last_named = (m.start(), doc)
+        elif not in_doc and last_named and m.start() - last_named[0] <= 200:
+            doc = last_named[1]
+        else:
+            doc = own
+        out.append((doc, m.group(1)))
+    return out
+
+
+def _cited_everywhere() -> dict[tuple[str, str], set[str]]:
+    """``(document, section)`` -> files citing it, over code, tests, scripts and docs."""
+    sources = [
+        *PACKAGE.rglob("*.py"),
+        *(ROOT / "cli").rglob("*.py"),
+        *(ROOT / "scripts").rglob("*.py"),
+        *(ROOT / "bench").rglob("*.py"),
+        *(p for p in (ROOT / "tests").rglob("*.py") if p.name != Path(__file__).name),
+        *(ROOT / "docs").glob("*.md"),
+        ROOT / "README.md",
+        ROOT / "DEVELOPERS.md",
+    ]
+    cited: dict[tuple[str, str], set[str]] = {}
+    for path in sources:
+        if not path.is_file():
+            continue
+        in_doc = path.parent.name == "docs"
+        for c in citations(path.read_text(encoding="utf-8"), path.stem if in_doc else "FORMAT", in_doc=in_doc):
+            cited.setdefault(c, set()).add(str(path.relative_to(ROOT)))
+    return cited
+
+
+def test_citation_forms_are_all_recognised():
+    text = (
+        "FORMAT §6.9, FORMAT-REF §5.8, FORMAT.md §3.7, docs/FORMAT.md §5 and §9.2; BEHAVIOUR §2, "
+        "BEHAVIOUR.md §5.1, §3.2–§3.4"
+    )
+    assert citations(text, "FORMAT") == [
+        ("FORMAT", "6.9"), ("FORMAT-REF", "5.8"), ("FORMAT", "3.7"), ("FORMAT", "5"), ("FORMAT", "9.2"),
+        ("BEHAVIOUR", "2"), ("BEHAVIOUR", "5.1"), ("BEHAVIOUR", "3.2"), ("BEHAVIOUR", "3.4"),
+    ]
+    assert citations("a bare §3.7 in a comment", "FORMAT") == [("FORMAT", "3.7")]
+    assert citations("x " * 200 + "§4 in BEHAVIOUR.md itself", "BEHAVIOUR") == [("BEHAVIOUR", "4")]
+    assert citations("see FORMAT §1.1, then §4 here", "BEHAVIOUR", in_doc=True) == [("FORMAT", "1.1"), ("BEHAVIOUR", "4")]
+
+
+def test_every_section_citation_exists_in_the_document_it_names():
+    cited = _cited_everywhere()
+    assert ("FORMAT", "3.5") in cited  # keys.py's wrapper leftovers: the scan is not vacuous
+    wrong = {
+        f"{doc} §{sec} (in {', '.join(sorted(files))})"
+        for (doc, sec), files in cited.items()
+        if doc not in CITABLE or sec not in _headings(CITABLE[doc])
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_behaviour_sections_keep_their_numbers():
+    headings = re.findall(r"^## (\d+)\. (.*)$", BEHAVIOUR, flags=re.M)
+    assert [int(n) for n, _ in headings] == list(BEHAVIOUR_SECTIONS)
+    for n, title in headings:
+        assert title.startswith(BEHAVIOUR_SECTIONS[int(n)]), (n, title)
+
+
+def test_spec_states_the_format_version_the_json_carries():
+    from adapterfmt.constants import FORMAT_VERSION
+
+    assert re.search(rf"^\*\*format_version: {FORMAT_VERSION}\*\*$", DOC, flags=re.M)
+    assert f'"format_version": {FORMAT_VERSION}' in _section(4, BEHAVIOUR)
+
+
+def test_spec_names_no_adapterfmt_api():
+    """The spec is normative for any implementation: adapterfmt's error classes and flags live in BEHAVIOUR."""
+    leaked = sorted(set(re.findall(r"`(\w+Error|--[a-z-]+)`", DOC)) - {"KeyError", "TypeError"})
+    assert not leaked, leaked
 
 
 def test_key_table_templates_are_role_templates():
@@ -220,8 +331,10 @@ def _package_codes() -> tuple[set[str], set[str]]:
 def test_every_warning_code_is_documented():
     from adapterfmt import findings
 
-    documented = {_first_code(row[0]) for row in _table_rows(_section(7))}
+    documented = {_first_code(row[0]) for row in _table_rows(_section(2, BEHAVIOUR))}
+    in_spec = set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", _section(7)))
     listed, emitted = _package_codes()
+    assert documented <= in_spec | {"non-finite"} and in_spec <= documented, sorted(documented ^ in_spec)
     core = set(re.findall(r"``([a-z]+(?:-[a-z]+)+)``", findings.__doc__ or ""))
     assert core and core <= listed
     assert listed <= documented, sorted(listed - documented)
@@ -229,7 +342,7 @@ def test_every_warning_code_is_documented():
 
 
 def test_every_error_class_is_documented_with_its_builtin():
-    rows = {_first_code(row[0]): row for row in _table_rows(_section(8)) if row[0].startswith("`") and row[0].endswith("Error`")}
+    rows = {_first_code(row[0]): row for row in _table_rows(_section(3, BEHAVIOUR)) if row[0].startswith("`") and row[0].endswith("Error`")}
     classes = set(errors.__all__) - {"AdapterFormatError"}
     assert set(rows) == classes
     for name, row in rows.items():
