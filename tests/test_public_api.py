@@ -35,9 +35,12 @@ def test_wrap_takes_a_config_object_like_get_peft_model():
     torch.manual_seed(7)
     from_dict = adapterfmt.wrap(tiny_llama(), {"peft_type": "LORA", **FIELDS}).model
     torch.manual_seed(7)
+    from_dataclass = adapterfmt.wrap(tiny_llama(), adapterfmt.LoraConfig(**FIELDS)).model
+    torch.manual_seed(7)
     theirs = get_peft_model(tiny_llama(), PeftLoraConfig(**FIELDS))
     assert_same_structure(from_object, from_keywords)
     assert_same_structure(from_object, from_dict)
+    assert_same_structure(from_object, from_dataclass)
     assert_same_structure(from_object, theirs.base_model.model)
 
 
