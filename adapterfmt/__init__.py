@@ -22,7 +22,7 @@ _LAZY = {
     **dict.fromkeys(["BaseModel", "read_base"], ".base"),
     **dict.fromkeys(["LoraConfig", "parse_config", "read_config"], ".config"),
     **dict.fromkeys(["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "read_adapter"], ".describe"),
-    "Finding": ".findings",
+    "Finding": ".finding",
     **dict.fromkeys(["SafetensorsHeader", "TensorInfo", "read_header"], ".header"),
     **dict.fromkeys(
         [
@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
     from .config import LoraConfig, parse_config, read_config  # noqa: F401
     from .convert import convert_wrapped, merge_wrapped, wrapped_names  # noqa: F401
     from .describe import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter  # noqa: F401
-    from .findings import Finding  # noqa: F401
+    from .finding import Finding  # noqa: F401
     from .header import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
     from .keys import (  # noqa: F401
         KeyParts,

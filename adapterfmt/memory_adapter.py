@@ -14,7 +14,7 @@ import torch
 
 from .config import LoraConfig, parse_config
 from .constants import DEFAULT_ADAPTER_NAME
-from .describe import AdapterCheckpoint, _describe
+from .describe import AdapterCheckpoint, describe_tensors
 from .errors import HeaderError, InvalidConfigError
 from .header import SafetensorsHeader, TensorInfo
 from .torch_io import SAFETENSORS_DTYPES
@@ -67,7 +67,7 @@ def read_state_dict(
         prefix="",
         tensors_in_memory={k: v.detach().clone() for k, v in state_dict.items()},  # never shared with the caller's
     )
-    _describe(ckpt, SafetensorsHeader(path=IN_MEMORY, tensors=tensors, metadata={}))
+    describe_tensors(ckpt, SafetensorsHeader(path=IN_MEMORY, tensors=tensors, metadata={}))
     return ckpt
 
 
