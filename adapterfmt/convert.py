@@ -11,7 +11,7 @@
   wrapped model's ``state_dict()`` in memory.
 
 Outputs are staged beside the target and renamed into place when complete, with the merge
-engine's :mod:`adapterfmt.writer` (``StagedDirectory``, ``check_output_path``); an existing
+engine's :mod:`adapterfmt.staging` (``StagedDirectory``, ``check_output_path``); an existing
 non-empty output is refused. Tensor bytes are copied unchanged by its ``ShardWriter``, file to file,
 so converting a safetensors checkpoint needs no torch and little memory. See docs/FORMAT.md
 §9.3 and §9.4.
@@ -23,7 +23,6 @@ import contextlib
 import fnmatch
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -49,7 +48,9 @@ from .header import TensorInfo
 from .keys import KeyParts, Role, parse_saved, parse_wrapped, render_saved, render_wrapped
 from .sources import safe_join
 from .wrapped import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
-from .writer import ShardWriter, StagedDirectory, TensorSpec, check_output_path, clean_stale
+from .pause import pause_point
+from .safetensors_stream import ShardWriter, TensorSpec
+from .staging import StagedDirectory, check_output_path, clean_stale, copy_file, write_text
 
 _METADATA = {"format": "pt"}
 #: huggingface_hub's default shard size (``split_state_dict_into_shards_factory``).
@@ -177,7 +178,7 @@ def _nbytes(info: TensorInfo) -> int:
 def write_safetensors(path: str, items: Sequence[tuple[str, TensorInfo]], in_memory: Optional[Mapping[str, Any]] = None) -> int:
     """One safetensors file holding ``items`` (output key, source tensor), in order, bytes unchanged.
 
-    Uses the merge engine's :class:`~adapterfmt.writer.ShardWriter`: tensors of a safetensors
+    Uses the merge engine's :class:`~adapterfmt.safetensors_stream.ShardWriter`: tensors of a safetensors
     source are copied file to file by the kernel, never decoded (no torch); tensors of a pickle
     come from ``in_memory`` (wrapped key -> tensor). Returns the tensor bytes written.
     """
@@ -258,14 +259,12 @@ def write_base(
     for name in sorted(os.listdir(wrapped.directory)):
         src = os.path.join(wrapped.directory, name)
         if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS):
-            shutil.copyfile(src, os.path.join(directory, name))
+            copy_file(src, os.path.join(directory, name))
     return len(wrapped.base), nbytes
 
 
 def _write_json(path: str, doc: Any, *, sort_keys: bool = False) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, sort_keys=sort_keys)
-        f.write("\n")
+    write_text(path, json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def _select(wrapped: WrappedCheckpoint, adapter_name: Optional[str]) -> dict[str, AdapterCheckpoint]:
@@ -341,6 +340,8 @@ def convert_wrapped(
         if staged_base is not None:
             n, b = write_base(wrapped, staged_base.path, max_shard_size=max_shard_size)
             result.tensors, result.nbytes = result.tensors + n, result.nbytes + b
+        pause_point("files")
+        if staged_base is not None:
             staged_base.commit()
         staged.commit()
     return result

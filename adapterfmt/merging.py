@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -46,19 +45,10 @@ from .header import TensorInfo, read_header
 from .keys import Role, parse_saved
 from .merge_plan import COPY, CONVERT, MERGE, REPLACE, BiasTerm, LoraTerm, MergePlan, PlannedTensor, RowsTerm, Term, plan_merge
 from .torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES
-from .writer import (
-    BackgroundIO,
-    ShardWriter,
-    StagedDirectory,
-    TensorSpec,
-    check_free_space,
-    check_output_path,
-    clean_stale,
-    file_size,
-    format_bytes,
-    pause_point,
-    pause_requested,
-)
+from .io_thread import BackgroundIO
+from .pause import hooked, pause_point
+from .safetensors_stream import ShardWriter, TensorSpec, file_size
+from .staging import StagedDirectory, check_free_space, check_output_path, clean_stale, copy_file, format_bytes, write_text
 
 AdapterSpec = Union[str, "os.PathLike[str]", AdapterCheckpoint]
 #: Elements per block of rows when a tensor is added up, rounded and written (1 MiB of float32:
@@ -217,7 +207,6 @@ def merge_to_directory(
     timings["plan"] = time.perf_counter() - started
     report = None if progress is None else (lambda n: progress(n, plan.total_size))
     with StagedDirectory(target, overwrite=overwrite) as staging:
-        pause_point("start")
         try:
             with _Inputs(checkpoints) as inputs, _one_thread_per_worker() as workers:
                 _write_shards(plan, staging.path, inputs, workers, report, timings)
@@ -236,7 +225,6 @@ def merge_to_directory(
         mark = time.perf_counter()
         if verify:
             _verify(staging.path, plan, target)
-        pause_point("rename")
         staging.commit()
         timings["sync"] += time.perf_counter() - mark
     return MergeSummary(
@@ -578,7 +566,7 @@ def _write_shards(
                         io.submit(writer.write, run[0].key, _as_bytes(block), nbytes=block.nbytes)
                 else:
                     io.submit(lambda w=writer: synced.append(syncer.submit(w.close)))
-                if pause and pause_requested(pause):
+                if pause and hooked():
                     io.drain()
                     pause_point(pause)
 
@@ -617,30 +605,14 @@ def _write_files(plan: MergePlan, directory: str) -> list[str]:
     for name in plan.files:
         target = os.path.join(directory, name)
         if name == MODEL_CONFIG_FILE and plan.config is not None:
-            _write_text(target, json.dumps(plan.config, indent=2) + "\n")
+            write_text(target, json.dumps(plan.config, indent=2) + "\n")
         else:
-            shutil.copyfile(os.path.join(plan.base.directory, name), target)
-            _fsync_file(target)
+            copy_file(os.path.join(plan.base.directory, name), target)
         written.append(name)
     if plan.indexed:
-        _write_text(os.path.join(directory, SAFETENSORS_INDEX_FILE), json.dumps(plan.index(), indent=2) + "\n")
+        write_text(os.path.join(directory, SAFETENSORS_INDEX_FILE), json.dumps(plan.index(), indent=2) + "\n")
         written.append(SAFETENSORS_INDEX_FILE)
     return sorted(written)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _verify(directory: str, plan: MergePlan, target: str) -> None:

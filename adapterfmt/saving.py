@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -22,6 +21,8 @@ from .errors import OutputPathError
 from .keys import LORA_ROLES, Role, parse_saved, render_saved
 from .matching import undo_prefix_map
 from .module_tree import parse_model_key
+from .pause import pause_point
+from .staging import StagedDirectory, clean_stale, write_text
 
 
 def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optional[str] = None) -> None:
@@ -31,7 +32,8 @@ def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optiona
     module's own path), rendered through :mod:`adapterfmt.keys`; tensors that share storage are
     cloned and the file carries ``{"format": "pt"}`` metadata. The adapter ``default`` goes into
     ``path``, any other adapter ``X`` into ``path/X/``, as ``PeftModel.save_pretrained`` does.
-    Files are written to a temporary name and renamed into place.
+    The directory is staged beside ``path`` and renamed into place once, complete and fsynced;
+    other files already in ``path`` are kept.
 
     Args:
         model: a model with adapters (from :func:`~adapterfmt.load` or :func:`~adapterfmt.wrap`), or its handle.
@@ -47,19 +49,37 @@ def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optiona
     model = as_model(model)
     registry = get_registry(model)
     names = list(registry.adapters) if adapter_name is None else [adapter_name]
+    files: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
+    root = os.path.realpath(os.fspath(path))
     for name in names:
         info = adapter_info(registry, name)
-        target = os.fspath(path) if name == DEFAULT_ADAPTER_NAME else os.path.join(os.fspath(path), name)
+        sub = "" if name == DEFAULT_ADAPTER_NAME else name
+        target = os.path.join(root, sub) if sub else root
         if os.path.exists(target) and not os.path.isdir(target):
             raise OutputPathError("exists and is not a directory", path=target, hint="choose another output path")
-        os.makedirs(target, exist_ok=True)
-        tensors = _unshare(adapter_state_dict(model, name))
         config = dict(info.config)
         config["peft_type"] = "LORA"
         config["inference_mode"] = True
-        _atomic_write(target, ADAPTER_SAFETENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(config, indent=2, sort_keys=True)
-        _atomic_write(target, ADAPTER_CONFIG_FILE, lambda tmp: _write_text(tmp, text))
+        files[sub] = (_unshare(adapter_state_dict(model, name)), json.dumps(config, indent=2, sort_keys=True))
+    _write_adapters(root, files)
+
+
+def _write_adapters(root: str, files: "dict[str, tuple[dict[str, torch.Tensor], str]]") -> None:
+    """Write every adapter's two files under ``root`` (sub-folder -> tensors, config text) at once.
+
+    Through :mod:`adapterfmt.staging`: the directory is staged beside ``root`` with the files it
+    already holds, fsynced and swapped in by one rename, so a crash leaves the old directory (or
+    none), never a config without its weights.
+    """
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise OutputPathError("exists and is not a directory", path=root, hint="choose another output path")
+    clean_stale(root)
+    with StagedDirectory(root, overwrite=True, keep_existing=True) as staged:
+        for sub, (tensors, config_text) in files.items():
+            save_file(tensors, staged.file(os.path.join(sub, ADAPTER_SAFETENSORS_FILE)), metadata={"format": "pt"})
+            write_text(staged.file(os.path.join(sub, ADAPTER_CONFIG_FILE)), config_text)
+        pause_point("files")
+        staged.commit()
 
 
 def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
@@ -91,22 +111,6 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(storage)
         out[key] = t.contiguous().cpu()
     return out
-
-
-def _atomic_write(directory: str, name: str, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 __all__ = ["adapter_state_dict", "save"]

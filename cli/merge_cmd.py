@@ -130,7 +130,7 @@ def merge_command(
     if as_json:
         emit_json(summary.as_dict())
         return
-    from adapterfmt.writer import format_bytes
+    from adapterfmt.staging import format_bytes
 
     click.echo(
         f"{summary.output}: {summary.tensors_merged} tensors merged, {summary.tensors_replaced} replaced, "

@@ -29,6 +29,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTDATA = ROOT / "testdata"
+#: Runs the CLI with a pause hook installed (crash tests): ``PAUSE_CLI POINT MARKER SECONDS cli ARGS...``.
+PAUSE_CLI = ROOT / "tests" / "_pause_cli.py"
 #: Seconds any single bad-input command may take before it counts as a hang.
 HANG_SECONDS = 60
 

@@ -1,8 +1,8 @@
 """``adapterfmt merge`` killed with SIGKILL never leaves a half-written OUT, and a rerun succeeds.
 
-The merge sleeps at a named point when ``ADAPTERFMT_TEST_PAUSE_AT`` says so (the hook in
-``adapterfmt/writer.py``) and writes the point's name to ``ADAPTERFMT_TEST_PAUSE_MARKER``; the test
-waits for the marker and kills the process there. The killed merges run as real processes, all
+The merge runs through ``tests/_pause_cli.py``, which installs a hook on the library's named
+pause points (``adapterfmt.pause``): at the chosen point it writes the point's name to a marker
+file and sleeps; the test waits for the marker and kills the process there. The killed merges run as real processes, all
 started together; the reruns run in-process.
 
 We test, at every kill point (``start``: staging directory made, no tensor read yet;
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from _hardening_helpers import TESTDATA, CliResult, assert_same_digest, inputs_untouched, invoke_cli, tree_digest
+from _hardening_helpers import PAUSE_CLI, TESTDATA, CliResult, assert_same_digest, inputs_untouched, invoke_cli, tree_digest
 
 BASE = TESTDATA / "tiny-llama"
 ADAPTER = TESTDATA / "tiny-llama-lora"
@@ -43,9 +43,13 @@ REACH_SECONDS = 120
 
 def _merge(out: Path, *extra: str, pause_at: str, marker: Path) -> subprocess.Popen:
     """A merge in a real process that sleeps at ``pause_at`` after writing ``marker``."""
-    args = [sys.executable, "-m", "adapterfmt_cli.main", "merge", "--base", str(BASE), "--adapter", str(ADAPTER), "-o", str(out), *extra]
-    env = {**os.environ, "ADAPTERFMT_TEST_PAUSE_AT": pause_at, "ADAPTERFMT_TEST_PAUSE_MARKER": str(marker), "ADAPTERFMT_TEST_PAUSE_SECONDS": "600"}
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return _paused(pause_at, marker, "cli", "merge", "--base", str(BASE), "--adapter", str(ADAPTER), "-o", str(out), *extra)
+
+
+def _paused(pause_at: str, marker: Path, *args: str) -> subprocess.Popen:
+    """``tests/_pause_cli.py``: the CLI (``cli ...``) or a save (``save OUT``), sleeping at ``pause_at``."""
+    command = [sys.executable, str(PAUSE_CLI), pause_at, str(marker), "600", *args]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(proc: subprocess.Popen, marker: Path, point: str) -> None:

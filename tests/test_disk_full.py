@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from _hardening_helpers import TESTDATA, inputs_untouched, invoke_cli
+from _hardening_helpers import PAUSE_CLI, TESTDATA, inputs_untouched, invoke_cli
 
 BASE = TESTDATA / "tiny-llama"
 ADAPTER = TESTDATA / "tiny-llama-lora"
@@ -66,10 +66,9 @@ def test_too_small_filesystem_is_refused_before_writing(small_fs: Path) -> None:
 def test_disk_filling_up_during_the_merge_leaves_nothing(small_fs: Path) -> None:
     out = small_fs / "merged"
     marker = small_fs.parent / "reached-start"
-    env = {**os.environ, "ADAPTERFMT_TEST_PAUSE_AT": "start", "ADAPTERFMT_TEST_PAUSE_MARKER": str(marker), "ADAPTERFMT_TEST_PAUSE_SECONDS": "3"}
-    args = [sys.executable, "-m", "adapterfmt_cli.main", "merge", "--base", str(BASE), "--adapter", str(ADAPTER), "-o", str(out), "--quiet"]
+    args = [sys.executable, str(PAUSE_CLI), "start", str(marker), "3", "cli", "merge", "--base", str(BASE), "--adapter", str(ADAPTER), "-o", str(out), "--quiet"]
     with inputs_untouched(BASE, ADAPTER):
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 120
             while not marker.exists():

@@ -35,6 +35,7 @@ from adapterfmt.findings import Finding
 from adapterfmt.header import read_header
 from adapterfmt_cli.main import cli
 
+from _hardening_helpers import PAUSE_CLI
 from _merge_helpers import lora_pair, read_dir, tree_digest, unequal, write_adapter
 
 TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
@@ -188,7 +189,7 @@ def test_max_shard_size_replans_with_the_hub_planner(tmp_path: Path, base: Path)
 
 def test_free_space_is_checked_before_starting(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("adapterfmt.writer.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    monkeypatch.setattr("adapterfmt.staging.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
     with pytest.raises(DiskSpaceError, match=r"needs 1.[0-9] MB but only 5.0 KB is free"):
         adapterfmt.merge_to_directory(base, LORA, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
@@ -197,7 +198,7 @@ def test_free_space_is_checked_before_starting(tmp_path: Path, base: Path, monke
 def test_running_out_of_space_mid_write_leaves_nothing(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from adapterfmt.writer import ShardWriter
+    from adapterfmt.safetensors_stream import ShardWriter
 
     def full(self: ShardWriter, key: str, data: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -235,9 +236,8 @@ def test_stale_staging_is_removed_and_a_live_one_refused(tmp_path: Path, base: P
 
 def test_killed_merge_leaves_no_output_and_a_rerun_succeeds(tmp_path: Path, base: Path) -> None:
     out, marker = tmp_path / "merged", tmp_path / "paused"
-    env = {**os.environ, "ADAPTERFMT_TEST_PAUSE_AT": "write:2", "ADAPTERFMT_TEST_PAUSE_MARKER": str(marker)}
-    args = [sys.executable, "-c", "from adapterfmt_cli.main import main; main()", "merge", "--base", str(base), "--adapter", str(LORA), "-o", str(out)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [sys.executable, str(PAUSE_CLI), "write:2", str(marker), "300", "cli", "merge", "--base", str(base), "--adapter", str(LORA), "-o", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
