@@ -168,3 +168,103 @@ def test_second_merge_into_a_live_output_is_refused(tmp_path: Path) -> None:
         assert not out.exists()
     finally:
         _stop(live)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same rule for every writer: convert (with --base-out) and save
+# ---------------------------------------------------------------------------------------------
+
+#: Pause points every staged writer passes (``start`` twice for convert: OUT's stage, then BASE's).
+WRITER_POINTS = ["start", "files", "rename"]
+
+
+@pytest.fixture(scope="module")
+def wrapped_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``PeftModel.state_dict()``-style file of tiny-llama + its LoRA, named by ``wrapped_names``."""
+    from safetensors.torch import load_file, save_file
+
+    from adapterfmt.base import read_base
+    from adapterfmt.convert import wrapped_names
+    from adapterfmt.describe import read_adapter
+
+    base = {}
+    for shard in sorted(BASE.glob("*.safetensors")):
+        base.update(load_file(str(shard)))
+    adapter = read_adapter(ADAPTER)
+    saved = load_file(adapter.weights_file)
+    names = wrapped_names(adapter, list(read_base(BASE).tensors))
+    state = {k: (base[s.key] if s.kind == "base" else saved[s.key]).contiguous() for k, s in names.items()}
+    directory = tmp_path_factory.mktemp("wrapped")
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text((BASE / "config.json").read_text())
+    return directory
+
+
+def _run_and_kill(point: str, marker: Path, *args: str) -> int:
+    proc = _paused(point, marker, *args)
+    try:
+        _wait_for(proc, marker, point)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        return proc.pid
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("point", WRITER_POINTS)
+def test_killed_convert_leaves_no_output(point: str, wrapped_checkpoint: Path, tmp_path: Path) -> None:
+    out, base_out = tmp_path / "OUT", tmp_path / "BASE"
+    digest = tree_digest(wrapped_checkpoint)
+    args = ["convert", str(wrapped_checkpoint), "-o", str(out), "--base-out", str(base_out), "--alpha", "16"]
+    pid = _run_and_kill(point, tmp_path.parent / f"{tmp_path.name}.reached", "cli", *args)
+    assert_same_digest(digest, tree_digest(wrapped_checkpoint))
+    left = sorted(os.listdir(tmp_path))
+    assert not out.exists() and not base_out.exists(), f"after a kill at {point!r}: {left}"
+    assert set(left) <= {f".OUT.adapterfmt-tmp-{pid}", f".BASE.adapterfmt-tmp-{pid}"} and left, left
+
+    rerun = invoke_cli(args)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert sorted(os.listdir(tmp_path)) == ["BASE", "OUT"]
+    from adapterfmt.verify import verify_directory
+
+    assert verify_directory(out) == [] and verify_directory(base_out) == []
+
+
+@pytest.mark.parametrize("point", WRITER_POINTS)
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "over-old"])
+def test_killed_save_leaves_old_or_nothing(point: str, existing: bool, tmp_path: Path) -> None:
+    out = tmp_path / "OUT"
+    if existing:
+        out.mkdir()
+        (out / "README.md").write_text("kept")
+        (out / "adapter_config.json").write_text("{}")
+    before = tree_digest(out) if existing else None
+    pid = _run_and_kill(point, tmp_path.parent / f"{tmp_path.name}.reached", "save", str(out))
+    left = sorted(os.listdir(tmp_path))
+    if existing:
+        assert tree_digest(out) == before, f"a kill at {point!r} changed the old output"
+    else:
+        assert not out.exists(), f"after a kill at {point!r}: {left}"
+    assert [e for e in left if e != "OUT"] == [f".OUT.adapterfmt-tmp-{pid}"], left
+
+
+def test_save_keeps_other_files_and_replaces_its_own(tmp_path: Path) -> None:
+    import json
+
+    import adapterfmt
+    from _load_helpers import tiny_llama
+
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "README.md").write_text("kept")
+    (out / "adapter_config.json").write_text("{}")
+    leftover = tmp_path / f".OUT.adapterfmt-tmp-{2**22 + 7}"  # a dead process's stage
+    leftover.mkdir()
+    model = tiny_llama()
+    adapterfmt.load(model, ADAPTER)
+    adapterfmt.save(model, out)
+    assert sorted(os.listdir(tmp_path)) == ["OUT"]
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "README.md").read_text() == "kept"
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16
