@@ -50,6 +50,7 @@ from .sources import safe_join
 from .wrapped import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
 from .pause import pause_point
 from .safetensors_stream import ShardWriter, TensorSpec
+from .tensor_source import TensorSource
 from .staging import StagedDirectory, check_output_path, clean_stale, copy_file, write_text
 
 _METADATA = {"format": "pt"}
@@ -183,30 +184,20 @@ def write_safetensors(path: str, items: Sequence[tuple[str, TensorInfo]], in_mem
     come from ``in_memory`` (wrapped key -> tensor). Returns the tensor bytes written.
     """
     writer = ShardWriter(path, [TensorSpec(key, info.dtype, tuple(info.shape)) for key, info in items], metadata=_METADATA)
-    fds: dict[str, int] = {}
     try:
-        for key, info in items:
-            if info.start >= 0:
-                if info.file not in fds:
-                    fds[info.file] = os.open(info.file, os.O_RDONLY)
-                writer.copy([key], fds[info.file], info.start)
-            else:
-                tensor = (in_memory or {})[info.key]
-                writer.write(key, memoryview(tensor.contiguous().reshape(-1).view(_uint8()).numpy()))
+        with TensorSource() as source:
+            for key, info in items:
+                if info.start >= 0:
+                    writer.copy([key], source.fd(info.file), info.start)
+                else:
+                    from .torch_io import tensor_bytes  # only pickles reach here, and reading them imported torch already
+
+                    writer.write(key, tensor_bytes((in_memory or {})[info.key]))
     except BaseException:
         writer.abort()
         raise
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     writer.close()
     return sum(_nbytes(info) for _, info in items)
-
-
-def _uint8() -> Any:
-    import torch  # only pickles reach here, and reading them imported torch already
-
-    return torch.uint8
 
 
 def write_adapter(adapter: AdapterCheckpoint, directory: str) -> tuple[int, int]:

@@ -1,14 +1,15 @@
 """The merge engine: LoRA adapters folded into a base model, in memory or streamed to a directory.
 
 Both entry points first plan from headers (:func:`~adapterfmt.merge_plan.plan_merge`), so every
-refusal comes before any work; then they execute the plan with the math of
-:mod:`adapterfmt.delta` (PEFT's order of operations: ``ΔW = (B @ A) · s`` in float32, added to
-the base weight in float32, rounded once).
+refusal comes before any work; then they execute it. Where each job lives: what is computed,
+:mod:`adapterfmt.merge_compute` (the math of :mod:`adapterfmt.delta`); where tensors are read
+from, :mod:`adapterfmt.tensor_source`; what the output directory holds,
+:mod:`adapterfmt.merge_plan` (decided) and :mod:`adapterfmt.merge_output` (written); how it
+appears all or nothing, :mod:`adapterfmt.staging`. This module orchestrates.
 
-:func:`merge_to_directory` streams. An untouched tensor is copied file to file by the kernel. A
-merged one gets its full ``B @ A`` product in one matmul (the call PEFT makes, so the bits agree;
-split into row blocks a matmul may sum in another order), then is scaled, added, rounded and
-written in blocks of rows that stay in cache. Whole tensors are computed on worker threads with
+:func:`merge_to_directory` streams. An untouched tensor is copied file to file by the kernel
+(:mod:`adapterfmt.safetensors_stream`); a merged one is computed and written in blocks of rows
+that stay in cache. Whole tensors are computed on worker threads with
 one intra-op thread each (torch releases the GIL in its kernels), file writes run on a writer
 thread, fsyncs on another; at most ``workers + 1`` tensors are in flight, so peak memory is a few
 times the largest tensor, never the model.
@@ -22,7 +23,6 @@ wide with a rank of 64 or more differed); the PEFT parity tests run this way.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import threading
 import time
@@ -30,31 +30,27 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from math import prod
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .base import BaseModel, read_base
-from .constants import MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE
-from .delta import add_scaled, dora_weight, lora_product
 from .describe import AdapterCheckpoint, read_adapter
-from .errors import AdapterFormatError, DiskSpaceError, HeaderError, MergeError, NonFiniteValuesError, UnsupportedFeatureError
+from .errors import DiskSpaceError, MergeError, UnsupportedFeatureError
 from .findings import Finding
-from .header import TensorInfo, read_header
-from .keys import Role, parse_saved
-from .merge_plan import COPY, CONVERT, MERGE, REPLACE, BiasTerm, LoraTerm, MergePlan, PlannedTensor, RowsTerm, Term, plan_merge
-from .torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES
+from .header import TensorInfo
 from .io_thread import BackgroundIO
+from .keys import Role, parse_saved
+from .merge_compute import compute_tensor, tensor_blocks
+from .merge_output import METADATA, output_sizes, shard_specs, verify_output, write_side_files
+from .merge_plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
 from .pause import hooked, pause_point
-from .safetensors_stream import ShardWriter, TensorSpec, file_size
-from .staging import StagedDirectory, check_free_space, check_output_path, clean_stale, copy_file, format_bytes, write_text
+from .safetensors_stream import ShardWriter
+from .staging import StagedDirectory, check_free_space, check_output_path, clean_stale, format_bytes
+from .tensor_source import TensorSource
+from .torch_io import SAFETENSORS_DTYPES, tensor_bytes
 
 AdapterSpec = Union[str, "os.PathLike[str]", AdapterCheckpoint]
-#: Elements per block of rows when a tensor is added up, rounded and written (1 MiB of float32:
-#: the block stays in cache through its three passes).
-BLOCK_ELEMENTS = 1 << 18
-_METADATA = {"format": "pt"}
 _STATE_DICT = "<state_dict>"
 
 
@@ -138,9 +134,9 @@ def merge_state_dict(
     checkpoints = [_adapter(a, allow_pickle) for a in _as_list(adapter_or_adapters)]
     plan = plan_merge(base, checkpoints, weights=weights, dtype=_dtype_name(out_dtype), allow_unused=allow_unused)
     made: dict[str, torch.Tensor] = {}
-    with _Inputs(checkpoints, {_STATE_DICT: state}) as inputs:
+    with _source(checkpoints, {_STATE_DICT: state}) as inputs:
         for t in plan.tensors():
-            made[t.key] = state[t.source.key] if t.action == COPY else next(_blocks(t, inputs, None))
+            made[t.key] = state[t.source.key] if t.action == COPY else next(tensor_blocks(t, inputs, None))
     out = {key: made.get(key, tensor) for key, tensor in state.items()}
     out.update((key, tensor) for key, tensor in made.items() if key not in out)
     return out
@@ -202,16 +198,16 @@ def merge_to_directory(
     removed = clean_stale(out)
     target = check_output_path(out, [model.directory] + [c.directory for c in checkpoints], overwrite=overwrite)
     plan = plan_merge(model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused)
-    sizes = _output_sizes(plan)
+    sizes = output_sizes(plan)
     check_free_space(target, sizes)
     timings["plan"] = time.perf_counter() - started
     report = None if progress is None else (lambda n: progress(n, plan.total_size))
     with StagedDirectory(target, overwrite=overwrite) as staging:
         try:
-            with _Inputs(checkpoints) as inputs, _one_thread_per_worker() as workers:
+            with _source(checkpoints) as inputs, _one_thread_per_worker() as workers:
                 _write_shards(plan, staging.path, inputs, workers, report, timings)
             mark = time.perf_counter()
-            files = _write_files(plan, staging.path)
+            files = write_side_files(plan, staging.path)
             timings["files"] = time.perf_counter() - mark
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -224,7 +220,7 @@ def merge_to_directory(
         pause_point("files")
         mark = time.perf_counter()
         if verify:
-            _verify(staging.path, plan, target)
+            verify_output(staging.path, plan, target)
         staging.commit()
         timings["sync"] += time.perf_counter() - mark
     return MergeSummary(
@@ -291,6 +287,15 @@ def _state_dict_base(state: Mapping[str, Any]) -> BaseModel:
     return base
 
 
+def _source(adapters: Sequence[AdapterCheckpoint], memory: Optional[dict[str, Mapping[str, torch.Tensor]]] = None) -> TensorSource:
+    """The reader of a merge's inputs: files, plus the tensors of ``.bin`` adapters (and a state dict) in memory."""
+    memory = dict(memory or {})
+    for a in adapters:
+        if a.tensors_in_memory is not None:
+            memory[a.weights_file] = a.tensors_in_memory
+    return TensorSource(memory)
+
+
 @contextmanager
 def _one_thread_per_worker() -> Iterator[int]:
     """Set torch to one intra-op thread and yield how many compute workers to run instead: one
@@ -310,195 +315,9 @@ def _one_thread_per_worker() -> Iterator[int]:
         torch.set_num_threads(threads)
 
 
-class _Inputs:
-    """Reads input tensors by :class:`TensorInfo`.
-
-    File tensors are read with ``os.preadv`` at the header's byte offsets (validated by
-    :func:`~adapterfmt.header.read_header`) into fresh buffers, whole or a block of rows at a
-    time; this is what lets a merge stream rows, which ``safe_open`` would serve through mmap page
-    faults. Tensors held in memory (``.bin`` adapters, a state dict) are looked up by key.
-    """
-
-    def __init__(self, adapters: Sequence[AdapterCheckpoint], memory: Optional[dict[str, Mapping[str, torch.Tensor]]] = None) -> None:
-        self._memory = dict(memory or {})
-        for a in adapters:
-            if a.tensors_in_memory is not None:
-                self._memory[a.weights_file] = a.tensors_in_memory
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.seconds = 0.0  #: time spent reading, summed over threads
-
-    def __enter__(self) -> "_Inputs":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def fd(self, file: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = os.open(file, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self._fds[file] = fd
-            return fd
-
-    def read(self, info: TensorInfo, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """The tensor ``info`` (rows ``rows[0]:rows[1]`` of it), in its stored dtype."""
-        if info.start < 0:
-            t = self._memory[info.file][info.key]
-            return t if rows is None else t[rows[0] : rows[1]]
-        mark = time.perf_counter()
-        start, length, shape = info.start, info.nbytes, info.shape
-        if rows is not None:
-            row = info.nbytes // info.shape[0]
-            start, length, shape = info.start + rows[0] * row, (rows[1] - rows[0]) * row, (rows[1] - rows[0], *info.shape[1:])
-        # A bytearray, not tensor.numpy(): numpy is not a dependency. frombuffer shares its memory.
-        raw = bytearray(length)
-        view, got = memoryview(raw), 0
-        while got < length:
-            n = os.preadv(self.fd(info.file), [view[got:]], start + got)
-            if n == 0:
-                raise HeaderError("ended before the tensor's bytes (was it changed during the merge?)", path=info.file, key=info.key)
-            got += n
-        with self._lock:
-            self.seconds += time.perf_counter() - mark
-        buf = torch.frombuffer(raw, dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
-        return buf.view(TORCH_DTYPES[info.dtype]).reshape(shape)
-
-
 # ---------------------------------------------------------------------------------------------
-# COMPUTE
+# STREAMING: shards written in order while tensors are computed on worker threads
 # ---------------------------------------------------------------------------------------------
-
-
-def _row_blocks(shape: tuple[int, ...], block: Optional[int]) -> Iterator[Optional[tuple[int, int]]]:
-    if block is None or not shape:
-        yield None
-        return
-    step = max(1, block // max(1, prod(shape[1:])))
-    for r0 in range(0, shape[0], step):
-        yield (r0, min(r0 + step, shape[0]))
-
-
-def _whole(term: Term) -> bool:
-    """Terms that need the whole tensor at once (norms across rows, scattered rows)."""
-    return isinstance(term, RowsTerm) or (isinstance(term, LoraTerm) and term.lora.module.use_dora)
-
-
-class _Workspace:
-    """Float32 buffers reused from one merged tensor to the next for the full-size deltas.
-
-    A fresh buffer of tens of MB costs as much in page faults as the matmul that fills it.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: list[torch.Tensor] = []
-
-    def get(self, slot: int, numel: int) -> torch.Tensor:
-        while len(self._buffers) <= slot:
-            self._buffers.append(torch.empty(0))
-        if self._buffers[slot].numel() < numel:
-            self._buffers[slot] = torch.empty(0)  # drop the old one before allocating
-            self._buffers[slot] = torch.empty(numel)
-        return self._buffers[slot]
-
-
-def _finite(inputs: _Inputs, info: TensorInfo) -> torch.Tensor:
-    """An adapter tensor that a merge applies, refused if it holds NaN or infinity.
-
-    Raises:
-        NonFiniteValuesError: naming the adapter file and the saved key.
-    """
-    t = inputs.read(info)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise NonFiniteValuesError(
-            "holds NaN or infinite values; merging it would corrupt the model",
-            path=info.file,
-            key=info.key,
-            hint="the adapter is broken (`adapterfmt inspect --scan` lists every such tensor)",
-        )
-    return t
-
-
-def _prepare(term: Term, n: int, inputs: _Inputs, shape: tuple[int, ...], workspace: Optional[_Workspace]) -> Any:
-    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
-    if isinstance(term, LoraTerm):
-        m = term.lora.module
-        a, b = _finite(inputs, m.tensors["lora_A"]), _finite(inputs, m.tensors["lora_B"])
-        product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
-        return product, (_finite(inputs, m.tensors["magnitude"]) if m.use_dora else None)
-    if isinstance(term, BiasTerm):
-        return _finite(inputs, term.info).float() * term.scaling
-    return torch.tensor(term.indices, dtype=torch.long), _finite(inputs, term.info)
-
-
-def _rows(t: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
-    return t if rows is None else t[rows[0] : rows[1]]
-
-
-def _apply(term: Term, value: Any, acc: torch.Tensor, src: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
-    """One term of ``W + Σ``: in place on the float32 accumulator where it can be."""
-    if isinstance(term, LoraTerm):
-        product, magnitude = value
-        if magnitude is not None:  # whole tensor only; the product is used once
-            return dora_weight(src, product.mul_(term.scaling), magnitude, term.lora.layout, onto=acc)
-        return add_scaled(acc, _rows(product, rows), term.scaling)
-    if isinstance(term, BiasTerm):
-        return acc.add_(_rows(value, rows))
-    index, values = value
-    return acc.index_copy_(0, index, values.to(acc.dtype))
-
-
-def _fused(term: Term) -> bool:
-    """A first term that can be computed straight into the accumulator (``W + s·P`` in one pass)."""
-    return isinstance(term, LoraTerm) and not term.lora.module.use_dora
-
-
-def _blocks(t: PlannedTensor, inputs: _Inputs, block: Optional[int], workspace: Optional[_Workspace] = None) -> Iterator[torch.Tensor]:
-    """The output tensor ``t`` in its output dtype, in blocks of rows (one block if ``block`` is None).
-
-    Every yielded tensor is new (never a view of an input, of ``workspace`` or of another block).
-    """
-    dtype = TORCH_DTYPES[t.dtype]
-    if not t.terms:
-        for rows in _row_blocks(t.shape, block):
-            src = inputs.read(t.source, rows)
-            yield src.to(dtype, copy=src.dtype == dtype and t.source.start < 0)
-        return
-    prepared = [_prepare(term, n, inputs, t.shape, workspace) for n, term in enumerate(t.terms)]
-    buffer: Optional[torch.Tensor] = None
-    for rows in _row_blocks(t.shape, None if any(_whole(term) for term in t.terms) else block):
-        src = inputs.read(t.source, rows)
-        terms = list(zip(t.terms, prepared))
-        if _fused(t.terms[0]):
-            if buffer is None:
-                buffer = torch.empty(src.shape, dtype=torch.float32)
-            (term, (product, _)), terms = terms[0], terms[1:]
-            acc = add_scaled(buffer[: src.shape[0]], _rows(product, rows), term.scaling, first=src)
-        else:
-            acc = src.to(torch.float32, copy=True)
-        for term, value in terms:
-            acc = _apply(term, value, acc, src, rows)
-        yield acc.to(dtype, copy=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# OUTPUT
-# ---------------------------------------------------------------------------------------------
-
-
-def _specs(tensors: Sequence[PlannedTensor]) -> list[TensorSpec]:
-    return [TensorSpec(t.key, t.dtype, t.shape) for t in tensors]
-
-
-def _output_sizes(plan: MergePlan) -> list[int]:
-    """Bytes of every output file (the index and a rewritten config.json are counted as copied)."""
-    sizes = [file_size(_specs(s.tensors), _METADATA) for s in plan.shards]
-    sizes += [os.path.getsize(os.path.join(plan.base.directory, f)) for f in plan.files]
-    return sizes + ([len(json.dumps(plan.index(), indent=2)) + 1] if plan.indexed else [])
 
 
 def _copied(t: PlannedTensor) -> bool:
@@ -520,20 +339,8 @@ def _runs(tensors: Sequence[PlannedTensor]) -> Iterator[list[PlannedTensor]]:
         yield run
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _compute(t: PlannedTensor, inputs: _Inputs, local: threading.local) -> tuple[list[torch.Tensor], float]:
-    """A worker's job: every block of ``t`` (and the seconds it took)."""
-    start = time.perf_counter()
-    if not hasattr(local, "workspace"):
-        local.workspace = _Workspace()
-    return list(_blocks(t, inputs, BLOCK_ELEMENTS, local.workspace)), time.perf_counter() - start
-
-
 def _write_shards(
-    plan: MergePlan, directory: str, inputs: _Inputs, workers: int, progress: Optional[Callable[[int], None]], timings: dict[str, float]
+    plan: MergePlan, directory: str, inputs: TensorSource, workers: int, progress: Optional[Callable[[int], None]], timings: dict[str, float]
 ) -> None:
     """Write every shard, in order: tensors computed ``workers`` at a time on worker threads, file
     writes and kernel copies on one background thread, fsyncs on another.
@@ -563,7 +370,7 @@ def _write_shards(
                     timings["compute"] += seconds
                     computing -= 1
                     for block in blocks:
-                        io.submit(writer.write, run[0].key, _as_bytes(block), nbytes=block.nbytes)
+                        io.submit(writer.write, run[0].key, tensor_bytes(block), nbytes=block.nbytes)
                 else:
                     io.submit(lambda w=writer: synced.append(syncer.submit(w.close)))
                 if pause and hooked():
@@ -571,14 +378,14 @@ def _write_shards(
                     pause_point(pause)
 
             for number, shard in enumerate(plan.shards, 1):
-                writer = ShardWriter(os.path.join(directory, shard.name), _specs(shard.tensors), metadata=_METADATA, progress=progress)
+                writer = ShardWriter(os.path.join(directory, shard.name), shard_specs(shard.tensors), metadata=METADATA, progress=progress)
                 writers.append(writer)
                 for i, run in enumerate(_runs(shard.tensors)):
                     pause = f"write:{number}" if i == 0 else None
                     if _copied(run[0]):
                         jobs.append(("copy", writer, run, None, pause))
                     else:
-                        jobs.append(("compute", writer, run, pool.submit(_compute, run[0], inputs, local), pause))
+                        jobs.append(("compute", writer, run, pool.submit(compute_tensor, run[0], inputs, local), pause))
                         computing += 1
                     while computing > workers:
                         finish_one()
@@ -597,44 +404,3 @@ def _write_shards(
         for writer in writers:
             writer.abort()
         timings["read"] += inputs.seconds
-
-
-def _write_files(plan: MergePlan, directory: str) -> list[str]:
-    """Copy the base's non-weight files, write config.json (if changed) and the index; fsync all."""
-    written = [s.name for s in plan.shards]
-    for name in plan.files:
-        target = os.path.join(directory, name)
-        if name == MODEL_CONFIG_FILE and plan.config is not None:
-            write_text(target, json.dumps(plan.config, indent=2) + "\n")
-        else:
-            copy_file(os.path.join(plan.base.directory, name), target)
-        written.append(name)
-    if plan.indexed:
-        write_text(os.path.join(directory, SAFETENSORS_INDEX_FILE), json.dumps(plan.index(), indent=2) + "\n")
-        written.append(SAFETENSORS_INDEX_FILE)
-    return sorted(written)
-
-
-def _verify(directory: str, plan: MergePlan, target: str) -> None:
-    """:func:`adapterfmt.verify.verify_directory` on the staged output, then each shard's header
-    against the plan (keys in order, dtypes, shapes, metadata).
-
-    Raises:
-        MergeError: the first problem (the staged output is then removed, ``out`` never appears).
-    """
-    from .verify import verify_directory
-
-    problems = [f.message for f in verify_directory(directory)]
-    for shard in plan.shards:
-        try:
-            header = read_header(os.path.join(directory, shard.name))
-        except AdapterFormatError as e:
-            problems.append(str(e))
-            continue
-        got = [(k, i.dtype, i.shape) for k, i in header.tensors.items()]
-        want = [(t.key, t.dtype, t.shape) for t in shard.tensors]
-        if got != want or dict(header.metadata) != _METADATA:
-            problems.append(f"{shard.name}: its header does not match the merge plan")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise MergeError(f"the merged output failed verification: {problems[0]}{more}", path=target, hint="nothing was written; please report this")

@@ -1,7 +1,7 @@
 """Reading tensors described by :class:`~adapterfmt.header.TensorInfo` (imports torch).
 
-Safetensors files are read through safetensors' own ``safe_open`` (one handle per file, kept
-open while a :class:`TensorReader` lives); pickle ``.bin`` adapters only through
+Tensor bytes are read by the one reader, :mod:`adapterfmt.tensor_source` (:class:`TensorReader`
+is its one-checkpoint form); pickle ``.bin`` adapters only through
 ``torch.load(weights_only=True)``, and only when the caller allowed pickles.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .errors import HeaderError, UnsafeFileError, UnsupportedFeatureError
+from .errors import HeaderError, UnsafeFileError
 from .header import SafetensorsHeader, TensorInfo
+from .tensor_source import TensorSource
 
 #: safetensors dtype name -> torch dtype (entries needing newer torch are added when present).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -37,44 +37,24 @@ for _name, _attr in (("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), (
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
-class TensorReader:
-    """Reads tensors by :class:`TensorInfo`, keeping one ``safe_open`` handle per file.
-
-    ``in_memory`` serves tensors already loaded (``.bin`` adapters) by key.
-    Use as a context manager, or call :meth:`close`.
-    """
+class TensorReader(TensorSource):
+    """A :class:`~adapterfmt.tensor_source.TensorSource` for one checkpoint whose in-memory
+    tensors (a ``.bin`` adapter) are looked up by key alone; :meth:`get` reads one tensor."""
 
     def __init__(self, in_memory: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-        self._handles: dict[str, Any] = {}
+        super().__init__()
         self._in_memory = dict(in_memory or {})
 
+    def held(self, info: TensorInfo) -> torch.Tensor:
+        return self._in_memory[info.key]
+
     def get(self, info: TensorInfo) -> torch.Tensor:
-        if info.key in self._in_memory and info.start == info.end == -1:
-            return self._in_memory[info.key]
-        if info.dtype not in TORCH_DTYPES:
-            raise UnsupportedFeatureError(
-                f"has dtype {info.dtype}, which adapterfmt cannot compute with", path=info.file, key=info.key, hint="convert it to F32, F16 or BF16"
-            )
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = safe_open(info.file, framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise HeaderError(f"cannot be opened by safetensors ({e})", path=info.file) from None
-            self._handles[info.file] = handle
-        try:
-            return handle.get_tensor(info.key)
-        except (SafetensorError, OSError) as e:
-            raise HeaderError(f"cannot be read ({e})", path=info.file, key=info.key) from None
+        return self.read(info)
 
-    def close(self) -> None:
-        self._handles.clear()
 
-    def __enter__(self) -> "TensorReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as safetensors stores them (contiguous, native little-endian order)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def read_pickle_weights(path: str) -> tuple[SafetensorsHeader, dict[str, torch.Tensor]]:

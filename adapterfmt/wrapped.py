@@ -46,8 +46,6 @@ from .wrapped_files import (  # noqa: F401  (PICKLE_*, is_wrapped_checkpoint: pu
 
 #: ``layout`` of every :class:`WrappedCheckpoint` (an adapter directory is PEFT's saved layout).
 WRAPPED_LAYOUT = "wrapped"
-#: Bytes compared per read when checking whether a full copy changed.
-_CHUNK = 1 << 22
 
 AlphaSpec = Union[float, Mapping[str, float], None]
 ConfigSpec = Union[LoraConfig, str, "os.PathLike[str]", Mapping[str, Union[LoraConfig, str, "os.PathLike[str]"]], None]
@@ -385,22 +383,7 @@ def compare_full_copies(wrapped: WrappedCheckpoint) -> None:
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo, in_memory: Optional[Mapping[str, Any]]) -> bool:
-    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
-        return False
-    if in_memory is not None and a.start == -1:
-        import torch
+    from .tensor_source import TensorSource
 
-        x, y = in_memory[a.key].contiguous().reshape(-1), in_memory[b.key].contiguous().reshape(-1)
-        return bool(torch.equal(x.view(torch.uint8), y.view(torch.uint8)))
-    if a.nbytes != b.nbytes:
-        return False
-    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
-        fa.seek(a.start)
-        fb.seek(b.start)
-        left = a.nbytes
-        while left:
-            n = min(_CHUNK, left)
-            if fa.read(n) != fb.read(n):
-                return False
-            left -= n
-    return True
+    with TensorSource({a.file: in_memory or {}, b.file: in_memory or {}}) as source:
+        return source.same_bytes(a, b)

@@ -1,0 +1,153 @@
+"""What a merge computes: each output tensor, ``W + Σ terms``, in its output dtype, in blocks of rows.
+
+The math is :mod:`adapterfmt.delta`'s (PEFT's order of operations: ``ΔW = (B @ A) · s`` in float32,
+added to the base weight in float32, rounded once). A merged tensor gets its full ``B @ A``
+product in one matmul, the call PEFT makes; it is then scaled, added, rounded and handed out in
+blocks of rows that stay in cache. (Computing the product itself in row blocks would be
+bit-identical with PEFT's sgemm for blocks of two rows or more; a one-row block becomes a matrix-
+vector product that sums in another order, so the product is kept whole.) Inputs come from the
+one tensor reader, :class:`~adapterfmt.tensor_source.TensorSource`. This is the seam a faster
+kernel replaces: :func:`tensor_blocks` in, blocks of output rows out.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from math import prod
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .delta import add_scaled, dora_weight, lora_product
+from .errors import NonFiniteValuesError
+from .header import TensorInfo
+from .merge_plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
+from .tensor_source import TensorSource
+from .torch_io import TORCH_DTYPES
+
+#: Elements per block of rows when a tensor is added up, rounded and written (1 MiB of float32:
+#: the block stays in cache through its three passes).
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(shape: tuple[int, ...], block: Optional[int]) -> Iterator[Optional[tuple[int, int]]]:
+    if block is None or not shape:
+        yield None
+        return
+    step = max(1, block // max(1, prod(shape[1:])))
+    for r0 in range(0, shape[0], step):
+        yield (r0, min(r0 + step, shape[0]))
+
+
+def _whole(term: Term) -> bool:
+    """Terms that need the whole tensor at once (norms across rows, scattered rows)."""
+    return isinstance(term, RowsTerm) or (isinstance(term, LoraTerm) and term.lora.module.use_dora)
+
+
+class Workspace:
+    """Float32 buffers reused from one merged tensor to the next for the full-size deltas.
+
+    A fresh buffer of tens of MB costs as much in page faults as the matmul that fills it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+
+    def get(self, slot: int, numel: int) -> torch.Tensor:
+        while len(self._buffers) <= slot:
+            self._buffers.append(torch.empty(0))
+        if self._buffers[slot].numel() < numel:
+            self._buffers[slot] = torch.empty(0)  # drop the old one before allocating
+            self._buffers[slot] = torch.empty(numel)
+        return self._buffers[slot]
+
+
+def _finite(source: TensorSource, info: TensorInfo) -> torch.Tensor:
+    """An adapter tensor that a merge applies, refused if it holds NaN or infinity.
+
+    Raises:
+        NonFiniteValuesError: naming the adapter file and the saved key.
+    """
+    t = source.read(info)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteValuesError(
+            "holds NaN or infinite values; merging it would corrupt the model",
+            path=info.file,
+            key=info.key,
+            hint="the adapter is broken (`adapterfmt inspect --scan` lists every such tensor)",
+        )
+    return t
+
+
+def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace]) -> Any:
+    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
+    if isinstance(term, LoraTerm):
+        m = term.lora.module
+        a, b = _finite(source, m.tensors["lora_A"]), _finite(source, m.tensors["lora_B"])
+        product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
+        return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)
+    if isinstance(term, BiasTerm):
+        return _finite(source, term.info).float() * term.scaling
+    return torch.tensor(term.indices, dtype=torch.long), _finite(source, term.info)
+
+
+def _rows(t: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
+    return t if rows is None else t[rows[0] : rows[1]]
+
+
+def _apply(term: Term, value: Any, acc: torch.Tensor, src: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
+    """One term of ``W + Σ``: in place on the float32 accumulator where it can be."""
+    if isinstance(term, LoraTerm):
+        product, magnitude = value
+        if magnitude is not None:  # whole tensor only; the product is used once
+            return dora_weight(src, product.mul_(term.scaling), magnitude, term.lora.layout, onto=acc)
+        return add_scaled(acc, _rows(product, rows), term.scaling)
+    if isinstance(term, BiasTerm):
+        return acc.add_(_rows(value, rows))
+    index, values = value
+    return acc.index_copy_(0, index, values.to(acc.dtype))
+
+
+def _fused(term: Term) -> bool:
+    """A first term that can be computed straight into the accumulator (``W + s·P`` in one pass)."""
+    return isinstance(term, LoraTerm) and not term.lora.module.use_dora
+
+
+def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], workspace: Optional[Workspace] = None) -> Iterator[torch.Tensor]:
+    """The output tensor ``t`` in its output dtype, in blocks of rows (one block if ``block`` is None).
+
+    Every yielded tensor is new (never a view of an input, of ``workspace`` or of another block).
+    """
+    dtype = TORCH_DTYPES[t.dtype]
+    if not t.terms:
+        for rows in _row_blocks(t.shape, block):
+            src = source.read(t.source, rows)
+            yield src.to(dtype, copy=src.dtype == dtype and t.source.start < 0)
+        return
+    prepared = [_prepare(term, n, source, t.shape, workspace) for n, term in enumerate(t.terms)]
+    buffer: Optional[torch.Tensor] = None
+    for rows in _row_blocks(t.shape, None if any(_whole(term) for term in t.terms) else block):
+        src = source.read(t.source, rows)
+        terms = list(zip(t.terms, prepared))
+        if _fused(t.terms[0]):
+            if buffer is None:
+                buffer = torch.empty(src.shape, dtype=torch.float32)
+            (term, (product, _)), terms = terms[0], terms[1:]
+            acc = add_scaled(buffer[: src.shape[0]], _rows(product, rows), term.scaling, first=src)
+        else:
+            acc = src.to(torch.float32, copy=True)
+        for term, value in terms:
+            acc = _apply(term, value, acc, src, rows)
+        yield acc.to(dtype, copy=True)
+
+
+
+
+def compute_tensor(t: PlannedTensor, source: TensorSource, local: threading.local) -> tuple[list[torch.Tensor], float]:
+    """A worker's job: every block of ``t`` (and the seconds it took); ``local`` keeps the
+    worker's :class:`Workspace`."""
+    start = time.perf_counter()
+    if not hasattr(local, "workspace"):
+        local.workspace = Workspace()
+    return list(tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace)), time.perf_counter() - start
