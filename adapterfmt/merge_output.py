@@ -1,55 +1,103 @@
-"""What the merged output directory holds besides the streamed shards: the shard files' headers
-(:func:`shard_specs`), the size of every file (for the free-space check), the copied side files,
-config.json (when the dtype changed) and the index, and the check of a staged output against the
-plan (``--verify``). Which files, which shard layout and which config changes are decided by the
-plan (:mod:`adapterfmt.merge_plan`); this module writes and checks them.
+"""What the merged output directory looks like, and writing it (besides the streamed shard bytes).
+
+Decided from headers (called by :func:`~adapterfmt.merge_plan.plan_merge`): the shard layout
+(:func:`layout_shards`), the index (:func:`index_document`), config.json when it must change
+(:func:`changed_config`) and the base's side files copied as they are (:func:`side_files`).
+Written and checked (called by :mod:`adapterfmt.merging`): each shard's header
+(:func:`shard_specs`), every file's size for the free-space check, the side files, config.json
+and index (:func:`write_side_files`), and the staged output against the plan (:func:`verify_output`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
-from .constants import MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE
+from .base import BaseModel
+from .constants import DTYPE_BITS, MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
 from .errors import AdapterFormatError, MergeError
 from .header import read_header
-from .merge_plan import MergePlan, PlannedTensor
 from .safetensors_stream import TensorSpec, file_size
+from .sources import safe_join
 from .staging import copy_file, write_text
 
 #: safetensors metadata of every merged shard (what ``save_pretrained`` writes).
 METADATA = {"format": "pt"}
+#: safetensors dtype -> the ``dtype`` value transformers writes in config.json.
+CONFIG_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+#: Files of a model directory that hold weights in some format; never copied next to merged ones.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
 
 
-def shard_specs(tensors: Sequence[PlannedTensor]) -> list[TensorSpec]:
+class OutputTensor(Protocol):
+    """What the layout needs of a planned tensor (:class:`~adapterfmt.merge_plan.PlannedTensor`)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass
+class ShardPlan:
+    """One output safetensors file: its name and tensors in write order."""
+
+    name: str
+    tensors: "list[OutputTensor]"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def index_document(shards: Sequence[ShardPlan], base_metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model.safetensors.index.json`` document (keys sorted, as transformers writes them)."""
+    metadata = {k: v for k, v in base_metadata.items() if k not in ("total_size", "total_parameters")}
+    if "total_parameters" in base_metadata:
+        metadata["total_parameters"] = sum(math.prod(t.shape) for s in shards for t in s.tensors)
+    metadata["total_size"] = sum(s.nbytes for s in shards)
+    weight_map = {t.key: s.name for s in shards for t in s.tensors}
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def shard_specs(tensors: "Sequence[OutputTensor]") -> list[TensorSpec]:
     return [TensorSpec(t.key, t.dtype, t.shape) for t in tensors]
 
 
-def output_sizes(plan: MergePlan) -> list[int]:
+def output_sizes(shards: Sequence[ShardPlan], base_directory: str, files: Sequence[str], index: Optional[dict[str, Any]]) -> list[int]:
     """Bytes of every output file (the index and a rewritten config.json are counted as copied)."""
-    sizes = [file_size(shard_specs(s.tensors), METADATA) for s in plan.shards]
-    sizes += [os.path.getsize(os.path.join(plan.base.directory, f)) for f in plan.files]
-    return sizes + ([len(json.dumps(plan.index(), indent=2)) + 1] if plan.indexed else [])
+    sizes = [file_size(shard_specs(s.tensors), METADATA) for s in shards]
+    sizes += [os.path.getsize(os.path.join(base_directory, f)) for f in files]
+    return sizes + ([len(json.dumps(index, indent=2)) + 1] if index is not None else [])
 
 
-def write_side_files(plan: MergePlan, directory: str) -> list[str]:
-    """Copy the base's non-weight files, write config.json (if changed) and the index; fsync all."""
-    written = [s.name for s in plan.shards]
-    for name in plan.files:
+def write_side_files(
+    directory: str, base_directory: str, files: Sequence[str], config: Optional[dict[str, Any]], index: Optional[dict[str, Any]]
+) -> list[str]:
+    """Copy the base's non-weight ``files``, write config.json (if changed) and the index; fsync all.
+
+    Returns the names written."""
+    written = []
+    for name in files:
         target = os.path.join(directory, name)
-        if name == MODEL_CONFIG_FILE and plan.config is not None:
-            write_text(target, json.dumps(plan.config, indent=2) + "\n")
+        if name == MODEL_CONFIG_FILE and config is not None:
+            write_text(target, json.dumps(config, indent=2) + "\n")
         else:
-            copy_file(os.path.join(plan.base.directory, name), target)
+            copy_file(os.path.join(base_directory, name), target)
         written.append(name)
-    if plan.indexed:
-        write_text(os.path.join(directory, SAFETENSORS_INDEX_FILE), json.dumps(plan.index(), indent=2) + "\n")
+    if index is not None:
+        write_text(os.path.join(directory, SAFETENSORS_INDEX_FILE), json.dumps(index, indent=2) + "\n")
         written.append(SAFETENSORS_INDEX_FILE)
-    return sorted(written)
+    return written
 
 
-def verify_output(directory: str, plan: MergePlan, target: str) -> None:
+def verify_output(directory: str, shards: Sequence[ShardPlan], target: str) -> None:
     """:func:`adapterfmt.verify.verify_directory` on the staged output, then each shard's header
     against the plan (keys in order, dtypes, shapes, metadata).
 
@@ -59,7 +107,7 @@ def verify_output(directory: str, plan: MergePlan, target: str) -> None:
     from .verify import verify_directory
 
     problems = [f.message for f in verify_directory(directory)]
-    for shard in plan.shards:
+    for shard in shards:
         try:
             header = read_header(os.path.join(directory, shard.name))
         except AdapterFormatError as e:
@@ -72,3 +120,86 @@ def verify_output(directory: str, plan: MergePlan, target: str) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MergeError(f"the merged output failed verification: {problems[0]}{more}", path=target, hint="nothing was written; please report this")
+
+
+def layout_shards(
+    base: BaseModel, planned: Mapping[str, "OutputTensor"], extra: dict[str, str], max_shard_size: "int | str | None"
+) -> tuple[list[ShardPlan], bool]:
+    """Shards in write order, and whether an index is written.
+
+    Default: the base's shard files and key order, a new head key placed after its embedding.
+    Within a file, tensors keep the base's byte order (so untouched runs copy in one call), moved
+    only to keep wider dtypes first as safetensors does for alignment.
+    """
+    follows: dict[str, list[str]] = {}
+    for new, after in extra.items():
+        follows.setdefault(after, []).append(new)
+    shard_order = sorted(base.shards)
+    ordered: list[tuple[str, list[str]]] = []
+    for shard in shard_order:
+        keys: list[str] = []
+        for key in sorted(base.shard_keys[shard], key=lambda k: base.tensors[k].start):
+            keys.append(key)
+            keys += follows.get(key, [])
+        ordered.append((shard, keys))
+    if max_shard_size is None:
+        index = os.path.join(base.directory, SAFETENSORS_INDEX_FILE)
+        indexed = len(base.shards) > 1 or bool(base.directory) and base.shards[0] != SAFETENSORS_WEIGHTS_FILE and os.path.isfile(index)
+        return [ShardPlan(name, aligned([planned[k] for k in keys])) for name, keys in ordered if keys], indexed
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    flat = {k: planned[k] for _, keys in ordered for k in keys}
+    try:
+        split = split_state_dict_into_shards_factory(
+            flat, get_storage_size=lambda t: t.nbytes, filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN, max_shard_size=max_shard_size
+        )
+    except ValueError as e:
+        raise MergeError(f"is not a size ({e})", key=str(max_shard_size), hint="write it like 5GB, 500MB or a number of bytes") from None
+    shards = [ShardPlan(name, aligned([flat[k] for k in keys])) for name, keys in split.filename_to_tensors.items()]
+    return shards, len(shards) > 1
+
+
+def aligned(tensors: "list[OutputTensor]") -> "list[OutputTensor]":
+    """Wider dtypes first, as safetensors orders a file for alignment (stable: byte order kept otherwise)."""
+    return sorted(tensors, key=lambda t: -DTYPE_BITS[t.dtype])
+
+
+def changed_config(config: dict[str, Any], *, untie: bool, dtype: Optional[str]) -> Optional[dict[str, Any]]:
+    """The changed ``config.json``, or None when it is copied as it is."""
+    if not config or not (untie or dtype):
+        return None
+    doc = copy.deepcopy(config)
+    inner = doc.get("text_config") if isinstance(doc.get("text_config"), dict) else None
+    if untie:
+        doc["tie_word_embeddings"] = False
+        if inner is not None:
+            inner["tie_word_embeddings"] = False
+    if dtype:
+        name = CONFIG_DTYPES[dtype]
+        fields = [f for f in ("dtype", "torch_dtype") if f in doc] or ["dtype"]
+        for f in fields:
+            doc[f] = name
+        for f in ("dtype", "torch_dtype"):
+            if inner is not None and f in inner:
+                inner[f] = name
+    return doc
+
+
+def side_files(base: BaseModel) -> list[str]:
+    """Top-level files of the base directory that are not weights: config, tokenizer, generation config, README.
+
+    Raises:
+        UnsafeFileError: one is a symlink that resolves outside the model directory.
+    """
+    out: list[str] = []
+    if not base.directory:  # a state dict in memory
+        return out
+    for name in sorted(os.listdir(base.directory)):
+        path = os.path.join(base.directory, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        if name == SAFETENSORS_INDEX_FILE or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        safe_join(base.directory, name)  # a symlink out of the model directory is not followed
+        out.append(name)
+    return out

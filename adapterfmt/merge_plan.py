@@ -1,7 +1,8 @@
 """Plan a merge from headers alone: what every output tensor is, where it goes, what it costs.
 
 :func:`plan_merge` gives every tensor of the base model one action and lays the output out in
-shards. No tensor byte is read and torch is not imported, so every refusal (unresolved modules,
+shards (:mod:`adapterfmt.merge_output` decides that layout: shard files, index, config.json,
+side files). No tensor byte is read and torch is not imported, so every refusal (unresolved modules,
 shape errors, unsupported features, adapters that conflict) happens before anything is written.
 
 Actions:
@@ -27,14 +28,12 @@ does. Integer, bool and fp8 tensors are copied as they are.
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from .base import BaseModel
-from .constants import DTYPE_BITS, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
+from .constants import DTYPE_BITS
 from .describe import AdapterCheckpoint
 from .errors import (
     InvalidConfigError,
@@ -47,8 +46,8 @@ from .errors import (
 from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
+from .merge_output import ShardPlan, changed_config, index_document, layout_shards, side_files
 from .resolution import Resolution, ResolvedLora, resolve
-from .sources import safe_join
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
 
@@ -60,10 +59,6 @@ DTYPE_NAMES = {
 }  # fmt: skip
 #: Dtypes that ``--dtype`` converts and that LoRA can be merged into.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-#: safetensors dtype -> the ``dtype`` value transformers writes in config.json.
-CONFIG_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-#: Files of a model directory that hold weights in some format; never copied next to merged ones.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
 _LISTED = 5
 
 
@@ -119,18 +114,6 @@ class PlannedTensor:
 
 
 @dataclass
-class ShardPlan:
-    """One output safetensors file: its name and tensors in write order."""
-
-    name: str
-    tensors: list[PlannedTensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-@dataclass
 class MergePlan:
     """Everything :func:`~adapterfmt.merging.merge_to_directory` writes, decided from headers.
 
@@ -170,12 +153,7 @@ class MergePlan:
 
     def index(self) -> dict[str, Any]:
         """The ``model.safetensors.index.json`` document (keys sorted, as transformers writes them)."""
-        metadata = {k: v for k, v in self.base.index_metadata.items() if k not in ("total_size", "total_parameters")}
-        if "total_parameters" in self.base.index_metadata:
-            metadata["total_parameters"] = sum(math.prod(t.shape) for t in self.tensors())
-        metadata["total_size"] = self.total_size
-        weight_map = {t.key: s.name for s in self.shards for t in s.tensors}
-        return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        return index_document(self.shards, self.base.index_metadata)
 
 
 def normalize_dtype(dtype: Optional[str]) -> Optional[str]:
@@ -246,7 +224,7 @@ def plan_merge(
             skipped += adapter.unknown_keys
         slots.add(i, adapter, res, weights[i], skipped, allow_unused)
     planned, extra, untied = slots.plan(out_dtype)
-    shards, indexed = _layout(base, planned, extra, max_shard_size)
+    shards, indexed = layout_shards(base, planned, extra, max_shard_size)
     return MergePlan(
         base=base,
         adapters=adapters,
@@ -254,8 +232,8 @@ def plan_merge(
         dtype=out_dtype,
         shards=shards,
         indexed=indexed,
-        config=_config(base.config, untie=bool(untied), dtype=out_dtype),
-        files=_copied_files(base),
+        config=changed_config(base.config, untie=bool(untied), dtype=out_dtype),
+        files=side_files(base),
         untied=untied,
         skipped=skipped,
         findings=findings,
@@ -519,88 +497,6 @@ def _check_disjoint_rows(planned: dict[str, PlannedTensor]) -> None:
                             hint="PEFT refuses overlapping trainable tokens too; merge one of them",
                         )
                     seen[idx] = term.adapter
-
-
-def _layout(
-    base: BaseModel, planned: dict[str, PlannedTensor], extra: dict[str, str], max_shard_size: "int | str | None"
-) -> tuple[list[ShardPlan], bool]:
-    """Shards in write order, and whether an index is written.
-
-    Default: the base's shard files and key order, a new head key placed after its embedding.
-    Within a file, tensors keep the base's byte order (so untouched runs copy in one call), moved
-    only to keep wider dtypes first as safetensors does for alignment.
-    """
-    follows: dict[str, list[str]] = {}
-    for new, after in extra.items():
-        follows.setdefault(after, []).append(new)
-    shard_order = sorted(base.shards)
-    ordered: list[tuple[str, list[str]]] = []
-    for shard in shard_order:
-        keys: list[str] = []
-        for key in sorted(base.shard_keys[shard], key=lambda k: base.tensors[k].start):
-            keys.append(key)
-            keys += follows.get(key, [])
-        ordered.append((shard, keys))
-    if max_shard_size is None:
-        index = os.path.join(base.directory, SAFETENSORS_INDEX_FILE)
-        indexed = len(base.shards) > 1 or bool(base.directory) and base.shards[0] != SAFETENSORS_WEIGHTS_FILE and os.path.isfile(index)
-        return [ShardPlan(name, _aligned([planned[k] for k in keys])) for name, keys in ordered if keys], indexed
-    from huggingface_hub import split_state_dict_into_shards_factory
-
-    flat = {k: planned[k] for _, keys in ordered for k in keys}
-    try:
-        split = split_state_dict_into_shards_factory(
-            flat, get_storage_size=lambda t: t.nbytes, filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN, max_shard_size=max_shard_size
-        )
-    except ValueError as e:
-        raise MergeError(f"is not a size ({e})", key=str(max_shard_size), hint="write it like 5GB, 500MB or a number of bytes") from None
-    shards = [ShardPlan(name, _aligned([flat[k] for k in keys])) for name, keys in split.filename_to_tensors.items()]
-    return shards, len(shards) > 1
-
-
-def _aligned(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
-    return sorted(tensors, key=lambda t: -DTYPE_BITS[t.dtype])
-
-
-def _config(config: dict[str, Any], *, untie: bool, dtype: Optional[str]) -> Optional[dict[str, Any]]:
-    """The changed ``config.json``, or None when it is copied as it is."""
-    if not config or not (untie or dtype):
-        return None
-    doc = copy.deepcopy(config)
-    inner = doc.get("text_config") if isinstance(doc.get("text_config"), dict) else None
-    if untie:
-        doc["tie_word_embeddings"] = False
-        if inner is not None:
-            inner["tie_word_embeddings"] = False
-    if dtype:
-        name = CONFIG_DTYPES[dtype]
-        fields = [f for f in ("dtype", "torch_dtype") if f in doc] or ["dtype"]
-        for f in fields:
-            doc[f] = name
-        for f in ("dtype", "torch_dtype"):
-            if inner is not None and f in inner:
-                inner[f] = name
-    return doc
-
-
-def _copied_files(base: BaseModel) -> list[str]:
-    """Top-level files of the base directory that are not weights: config, tokenizer, generation config, README.
-
-    Raises:
-        UnsafeFileError: one is a symlink that resolves outside the model directory.
-    """
-    out: list[str] = []
-    if not base.directory:  # a state dict in memory
-        return out
-    for name in sorted(os.listdir(base.directory)):
-        path = os.path.join(base.directory, name)
-        if name.startswith(".") or not os.path.isfile(path):
-            continue
-        if name == SAFETENSORS_INDEX_FILE or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            continue
-        safe_join(base.directory, name)  # a symlink out of the model directory is not followed
-        out.append(name)
-    return out
 
 
 __all__ = [

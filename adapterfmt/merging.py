@@ -198,7 +198,8 @@ def merge_to_directory(
     removed = clean_stale(out)
     target = check_output_path(out, [model.directory] + [c.directory for c in checkpoints], overwrite=overwrite)
     plan = plan_merge(model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused)
-    sizes = output_sizes(plan)
+    index = plan.index() if plan.indexed else None
+    sizes = output_sizes(plan.shards, plan.base.directory, plan.files, index)
     check_free_space(target, sizes)
     timings["plan"] = time.perf_counter() - started
     report = None if progress is None else (lambda n: progress(n, plan.total_size))
@@ -207,7 +208,7 @@ def merge_to_directory(
             with _source(checkpoints) as inputs, _one_thread_per_worker() as workers:
                 _write_shards(plan, staging.path, inputs, workers, report, timings)
             mark = time.perf_counter()
-            files = write_side_files(plan, staging.path)
+            files = sorted([s.name for s in plan.shards] + write_side_files(staging.path, plan.base.directory, plan.files, plan.config, index))
             timings["files"] = time.perf_counter() - mark
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -220,7 +221,7 @@ def merge_to_directory(
         pause_point("files")
         mark = time.perf_counter()
         if verify:
-            verify_output(staging.path, plan, target)
+            verify_output(staging.path, plan.shards, target)
         staging.commit()
         timings["sync"] += time.perf_counter() - mark
     return MergeSummary(
