@@ -36,7 +36,6 @@ from .base import BaseModel
 from .constants import DTYPE_BITS
 from .describe import AdapterCheckpoint
 from .errors import (
-    InvalidConfigError,
     MergeError,
     ShapeMismatchError,
     UnknownKeyError,
@@ -46,6 +45,7 @@ from .errors import (
 from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
+from .merge_checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unsupported, token_indices
 from .merge_output import ShardPlan, changed_config, index_document, layout_shards, side_files
 from .resolution import Resolution, ResolvedLora, resolve
 
@@ -57,9 +57,6 @@ DTYPE_NAMES = {
     "fp16": "F16", "float16": "F16", "half": "F16",
     "fp32": "F32", "float32": "F32", "float": "F32",
 }  # fmt: skip
-#: Dtypes that ``--dtype`` converts and that LoRA can be merged into.
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -215,9 +212,9 @@ def plan_merge(
     skipped: list[str] = []
     findings: list[Finding] = []
     for i, adapter in enumerate(adapters):
-        _refuse_unsupported(adapter)
+        refuse_unsupported(adapter)
         res = resolve(adapter, base)
-        _refuse_bad_resolution(adapter, res, allow_unused)
+        refuse_bad_resolution(adapter, res, allow_unused)
         skipped += res.unresolved
         findings += res.findings
         if adapter.unknown_keys:
@@ -250,51 +247,6 @@ def _weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
     if bad:
         raise MergeError(f"weight {bad[0]} is not a finite number", key="weight")
     return out
-
-
-def _refuse_unsupported(adapter: AdapterCheckpoint) -> None:
-    unsupported = adapter.config.unsupported
-    if unsupported:
-        name, why = next(iter(unsupported.items()))
-        raise UnsupportedFeatureError(
-            f"is set ({why}); adapterfmt cannot merge it", path=adapter.config.path or adapter.directory, key=name, hint="merge it with PEFT instead"
-        )
-
-
-def _listed(names: Sequence[str]) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:_LISTED])
-    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
-
-
-def _refuse_bad_resolution(adapter: AdapterCheckpoint, res: Resolution, allow_unused: bool) -> None:
-    if res.shape_errors:
-        more = f" (and {len(res.shape_errors) - 1} more)" if len(res.shape_errors) > 1 else ""
-        raise ShapeMismatchError(
-            res.shape_errors[0] + more, path=adapter.weights_file, hint="is this adapter for this base model? `adapterfmt check` lists them all"
-        )
-    if allow_unused:
-        return
-    if res.unresolved:
-        total = len(adapter.lora) + sum(len(c.tensors) for c in adapter.full_copies.values()) + len(adapter.base_overrides)
-        if res.suggestion:
-            old, new = res.suggestion
-            hint = f"renaming the prefix '{old}' to '{new}' would match some (see `adapterfmt check`); or pass --allow-unused to merge the rest"
-        else:
-            hint = "is this adapter for this base model? pass --allow-unused to merge the rest"
-        raise UnresolvedModulesError(
-            f"{len(res.unresolved)} of {total} adapter modules and full-copy tensors match no tensor of the base model: {_listed(res.unresolved)}",
-            unresolved=res.unresolved,
-            suggestion=res.suggestion,
-            path=adapter.weights_file,
-            hint=hint,
-        )
-    if adapter.unknown_keys:
-        raise UnknownKeyError(
-            f"fits no rule of the key grammar ({len(adapter.unknown_keys)} such keys: {_listed(adapter.unknown_keys)})",
-            path=adapter.weights_file,
-            key=adapter.unknown_keys[0],
-            hint="merging without them would drop trained values silently; pass --allow-unused to do so",
-        )
 
 
 def _weight_key(module: str) -> str:
@@ -361,7 +313,7 @@ class _Slots:
                 self._replace(key if embedding else base_key, "full_copy", i, copy_.tensors[param], where)
         for path, rl in res.lora.items():
             for slot, info in rl.module.tensors.items():
-                _refuse_non_float(info, rl.module.keys[slot], where)
+                refuse_non_float(info, rl.module.keys[slot], where)
             embedding = self._tied_head(path, rl.base_key)
             if embedding is not None:
                 self.heads.setdefault(embedding, path)
@@ -391,8 +343,8 @@ class _Slots:
                     )
                 skipped.append(path)
                 continue
-            _refuse_non_float(td.tensor, td.key, where)
-            self._slot(key).terms.append(RowsTerm(i, td.tensor, _token_indices(td, self.base.tensors[key], where)))
+            refuse_non_float(td.tensor, td.key, where)
+            self._slot(key).terms.append(RowsTerm(i, td.tensor, token_indices(td, self.base.tensors[key], where)))
 
     def plan(self, out_dtype: Optional[str]) -> tuple[dict[str, PlannedTensor], dict[str, str], list[str]]:
         """``(planned by key, new key -> key it follows, untied head keys)``."""
@@ -452,36 +404,6 @@ class _Slots:
         if replaced and source.dtype not in FLOAT_DTYPES and source.dtype != dtype:
             raise UnsupportedFeatureError(f"is stored as {source.dtype} but the base tensor is {dtype}", path=source.file, key=key)
         return PlannedTensor(key, dtype, base_info.shape, REPLACE, source)
-
-
-def _refuse_non_float(info: TensorInfo, key: str, where: str) -> None:
-    if info.dtype not in FLOAT_DTYPES:
-        raise UnsupportedFeatureError(
-            f"is stored as {info.dtype}; LoRA tensors are merged from {', '.join(FLOAT_DTYPES)} only",
-            path=where,
-            key=key,
-            hint="convert the adapter to a float dtype first",
-        )
-
-
-def _token_indices(td: Any, base_info: TensorInfo, where: str) -> tuple[int, ...]:
-    if td.indices is None:
-        raise InvalidConfigError(
-            f"trainable_token_indices names no indices for '{td.path}'", path=where, key="trainable_token_indices", hint="fix adapter_config.json"
-        )
-    vocab, dim = (base_info.shape + (0, 0))[:2]
-    shape = tuple(td.tensor.shape)
-    if len(base_info.shape) != 2 or shape != (len(td.indices), dim):
-        raise ShapeMismatchError(
-            f"holds {list(shape)} but {len(td.indices)} indices of the base embedding {list(base_info.shape)} need [{len(td.indices)}, {dim}]",
-            path=where,
-            key=td.key,
-        )
-    bad = [i for i in td.indices if not 0 <= i < vocab]
-    if bad or len(set(td.indices)) != len(td.indices):
-        why = f"index {bad[0]} is outside the vocabulary of {vocab}" if bad else "an index appears twice"
-        raise InvalidConfigError(f"trainable_token_indices: {why}", path=where, key="trainable_token_indices")
-    return tuple(td.indices)
 
 
 def _check_disjoint_rows(planned: dict[str, PlannedTensor]) -> None:
