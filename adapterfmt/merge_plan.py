@@ -38,7 +38,6 @@ from .describe import AdapterCheckpoint
 from .errors import (
     MergeError,
     ShapeMismatchError,
-    UnknownKeyError,
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
