@@ -7,8 +7,8 @@
   ``base_out`` it also writes the plain base model the file carries.
 * :func:`merge_wrapped` produces the merged plain model from such a checkpoint, through the merge
   engine (:func:`adapterfmt.merging.merge_to_directory`).
-* :func:`wrapped_names` is the reverse mapping: adapter(s) + base keys -> the exact names of the
-  wrapped model's ``state_dict()`` in memory.
+* :func:`wrapped_names` (:mod:`adapterfmt.wrapped_mapping`, re-exported here) is the reverse
+  mapping: adapter(s) + base keys -> the exact names of the wrapped model's ``state_dict()``.
 
 Outputs are staged beside the target and renamed into place when complete, with the merge
 engine's :mod:`adapterfmt.staging` (``StagedDirectory``, ``check_output_path``); an existing
@@ -24,7 +24,7 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from .constants import (
     ADAPTER_CONFIG_FILE,
@@ -45,13 +45,14 @@ from .errors import (
 )
 from .findings import Finding
 from .header import TensorInfo
-from .keys import KeyParts, Role, parse_saved, parse_wrapped, render_saved, render_wrapped
-from .sources import safe_join
-from .wrapped import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
+from .keys import Role, parse_wrapped, render_saved
 from .pause import pause_point
 from .safetensors_stream import ShardWriter, TensorSpec
-from .tensor_source import TensorSource
+from .sources import safe_join
 from .staging import StagedDirectory, check_output_path, clean_stale, copy_file, write_text
+from .tensor_source import TensorSource
+from .wrapped import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
+from .wrapped_mapping import WrappedSource, wrapped_names  # noqa: F401  (re-exported: adapterfmt.convert.wrapped_names)
 
 _METADATA = {"format": "pt"}
 #: huggingface_hub's default shard size (``split_state_dict_into_shards_factory``).
@@ -396,80 +397,3 @@ def merge_wrapped(
     summary.adapters = [f"{src} [{adapter_name}]"]
     summary.findings = wrapped.findings + adapter.findings + list(summary.findings)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# THE REVERSE MAPPING
-# ---------------------------------------------------------------------------------------------
-
-
-class WrappedSource(NamedTuple):
-    """Where the value of one in-memory tensor comes from: ``kind`` ``base`` (a base key) or
-    ``adapter`` (a saved key of adapter ``adapter``)."""
-
-    kind: str
-    key: str
-    adapter: Optional[str] = None
-
-
-def wrapped_names(
-    adapter: "AdapterCheckpoint | Mapping[str, AdapterCheckpoint]",
-    base_keys: Sequence[str],
-    *,
-    adapter_name: str = DEFAULT_ADAPTER_NAME,
-    prefix: str = PEFT_PREFIX,
-) -> dict[str, WrappedSource]:
-    """The exact ``state_dict()`` names of the wrapped model PEFT builds from a base and adapter(s).
-
-    A LoRA target's own tensors move under ``base_layer``; a full copy's under
-    ``original_module`` plus one ``modules_to_save.<name>`` copy per adapter that saves it; a
-    trainable-token embedding's under ``token_adapter.base_layer``; every other base key stays.
-    The adapter tensors follow, with their adapter name.
-
-    Args:
-        adapter: one adapter (named ``adapter_name``), or adapter name -> adapter.
-        base_keys: the base model's ``state_dict()`` keys (no prefix).
-        prefix: ``base_model.model.`` (a ``PeftModel``) or ``""`` (``inject_adapter_in_model``).
-
-    Returns:
-        wrapped name -> :class:`WrappedSource`, base-derived names in ``base_keys`` order first.
-        A full copy's parameter missing from the adapter file comes from the base (PEFT copies
-        the original module); a base tensor the adapter saves (``base_layer`` of a full
-        embedding, ``bias="all"``) comes from the adapter.
-    """
-    adapters = dict(adapter) if isinstance(adapter, Mapping) else {adapter_name: adapter}
-    lora = {m for a in adapters.values() for m in a.lora}
-    copies = {m for a in adapters.values() for m in a.full_copies}
-    tokens = {m for a in adapters.values() for m in a.token_deltas}
-    owners = sorted(lora | copies | tokens, key=len, reverse=True)
-    overrides = {k: (n, a.base_override_keys[k]) for n, a in adapters.items() for k in a.base_overrides}
-
-    out: dict[str, WrappedSource] = {}
-
-    def base_source(key: str) -> WrappedSource:
-        if key in overrides:
-            name, saved = overrides[key]
-            return WrappedSource("adapter", saved, name)
-        return WrappedSource("base", key)
-
-    for key in base_keys:
-        owner = next((m for m in owners if key.startswith(m + ".")), None)
-        if owner is None:
-            out[prefix + key] = base_source(key)
-            continue
-        param = key[len(owner) + 1 :]
-        if owner in copies:
-            out[render_wrapped(KeyParts(owner, Role.ORIGINAL, param), prefix=prefix)] = base_source(key)
-            for name, a in adapters.items():
-                copy = a.full_copies.get(owner)
-                if copy is not None:
-                    src = WrappedSource("adapter", copy.keys[param], name) if param in copy.keys else WrappedSource("base", key)
-                    out[render_wrapped(KeyParts(owner, Role.FULL_COPY, param), adapter=name, prefix=prefix)] = src
-        else:
-            role = Role.BASE_LAYER if owner in lora else Role.TOKENS_BASE
-            out[render_wrapped(KeyParts(owner, role, param), prefix=prefix)] = base_source(key)
-    for name, a in adapters.items():
-        saved = [k for m in a.lora.values() for k in m.keys.values()] + [d.key for d in a.token_deltas.values()]
-        for key in saved:
-            out[render_wrapped(parse_saved(key), adapter=name, prefix=prefix)] = WrappedSource("adapter", key, name)
-    return out
