@@ -48,7 +48,7 @@ from .load_plan import LoadPlan, listing, plan_load, refuse_unloadable
 from .memory_adapter import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor
 from .scan import count_non_finite
-from .torch_io import TensorReader
+from .tensor_source import TensorReader
 
 
 def load(

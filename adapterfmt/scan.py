@@ -46,7 +46,7 @@ def non_finite_findings(ckpt: AdapterCheckpoint) -> list[Finding]:
     Raises:
         HeaderError: the file cannot be read by safetensors.
     """
-    from .torch_io import TensorReader
+    from .tensor_source import TensorReader
 
     out = []
     with TensorReader(ckpt.tensors_in_memory) as reader:

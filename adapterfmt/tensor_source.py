@@ -128,6 +128,22 @@ class TensorSource:
         return True
 
 
+class TensorReader(TensorSource):
+    """A :class:`TensorSource` for one checkpoint whose in-memory tensors (a ``.bin`` adapter) are
+    looked up by key alone; :meth:`get` reads one tensor."""
+
+    def __init__(self, in_memory: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__()
+        self._in_memory = dict(in_memory or {})
+
+    def held(self, info: TensorInfo) -> Any:
+        return self._in_memory[info.key]
+
+    def get(self, info: TensorInfo) -> Any:
+        """The tensor ``info`` as a torch tensor (see :meth:`TensorSource.read`)."""
+        return self.read(info)
+
+
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     """Read into ``view`` at ``offset`` without moving the file position; bytes read (0 at the end).
 

@@ -1,7 +1,6 @@
 """Reading tensors described by :class:`~adapterfmt.header.TensorInfo` (imports torch).
 
-Tensor bytes are read by the one reader, :mod:`adapterfmt.tensor_source` (:class:`TensorReader`
-is its one-checkpoint form); pickle ``.bin`` adapters only through
+Tensor bytes are read by the one reader, :mod:`adapterfmt.tensor_source`; pickle ``.bin`` adapters only through
 ``torch.load(weights_only=True)``, and only when the caller allowed pickles.
 """
 
@@ -9,13 +8,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Mapping, Optional
 
 import torch
 
 from .errors import HeaderError, UnsafeFileError
 from .header import SafetensorsHeader, TensorInfo
-from .tensor_source import TensorSource
 
 #: safetensors dtype name -> torch dtype (entries needing newer torch are added when present).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -35,21 +32,6 @@ for _name, _attr in (("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), (
     if hasattr(torch, _attr):
         TORCH_DTYPES[_name] = getattr(torch, _attr)
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-
-
-class TensorReader(TensorSource):
-    """A :class:`~adapterfmt.tensor_source.TensorSource` for one checkpoint whose in-memory
-    tensors (a ``.bin`` adapter) are looked up by key alone; :meth:`get` reads one tensor."""
-
-    def __init__(self, in_memory: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-        super().__init__()
-        self._in_memory = dict(in_memory or {})
-
-    def held(self, info: TensorInfo) -> torch.Tensor:
-        return self._in_memory[info.key]
-
-    def get(self, info: TensorInfo) -> torch.Tensor:
-        return self.read(info)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
