@@ -18,7 +18,8 @@ from torch import nn
 
 from .errors import MergeError
 from .findings import Finding
-from .layers import FullCopy, LoraLayer, iter_wrappers, make_lora_layer
+from .full_copy import FullCopy, iter_wrappers
+from .layers import LoraLayer, make_lora_layer
 from .module_tree import replace_module
 
 _REGISTRY_ATTR = "_adapterfmt"

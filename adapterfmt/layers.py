@@ -2,8 +2,7 @@
 
 A LoRA-wrapped module has PEFT's submodule names in PEFT's order (``base_layer``,
 ``lora_dropout``, ``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``,
-``lora_magnitude_vector``), and a module saved in full becomes a :class:`FullCopy` with
-``original_module`` and ``modules_to_save``, so ``named_modules()`` and ``state_dict()`` read
+``lora_magnitude_vector``), so ``named_modules()`` and ``state_dict()`` read
 exactly as PEFT's do. The forward passes compute what PEFT's ``lora.Linear`` / ``Embedding`` /
 ``ConvNd`` and their DoRA variants compute (``peft/tuners/lora/layer.py``, ``dora.py``,
 ``variants.py``); merging uses :mod:`adapterfmt.delta`, the math shared with the merge engine.
@@ -14,7 +13,6 @@ stored ``(in, out)``), ``nn.Conv1d``/``Conv2d``/``Conv3d`` and ``nn.Embedding``.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Iterator, Optional
 
@@ -23,60 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, dora_weight, lora_delta, merged_weight
-from .errors import UnsupportedFeatureError
-
-#: Adapter weights in these dtypes are kept in float32, as PEFT's ``autocast_adapter_dtype`` does.
-_UPCAST_DTYPES = {torch.float16, torch.bfloat16} | {
-    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)
-}
-
-
-def is_transformers_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``.
-
-    Recognised by class name and its ``nf`` attribute so the library never imports transformers.
-    """
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-    )
-
-
-def base_layout(module: nn.Module) -> Optional[str]:
-    """The :mod:`adapterfmt.delta` layout of a module LoRA can wrap, or ``None`` if it cannot."""
-    if isinstance(module, nn.Embedding):
-        return EMBEDDING
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return CONV
-    if isinstance(module, nn.Linear):
-        return LINEAR
-    if is_transformers_conv1d(module):
-        return CONV1D_TRANSPOSED
-    return None
-
-
-def supported_layout(module: nn.Module, key: str, *, path: Optional[str] = None, hint: Optional[str] = None) -> str:
-    """:func:`base_layout` of ``module`` (named ``key``), or UnsupportedFeatureError if LoRA cannot wrap it."""
-    layout = base_layout(module)
-    if layout is None:
-        raise UnsupportedFeatureError(
-            f"is a {type(module).__name__}; LoRA can wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding",
-            path=path,
-            key=key,
-            hint=hint,
-        )
-    return layout
-
-
-def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    """The dtype PEFT gives adapter weights on this base: the base dtype, but float32 for 16/8-bit floats."""
-    dtype = base_weight.dtype
-    if dtype in _UPCAST_DTYPES or not (dtype.is_floating_point or dtype.is_complex):
-        return torch.float32
-    return dtype
+from .layer_types import adapter_dtype, base_layout, is_transformers_conv1d
 
 
 class Magnitude(nn.Module):
@@ -516,83 +461,3 @@ def make_lora_layer(module: nn.Module) -> LoraLayer:
     if layout in (LINEAR, CONV1D_TRANSPOSED):
         return LoraLinear(module)
     raise TypeError(f"LoRA cannot wrap a {type(module).__name__}")
-
-
-class FullCopy(nn.Module):
-    """A module trained and saved in full (``modules_to_save``): the frozen original plus one copy per adapter.
-
-    Forward runs the copy of the first active adapter that has one, else the original; attribute
-    reads fall through to that same module (``lm_head.weight`` is the active copy's weight).
-    """
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-
-    def add_copy(self, name: str, *, device: "torch.device | str | None" = None) -> nn.Module:
-        """Add a deep copy of the original for adapter ``name``.
-
-        ``device="meta"`` copies the structure only: the parameters and persistent buffers become
-        empty placeholders (the loader replaces every one of them with a checkpoint tensor), so no
-        memory is spent duplicating weights about to be overwritten.
-        """
-        memo: dict[int, Any] = {}
-        if device is not None:
-            for p in self.original_module.parameters():
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            for _, sub in self.original_module.named_modules():
-                for bname, buf in sub._buffers.items():
-                    if buf is not None and bname not in sub._non_persistent_buffers_set:
-                        memo[id(buf)] = torch.empty_like(buf, device=device)
-        self.modules_to_save[name] = copied = copy.deepcopy(self.original_module, memo)
-        self.original_module.requires_grad_(False)
-        return copied
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    @property
-    def active_module(self) -> nn.Module:
-        if not self.disabled:
-            for name in self.active_adapters:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name]
-        return self.original_module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "original_module" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self.active_module, name)
-
-
-def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy"]]:
-    """``(path, wrapper)`` for every :class:`LoraLayer` and :class:`FullCopy` in ``model``."""
-    for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, FullCopy)):
-            yield path, module
-
-
-def plain_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``named_modules()`` with wrappers treated as the modules they stand for (their insides skipped)."""
-    out: list[tuple[str, nn.Module]] = []
-
-    def walk(prefix: str, module: nn.Module) -> None:
-        out.append((prefix, module))
-        if isinstance(module, (LoraLayer, FullCopy)):
-            return
-        for child_name, child in module.named_children():
-            walk(f"{prefix}.{child_name}" if prefix else child_name, child)
-
-    walk("", model)
-    return out

@@ -25,7 +25,9 @@ from .errors import (
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
-from .layers import FullCopy, LoraLayer, supported_layout
+from .full_copy import FullCopy
+from .layer_types import supported_layout
+from .layers import LoraLayer
 from .matching import apply_prefix_map, is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .resolution import suggest_prefix

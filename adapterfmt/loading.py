@@ -43,7 +43,7 @@ from .describe import AdapterCheckpoint, read_adapter
 from .errors import InconsistentAdapterError, NonFiniteValuesError
 from .header import TensorInfo
 from .keys import parse_saved, render_wrapped, split_prefix
-from .layers import adapter_dtype
+from .layer_types import adapter_dtype
 from .load_plan import LoadPlan, listing, plan_load, refuse_unloadable
 from .memory_adapter import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor

@@ -15,7 +15,8 @@ from torch import nn
 
 from .errors import UnknownKeyError
 from .keys import KeyParts, Role, parse_wrapped, render_base
-from .layers import FullCopy, LoraLayer
+from .full_copy import FullCopy
+from .layers import LoraLayer
 
 #: modules PEFT refuses to save in full (containers have no forward)
 CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)

@@ -31,7 +31,9 @@ from .memory_adapter import as_lora_config
 from .constants import DEFAULT_ADAPTER_NAME
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 from .errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
-from .layers import FullCopy, LoraLayer, base_layout, plain_module_names, supported_layout
+from .full_copy import FullCopy, plain_module_names
+from .layer_types import base_layout, supported_layout
+from .layers import LoraLayer
 from .matching import TargetSelection, select_targets
 from .module_tree import CONTAINERS, base_of, original_of
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import adapterfmt
-from adapterfmt.layers import FullCopy, LoraLayer
+from adapterfmt.full_copy import FullCopy
+from adapterfmt.layers import LoraLayer
 
 from _load_helpers import (
     TESTDATA,

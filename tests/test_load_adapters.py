@@ -16,7 +16,8 @@ import torch
 
 import adapterfmt
 from adapterfmt.errors import MergeError
-from adapterfmt.layers import FullCopy, LoraLayer
+from adapterfmt.full_copy import FullCopy
+from adapterfmt.layers import LoraLayer
 
 from _load_helpers import (
     TESTDATA,
