@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -307,32 +307,38 @@ def check_new_name(registry: Registry, name: str) -> None:
         raise ValueError(f"an adapter named {name!r} is already on this model; pick another adapter_name")
 
 
+def _wrapper_at(
+    model: nn.Module,
+    path: str,
+    module: nn.Module,
+    active: Sequence[str],
+    created: list[tuple[str, nn.Module]],
+    wrapper_type: type,
+    make: Callable[[nn.Module], nn.Module],
+) -> Any:
+    """``module`` if it is already a ``wrapper_type``, else ``make(module)`` put in its place with
+    ``active`` adapters (the replaced module is appended to ``created`` for :func:`remove_adapter`)."""
+    if isinstance(module, wrapper_type):
+        return module
+    wrapper = make(module)
+    wrapper.active_adapters = list(active)
+    replace_module(model, path, wrapper)
+    created.append((path, module))
+    return wrapper
+
+
 def lora_layer_at(
     model: nn.Module, path: str, module: nn.Module, active: Sequence[str], created: list[tuple[str, nn.Module]]
 ) -> LoraLayer:
-    """The LoraLayer at ``path``: ``module`` if already one, else a new wrapper put in its place
-    (with ``active`` adapters; the replaced module is appended to ``created`` for :func:`remove_adapter`)."""
-    if isinstance(module, LoraLayer):
-        return module
-    layer = make_lora_layer(module)
-    layer.active_adapters = list(active)
-    replace_module(model, path, layer)
-    created.append((path, module))
-    return layer
+    """The LoraLayer at ``path``: ``module`` if already one, else a new wrapper put in its place."""
+    return _wrapper_at(model, path, module, active, created, LoraLayer, make_lora_layer)
 
 
 def full_copy_at(
     model: nn.Module, path: str, module: nn.Module, active: Sequence[str], created: list[tuple[str, nn.Module]]
 ) -> FullCopy:
-    """The FullCopy at ``path``: ``module`` if already one, else a new wrapper put in its place
-    (as :func:`lora_layer_at`)."""
-    if isinstance(module, FullCopy):
-        return module
-    wrapper = FullCopy(module)
-    wrapper.active_adapters = list(active)
-    replace_module(model, path, wrapper)
-    created.append((path, module))
-    return wrapper
+    """The FullCopy at ``path``: ``module`` if already one, else a new wrapper put in its place."""
+    return _wrapper_at(model, path, module, active, created, FullCopy, FullCopy)
 
 
 def remove_adapter(model: nn.Module, registry: Registry, name: str, created: list[tuple[str, nn.Module]]) -> None:
