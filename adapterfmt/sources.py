@@ -13,11 +13,10 @@ from .errors import CheckpointNotFoundError
 
 #: Files fetched for an adapter (top level or one sub-adapter folder).
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-#: Files fetched for a base model: weights and index for the merge, everything small for the output.
-MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md")
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """``user/name`` or ``name``: what huggingface_hub would take as a repo id (not a path)."""
     parts = spec.split("/")
     return (
         0 < len(parts) <= 2
@@ -53,7 +52,7 @@ def resolve_dir(
         if not os.path.isdir(path):
             raise CheckpointNotFoundError(f"is not a directory; give the {what} directory", path=path)
         return path
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         raise CheckpointNotFoundError(f"no such {what} directory", path=spec)
     try:
         from huggingface_hub import snapshot_download

@@ -1,0 +1,482 @@
+"""Which files of a base model hold its weights: one decision for every layout (docs/FORMAT.md §1.2).
+
+A base comes as a transformers model directory, a diffusers model directory, a component of a
+diffusers pipeline (``model_index.json`` + ``subfolder``), a sentence-transformers directory
+(``modules.json``), or a loose weights file. :func:`decide_layout` picks the weight files exactly
+as the library that owns the layout would load them, mirroring
+
+- transformers ``modeling_utils._get_resolved_checkpoint_files`` (local folder): the config's
+  ``transformers_weights``, then ``model.safetensors``, then ``model.safetensors.index.json``,
+  then ``pytorch_model.bin``, then ``pytorch_model.bin.index.json``;
+- diffusers ``ModelMixin.from_pretrained`` (``use_safetensors=None``):
+  ``diffusion_pytorch_model.safetensors.index.json`` first (``_fetch_index_file``), then
+  ``diffusion_pytorch_model.safetensors``, then ``diffusion_pytorch_model.bin``; shard names with
+  a folder are refused (``_get_checkpoint_shard_files``);
+- sentence-transformers: the ``models.Transformer`` entry of ``modules.json`` names the folder
+  (``""`` for the top level) that transformers loads.
+
+Every other candidate weight set in the folder (a stale index beside a single file, ``.bin``
+beside ``.safetensors``, a variant) is reported as ``shadowed-weights``, never read. The decision
+works on a :class:`Tree` (a local folder or a Hub listing) and reads only small JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
+from .findings import Finding
+
+TRANSFORMERS = "transformers"
+DIFFUSERS = "diffusers"
+
+#: (single file, index, pickle file, pickle index) per library, in the libraries' own names.
+WEIGHT_NAMES = {
+    TRANSFORMERS: ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    DIFFUSERS: (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.bin.index.json",
+    ),
+}
+PIPELINE_INDEX = "model_index.json"
+SENTENCE_MODULES = "modules.json"
+CONFIG = "config.json"
+#: Files that belong to the model of a loose weights file (copied beside the merged file).
+MODEL_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+#: Weight-file endings: such files of the component folder are never copied into a merge output.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
+#: Adapter files, and folders never copied from a base (version control, caches).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+SKIPPED_DIRS = (".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface")
+
+
+class Tree:
+    """Read access to a base's files by relative POSIX path: a local folder or a Hub listing."""
+
+    def __init__(self, root: str, files: Optional[Sequence[str]] = None, read: Optional[Callable[[str], bytes]] = None):
+        self.root = root
+        self._files = None if files is None else set(files)
+        self._read = read
+
+    def is_file(self, rel: str) -> bool:
+        if self._files is not None:
+            return rel in self._files
+        return os.path.isfile(os.path.join(self.root, *rel.split("/")))
+
+    def is_dir(self, rel: str) -> bool:
+        if self._files is not None:
+            return any(f.startswith(rel.rstrip("/") + "/") for f in self._files) if rel else True
+        return os.path.isdir(os.path.join(self.root, *rel.split("/")))
+
+    def names(self, rel: str = "") -> list[str]:
+        """Files directly inside folder ``rel`` (names, sorted)."""
+        if self._files is not None:
+            prefix = rel.rstrip("/") + "/" if rel else ""
+            return sorted(f[len(prefix):] for f in self._files if f.startswith(prefix) and "/" not in f[len(prefix):])
+        folder = os.path.join(self.root, *rel.split("/")) if rel else self.root
+        try:
+            return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+        except OSError:
+            return []
+
+    def walk(self, rel: str = "") -> list[str]:
+        """Every file under ``rel`` (relative to the root), skipping version-control and cache folders."""
+        if self._files is not None:
+            prefix = rel.rstrip("/") + "/" if rel else ""
+            return sorted(f for f in self._files if f.startswith(prefix) and not set(f.split("/")[:-1]) & set(SKIPPED_DIRS))
+        out = []
+        start = os.path.join(self.root, *rel.split("/")) if rel else self.root
+        for folder, dirs, files in os.walk(start):
+            dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
+            base = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            out += [n if base == "." else f"{base}/{n}" for n in sorted(files)]
+        return out
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of the small file ``rel``."""
+        if self._read is not None:
+            return self._read(rel)
+        with open(os.path.join(self.root, *rel.split("/")), "rb") as f:
+            return f.read()
+
+    def load_json(self, rel: str) -> Any:
+        """The JSON document in ``rel``, None when there is no such file.
+
+        Raises:
+            InvalidConfigError: the file is not valid JSON.
+        """
+        if not self.is_file(rel):
+            return None
+        try:
+            return json.loads(self.read_bytes(rel).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise InvalidConfigError(
+                f"is not valid JSON ({type(e).__name__})", path=_join(self.root, rel), hint="fix or re-download the model"
+            ) from None
+
+    def json(self, rel: str) -> Optional[dict[str, Any]]:
+        """The JSON object in ``rel``, None when there is no such file.
+
+        Raises:
+            InvalidConfigError: the file is not a JSON object.
+        """
+        doc = self.load_json(rel)
+        if doc is not None and not isinstance(doc, dict):
+            raise InvalidConfigError("is not a JSON object", path=_join(self.root, rel), hint="fix or re-download the model")
+        return doc
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """Where a base model's weights are, and what kind of directory holds them.
+
+    Attributes:
+        kind: ``transformers``, ``diffusers``, ``sentence-transformers``, ``diffusers-pipeline``
+            (a component of a pipeline) or ``file`` (a loose weights file).
+        library: whose loader and file names apply: ``transformers`` or ``diffusers``.
+        root: the folder the merge output mirrors (the model, the whole pipeline, or the loose
+            file's folder).
+        component: the folder of the weights relative to ``root`` (``""`` at the top level).
+        weights: the weight files relative to the component folder, in index order.
+        index: the index file relative to the component folder; None for a single file.
+        pickle: the weights are ``torch.save`` pickles (read only with ``allow_pickle``).
+        loose_file: the weights file as given, for a loose file.
+        shadowed: other weight files of the component folder that the library ignores.
+        findings: ``shadowed-weights`` warnings.
+    """
+
+    kind: str
+    library: str
+    root: str
+    component: str
+    weights: tuple[str, ...]
+    index: Optional[str] = None
+    pickle: bool = False
+    loose_file: Optional[str] = None
+    shadowed: tuple[str, ...] = ()
+    findings: tuple[Finding, ...] = field(default_factory=tuple)
+
+    @property
+    def directory(self) -> str:
+        """The component folder (where ``weights`` are)."""
+        return _join(self.root, self.component)
+
+    @property
+    def single_name(self) -> str:
+        """This library's single-file name (a merged loose file gets it)."""
+        return WEIGHT_NAMES[self.library][0]
+
+    @property
+    def index_name(self) -> str:
+        """This library's safetensors index name."""
+        return WEIGHT_NAMES[self.library][1]
+
+    def files_to_copy(self, tree: Tree) -> list[str]:
+        """Files under ``root`` (relative to it) that a merge output copies unchanged.
+
+        Everything except: the component's weights, index and shadowed weight sets, any other
+        weight file directly in the component folder, adapter files and adapter sub-folders of the
+        component, version-control and cache folders. For a loose file only that model's own
+        side files (:data:`MODEL_SIDE_FILES`).
+        """
+        if self.kind == "file":
+            return [n for n in MODEL_SIDE_FILES if tree.is_file(n)]
+        prefix = self.component + "/" if self.component else ""
+        dropped = {prefix + w for w in self.weights} | {prefix + s for s in self.shadowed}
+        if self.index:
+            dropped.add(prefix + self.index)
+        adapter_dirs = {posixpath.dirname(f) for f in tree.walk(self.component) if posixpath.basename(f) == ADAPTER_FILES[0]}
+        out = []
+        for rel in tree.walk():
+            if rel in dropped:
+                continue
+            folder, name = posixpath.split(rel)
+            in_component = folder == self.component
+            if in_component and (name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") or name in ADAPTER_FILES):
+                continue
+            if any(folder == d or folder.startswith(d + "/") for d in adapter_dirs if d != self.component):
+                continue
+            out.append(rel)
+        return out
+
+
+def decide_layout(tree: Tree, *, subfolder: Optional[str] = None, allow_pickle: bool = False) -> BaseLayout:
+    """The layout of the model folder ``tree`` (component ``subfolder`` of a pipeline or repo).
+
+    Raises:
+        CheckpointNotFoundError: no weights the owning library would load; a pipeline without a
+            component chosen.
+        UnsafeFileError: the weights are a pickle and ``allow_pickle`` is false.
+        ShardIndexError: an index names shards outside the folder, or (diffusers) in a sub-folder.
+        UnsupportedFeatureError: sharded pickles.
+    """
+    component = _clean_subfolder(subfolder, tree.root)
+    kind = None
+    if tree.is_file(PIPELINE_INDEX):
+        if not component:
+            raise CheckpointNotFoundError(
+                "is a diffusers pipeline (model_index.json)",
+                path=tree.root,
+                hint=f"choose the component to merge into with --subfolder ({', '.join(pipeline_components(tree)) or 'none found'})",
+            )
+        kind = "diffusers-pipeline"
+    elif not component and tree.is_file(SENTENCE_MODULES):
+        component = _sentence_transformer_folder(tree)
+        kind = "sentence-transformers"
+    if component and not tree.is_dir(component):
+        raise CheckpointNotFoundError("has no such sub-folder", path=_join(tree.root, component))
+    root, folder = tree.root, component
+    if kind is None and component:  # a model in a sub-folder of a plain repo: that folder is the model
+        tree, folder = _Sub(tree, component), ""
+        root = tree.root
+    config = tree.json(_rel(folder, CONFIG)) or {}
+    library = _library(tree, folder, config, pipeline=kind == "diffusers-pipeline")
+    kind = kind or library
+    chosen, candidates = _candidates(tree, folder, library, config)
+    if chosen is None:
+        raise _no_weights(tree, folder, library)
+    name, is_index, is_pickle = chosen
+    if is_pickle and is_index:
+        raise UnsupportedFeatureError(
+            f"holds sharded pickle weights ({name})", path=_where(tree, folder), hint="convert the model to safetensors first"
+        )
+    if is_pickle and not allow_pickle:
+        raise UnsafeFileError(
+            f"holds only pickle weights ({name}), which can run code when loaded",
+            path=_where(tree, folder),
+            hint="pass --allow-pickle (allow_pickle=True; read with torch.load(weights_only=True)) or convert it to safetensors",
+        )
+    weights = tuple(_index_shards(tree, folder, name, library)) if is_index else (name,)
+    shadowed = tuple(c for c in candidates if c != name and c not in weights)
+    findings = _shadowed_findings(_where(tree, folder), library, name, shadowed)
+    return BaseLayout(kind, library, root, component if kind in ("diffusers-pipeline", "sentence-transformers") else "",
+                      weights, name if is_index else None, is_pickle, None, shadowed, findings)
+
+
+def loose_file_layout(path: str, *, allow_pickle: bool = False) -> BaseLayout:
+    """The layout of a loose weights file given by path (any name); its folder's ``config.json``
+    tells transformers from diffusers (``_class_name``).
+
+    Raises:
+        UnsafeFileError: a pickle file without ``allow_pickle``.
+        CheckpointNotFoundError: not a ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file.
+    """
+    folder, name = os.path.split(path)
+    folder = folder or "."
+    is_pickle = name.endswith((".bin", ".pt", ".pth"))
+    if not name.endswith(".safetensors") and not is_pickle:
+        raise CheckpointNotFoundError("is not a weights file; give a model directory or a .safetensors file", path=path)
+    if is_pickle and not allow_pickle:
+        raise UnsafeFileError(
+            "is a pickle file, which can run code when loaded",
+            path=path,
+            hint="pass --allow-pickle (read with torch.load(weights_only=True)) or convert it to safetensors",
+        )
+    config = Tree(folder).json(CONFIG) or {}
+    library = DIFFUSERS if _is_diffusers_config(config) else TRANSFORMERS
+    return BaseLayout("file", library, folder, "", (name,), None, is_pickle, path)
+
+
+def pipeline_components(tree: Tree) -> list[str]:
+    """The components of a diffusers pipeline (``model_index.json`` entries whose folder holds weights)."""
+    doc = tree.json(PIPELINE_INDEX) or {}
+    out = []
+    for name, value in sorted(doc.items()):
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        names = tree.names(name)
+        if any(n in names for lib in WEIGHT_NAMES.values() for n in lib):
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# THE PRECEDENCE RULES
+# ---------------------------------------------------------------------------------------------
+
+
+def _candidates(tree: Tree, folder: str, library: str, config: dict[str, Any]) -> tuple[Optional[tuple[str, bool, bool]], list[str]]:
+    """The file the library loads as ``(name, is_index, is_pickle)``, and every candidate present."""
+    single, index, pickle, pickle_index = WEIGHT_NAMES[library]
+    if library == TRANSFORMERS:
+        order = [(single, False, False), (index, True, False), (pickle, False, True), (pickle_index, True, True)]
+        explicit = config.get("transformers_weights")
+        if isinstance(explicit, str) and explicit:
+            if os.path.isabs(explicit) or ".." in explicit.replace("\\", "/").split("/"):
+                raise UnsafeFileError(f"transformers_weights {explicit!r} points outside the model folder", path=_where(tree, folder))
+            order.insert(0, (explicit, explicit.endswith(".index.json"), explicit.endswith(".bin")))
+    else:  # diffusers looks for the index first
+        order = [(index, True, False), (single, False, False), (pickle, False, True)]
+    names = tree.names(folder)
+    present = [o for o in order if tree.is_file(_rel(folder, o[0]))]
+    others = [n for n in names if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")]
+    others = [n for n in others if n not in ADAPTER_FILES and n != PIPELINE_INDEX]
+    return (present[0] if present else None), list(dict.fromkeys([p[0] for p in present] + others))
+
+
+def _library(tree: Tree, folder: str, config: dict[str, Any], *, pipeline: bool) -> str:
+    """diffusers for a pipeline component or a diffusers config (``_class_name``), or when only
+    diffusers weight names are present; transformers otherwise."""
+    if _is_diffusers_config(config):
+        return DIFFUSERS
+    names = set(tree.names(folder))
+    has = {lib: bool(names & set(files)) for lib, files in WEIGHT_NAMES.items()}
+    if has[DIFFUSERS] and not has[TRANSFORMERS]:
+        return DIFFUSERS
+    if pipeline and not has[TRANSFORMERS]:
+        return DIFFUSERS
+    return TRANSFORMERS
+
+
+def _is_diffusers_config(config: dict[str, Any]) -> bool:
+    return "_class_name" in config or "_diffusers_version" in config
+
+
+def _index_shards(tree: Tree, folder: str, index: str, library: str) -> list[str]:
+    """The shard names an index maps to, in first-seen order, checked to stay inside the folder."""
+    path = _rel(folder, index)
+    try:
+        doc = tree.json(path)
+    except InvalidConfigError:
+        raise ShardIndexError("is not valid JSON", path=_join(tree.root, path), hint="re-download the model") from None
+    weight_map = (doc or {}).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ShardIndexError("has no 'weight_map' of key -> shard file", path=_join(tree.root, path), key="weight_map")
+    shards = list(dict.fromkeys(weight_map.values()))
+    for shard in shards:
+        parts = shard.replace("\\", "/").split("/")
+        if os.path.isabs(shard) or shard.startswith("/") or ".." in parts:
+            raise ShardIndexError(f"names shard {shard!r} outside the model directory", path=_join(tree.root, path),
+                                  key=shard, hint="refusing to read it")
+        if library == DIFFUSERS and len(parts) > 1:
+            raise ShardIndexError(f"names shard {shard!r} in a sub-folder, which diffusers refuses to load",
+                                  path=_join(tree.root, path), key=shard, hint="move the shards next to the index")
+    return shards
+
+
+def _sentence_transformer_folder(tree: Tree) -> str:
+    """The folder of the ``models.Transformer`` module in ``modules.json`` (``""``: the top level)."""
+    doc = tree.load_json(SENTENCE_MODULES)
+    entries = [e for e in doc if isinstance(e, dict)] if isinstance(doc, list) else []
+    paths = [str(e.get("path") or "") for e in entries if str(e.get("type", "")).endswith("models.Transformer")]
+    if len(paths) != 1:
+        raise InvalidConfigError(
+            f"has {len(paths)} models.Transformer modules; expected one", path=_join(tree.root, SENTENCE_MODULES),
+            hint="give the folder of the transformer module as the base",
+        )
+    return _clean_subfolder(paths[0], tree.root)
+
+
+def _shadowed_findings(where: str, library: str, chosen: str, shadowed: Sequence[str]) -> tuple[Finding, ...]:
+    if not shadowed:
+        return ()
+    names = ", ".join(shadowed)
+    return (
+        Finding(
+            "shadowed-weights",
+            f"{where}: holds two candidate weight sets; {library} loads {chosen}, so adapterfmt reads it and ignores "
+            f"{names} (not copied into a merge output)",
+            list(shadowed),
+        ),
+    )
+
+
+def _no_weights(tree: Tree, folder: str, library: str) -> CheckpointNotFoundError:
+    single, index = WEIGHT_NAMES[library][:2]
+    found = [n for n in tree.names(folder) if n.endswith(WEIGHT_SUFFIXES)]
+    if found:
+        hint = f"found {found[0]}: give that file as the base (a loose file), or convert it to safetensors"
+    elif tree.is_file(_rel(folder, "adapter_config.json")):
+        hint = "this is an adapter directory, not a base model"
+    else:
+        hint = "is this a model directory?"
+    return CheckpointNotFoundError(f"has no {single} or {index}", path=_where(tree, folder), hint=hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# SMALL HELPERS
+# ---------------------------------------------------------------------------------------------
+
+
+class _Sub(Tree):
+    """A view of ``tree`` rooted at its folder ``rel``."""
+
+    def __init__(self, tree: Tree, rel: str):
+        self._parent, self._rel = tree, rel
+        super().__init__(_join(tree.root, rel))
+
+    def is_file(self, rel: str) -> bool:
+        return self._parent.is_file(_rel(self._rel, rel))
+
+    def is_dir(self, rel: str) -> bool:
+        return self._parent.is_dir(_rel(self._rel, rel))
+
+    def names(self, rel: str = "") -> list[str]:
+        return self._parent.names(_rel(self._rel, rel))
+
+    def walk(self, rel: str = "") -> list[str]:
+        cut = len(self._rel) + 1
+        return [f[cut:] for f in self._parent.walk(_rel(self._rel, rel))]
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._parent.read_bytes(_rel(self._rel, rel))
+
+
+def _rel(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _where(tree: Tree, folder: str) -> str:
+    return _join(tree.root, folder)
+
+
+def _join(root: str, rel: str) -> str:
+    """``root/rel`` for a local folder (OS separators) or a Hub location (``hf://...``, slashes)."""
+    if not rel:
+        return root
+    return posixpath.join(root, rel) if "://" in root else os.path.join(root, *rel.split("/"))
+
+
+def _clean_subfolder(subfolder: Optional[str], root: str) -> str:
+    if not subfolder:
+        return ""
+    parts = [p for p in subfolder.replace("\\", "/").split("/") if p not in ("", ".")]
+    if os.path.isabs(subfolder) or ".." in parts:
+        raise UnsafeFileError(f"subfolder {subfolder!r} points outside the model", path=root)
+    return "/".join(parts)
+
+
+__all__ = [
+    "BaseLayout",
+    "DIFFUSERS",
+    "MODEL_SIDE_FILES",
+    "TRANSFORMERS",
+    "Tree",
+    "WEIGHT_NAMES",
+    "decide_layout",
+    "loose_file_layout",
+    "pipeline_components",
+]
