@@ -171,7 +171,7 @@ def _read_hub(spec: str, *, revision: Optional[str], subfolder: Optional[str], a
     prefix = layout.component + "/" if layout.component else ""
     if download or layout.pickle:
         wanted = [prefix + w for w in layout.weights] + ([prefix + layout.index] if layout.index else [])
-        root = hub_base.download(spec, sha, wanted + layout.files_to_copy(tree))
+        root = hub_base.download(spec, revision, wanted + layout.files_to_copy(tree))
         return _read_local(decide_layout(Tree(root), subfolder=subfolder, allow_pickle=allow_pickle))
     config = tree.json(prefix + MODEL_CONFIG_FILE) or {}
     metadata: dict[str, Any] = {}

@@ -5,7 +5,7 @@ commit and the file names), fetch the small JSON files the layout decision needs
 cache (``hf_hub_download``), and read each weight file's header with huggingface_hub's
 ``parse_safetensors_file_metadata`` (an HTTP range request of ~100 kB): a 140 GB model costs
 a few hundred kB. Only ``merge`` downloads weights (``snapshot_download`` of exactly the files
-the output needs, through the cache). Everything is pinned to the commit the listing returned,
+the output needs, through the cache). Header reads are pinned to the commit the listing returned,
 so a branch moving mid-read cannot mix two versions. With ``HF_HUB_OFFLINE`` set, the cached
 snapshot is read like a local folder. huggingface_hub is imported only here, only for Hub ids.
 """
@@ -92,8 +92,12 @@ def remote_headers(repo_id: str, sha: str, paths: Sequence[str]) -> dict[str, Sa
         return dict(zip(paths, pool.map(one, paths)))
 
 
-def download(repo_id: str, sha: str, files: Sequence[str]) -> str:
-    """Download ``files`` (repo-relative) at commit ``sha`` through the cache; the snapshot folder.
+def download(repo_id: str, revision: Optional[str], files: Sequence[str]) -> str:
+    """Download ``files`` (repo-relative) at ``revision`` through the cache; the snapshot folder.
+
+    The revision as the user gave it (not the commit) goes to huggingface_hub, so the cache
+    records the branch or tag and a later offline run finds the snapshot. The caller decides the
+    layout again on the downloaded folder, so a branch that moved in between is read as it is.
 
     Raises:
         CheckpointNotFoundError: the download failed.
@@ -101,7 +105,7 @@ def download(repo_id: str, sha: str, files: Sequence[str]) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, revision=sha, allow_patterns=list(files))
+        return snapshot_download(repo_id, revision=revision, allow_patterns=list(files))
     except Exception as e:
         raise _fetch_error(repo_id, e) from None
 
