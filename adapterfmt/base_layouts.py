@@ -15,8 +15,9 @@ as the library that owns the layout would load them, mirroring
 - sentence-transformers: the ``models.Transformer`` entry of ``modules.json`` names the folder
   (``""`` for the top level) that transformers loads.
 
-Every other candidate weight set in the folder (a stale index beside a single file, ``.bin``
-beside ``.safetensors``, a variant) is reported as ``shadowed-weights``, never read. The decision
+Every other candidate weight set in the folder (a stale index and its shards beside a single
+file, ``.bin`` beside ``.safetensors``, the other library's names) is reported as
+``shadowed-weights``, never read. The decision
 works on a :class:`Tree` (a local folder or a Hub listing) and reads only small JSON files.
 """
 
@@ -330,11 +331,24 @@ def _candidates(tree: Tree, folder: str, library: str, config: dict[str, Any]) -
             order.insert(0, (explicit, explicit.endswith(".index.json"), explicit.endswith(".bin")))
     else:  # diffusers looks for the index first
         order = [(index, True, False), (single, False, False), (pickle, False, True)]
-    names = tree.names(folder)
     present = [o for o in order if tree.is_file(_rel(folder, o[0]))]
-    others = [n for n in names if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")]
-    others = [n for n in others if n not in ADAPTER_FILES and n != PIPELINE_INDEX]
-    return (present[0] if present else None), list(dict.fromkeys([p[0] for p in present] + others))
+    other_library = [n for lib, files in WEIGHT_NAMES.items() if lib != library for n in files if tree.is_file(_rel(folder, n))]
+    candidates = [p[0] for p in present] + other_library
+    for name in list(candidates):
+        if name.endswith(".index.json") and (not present or name != present[0][0]):
+            candidates += _stale_shards(tree, folder, name)
+    return (present[0] if present else None), list(dict.fromkeys(candidates))
+
+
+def _stale_shards(tree: Tree, folder: str, index: str) -> list[str]:
+    """The shards an index that is not read names (best effort: a broken one names none)."""
+    try:
+        weight_map = (tree.json(_rel(folder, index)) or {}).get("weight_map")
+    except InvalidConfigError:
+        return []
+    if not isinstance(weight_map, dict):
+        return []
+    return [v for v in dict.fromkeys(weight_map.values()) if isinstance(v, str) and tree.is_file(_rel(folder, v))]
 
 
 def _library(tree: Tree, folder: str, config: dict[str, Any], *, pipeline: bool) -> str:

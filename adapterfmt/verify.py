@@ -27,11 +27,14 @@ from .constants import (
     SAFETENSORS_WEIGHTS_FILE,
 )
 from .errors import AdapterFormatError, CheckpointNotFoundError
+from .base_layouts import PIPELINE_INDEX, SENTENCE_MODULES, WEIGHT_NAMES
 from .findings import Finding, lora_rank_mismatch_finding
 from .header import SafetensorsHeader, read_header
 from .sources import safe_join
 
 _ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, ADAPTER_BIN_FILE)
+#: Every safetensors index name a model folder can have (transformers, diffusers).
+_INDEX_NAMES = tuple(names[1] for names in WEIGHT_NAMES.values())
 
 
 def verify_directory(path: "str | os.PathLike[str]") -> list[Finding]:
@@ -83,28 +86,91 @@ def _escaping_links(directory: str) -> list[Finding]:
 
 
 def _verify_model(directory: str) -> list[Finding]:
-    out: list[Finding] = []
-    out += _config_json_findings(os.path.join(directory, MODEL_CONFIG_FILE))
-    index_path = os.path.join(directory, SAFETENSORS_INDEX_FILE)
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if os.path.lexists(index_path):
-        return out + _verify_index(directory, index_path, files)
-    if not files:
+    """Every folder that holds weights: the top level, each pipeline component, each
+    sentence-transformers module; plus the ``shadowed-weights`` warning of the chosen layout."""
+    folders = [f for f in _weight_folders(directory) if _has_weights(os.path.join(directory, f))]
+    if not folders:
         raise CheckpointNotFoundError(
-            f"has no {SAFETENSORS_WEIGHTS_FILE}, {SAFETENSORS_INDEX_FILE} or adapter files; nothing to verify", path=directory
+            f"has no {SAFETENSORS_WEIGHTS_FILE}, {SAFETENSORS_INDEX_FILE}, diffusers weights or adapter files; nothing to verify",
+            path=directory,
         )
-    for name in files:
-        out += _header_findings(directory, name)[1]
+    out: list[Finding] = []
+    for folder in folders:
+        path = os.path.join(directory, folder) if folder else directory
+        out += _verify_weights_folder(path)
+        out += _layout_findings(directory, folder)
     return out
 
 
-def _verify_index(directory: str, index_path: str, files: list[str]) -> list[Finding]:
+def _weight_folders(directory: str) -> list[str]:
+    """Folders (relative) that may hold weights: ``""``, pipeline components, module folders."""
+    pipeline = os.path.join(directory, PIPELINE_INDEX)
+    if os.path.isfile(pipeline):
+        doc, _ = _load_json(pipeline)
+        names = [k for k, v in doc.items() if not k.startswith("_") and isinstance(v, list)] if isinstance(doc, dict) else []
+        return sorted(n for n in names if os.path.isdir(os.path.join(directory, n)))
+    modules = os.path.join(directory, SENTENCE_MODULES)
+    if os.path.isfile(modules):
+        doc, _ = _load_json(modules)
+        paths = [str(m.get("path") or "") for m in doc if isinstance(m, dict)] if isinstance(doc, list) else []
+        return list(dict.fromkeys([""] + [p for p in paths if p and os.path.isdir(os.path.join(directory, p))]))
+    return [""]
+
+
+def _has_weights(folder: str) -> bool:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(n.endswith((".safetensors", ".safetensors.index.json", ".bin")) for n in names if n not in _ADAPTER_FILES)
+
+
+def _layout_findings(directory: str, folder: str) -> list[Finding]:
+    """The reader's own warnings for this folder (two candidate weight sets)."""
+    from .base_layouts import Tree, decide_layout
+
+    try:
+        tree = Tree(directory)
+        if folder and not tree.is_file(PIPELINE_INDEX):
+            tree = Tree(os.path.join(directory, folder))
+            folder = ""
+        return list(decide_layout(tree, subfolder=folder or None, allow_pickle=True).findings)
+    except AdapterFormatError:  # what is wrong is reported by the checks of the files themselves
+        return []
+
+
+def _verify_weights_folder(directory: str) -> list[Finding]:
+    """One folder's config, indexes (every safetensors index present, whoever's names it uses)
+    and, without an index, the header of every ``.safetensors`` file."""
+    out: list[Finding] = _config_json_findings(os.path.join(directory, MODEL_CONFIG_FILE))
+    names = sorted(os.listdir(directory))
+    files = [f for f in names if f.endswith(".safetensors") and f not in _ADAPTER_FILES]
+    indexes = [n for n in _INDEX_NAMES if os.path.lexists(os.path.join(directory, n))]
+    if indexes:
+        indexed: set[str] = set()
+        for index in indexes:
+            found, shards = _verify_index(directory, os.path.join(directory, index))
+            out += found
+            indexed |= shards
+        for name in sorted(set(files) - indexed):
+            out.append(Finding("unindexed-file", f"{os.path.join(directory, name)}: is not named by {' or '.join(indexes)} (a leftover?)", [name]))
+        return out
+    for name in files:
+        out += _header_findings(directory, name)[1]
+    if not files:
+        pickles = [n for n in names if n.endswith(".bin")]
+        out += [Finding("pickle-weights", f"{os.path.join(directory, n)}: is a pickle file; verify never unpickles, convert it to safetensors", [n]) for n in pickles]
+    return out
+
+
+def _verify_index(directory: str, index_path: str) -> tuple[list[Finding], set[str]]:
+    """Findings of one index and its shards, and the shard names it maps to."""
     out: list[Finding] = []
     doc, problem = _load_json(index_path)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if problem or not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         why = problem or "has no 'weight_map' of key -> shard file"
-        return [Finding("bad-index", f"{index_path}: {why}", [SAFETENSORS_INDEX_FILE])]
+        return [Finding("bad-index", f"{index_path}: {why}", [os.path.basename(index_path)])], set()
 
     headers: dict[str, SafetensorsHeader] = {}
     unreadable: set[str] = set()
@@ -135,11 +201,7 @@ def _verify_index(directory: str, index_path: str, files: list[str]) -> list[Fin
         total = sum(h.nbytes for h in headers.values())
         if isinstance(size, bool) or not isinstance(size, int) or size != total:
             out.append(_f("total-size", index_path, "metadata.total_size", f"is {size!r} but the shards hold {total} tensor bytes"))
-    for name in sorted(set(files) - set(weight_map.values())):
-        out.append(
-            Finding("unindexed-file", f"{os.path.join(directory, name)}: is not named by {SAFETENSORS_INDEX_FILE} (a leftover?)", [name])
-        )
-    return out
+    return out, set(weight_map.values())
 
 
 def _header_findings(

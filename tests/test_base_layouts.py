@@ -244,3 +244,50 @@ def test_explicit_transformers_weights_in_config_wins(built, tmp_path):
 
     loaded = AutoModelForCausalLM.from_pretrained(str(d)).state_dict()  # transformers loads custom.safetensors too
     assert all(torch.equal(loaded[k], v) for k, v in _values(base).items())
+
+
+def _sharded_layouts(built, tmp_path) -> dict[str, tuple[Path, Path]]:
+    """Each layout with a sharded index: (directory to verify, folder holding the index)."""
+    out = {}
+    for name in ("llama-sharded", "llama-subfolder", "unet-sharded"):
+        shutil.copytree(built[name], tmp_path / name)
+        out[name] = (tmp_path / name, tmp_path / name)
+    pipe = tmp_path / "pipeline"
+    shutil.copytree(built["pipeline"], pipe)
+    shutil.rmtree(pipe / "unet")
+    shutil.copytree(built["unet-sharded"], pipe / "unet")
+    out["pipeline"] = (pipe, pipe / "unet")
+    st = tmp_path / "sentence"
+    st.mkdir()
+    for f in minilm_dir().iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, st / f.name)
+    shutil.copytree(minilm_dir() / "1_Pooling", st / "1_Pooling")
+    for f in built["llama-sharded"].iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, st / f.name)
+    out["sentence-transformers"] = (st, st)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["llama-sharded", "llama-subfolder", "unet-sharded", "pipeline", "sentence-transformers"])
+def test_verify_reports_a_broken_index_in_every_layout(built, tmp_path, layout):
+    from adapterfmt.verify import verify_directory
+
+    directory, folder = _sharded_layouts(built, tmp_path)[layout]
+    assert verify_directory(directory) == []
+    index = next(p for p in folder.iterdir() if p.name.endswith(".safetensors.index.json"))
+    shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
+    (folder / shard).unlink()
+    problems = verify_directory(directory)
+    assert [p.code for p in problems] == ["missing-shard"] and shard in problems[0].message
+    assert str(folder) in problems[0].message
+
+
+def test_verify_reports_shadowed_weights(built, tmp_path):
+    from adapterfmt.verify import verify_directory
+
+    d = tmp_path / "m"
+    shutil.copytree(built["llama"], d)
+    torch.save({}, d / "pytorch_model.bin")
+    assert [p.code for p in verify_directory(d)] == ["shadowed-weights"]
