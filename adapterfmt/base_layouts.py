@@ -241,7 +241,8 @@ def decide_layout(tree: Tree, *, subfolder: Optional[str] = None, allow_pickle: 
             raise CheckpointNotFoundError(
                 "is a diffusers pipeline (model_index.json)",
                 path=tree.root,
-                hint=f"choose the component to merge into with --subfolder ({', '.join(pipeline_components(tree)) or 'none found'})",
+                hint=f"choose a component with --base-subfolder (merge: --subfolder; Python: subfolder=): "
+                f"{', '.join(pipeline_components(tree)) or 'none has weights'}",
             )
         kind = "diffusers-pipeline"
     elif not component and tree.is_file(SENTENCE_MODULES):

@@ -11,6 +11,7 @@ from adapterfmt.describe import read_adapter
 from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
 
+from .base_options import PICKLE_HELP, base_options
 from .output import emit_report
 
 EXAMPLES = """
@@ -56,7 +57,7 @@ def render_check(report: CheckReport) -> str:
 
 
 @click.command("check", epilog=EXAMPLES)
-@click.option("--base", required=True, metavar="MODEL", help="Base model directory (single file or sharded) or Hub id.")
+@click.option("--base", required=True, metavar="MODEL", help="Base model: a model or pipeline directory, a weights file, or a Hub id (headers only).")
 @click.option("--adapter", required=True, metavar="ADAPTER", help="Adapter directory or Hub id.")
 @click.option("--subfolder", metavar="NAME", help="Check the sub-adapter stored in <ADAPTER>/<NAME>/.")
 @click.option(
@@ -66,7 +67,8 @@ def render_check(report: CheckReport) -> str:
     callback=parse_prefix_map,
     help="Rewrite adapter module paths starting with OLD to start with NEW before matching (repeatable).",
 )
-@click.option("--allow-pickle", is_flag=True, help="Permit adapter_model.bin (read with torch.load(weights_only=True)).")
+@base_options()
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
 def check_command(
@@ -74,6 +76,8 @@ def check_command(
     adapter: str,
     subfolder: Optional[str],
     prefix_map: dict[str, str],
+    base_subfolder: Optional[str],
+    base_revision: Optional[str],
     allow_pickle: bool,
     as_json: bool,
     strict: bool,
@@ -90,7 +94,8 @@ def check_command(
     warning); 2 when an input cannot be read.
     """
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
-    res = resolve(ckpt, read_base(base), prefix_map=prefix_map or None)
+    model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
+    res = resolve(ckpt, model, prefix_map=prefix_map or None)
     report = check_report(res, adapter=adapter, base=base, prefix_map=prefix_map)
     emit_report(report, render_check, as_json=as_json)
     if not report.ok or (strict and report.warnings):

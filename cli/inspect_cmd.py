@@ -11,6 +11,7 @@ from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
 from adapterfmt.summary import InspectReport, check_report, inspect_report
 
+from .base_options import PICKLE_HELP, base_options
 from .output import emit_json, emit_report, table, warn
 
 EXAMPLES = """
@@ -96,7 +97,8 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @click.option("--scan", is_flag=True, help="Also read tensor values and report NaN/Inf (non-finite); loads torch.")
 @click.option("--base", "base", metavar="MODEL", help="Also resolve against this base model (directory or Hub id), from headers.")
 @click.option("--subfolder", metavar="NAME", help="Inspect the sub-adapter stored in <PATH>/<NAME>/.")
-@click.option("--allow-pickle", is_flag=True, help="Permit adapter_model.bin (read with torch.load(weights_only=True)).")
+@base_options()
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
 def inspect_command(
     adapter: str,
@@ -104,6 +106,8 @@ def inspect_command(
     scan: bool,
     base: Optional[str],
     subfolder: Optional[str],
+    base_subfolder: Optional[str],
+    base_revision: Optional[str],
     allow_pickle: bool,
     strict: bool,
 ) -> None:
@@ -130,7 +134,8 @@ def inspect_command(
         from adapterfmt.base import read_base  # only with --base: keeps the plain path's imports small
         from adapterfmt.resolution import resolve
 
-        check = check_report(resolve(ckpt, read_base(base)), adapter=adapter, base=base)
+        model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
+        check = check_report(resolve(ckpt, model), adapter=adapter, base=base)
     scan_findings = None
     if scan:
         from adapterfmt.scan import non_finite_findings

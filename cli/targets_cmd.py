@@ -10,6 +10,7 @@ import click
 from adapterfmt.base import read_base
 from adapterfmt.summary import TargetsReport, preview_targets
 
+from .base_options import PICKLE_HELP, base_options
 from .output import emit_report, table, warn
 
 EXAMPLES = """
@@ -83,6 +84,8 @@ def render_targets(report: TargetsReport) -> str:
 @click.option("--layers-to-transform", multiple=True, callback=_ints, metavar="N[,N...]",
               help="Only these layer indices, for name/suffix targets (repeatable).")
 @click.option("--layers-pattern", multiple=True, metavar="NAME", help="Name of the layer list (e.g. layers, h) for --layers-to-transform.")
+@base_options()
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def targets_command(
     base: str,
@@ -93,6 +96,9 @@ def targets_command(
     modules_to_save: Optional[list[str]],
     layers_to_transform: Optional[list[int]],
     layers_pattern: tuple[str, ...],
+    base_subfolder: Optional[str],
+    base_revision: Optional[str],
+    allow_pickle: bool,
     as_json: bool,
 ) -> None:
     """Preview which modules of a base a LoRA config would wrap, with PEFT's matching rules.
@@ -115,7 +121,7 @@ def targets_command(
     if target_modules is not None and any(t.lower() == "all-linear" for t in target_modules):
         target = "all-linear"  # PEFT's keyword, not a module name: the library explains why it cannot be previewed
     report = preview_targets(
-        read_base(base),
+        read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle),
         base=base,
         target_modules=target,
         exclude_modules=exclude_regex if exclude_regex is not None else exclude_modules,

@@ -72,7 +72,7 @@ def test_each_library_layout_is_read(built, name, kind, weights, index):
 
 
 def test_pipeline_needs_a_component_and_reads_it_with_subfolder(built):
-    with pytest.raises(CheckpointNotFoundError, match="diffusers pipeline.*--subfolder \\(unet\\)"):
+    with pytest.raises(CheckpointNotFoundError, match="diffusers pipeline.*--base-subfolder.*: unet$"):
         read_base(built["pipeline"])
     base = read_base(built["pipeline"], subfolder="unet")
     assert base.layout.kind == "diffusers-pipeline" and base.layout.component == "unet"
@@ -291,3 +291,18 @@ def test_verify_reports_shadowed_weights(built, tmp_path):
     shutil.copytree(built["llama"], d)
     torch.save({}, d / "pytorch_model.bin")
     assert [p.code for p in verify_directory(d)] == ["shadowed-weights"]
+
+
+def test_check_cli_chooses_a_pipeline_component(built, tmp_path, run_cli, testdata):
+    from peft import LoraConfig, get_peft_model
+
+    from _layout_helpers import tiny_unet
+
+    adapter = tmp_path / "unet-lora"
+    get_peft_model(tiny_unet(), LoraConfig(r=2, target_modules=["to_q", "to_v"])).save_pretrained(str(adapter))
+    ok = run_cli("check", "--base", built["pipeline"], "--base-subfolder", "unet", "--adapter", adapter)
+    assert ok.exit_code == 0, ok
+    assert ok.stdout.splitlines()[0].startswith("8/8 LoRA targets")
+    from conftest import assert_one_error_line
+
+    assert_one_error_line(run_cli("check", "--base", built["pipeline"], "--adapter", adapter), "model_index.json", "--base-subfolder", "unet")

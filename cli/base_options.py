@@ -1,0 +1,24 @@
+"""The options that choose a base model inside a folder or repo, shared by every command with ``--base``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+SUBFOLDER_HELP = "The base's component inside a diffusers pipeline or repo (e.g. unet, transformer, text_encoder)."
+REVISION_HELP = "Hub revision of --base (branch, tag or commit)."
+PICKLE_HELP = (
+    "Permit pickle weights (adapter_model.bin, pytorch_model.bin, diffusion_pytorch_model.bin), "
+    "read with torch.load(weights_only=True)."
+)
+
+
+def base_options(*, subfolder_names: tuple[str, ...] = ("--base-subfolder",)) -> Callable[[Any], Any]:
+    """``--base-subfolder`` (or the names given) and ``--base-revision``, as ``base_subfolder`` / ``base_revision``."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option("--base-revision", "base_revision", metavar="REV", help=REVISION_HELP)(f)
+        return click.option(*subfolder_names, "base_subfolder", metavar="NAME", help=SUBFOLDER_HELP)(f)
+
+    return decorate
