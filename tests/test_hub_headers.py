@@ -81,12 +81,24 @@ def run(hub: FakeHub, cache: Path, *args: str, offline: bool = False, code: str 
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=cache.parent)
 
 
+_NO_TORCH = """
+import sys
+from adapterfmt_cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert not e.code, e.code
+print("TORCH LOADED" if "torch" in sys.modules else "NO TORCH")
+"""
+
+
 def test_check_against_a_1gb_hub_base_reads_headers_only(hub, big_adapter, tmp_path, capsys):
     cache = tmp_path / "hub"
     hub.reset_count()
-    result = run(hub, cache, "check", "--base", "user/big", "--adapter", str(big_adapter))
+    result = run(hub, cache, "check", "--base", "user/big", "--adapter", str(big_adapter), code=_NO_TORCH)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(f"{LAYERS}/{LAYERS} LoRA targets")
+    assert result.stdout.splitlines()[-1] == "NO TORCH"
     served = hub.bytes_served
     with capsys.disabled():
         print(f"\n[fake Hub] check against a {hub.big_total / 2**30:.2f} GiB base transferred {served} bytes "
