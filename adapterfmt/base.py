@@ -17,7 +17,7 @@ from typing import Any, Optional
 from .base_layouts import BaseLayout, Tree, decide_layout, loose_file_layout
 from .constants import MODEL_CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE
 from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError
-from .findings import Finding
+from .finding import Finding
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import weight_key, weight_module
 from .quantized import refuse_quantized

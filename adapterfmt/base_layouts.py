@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
-from .findings import Finding
+from .finding import Finding
+from .findings import shadowed_weights_finding
 
 TRANSFORMERS = "transformers"
 DIFFUSERS = "diffusers"
@@ -406,17 +407,7 @@ def _sentence_transformer_folder(tree: Tree) -> str:
 
 
 def _shadowed_findings(where: str, library: str, chosen: str, shadowed: Sequence[str]) -> tuple[Finding, ...]:
-    if not shadowed:
-        return ()
-    names = ", ".join(shadowed)
-    return (
-        Finding(
-            "shadowed-weights",
-            f"{where}: holds two candidate weight sets; {library} loads {chosen}, so adapterfmt reads it and ignores "
-            f"{names} (not copied into a merge output)",
-            list(shadowed),
-        ),
-    )
+    return (shadowed_weights_finding(where, library, chosen, shadowed),) if shadowed else ()
 
 
 def _no_weights(tree: Tree, folder: str, library: str) -> CheckpointNotFoundError:

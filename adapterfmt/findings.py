@@ -10,7 +10,8 @@ Codes (docs/FORMAT.md §7): ``target-and-full-copy``, ``orphan-lora``, ``rank-mi
 ``unknown-key``, ``non-finite``, ``tied-full-copy``, ``config-tensor-mismatch``,
 ``unsupported-feature``, ``pattern-overlap``, ``full-copy-suffix``, ``wrapper-leftover``,
 ``mixed-prefix``, ``full-copy-unchanged``, ``full-copy-incomplete``, ``unused-target``,
-``unused-exclude``, ``full-copy-missing``, ``unresolved-module``, ``shape-mismatch``.
+``unused-exclude``, ``full-copy-missing``, ``unresolved-module``, ``shape-mismatch``,
+``shadowed-weights``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "lora_rank_mismatch_finding",
     "mixed_prefix_finding",
     "non_finite_finding",
+    "shadowed_weights_finding",
     "shape_mismatch_finding",
     "targets_findings",
     "tied_full_copy_findings",
@@ -71,6 +73,16 @@ def full_copy_suffix_finding(
         f"plain endswith matching, but {', '.join(exact_binds[:_MAX_LISTED]) or 'nothing'} under exact matching; "
         "PEFT expects full tensors for every module it binds",
         list(keys[:_MAX_LISTED]),
+    )
+
+
+def shadowed_weights_finding(where: str, library: str, chosen: str, shadowed: Sequence[str]) -> Finding:
+    """``shadowed-weights``: a base folder holds other candidate weight files than the ``chosen`` one ``library`` loads."""
+    return Finding(
+        "shadowed-weights",
+        f"{where}: holds two candidate weight sets; {library} loads {chosen}, so adapterfmt reads it and ignores "
+        f"{', '.join(shadowed[:_MAX_LISTED])}{' …' if len(shadowed) > _MAX_LISTED else ''} (not copied into a merge output)",
+        list(shadowed[:_MAX_KEYS]),
     )
 
 
