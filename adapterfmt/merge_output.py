@@ -1,5 +1,11 @@
 """What the merged output directory looks like, and writing it (besides the streamed shard bytes).
 
+The output is the same kind of directory as the base (docs/FORMAT.md §1.3): for the base's
+layout (:class:`~adapterfmt.base_layouts.BaseLayout`) the same weight file names, shard layout and
+index name (a loose or pickle file becomes that library's single-file name), the weights in the
+same folder (a pipeline component's), and every other file and folder of the base copied
+(:func:`output_names`, :func:`side_files`).
+
 Decided from headers (called by :func:`~adapterfmt.merge_plan.plan_merge`): the shard layout
 (:func:`layout_shards`), the index (:func:`index_document`), config.json when it must change
 (:func:`changed_config`) and the base's side files copied as they are (:func:`side_files`).
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from .base import BaseModel
+from .base_layouts import WEIGHT_SUFFIXES, Tree
 from .constants import DTYPE_BITS, MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
 from .errors import AdapterFormatError, MergeError
 from .header import read_header
@@ -29,8 +36,6 @@ from .staging import copy_file, write_text
 METADATA = {"format": "pt"}
 #: safetensors dtype -> the ``dtype`` value transformers writes in config.json.
 CONFIG_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-#: Files of a model directory that hold weights in some format; never copied next to merged ones.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
 
 
 class OutputTensor(Protocol):
@@ -42,6 +47,40 @@ class OutputTensor(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    """Where the merged weights go inside OUT and what they are called.
+
+    Attributes:
+        root: the base folder the output mirrors; side files are copied from it.
+        component: the folder of the weights inside OUT (``""``: the top level; ``unet`` for a
+            pipeline component).
+        single: the one-file name (``model.safetensors``, ``diffusion_pytorch_model.safetensors``).
+        index: the index file name, in the component folder.
+        pattern: the re-sharding name pattern (``model{suffix}.safetensors``).
+    """
+
+    root: str
+    component: str = ""
+    single: str = SAFETENSORS_WEIGHTS_FILE
+    index: str = SAFETENSORS_INDEX_FILE
+    pattern: str = SAFETENSORS_WEIGHTS_FILE_PATTERN
+
+    def path(self, name: str) -> str:
+        """``name`` (relative to the component folder) relative to OUT, with ``/``."""
+        return f"{self.component}/{name}" if self.component else name
+
+
+def output_names(base: BaseModel) -> OutputNames:
+    """The output naming for ``base``'s layout (transformers names for a state dict in memory)."""
+    layout = base.layout
+    if layout is None:
+        return OutputNames(base.directory)
+    single = layout.single_name
+    index = layout.index or layout.index_name
+    return OutputNames(layout.root, layout.component, single, index, single.replace(".safetensors", "{suffix}.safetensors"))
 
 
 @dataclass
@@ -73,31 +112,49 @@ def shard_specs(tensors: "Sequence[OutputTensor]") -> list[TensorSpec]:
 def output_sizes(shards: Sequence[ShardPlan], base_directory: str, files: Sequence[str], index: Optional[dict[str, Any]]) -> list[int]:
     """Bytes of every output file (the index and a rewritten config.json are counted as copied)."""
     sizes = [file_size(shard_specs(s.tensors), METADATA) for s in shards]
-    sizes += [os.path.getsize(os.path.join(base_directory, f)) for f in files]
+    sizes += [os.path.getsize(os.path.join(base_directory, *f.split("/"))) for f in files]
     return sizes + ([len(json.dumps(index, indent=2)) + 1] if index is not None else [])
 
 
 def write_side_files(
-    directory: str, base_directory: str, files: Sequence[str], config: Optional[dict[str, Any]], index: Optional[dict[str, Any]]
+    directory: str,
+    base_directory: str,
+    files: Sequence[str],
+    config: Optional[dict[str, Any]],
+    index: Optional[dict[str, Any]],
+    names: Optional[OutputNames] = None,
 ) -> list[str]:
-    """Copy the base's non-weight ``files``, write config.json (if changed) and the index; fsync all.
+    """Copy the base's non-weight ``files`` (paths relative to ``base_directory``, sub-folders
+    made as needed), write the component's config.json (if changed) and the index; fsync all.
 
-    Returns the names written."""
+    Returns the paths written, relative to ``directory``."""
+    names = names or OutputNames(base_directory)
+    config_path = names.path(MODEL_CONFIG_FILE)
     written = []
     for name in files:
-        target = os.path.join(directory, name)
-        if name == MODEL_CONFIG_FILE and config is not None:
+        target = os.path.join(directory, *name.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if name == config_path and config is not None:
             write_text(target, json.dumps(config, indent=2) + "\n")
         else:
-            copy_file(os.path.join(base_directory, name), target)
+            copy_file(os.path.join(base_directory, *name.split("/")), target)
         written.append(name)
     if index is not None:
-        write_text(os.path.join(directory, SAFETENSORS_INDEX_FILE), json.dumps(index, indent=2) + "\n")
-        written.append(SAFETENSORS_INDEX_FILE)
+        target = os.path.join(directory, *names.path(names.index).split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        write_text(target, json.dumps(index, indent=2) + "\n")
+        written.append(names.path(names.index))
     return written
 
 
-def verify_output(directory: str, shards: Sequence[ShardPlan], target: str) -> None:
+def shard_path(directory: str, names: OutputNames, shard: str) -> str:
+    """Where shard ``shard`` of the plan is written under ``directory`` (its folder is made)."""
+    path = os.path.join(directory, *names.path(shard).split("/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def verify_output(directory: str, shards: Sequence[ShardPlan], target: str, names: Optional[OutputNames] = None) -> None:
     """:func:`adapterfmt.verify.verify_directory` on the staged output, then each shard's header
     against the plan (keys in order, dtypes, shapes, metadata).
 
@@ -109,7 +166,7 @@ def verify_output(directory: str, shards: Sequence[ShardPlan], target: str) -> N
     problems = [f.message for f in verify_directory(directory)]
     for shard in shards:
         try:
-            header = read_header(os.path.join(directory, shard.name))
+            header = read_header(os.path.join(directory, *(names.path(shard.name) if names else shard.name).split("/")))
         except AdapterFormatError as e:
             problems.append(str(e))
             continue
@@ -127,7 +184,8 @@ def layout_shards(
 ) -> tuple[list[ShardPlan], bool]:
     """Shards in write order, and whether an index is written.
 
-    Default: the base's shard files and key order, a new head key placed after its embedding.
+    Default: the base's shard files (relative to its weights folder) and key order, a new head
+    key placed after its embedding; a loose or pickle file becomes the layout's single-file name.
     Within a file, tensors keep the base's byte order (so untouched runs copy in one call), moved
     only to keep wider dtypes first as safetensors does for alignment.
     """
@@ -142,16 +200,23 @@ def layout_shards(
             keys.append(key)
             keys += follows.get(key, [])
         ordered.append((shard, keys))
+    names = output_names(base)
     if max_shard_size is None:
-        index = os.path.join(base.directory, SAFETENSORS_INDEX_FILE)
-        indexed = len(base.shards) > 1 or bool(base.directory) and base.shards[0] != SAFETENSORS_WEIGHTS_FILE and os.path.isfile(index)
+        layout = base.layout
+        if layout is None:  # a state dict in memory, or a base built by hand
+            index = os.path.join(base.directory, SAFETENSORS_INDEX_FILE)
+            indexed = len(base.shards) > 1 or bool(base.directory) and base.shards[0] != SAFETENSORS_WEIGHTS_FILE and os.path.isfile(index)
+        else:
+            indexed = layout.index is not None
+            if not indexed:  # a loose or pickle file gets the layout's standard name
+                ordered = [(names.single, keys) for _, keys in ordered]
         return [ShardPlan(name, aligned([planned[k] for k in keys])) for name, keys in ordered if keys], indexed
     from huggingface_hub import split_state_dict_into_shards_factory
 
     flat = {k: planned[k] for _, keys in ordered for k in keys}
     try:
         split = split_state_dict_into_shards_factory(
-            flat, get_storage_size=lambda t: t.nbytes, filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN, max_shard_size=max_shard_size
+            flat, get_storage_size=lambda t: t.nbytes, filename_pattern=names.pattern, max_shard_size=max_shard_size
         )
     except ValueError as e:
         raise MergeError(f"is not a size ({e})", key=str(max_shard_size), hint="write it like 5GB, 500MB or a number of bytes") from None
@@ -186,20 +251,34 @@ def changed_config(config: dict[str, Any], *, untie: bool, dtype: Optional[str])
 
 
 def side_files(base: BaseModel) -> list[str]:
-    """Top-level files of the base directory that are not weights: config, tokenizer, generation config, README.
+    """Files of the base that the output copies, relative to the folder it mirrors (``/``-separated).
+
+    Every file and folder of the base except its weights, index, shadowed weight sets, adapter
+    files and folders, ``.git`` and caches; for a loose file only that model's own side files
+    (:meth:`~adapterfmt.base_layouts.BaseLayout.files_to_copy`).
 
     Raises:
         UnsafeFileError: one is a symlink that resolves outside the model directory.
     """
-    out: list[str] = []
     if not base.directory:  # a state dict in memory
-        return out
-    for name in sorted(os.listdir(base.directory)):
-        path = os.path.join(base.directory, name)
+        return []
+    if base.layout is None:
+        return _top_level_side_files(base.directory)
+    root = base.layout.root
+    out = base.layout.files_to_copy(Tree(root))
+    for name in out:
+        safe_join(root, name)  # a symlink out of the model directory is not followed
+    return out
+
+
+def _top_level_side_files(directory: str) -> list[str]:
+    out: list[str] = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
         if name.startswith(".") or not os.path.isfile(path):
             continue
         if name == SAFETENSORS_INDEX_FILE or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
-        safe_join(base.directory, name)  # a symlink out of the model directory is not followed
+        safe_join(directory, name)  # a symlink out of the model directory is not followed
         out.append(name)
     return out

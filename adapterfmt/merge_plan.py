@@ -45,7 +45,7 @@ from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
 from .merge_checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unsupported, token_indices
-from .merge_output import ShardPlan, changed_config, index_document, layout_shards, side_files
+from .merge_output import OutputNames, ShardPlan, changed_config, index_document, layout_shards, output_names, side_files
 from .resolution import Resolution, ResolvedLora, resolve
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
@@ -117,10 +117,11 @@ class MergePlan:
         shards: output files in write order.
         indexed: whether ``model.safetensors.index.json`` is written.
         config: the ``config.json`` to write when it must change (untied head, dtype), else None.
-        files: names of the base directory's non-weight files copied as they are.
+        files: the base's non-weight files copied as they are, relative to ``output.root``.
         untied: head tensors written next to their embedding (``lm_head.weight``).
         skipped: adapter modules or keys left out under ``allow_unused``.
-        findings: warnings from resolving the adapters.
+        findings: warnings about the base (``shadowed-weights``) and from resolving the adapters.
+        output: where the weights go inside OUT and their names (the base's layout).
     """
 
     base: BaseModel
@@ -134,6 +135,7 @@ class MergePlan:
     untied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    output: OutputNames = field(default_factory=lambda: OutputNames(""))
 
     def tensors(self) -> Iterator[PlannedTensor]:
         for shard in self.shards:
@@ -215,7 +217,7 @@ def plan_merge(
         res = resolve(adapter, base)
         refuse_bad_resolution(adapter, res, allow_unused)
         skipped += res.unresolved
-        findings += res.findings
+        findings += [f for f in res.findings if f not in findings]  # the base's own warnings come once
         if adapter.unknown_keys:
             skipped += adapter.unknown_keys
         slots.add(i, adapter, res, weights[i], skipped, allow_unused)
@@ -233,6 +235,7 @@ def plan_merge(
         untied=untied,
         skipped=skipped,
         findings=findings,
+        output=output_names(base),
     )
 
 

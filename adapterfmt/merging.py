@@ -42,7 +42,7 @@ from .header import TensorInfo
 from .io_thread import BackgroundIO
 from .keys import Role, parse_saved
 from .merge_compute import compute_tensor, tensor_blocks
-from .merge_output import METADATA, output_sizes, shard_specs, verify_output, write_side_files
+from .merge_output import METADATA, output_sizes, shard_path, shard_specs, verify_output, write_side_files
 from .merge_plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
 from .pause import hooked, pause_point
 from .safetensors_stream import ShardWriter
@@ -155,18 +155,23 @@ def merge_to_directory(
     allow_pickle: bool = False,
     verify: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
 ) -> MergeSummary:
-    """Merge adapters into a base model and write a Hugging Face model directory, streaming.
+    """Merge adapters into a base model and write a model directory of the base's kind, streaming.
 
-    ``out`` gets the base's shard files and key order (or ``max_shard_size`` shards), a correct
-    ``model.safetensors.index.json``, safetensors metadata ``{"format": "pt"}``, and every
-    non-weight file of the base (config, generation config, tokenizer files). It is staged beside
+    ``out`` is the same kind of directory as the base (docs/FORMAT.md §1.3): the base's weight
+    file names, shard files and key order (or ``max_shard_size`` shards), its index, safetensors
+    metadata ``{"format": "pt"}``, and every non-weight file and folder of the base (config,
+    generation config, tokenizer files, sentence-transformers modules, the other components of a
+    pipeline); a loose or pickle weights file becomes the layout's standard name. It is staged beside
     ``out`` and renamed into place only when complete; a killed run leaves no ``out``. While it
     runs, torch's intra-op thread count is 1 (restored on return): whole tensors are computed on
     worker threads instead, one per core torch would use, less one for the writer thread.
 
     Args:
-        base (`str`, `os.PathLike` or `BaseModel`): model directory or Hub id.
+        base (`str`, `os.PathLike` or `BaseModel`): model or pipeline directory, weights file, or
+            Hub id (downloaded through the huggingface_hub cache).
         adapters: an adapter directory, Hub id or :class:`AdapterCheckpoint`, or a list, merged in order.
         out (`str` or `os.PathLike`): the output directory; must not be inside an input.
         weights (`Sequence[float]`, *optional*): one per adapter, defaults to 1.0 each.
@@ -175,10 +180,15 @@ def merge_to_directory(
         max_shard_size (`int` or `str`, *optional*): re-shard (``"5GB"``) with huggingface_hub's planner.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty ``out``.
         allow_unused (`bool`, *optional*, defaults to `False`): skip adapter modules that match nothing.
-        allow_pickle (`bool`, *optional*, defaults to `False`): permit ``adapter_model.bin`` adapters.
+        allow_pickle (`bool`, *optional*, defaults to `False`): permit pickle weights
+            (``adapter_model.bin`` adapters, ``pytorch_model.bin`` bases), read with
+            ``torch.load(weights_only=True)``; the output is safetensors.
         verify (`bool`, *optional*, defaults to `False`): check the output's files against each
             other and the plan (:func:`adapterfmt.verify.verify_directory`) before the rename.
         progress (`Callable[[int, int], None]`, *optional*): called with (bytes just written, total).
+        subfolder (`str`, *optional*): the component of a diffusers pipeline to merge into; the
+            whole pipeline is written, the other components copied.
+        revision (`str`, *optional*): Hub revision of ``base``.
 
     Returns:
         :class:`MergeSummary`.
@@ -193,22 +203,25 @@ def merge_to_directory(
     """
     started = time.perf_counter()
     timings = dict.fromkeys(("plan", "read", "compute", "compute_wait", "write", "io_wait", "files", "sync"), 0.0)
-    model = base if isinstance(base, BaseModel) else read_base(base)
+    model = base if isinstance(base, BaseModel) else read_base(base, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle, download=True)
+    if model.remote is not None:
+        raise MergeError(f"was read from headers only ({model.remote})", hint="pass the Hub id itself: merge downloads the weights through the cache")
     checkpoints = [_adapter(a, allow_pickle) for a in _as_list(adapters)]
     removed = clean_stale(out)
-    target = check_output_path(out, [model.directory] + [c.directory for c in checkpoints], overwrite=overwrite)
+    target = check_output_path(out, [_input_path(model)] + [c.directory for c in checkpoints], overwrite=overwrite)
     plan = plan_merge(model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused)
     index = plan.index() if plan.indexed else None
-    sizes = output_sizes(plan.shards, plan.base.directory, plan.files, index)
+    sizes = output_sizes(plan.shards, plan.output.root, plan.files, index)
     check_free_space(target, sizes)
     timings["plan"] = time.perf_counter() - started
     report = None if progress is None else (lambda n: progress(n, plan.total_size))
     with StagedDirectory(target, overwrite=overwrite) as staging:
         try:
-            with _source(checkpoints) as inputs, _one_thread_per_worker() as workers:
+            with _source(checkpoints, _base_memory(model)) as inputs, _one_thread_per_worker() as workers:
                 _write_shards(plan, staging.path, inputs, workers, report, timings)
             mark = time.perf_counter()
-            files = sorted([s.name for s in plan.shards] + write_side_files(staging.path, plan.base.directory, plan.files, plan.config, index))
+            written = write_side_files(staging.path, plan.output.root, plan.files, plan.config, index, plan.output)
+            files = sorted([plan.output.path(s.name) for s in plan.shards] + written)
             timings["files"] = time.perf_counter() - mark
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -221,7 +234,7 @@ def merge_to_directory(
         pause_point("files")
         mark = time.perf_counter()
         if verify:
-            verify_output(staging.path, plan.shards, target)
+            verify_output(staging.path, plan.shards, target, plan.output)
         staging.commit()
         timings["sync"] += time.perf_counter() - mark
     return MergeSummary(
@@ -286,6 +299,20 @@ def _state_dict_base(state: Mapping[str, Any]) -> BaseModel:
     base = BaseModel(directory="", config={}, tensors=tensors, shards=[_STATE_DICT], shard_keys={_STATE_DICT: list(tensors)})
     base.tied = tied
     return base
+
+
+def _input_path(base: BaseModel) -> str:
+    """What OUT must stay out of: the folder the output mirrors, or a loose file itself."""
+    if base.layout is None:
+        return base.directory
+    return base.layout.loose_file or base.layout.root
+
+
+def _base_memory(base: BaseModel) -> dict[str, Mapping[str, torch.Tensor]]:
+    """A pickle base's tensors, held in memory under their file (``TensorInfo.file``)."""
+    if not base.tensors_in_memory:
+        return {}
+    return {info.file: base.tensors_in_memory for info in list(base.tensors.values())[:1]}
 
 
 def _source(adapters: Sequence[AdapterCheckpoint], memory: Optional[dict[str, Mapping[str, torch.Tensor]]] = None) -> TensorSource:
@@ -379,7 +406,7 @@ def _write_shards(
                     pause_point(pause)
 
             for number, shard in enumerate(plan.shards, 1):
-                writer = ShardWriter(os.path.join(directory, shard.name), shard_specs(shard.tensors), metadata=METADATA, progress=progress)
+                writer = ShardWriter(shard_path(directory, plan.output, shard.name), shard_specs(shard.tensors), metadata=METADATA, progress=progress)
                 writers.append(writer)
                 for i, run in enumerate(_runs(shard.tensors)):
                     pause = f"write:{number}" if i == 0 else None

@@ -150,6 +150,7 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
         res.suggestion = suggest_prefix(res.unresolved, list(tensors), adapter)
     res.findings.extend(tied_full_copy_findings(adapter, set(base.tied)))
     res.findings.extend(endswith_findings(adapter, list(tensors)))
+    res.findings.extend(base.findings)  # what the base reader saw (shadowed-weights)
     return res
 
 

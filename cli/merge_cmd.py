@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import click
 
+from .base_options import PICKLE_HELP, base_options
 from .output import emit_json, progress_enabled, warn
 
 EXAMPLES = """
@@ -14,6 +15,7 @@ Examples:
   adapterfmt merge --base testdata/tiny-llama --adapter testdata/tiny-llama-lora -o merged
   adapterfmt merge --base M --adapter a --adapter b --weight 0.7 --weight 0.3 -o merged --dtype bf16
   adapterfmt merge --base M --adapter A -o merged --max-shard-size 2GB --verify --json
+  adapterfmt merge --base PIPELINE --subfolder unet --adapter A -o merged-pipeline
   adapterfmt merge --wrapped run/model.safetensors --alpha 16 -o merged
 """
 
@@ -40,7 +42,7 @@ class _Bar:
 
 
 @click.command("merge", epilog=EXAMPLES)
-@click.option("--base", metavar="MODEL", help="Base model directory (single file or sharded) or Hub id; or a wrapped checkpoint (as --wrapped).")
+@click.option("--base", metavar="MODEL", help="Base model: a model or pipeline directory, a weights file, or a Hub id; or a wrapped checkpoint (as --wrapped).")
 @click.option("--adapter", "adapters", multiple=True, metavar="ADAPTER", help="Adapter directory or Hub id (repeatable; merged in order).")
 @click.option("--wrapped", metavar="WRAPPED", help="A wrapped PeftModel.state_dict() checkpoint: merge its adapter into the base it carries.")
 @click.option("--adapter-name", metavar="NAME", help="With --wrapped: the adapter to merge (default: 'default' or the only one).")
@@ -56,7 +58,8 @@ class _Bar:
 @click.option("--max-shard-size", metavar="SIZE", help="Re-shard the output (e.g. 5GB); default: the base's shard layout.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (atomically).")
 @click.option("--allow-unused", is_flag=True, help="Merge what resolves; skip adapter modules that match no base tensor.")
-@click.option("--allow-pickle", is_flag=True, help="Permit adapter_model.bin (read with torch.load(weights_only=True)).")
+@base_options(subfolder_names=("--subfolder", "--base-subfolder"))
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
@@ -73,12 +76,19 @@ def merge_command(
     max_shard_size: Optional[str],
     overwrite: bool,
     allow_unused: bool,
+    base_subfolder: Optional[str],
+    base_revision: Optional[str],
     allow_pickle: bool,
     verify: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Merge LoRA adapters into a base model and write a Hugging Face model directory.
+    """Merge LoRA adapters into a base model and write a model directory of the same kind.
+
+    OUT mirrors the base: a transformers, diffusers or sentence-transformers directory with the
+    same weight file names, shards and index and every other file copied; with --subfolder the
+    whole diffusers pipeline, that component merged; a loose weights file becomes the layout's
+    standard name beside its own config and tokenizer files.
 
     Plans from headers first: any adapter module that matches no base tensor, any shape
     mismatch or unsupported feature stops the merge before anything is written. Then streams
@@ -97,6 +107,8 @@ def merge_command(
         raise click.UsageError("--wrapped carries its own base and adapters: give it without --base, --adapter and --weight")
     if wrapped is None and (base is None or not adapters):
         raise click.UsageError("give --base and --adapter, or --wrapped")
+    if wrapped is not None and (base_subfolder or base_revision):
+        raise click.UsageError("--subfolder and --base-revision apply to --base only")
     if wrapped is None and (adapter_name or alpha is not None or adapter_config):
         raise click.UsageError("--adapter-name, --alpha and --config apply to --wrapped only")
     bar = _Bar(progress_enabled(quiet))
@@ -115,7 +127,9 @@ def merge_command(
 
             summary = merge_wrapped(wrapped, output, adapter_name=adapter_name, alpha=alpha, config=adapter_config, **options)
         else:
-            summary = merge_to_directory(base, list(adapters), output, weights=list(weights) or None, **options)
+            summary = merge_to_directory(
+                base, list(adapters), output, weights=list(weights) or None, subfolder=base_subfolder, revision=base_revision, **options
+            )
     finally:
         bar.close()
     if not quiet:
