@@ -156,3 +156,16 @@ def test_missing_repo_is_one_error_line(hub, big_adapter, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "user/nothing" in lines[0] and "no such Hub repo" in lines[0], result.stderr
+
+
+def test_merge_from_the_hub_equals_the_local_merge(hub, tmp_path):
+    cache = tmp_path / "hub"
+    out = tmp_path / "from-hub"
+    result = run(hub, cache, "merge", "--base", "user/tiny", "--adapter", str(TESTDATA / "tiny-llama-lora"), "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    local = tmp_path / "local"
+    import adapterfmt
+
+    adapterfmt.merge_to_directory(TESTDATA / "tiny-llama", TESTDATA / "tiny-llama-lora", local)
+    assert _local_files(out) == _local_files(local)
+    assert list(cache.rglob("model-00001-of-00003.safetensors"))  # the weights came through the cache
