@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .base_layouts import BaseLayout, Tree, decide_layout, loose_file_layout
+from .base_layouts import BaseLayout, decide_layout, loose_file_layout
+from .file_tree import Tree
 from .constants import MODEL_CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE
 from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError
 from .finding import Finding

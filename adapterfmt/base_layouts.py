@@ -23,15 +23,15 @@ works on a :class:`Tree` (a local folder or a Hub listing) and reads only small 
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
 from .finding import Finding
 from .findings import shadowed_weights_finding
+from .file_tree import SubTree, Tree, join_path as _join, rel_path as _rel
 
 TRANSFORMERS = "transformers"
 DIFFUSERS = "diffusers"
@@ -70,85 +70,8 @@ MODEL_SIDE_FILES = (
 )
 #: Weight-file endings: such files of the component folder are never copied into a merge output.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
-#: Adapter files, and folders never copied from a base (version control, caches).
+#: Adapter files: never copied from a base.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-SKIPPED_DIRS = (".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface")
-
-
-class Tree:
-    """Read access to a base's files by relative POSIX path: a local folder or a Hub listing."""
-
-    def __init__(self, root: str, files: Optional[Sequence[str]] = None, read: Optional[Callable[[str], bytes]] = None):
-        self.root = root
-        self._files = None if files is None else set(files)
-        self._read = read
-
-    def is_file(self, rel: str) -> bool:
-        if self._files is not None:
-            return rel in self._files
-        return os.path.isfile(os.path.join(self.root, *rel.split("/")))
-
-    def is_dir(self, rel: str) -> bool:
-        if self._files is not None:
-            return any(f.startswith(rel.rstrip("/") + "/") for f in self._files) if rel else True
-        return os.path.isdir(os.path.join(self.root, *rel.split("/")))
-
-    def names(self, rel: str = "") -> list[str]:
-        """Files directly inside folder ``rel`` (names, sorted)."""
-        if self._files is not None:
-            prefix = rel.rstrip("/") + "/" if rel else ""
-            return sorted(f[len(prefix):] for f in self._files if f.startswith(prefix) and "/" not in f[len(prefix):])
-        folder = os.path.join(self.root, *rel.split("/")) if rel else self.root
-        try:
-            return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
-        except OSError:
-            return []
-
-    def walk(self, rel: str = "") -> list[str]:
-        """Every file under ``rel`` (relative to the root), skipping version-control and cache folders."""
-        if self._files is not None:
-            prefix = rel.rstrip("/") + "/" if rel else ""
-            return sorted(f for f in self._files if f.startswith(prefix) and not set(f.split("/")[:-1]) & set(SKIPPED_DIRS))
-        out = []
-        start = os.path.join(self.root, *rel.split("/")) if rel else self.root
-        for folder, dirs, files in os.walk(start):
-            dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
-            base = os.path.relpath(folder, self.root).replace(os.sep, "/")
-            out += [n if base == "." else f"{base}/{n}" for n in sorted(files)]
-        return out
-
-    def read_bytes(self, rel: str) -> bytes:
-        """The bytes of the small file ``rel``."""
-        if self._read is not None:
-            return self._read(rel)
-        with open(os.path.join(self.root, *rel.split("/")), "rb") as f:
-            return f.read()
-
-    def load_json(self, rel: str) -> Any:
-        """The JSON document in ``rel``, None when there is no such file.
-
-        Raises:
-            InvalidConfigError: the file is not valid JSON.
-        """
-        if not self.is_file(rel):
-            return None
-        try:
-            return json.loads(self.read_bytes(rel).decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise InvalidConfigError(
-                f"is not valid JSON ({type(e).__name__})", path=_join(self.root, rel), hint="fix or re-download the model"
-            ) from None
-
-    def json(self, rel: str) -> Optional[dict[str, Any]]:
-        """The JSON object in ``rel``, None when there is no such file.
-
-        Raises:
-            InvalidConfigError: the file is not a JSON object.
-        """
-        doc = self.load_json(rel)
-        if doc is not None and not isinstance(doc, dict):
-            raise InvalidConfigError("is not a JSON object", path=_join(self.root, rel), hint="fix or re-download the model")
-        return doc
 
 
 @dataclass(frozen=True)
@@ -253,7 +176,7 @@ def decide_layout(tree: Tree, *, subfolder: Optional[str] = None, allow_pickle: 
         raise CheckpointNotFoundError("has no such sub-folder", path=_join(tree.root, component))
     root, folder = tree.root, component
     if kind is None and component:  # a model in a sub-folder of a plain repo: that folder is the model
-        tree, folder = _Sub(tree, component), ""
+        tree, folder = SubTree(tree, component), ""
         root = tree.root
     config = tree.json(_rel(folder, CONFIG)) or {}
     library = _library(tree, folder, config, pipeline=kind == "diffusers-pipeline")
@@ -427,43 +350,8 @@ def _no_weights(tree: Tree, folder: str, library: str) -> CheckpointNotFoundErro
 # ---------------------------------------------------------------------------------------------
 
 
-class _Sub(Tree):
-    """A view of ``tree`` rooted at its folder ``rel``."""
-
-    def __init__(self, tree: Tree, rel: str):
-        self._parent, self._rel = tree, rel
-        super().__init__(_join(tree.root, rel))
-
-    def is_file(self, rel: str) -> bool:
-        return self._parent.is_file(_rel(self._rel, rel))
-
-    def is_dir(self, rel: str) -> bool:
-        return self._parent.is_dir(_rel(self._rel, rel))
-
-    def names(self, rel: str = "") -> list[str]:
-        return self._parent.names(_rel(self._rel, rel))
-
-    def walk(self, rel: str = "") -> list[str]:
-        cut = len(self._rel) + 1
-        return [f[cut:] for f in self._parent.walk(_rel(self._rel, rel))]
-
-    def read_bytes(self, rel: str) -> bytes:
-        return self._parent.read_bytes(_rel(self._rel, rel))
-
-
-def _rel(folder: str, name: str) -> str:
-    return f"{folder}/{name}" if folder else name
-
-
 def _where(tree: Tree, folder: str) -> str:
     return _join(tree.root, folder)
-
-
-def _join(root: str, rel: str) -> str:
-    """``root/rel`` for a local folder (OS separators) or a Hub location (``hf://...``, slashes)."""
-    if not rel:
-        return root
-    return posixpath.join(root, rel) if "://" in root else os.path.join(root, *rel.split("/"))
 
 
 def _clean_subfolder(subfolder: Optional[str], root: str) -> str:
@@ -480,7 +368,6 @@ __all__ = [
     "DIFFUSERS",
     "MODEL_SIDE_FILES",
     "TRANSFORMERS",
-    "Tree",
     "WEIGHT_NAMES",
     "decide_layout",
     "loose_file_layout",

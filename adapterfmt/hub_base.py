@@ -16,7 +16,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
-from .base_layouts import Tree
+from .file_tree import Tree
 from .errors import CheckpointNotFoundError, HeaderError
 from .header import SafetensorsHeader, TensorInfo
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
 from .base import BaseModel
-from .base_layouts import WEIGHT_SUFFIXES, Tree
+from .base_layouts import WEIGHT_SUFFIXES
+from .file_tree import Tree
 from .constants import DTYPE_BITS, MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
 from .errors import AdapterFormatError, MergeError
 from .header import read_header

@@ -127,7 +127,8 @@ def _has_weights(folder: str) -> bool:
 
 def _layout_findings(directory: str, folder: str) -> list[Finding]:
     """The reader's own warnings for this folder (two candidate weight sets)."""
-    from .base_layouts import Tree, decide_layout
+    from .base_layouts import decide_layout
+    from .file_tree import Tree
 
     try:
         tree = Tree(directory)

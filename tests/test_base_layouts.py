@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from _layout_helpers import minilm_dir, move_shards, save_llama, save_pipeline, save_unet
 from adapterfmt.base import read_base
-from adapterfmt.base_layouts import Tree, decide_layout
+from adapterfmt.base_layouts import decide_layout
+from adapterfmt.file_tree import Tree
 from adapterfmt.errors import CheckpointNotFoundError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
 from conftest import write_base, write_header_only
 
