@@ -307,3 +307,12 @@ def test_check_cli_chooses_a_pipeline_component(built, tmp_path, run_cli, testda
     from conftest import assert_one_error_line
 
     assert_one_error_line(run_cli("check", "--base", built["pipeline"], "--adapter", adapter), "model_index.json", "--base-subfolder", "unet")
+
+
+def test_loose_diffusers_file_is_named_by_its_config(built, tmp_path):
+    d = tmp_path / "dl"
+    d.mkdir()
+    shutil.copy(built["unet"] / "diffusion_pytorch_model.safetensors", d / "my-unet-ft.safetensors")
+    shutil.copy(built["unet"] / "config.json", d / "config.json")
+    layout = read_base(d / "my-unet-ft.safetensors").layout
+    assert (layout.kind, layout.library, layout.single_name) == ("file", "diffusers", "diffusion_pytorch_model.safetensors")

@@ -182,3 +182,36 @@ def test_pickle_base_with_allow_pickle_is_written_as_safetensors(tmp_path, llama
     assert result.exit_code == 0, result
     assert _names(out) == ["config.json", "model.safetensors"]
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(out))), _logits(_llama_reference(saved, llama_adapter)))
+
+
+def test_diffusers_pickle_and_reshard_keep_the_diffusers_names(tmp_path, unet_adapter):
+    from diffusers import UNet2DModel
+
+    base = tmp_path / "base"
+    base.mkdir()
+    saved = save_unet(tmp_path / "saved")
+    shutil.copy(saved / "config.json", base / "config.json")
+    torch.save(UNet2DModel.from_pretrained(str(saved)).state_dict(), base / "diffusion_pytorch_model.bin")
+    out = tmp_path / "out"
+    adapterfmt.merge_to_directory(base, unet_adapter, out, allow_pickle=True)
+    assert _names(out) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    ref = PeftModel.from_pretrained(UNet2DModel.from_pretrained(str(saved)), str(unet_adapter)).merge_and_unload()
+    assert unequal(UNet2DModel.from_pretrained(str(out)).state_dict(), ref.state_dict()) == []
+    resharded = tmp_path / "resharded"
+    adapterfmt.merge_to_directory(saved, unet_adapter, resharded, max_shard_size="20KB")
+    names = _names(resharded)
+    assert "diffusion_pytorch_model.safetensors.index.json" in names
+    assert [n for n in names if n.endswith(".safetensors")][0].startswith("diffusion_pytorch_model-00001-of-")
+    assert unequal(UNet2DModel.from_pretrained(str(resharded)).state_dict(), ref.state_dict()) == []
+
+
+def test_quantized_base_is_refused_in_one_line(tmp_path, llama_adapter, run_cli):
+    from conftest import assert_one_error_line
+
+    base = save_llama(tmp_path / "q")
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    for command in (("check", "--base", base, "--adapter", llama_adapter), ("merge", "--base", base, "--adapter", llama_adapter, "-o", tmp_path / "o")):
+        assert_one_error_line(run_cli(*command), "bitsandbytes 4-bit", "merge into the unquantized base model, then quantize")
+    assert not (tmp_path / "o").exists()
