@@ -113,6 +113,10 @@ def download(repo_id: str, revision: Optional[str], files: Sequence[str]) -> str
 def cached_snapshot(repo_id: str, *, revision: Optional[str] = None) -> str:
     """The cached snapshot folder of ``repo_id`` (offline mode).
 
+    A merge downloads only the files its output needs, so huggingface_hub may call the cached
+    snapshot incomplete; its folder is still what a base reader wants, and the layout decision
+    then names any file that is really missing.
+
     Raises:
         CheckpointNotFoundError: not in the cache.
     """
@@ -121,6 +125,9 @@ def cached_snapshot(repo_id: str, *, revision: Optional[str] = None) -> str:
     try:
         return snapshot_download(repo_id, revision=revision)
     except Exception as e:
+        partial = getattr(e, "snapshot_path", None)
+        if type(e).__name__ == "IncompleteSnapshotError" and partial and os.path.isdir(partial):
+            return str(partial)
         raise _fetch_error(repo_id, e) from None
 
 

@@ -50,7 +50,8 @@ def hub():
     files, total = _big_repo()
     with FakeHub() as fake:
         fake.add("user/big", files, sha=SHA_MAIN)
-        fake.add("user/tiny", _local_files(TESTDATA / "tiny-llama"), sha=SHA_TINY)
+        # a weights file of another framework, which no merge downloads (the cached snapshot stays partial)
+        fake.add("user/tiny", {**_local_files(TESTDATA / "tiny-llama"), "flax_model.msgpack": b"\x80"}, sha=SHA_TINY)
         old = dict(_local_files(TESTDATA / "tiny-llama"))
         old["config.json"] = json.dumps({"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False, "old": True}).encode()
         fake.add("user/tiny", old, sha=SHA_OLD, refs=("v0",))
