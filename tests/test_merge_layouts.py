@@ -99,7 +99,7 @@ def test_pipeline_component_writes_the_whole_pipeline(tmp_path, unet_adapter, ru
 
     base = save_pipeline(tmp_path / "pipe")
     out = tmp_path / "out"
-    result = run_cli("merge", "--base", base, "--subfolder", "unet", "--adapter", unet_adapter, "-o", out, "--quiet")
+    result = run_cli("merge", "--base", base, "--subfolder", "unet", "--adapter", unet_adapter, "-o", out, "--quiet", "--verify")
     assert result.exit_code == 0, result
     assert _names(out) == _names(base)
     assert (out / "scheduler" / "scheduler_config.json").read_bytes() == (base / "scheduler" / "scheduler_config.json").read_bytes()
@@ -114,7 +114,7 @@ def test_sentence_transformers_directory(tmp_path):
 
     adapter = _adapter(AutoModel.from_pretrained(str(minilm_dir())), ["query", "value"], tmp_path / "st-lora")
     out = tmp_path / "out"
-    adapterfmt.merge_to_directory(minilm_dir(), adapter, out)
+    adapterfmt.merge_to_directory(minilm_dir(), adapter, out, verify=True)
     assert _names(out) == _names(minilm_dir())
     texts = ["a merged sentence encoder", "base layouts as users have them"]
     ref = SentenceTransformer(str(minilm_dir()), device="cpu")
