@@ -62,6 +62,8 @@ def verify_directory(path: "str | os.PathLike[str]") -> list[Finding]:
         raise CheckpointNotFoundError("is not a directory; give a model or adapter directory", path=directory)
     if any(os.path.lexists(os.path.join(directory, f)) for f in _ADAPTER_FILES):
         found = _verify_adapter(directory)
+        if _has_weights(directory):  # a base and its adapter saved into one folder: check both
+            found += _verify_model(directory)
     else:
         found = _verify_model(directory)
     found += _escaping_links(directory)

@@ -316,3 +316,16 @@ def test_loose_diffusers_file_is_named_by_its_config(built, tmp_path):
     shutil.copy(built["unet"] / "config.json", d / "config.json")
     layout = read_base(d / "my-unet-ft.safetensors").layout
     assert (layout.kind, layout.library, layout.single_name) == ("file", "diffusers", "diffusion_pytorch_model.safetensors")
+
+
+def test_verify_checks_base_and_adapter_saved_into_one_folder(built, tmp_path, testdata):
+    from adapterfmt.verify import verify_directory
+
+    d = tmp_path / "m"
+    shutil.copytree(built["llama-sharded"], d)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(testdata / "tiny-llama-lora" / f, d / f)
+    assert verify_directory(d) == []
+    shard = sorted(p for p in d.iterdir() if p.name.startswith("model-"))[0]
+    shard.unlink()
+    assert [p.code for p in verify_directory(d)] == ["missing-shard"]
