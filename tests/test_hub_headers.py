@@ -170,3 +170,20 @@ def test_merge_from_the_hub_equals_the_local_merge(hub, tmp_path):
     adapterfmt.merge_to_directory(TESTDATA / "tiny-llama", TESTDATA / "tiny-llama-lora", local)
     assert _local_files(out) == _local_files(local)
     assert list(cache.rglob("model-00001-of-00003.safetensors"))  # the weights came through the cache
+
+
+def test_pipeline_component_on_the_hub_by_range_request(hub, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from _layout_helpers import save_pipeline, tiny_unet
+
+    pipe = save_pipeline(tmp_path / "pipe")
+    hub.add("user/pipe", _local_files(pipe), sha="4" * 40)
+    adapter = tmp_path / "unet-lora"
+    get_peft_model(tiny_unet(), LoraConfig(r=2, target_modules=["to_q", "to_v"])).save_pretrained(str(adapter))
+    cache = tmp_path / "hub"
+    result = run(hub, cache, "check", "--base", "user/pipe", "--base-subfolder", "unet", "--adapter", str(adapter))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("8/8 LoRA targets")
+    assert not list(cache.rglob("*.safetensors"))
+    assert any("/resolve/" + "4" * 40 + "/unet/diffusion_pytorch_model.safetensors bytes=0-100000" in r for r in hub.requests)
