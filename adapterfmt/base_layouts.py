@@ -70,6 +70,9 @@ MODEL_SIDE_FILES = (
 )
 #: Weight-file endings: such files of the component folder are never copied into a merge output.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".npz")
+#: Folders of exported copies of the same weights (ONNX, OpenVINO) in a model folder: a merge
+#: would leave them unmerged, so they are not copied.
+EXPORT_DIRS = ("onnx", "openvino")
 #: Adapter files: never copied from a base.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -123,7 +126,8 @@ class BaseLayout:
         """Files under ``root`` (relative to it) that a merge output copies unchanged.
 
         Everything except: the component's weights, index and shadowed weight sets, any other
-        weight file directly in the component folder, adapter files and adapter sub-folders of the
+        weight file directly in the component folder, its exported copies (``onnx/``,
+        ``openvino/``: they would stay unmerged), adapter files and adapter sub-folders of the
         component, version-control and cache folders. For a loose file only that model's own
         side files (:data:`MODEL_SIDE_FILES`).
         """
@@ -133,7 +137,8 @@ class BaseLayout:
         dropped = {prefix + w for w in self.weights} | {prefix + s for s in self.shadowed}
         if self.index:
             dropped.add(prefix + self.index)
-        adapter_dirs = {posixpath.dirname(f) for f in tree.walk(self.component) if posixpath.basename(f) == ADAPTER_FILES[0]}
+        skipped_dirs = {posixpath.dirname(f) for f in tree.walk(self.component) if posixpath.basename(f) == ADAPTER_FILES[0]}
+        skipped_dirs |= {prefix + d for d in EXPORT_DIRS}
         out = []
         for rel in tree.walk():
             if rel in dropped:
@@ -142,7 +147,7 @@ class BaseLayout:
             in_component = folder == self.component
             if in_component and (name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") or name in ADAPTER_FILES):
                 continue
-            if any(folder == d or folder.startswith(d + "/") for d in adapter_dirs if d != self.component):
+            if any(folder == d or folder.startswith(d + "/") for d in skipped_dirs if d != self.component):
                 continue
             out.append(rel)
         return out

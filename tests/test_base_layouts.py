@@ -174,6 +174,8 @@ def test_base_and_adapter_in_one_folder_copies_no_adapter_file(built, tmp_path, 
     (d / ".git").mkdir()
     (d / ".git" / "HEAD").write_text("ref")
     (d / ".gitattributes").write_text("*.safetensors filter=lfs")
+    (d / "onnx").mkdir()
+    (d / "onnx" / "model.onnx").write_bytes(b"stale export")
     copied = read_base(d).layout.files_to_copy(Tree(str(d)))
     assert copied == [".gitattributes", "config.json", "generation_config.json"]
 
