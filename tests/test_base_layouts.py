@@ -331,3 +331,16 @@ def test_verify_checks_base_and_adapter_saved_into_one_folder(built, tmp_path, t
     shard = sorted(p for p in d.iterdir() if p.name.startswith("model-"))[0]
     shard.unlink()
     assert [p.code for p in verify_directory(d)] == ["missing-shard"]
+
+
+def test_verify_stale_index_beside_single_file_is_shadowed_not_unindexed(built, tmp_path):
+    from adapterfmt.verify import verify_directory
+
+    d = tmp_path / "m"
+    shutil.copytree(built["llama"], d)
+    for f in built["llama-other"].iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, d / f.name)
+    problems = verify_directory(d)
+    assert [p.code for p in problems] == ["shadowed-weights"]
+    assert "transformers loads model.safetensors" in problems[0].message
