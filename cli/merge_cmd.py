@@ -141,6 +141,7 @@ def merge_command(
             warn(f"wrote the tied head '{key}' separately and set tie_word_embeddings to false")
         for f in summary.findings:
             warn(f"warning [{f.code}]: {f.message}")
+    _done_without_teardown()
     if as_json:
         emit_json(summary.as_dict())
         return
@@ -152,3 +153,11 @@ def merge_command(
         f"{f' ({summary.tensors_converted} converted)' if summary.tensors_converted else ''}; "
         f"{format_bytes(summary.bytes_written)} in {summary.seconds:.1f} s"
     )
+
+
+def _done_without_teardown() -> None:
+    """The output is committed: the console script may leave without the interpreter's teardown."""
+    from . import main
+
+    main.skip_teardown = True
+
