@@ -27,8 +27,6 @@ so every fallback runs on Linux too.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import importlib
 import os
@@ -50,15 +48,17 @@ _seek_lock = threading.Lock()  # serialises seek + read/write where there is no 
 _fcntl: Any = None
 _msvcrt: Any = None
 _sync_file_range: Optional[Callable[[int, int, int, int], int]] = None
+_sync_file_range_looked_up = False
 
 
 def find_sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
     """libc's ``sync_file_range`` (Linux), or None."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # here, not at the top: header-only commands never pay for it
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library python runs on
     except (OSError, AttributeError):  # no libc to load, or a libc without the call
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -73,17 +73,23 @@ def _optional_module(name: str) -> Any:
         return None
 
 
-def detect() -> dict[str, bool]:
-    """Look up which calls this system has; returns :data:`available`."""
-    global _fcntl, _msvcrt, _sync_file_range
+def detect(*, now: bool = True) -> dict[str, bool]:
+    """Look up which calls this system has; returns :data:`available`.
+
+    ``now=False`` (on import) leaves libc's ``sync_file_range`` to the first writeback, so that
+    commands that write nothing never load ``ctypes``.
+    """
+    global _fcntl, _msvcrt, _sync_file_range, _sync_file_range_looked_up
     _fcntl = _optional_module("fcntl")
     _msvcrt = _optional_module("msvcrt")
-    _sync_file_range = find_sync_file_range()
+    _sync_file_range, _sync_file_range_looked_up = None, False
+    if now:
+        _look_up_sync_file_range()
     available.clear()
     for name in ("copy_file_range", "sendfile", "preadv", "pread", "pwrite", "posix_fadvise", "fdatasync"):
         available[name] = hasattr(os, name)
     available["sendfile"] = available["sendfile"] and sys.platform.startswith("linux")  # elsewhere it wants a socket
-    available["sync_file_range"] = _sync_file_range is not None
+    available["sync_file_range"] = _sync_file_range is not None if now else False
     available["flock"] = _fcntl is not None and hasattr(_fcntl, "flock")
     available["full_fsync"] = _fcntl is not None and hasattr(_fcntl, "F_FULLFSYNC")
     available["msvcrt_locking"] = _msvcrt is not None and hasattr(_msvcrt, "locking")
@@ -217,11 +223,21 @@ def _copy_by_reading(src_fd: int, dst_fd: int, offset: int, length: int, dst_off
 # ---------------------------------------------------------------------------------------------
 
 
+def _look_up_sync_file_range() -> None:
+    global _sync_file_range, _sync_file_range_looked_up
+    _sync_file_range, _sync_file_range_looked_up = find_sync_file_range(), True
+    available["sync_file_range"] = _sync_file_range is not None
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing these bytes to disk now, without waiting (Linux
     ``sync_file_range``), so that the final sync has little left to do; nothing elsewhere."""
+    if not _sync_file_range_looked_up:
+        _look_up_sync_file_range()
     if _sync_file_range is not None and length > 0:
         if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+            import ctypes
+
             code = ctypes.get_errno()
             if code not in _REFUSED:  # a file system that does not take it: the final sync still runs
                 raise OSError(code, os.strerror(code))
@@ -385,4 +401,4 @@ def _stale_pid_file(path: str) -> bool:
     return False
 
 
-detect()
+detect(now=False)
