@@ -260,7 +260,7 @@ def sync_data(fd: int) -> None:
 
 def sync_path(path: str) -> None:
     """:func:`sync_data` on the file at ``path``."""
-    fd = os.open(path, os.O_RDONLY | O_BINARY)
+    fd = os.open(path, (os.O_RDWR if os.name == "nt" else os.O_RDONLY) | O_BINARY)  # Windows flushes writable handles only
     try:
         sync_data(fd)
     finally:

@@ -13,6 +13,7 @@ in parallel with the others) as soon as its last job is done.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -26,22 +27,33 @@ Progress = Callable[[int], None]
 class PlacedFile:
     """A file of ``size`` bytes whose parts are written at known offsets, from any thread.
 
+    ``header``: the first bytes, written at once (and not reported as progress).
+
     :meth:`write` and :meth:`copy` put bytes at an offset; :meth:`finish` checks that exactly
     ``size`` bytes were written, makes them durable and closes; :meth:`abort` just closes.
     Overlapping or missing writes are a bug of the caller: :meth:`finish` raises ``RuntimeError``
     when the byte count is off.
     """
 
-    def __init__(self, path: str, size: int, *, progress: Optional[Progress] = None) -> None:
+    def __init__(self, path: str, size: int, *, header: bytes = b"", progress: Optional[Progress] = None) -> None:
         self.path = path
         self.size = size
+        self.seconds = 0.0  #: time spent in writes and copies, summed over threads
         self._fd = os_calls.open_new(path)
         self._written = 0
         self._lock = threading.Lock()
+        self._progress = None
+        if header:  # written now, not counted as progress
+            try:
+                self.write(0, header)
+            except BaseException:
+                self.abort()
+                raise
         self._progress = progress
 
-    def _count(self, n: int) -> None:
+    def _count(self, n: int, seconds: float) -> None:
         with self._lock:
+            self.seconds += seconds
             self._written += n
             if self._written > self.size:
                 raise RuntimeError(f"{self.path}: {self._written} bytes written into a file of {self.size}")
@@ -53,15 +65,17 @@ class PlacedFile:
         view = memoryview(data).cast("B")
         if offset + view.nbytes > self.size:
             raise RuntimeError(f"{self.path}: bytes {offset}..{offset + view.nbytes} lie past its end ({self.size})")
+        mark = time.perf_counter()
         os_calls.write_at(self._fd, view, offset)
-        self._count(view.nbytes)
+        self._count(view.nbytes, time.perf_counter() - mark)
 
     def copy(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
         """Copy ``length`` bytes of ``src_fd`` at ``src_offset`` to ``offset``."""
         if offset + length > self.size:
             raise RuntimeError(f"{self.path}: bytes {offset}..{offset + length} lie past its end ({self.size})")
+        mark = time.perf_counter()
         os_calls.copy_range(src_fd, self._fd, src_offset, length, dst_offset=offset)
-        self._count(length)
+        self._count(length, time.perf_counter() - mark)
 
     def written(self, offset: int, length: int) -> None:
         """A job finished these bytes: start writing them back to disk now."""
@@ -80,8 +94,6 @@ class PlacedFile:
         """Close without checks (the staging directory is about to be removed); idempotent."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            import os
-
             os.close(fd)
 
 

@@ -81,6 +81,11 @@ def test_a_failing_job_stops_the_run_and_is_raised(tmp_path: Path, calls: str) -
 
 
 def test_too_many_or_too_few_bytes_are_bugs(tmp_path: Path) -> None:
+    seen: list[int] = []
+    h = PlacedFile(str(tmp_path / "h"), 6, header=b"HEAD", progress=seen.append)
+    h.write(4, b"xy")
+    h.finish()
+    assert (tmp_path / "h").read_bytes() == b"HEADxy" and seen == [2]
     f = PlacedFile(str(tmp_path / "a"), 4)
     with pytest.raises(RuntimeError, match="past its end"):
         f.write(2, b"abc")
