@@ -1,19 +1,20 @@
 """What a merge computes: each output tensor, ``W + Σ terms``, in its output dtype, in blocks of rows.
 
 The math is :mod:`adapterfmt.delta`'s (PEFT's order of operations: ``ΔW = (B @ A) · s`` in float32,
-added to the base weight in float32, rounded once). A merged tensor gets its full ``B @ A``
-product in one matmul, the call PEFT makes; it is then scaled, added, rounded and handed out in
-blocks of rows that stay in cache. (Computing the product itself in row blocks would be
-bit-identical with PEFT's sgemm for blocks of two rows or more; a one-row block becomes a matrix-
-vector product that sums in another order, so the product is kept whole.) Inputs come from the
-one tensor reader, :class:`~adapterfmt.tensor_source.TensorSource`. This is the seam a faster
-kernel replaces: :func:`tensor_blocks` in, blocks of output rows out.
+added to the base weight in float32, rounded once). Tensors made of LoRA terms only go through
+the blocked kernel, :mod:`adapterfmt.merge_kernel`: the product of a block of rows of ``B`` with
+``A`` into a reused cache-sized buffer, scaled, added and rounded into reused buffers — the same
+bits as PEFT's whole-tensor product (blocks of two rows or more; see that module). The rest (DoRA,
+whose norm spans every row; trainable-token rows; ``lora_bias``; full copies and dtype
+conversions; float64) gets its full ``B @ A`` product in one matmul, the call PEFT makes, and is
+then scaled, added and rounded in blocks of rows (:func:`tensor_blocks`). Inputs come from the one
+tensor reader, :class:`~adapterfmt.tensor_source.TensorSource`; :func:`write_tensor` puts a
+tensor's bytes at their place in an output file.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from math import prod
 from typing import Any, Iterator, Optional
 
@@ -22,9 +23,11 @@ import torch
 from .delta import add_scaled, dora_weight, lora_product
 from .errors import NonFiniteValuesError
 from .header import TensorInfo
+from .merge_kernel import Block, BlockedMerge, LoraFactors, blockable
 from .merge_plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
+from .parallel_write import PlacedFile
 from .tensor_source import TensorSource
-from .torch_io import TORCH_DTYPES
+from .torch_io import TORCH_DTYPES, tensor_bytes
 
 #: Elements per block of rows when a tensor is added up, rounded and written (1 MiB of float32:
 #: the block stays in cache through its three passes).
@@ -144,10 +147,43 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
 
 
 
-def compute_tensor(t: PlannedTensor, source: TensorSource, local: threading.local) -> tuple[list[torch.Tensor], float]:
-    """A worker's job: every block of ``t`` (and the seconds it took); ``local`` keeps the
-    worker's :class:`Workspace`."""
-    start = time.perf_counter()
-    if not hasattr(local, "workspace"):
-        local.workspace = Workspace()
-    return list(tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace)), time.perf_counter() - start
+def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
+    """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
+    if not t.terms or not all(isinstance(term, LoraTerm) and not term.lora.module.use_dora for term in t.terms):
+        return None
+    base_dtype, out_dtype = TORCH_DTYPES.get(t.source.dtype), TORCH_DTYPES.get(t.dtype)
+    if not blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms]):  # type: ignore[union-attr]
+        return None
+    factors = []
+    for term in t.terms:
+        m = term.lora.module  # type: ignore[union-attr]
+        factors.append(LoraFactors(_finite(source, m.tensors["lora_A"]), _finite(source, m.tensors["lora_B"]), term.scaling, term.lora.layout))  # type: ignore[union-attr]
+    info = t.source
+    if info.start < 0:
+        held = source.held(info)
+        return merger.merge(t.shape, base_dtype, out_dtype, factors, lambda first, stop, into: held[first:stop])
+    row = info.nbytes // info.shape[0]
+
+    def read_rows(first: int, stop: int, into: memoryview) -> None:
+        source.read_into(info.file, info.start + first * row, into, key=info.key)
+
+    return merger.merge(t.shape, base_dtype, out_dtype, factors, read_rows)
+
+
+def write_tensor(t: PlannedTensor, source: TensorSource, out: PlacedFile, offset: int, local: threading.local) -> None:
+    """Compute ``t`` and write its bytes at ``offset`` of ``out``, a block at a time, then start
+    their writeback. ``local`` keeps the thread's reused buffers."""
+    if not hasattr(local, "merger"):
+        local.merger, local.workspace = BlockedMerge(), Workspace()
+    blocks = kernel_blocks(t, source, local.merger)
+    if blocks is not None:
+        row = t.nbytes // t.shape[0]
+        for block in blocks:
+            out.write(offset + block.first * row, block.data)
+    else:
+        at = offset
+        for tensor in tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace):
+            data = tensor_bytes(tensor)
+            out.write(at, data)
+            at += data.nbytes
+    out.written(offset, t.nbytes)

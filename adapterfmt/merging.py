@@ -7,12 +7,14 @@ from, :mod:`adapterfmt.tensor_source`; what the output directory holds,
 :mod:`adapterfmt.merge_plan` (decided) and :mod:`adapterfmt.merge_output` (written); how it
 appears all or nothing, :mod:`adapterfmt.staging`. This module orchestrates.
 
-:func:`merge_to_directory` streams. An untouched tensor is copied file to file by the kernel
-(:mod:`adapterfmt.safetensors_stream`); a merged one is computed and written in blocks of rows
-that stay in cache. Whole tensors are computed on worker threads with
-one intra-op thread each (torch releases the GIL in its kernels), file writes run on a writer
-thread, fsyncs on another; at most ``workers + 1`` tensors are in flight, so peak memory is a few
-times the largest tensor, never the model.
+:func:`merge_to_directory` streams. Every shard's header is known from the plan, so each tensor's
+bytes have a known place: worker threads (one per core, one intra-op thread each; torch releases
+the GIL in its kernels) take tensors in order and write them straight there
+(:mod:`adapterfmt.parallel_write`) — an untouched run is copied file to file by the kernel, a
+merged tensor is computed and written a block of rows at a time from reused buffers
+(:mod:`adapterfmt.merge_compute`). Nothing waits to keep an order, so memory is a few buffers per
+worker, never a whole tensor. Writeback starts after each tensor and each shard is synced as soon
+as it is complete, in parallel with the rest.
 
 One intra-op thread is not how PEFT runs its matmul. MKL splits an ``(out, r) @ (r, in)``
 product over rows and columns, not over the rank, so the bits are the same for any thread count
@@ -26,10 +28,9 @@ import errno
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -39,16 +40,16 @@ from .describe import AdapterCheckpoint, read_adapter
 from .errors import DiskSpaceError, MergeError, UnsupportedFeatureError
 from .findings import Finding
 from .header import TensorInfo
-from .io_thread import BackgroundIO
 from .keys import Role, parse_saved
-from .merge_compute import compute_tensor, tensor_blocks
+from .merge_compute import tensor_blocks, write_tensor
 from .merge_output import METADATA, output_sizes, shard_path, shard_specs, verify_output, write_side_files
 from .merge_plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
+from .parallel_write import PlacedFile, write_files
 from .pause import hooked, pause_point
-from .safetensors_stream import ShardWriter
+from .safetensors_stream import encode_header
 from .staging import StagedDirectory, check_free_space, check_output_path, clean_stale, format_bytes
 from .tensor_source import TensorSource
-from .torch_io import SAFETENSORS_DTYPES, tensor_bytes
+from .torch_io import SAFETENSORS_DTYPES
 
 AdapterSpec = Union[str, "os.PathLike[str]", AdapterCheckpoint]
 _STATE_DICT = "<state_dict>"
@@ -58,11 +59,11 @@ _STATE_DICT = "<state_dict>"
 class MergeSummary:
     """What :func:`merge_to_directory` wrote.
 
-    ``timings`` (seconds): ``plan``; ``compute``, the worker threads on merged and converted
-    tensors, summed over workers, reads included; ``read``, the part of it spent reading inputs;
-    ``write``, the writer thread writing tensor bytes and kernel-copying untouched tensors (it
-    overlaps compute); ``compute_wait`` and ``io_wait``, the main thread waiting for the workers
-    and for the writer; ``files``; ``sync``, waiting for fsync, verification and the rename.
+    ``timings`` (seconds): ``plan``; ``compute``, the worker threads' jobs (merged, converted and
+    copied tensors, reads and writes included), summed over workers; ``read`` and ``write``, the
+    parts of it spent reading inputs and writing or kernel-copying output bytes; ``io_wait``, the
+    main thread waiting for the workers; ``files``; ``sync``, waiting for the last shard syncs,
+    verification and the rename.
     """
 
     output: str
@@ -202,7 +203,7 @@ def merge_to_directory(
         MergeError: ``verify`` found a problem (nothing is left behind).
     """
     started = time.perf_counter()
-    timings = dict.fromkeys(("plan", "read", "compute", "compute_wait", "write", "io_wait", "files", "sync"), 0.0)
+    timings = dict.fromkeys(("plan", "read", "compute", "write", "io_wait", "files", "sync"), 0.0)
     model = base if isinstance(base, BaseModel) else read_base(base, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle, download=True)
     if model.remote is not None:
         raise MergeError(f"was read from headers only ({model.remote})", hint="pass the Hub id itself: merge downloads the weights through the cache")
@@ -326,19 +327,18 @@ def _source(adapters: Sequence[AdapterCheckpoint], memory: Optional[dict[str, Ma
 
 @contextmanager
 def _one_thread_per_worker() -> Iterator[int]:
-    """Set torch to one intra-op thread and yield how many compute workers to run instead: one
-    per core torch would use, less one for the writer thread (at least one).
+    """Set torch to one intra-op thread and yield how many worker threads to run instead: one per
+    core torch would use.
 
     Whole tensors are spread over worker threads, which scales better than splitting the small
-    blockwise passes, and leaves no thread spinning in a barrier while the writer thread holds a
-    core (on 2 cores that spinning made a merge ten times slower). Each worker holds a product
-    and an output tensor, so fewer workers also keep memory down. See the module docstring for
-    why the matmul's bits do not change.
+    blockwise passes, and leaves no thread spinning in a barrier while another holds a core (on
+    2 cores that spinning made a merge ten times slower). See the module docstring for why the
+    matmul's bits do not change.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield max(1, min(threads, os.cpu_count() or 1) - 1)
+        yield max(1, min(threads, os.cpu_count() or 1))
     finally:
         torch.set_num_threads(threads)
 
@@ -370,65 +370,43 @@ def _runs(tensors: Sequence[PlannedTensor]) -> Iterator[list[PlannedTensor]]:
 def _write_shards(
     plan: MergePlan, directory: str, inputs: TensorSource, workers: int, progress: Optional[Callable[[int], None]], timings: dict[str, float]
 ) -> None:
-    """Write every shard, in order: tensors computed ``workers`` at a time on worker threads, file
-    writes and kernel copies on one background thread, fsyncs on another.
+    """Write every shard: its header at once, then each run of copied tensors and each computed
+    tensor as one job at its offset, ``workers`` jobs at a time; each shard synced once complete.
 
-    The main thread keeps the output order: it hands a tensor's blocks to the writer thread once
-    that tensor and everything before it are done, and lets at most ``workers + 1`` tensors be in
-    flight, which bounds memory to a few of the largest tensors.
+    Pause point ``write:<N>`` (tests) comes right after the first job of shard N.
     """
-    writers: list[ShardWriter] = []
+    files: list[PlacedFile] = []
+    jobs: list[tuple[int, Callable[[PlacedFile], None]]] = []
     local = threading.local()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterfmt-compute")
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterfmt-fsync") as syncer, BackgroundIO() as io:
-            synced: list[Any] = []
-            jobs: deque[tuple[Any, ...]] = deque()
-            computing = 0
-
-            def finish_one() -> None:
-                nonlocal computing
-                kind, writer, run, payload, pause = jobs.popleft()
-                if kind == "copy":
-                    io.submit(writer.copy, [t.key for t in run], inputs.fd(run[0].source.file), run[0].source.start)
-                elif kind == "compute":
-                    mark = time.perf_counter()
-                    blocks, seconds = payload.result()
-                    timings["compute_wait"] += time.perf_counter() - mark
-                    timings["compute"] += seconds
-                    computing -= 1
-                    for block in blocks:
-                        io.submit(writer.write, run[0].key, tensor_bytes(block), nbytes=block.nbytes)
+        for number, shard in enumerate(plan.shards):
+            header = encode_header(shard_specs(shard.tensors), METADATA)
+            files.append(PlacedFile(shard_path(directory, plan.output, shard.name), len(header) + shard.nbytes, header=header, progress=progress))
+            offset = len(header)
+            for run in _runs(shard.tensors):
+                if _copied(run[0]):
+                    jobs.append((number, partial(_copy_run, run, inputs, offset)))
                 else:
-                    io.submit(lambda w=writer: synced.append(syncer.submit(w.close)))
-                if pause and hooked():
-                    io.drain()
-                    pause_point(pause)
-
-            for number, shard in enumerate(plan.shards, 1):
-                writer = ShardWriter(shard_path(directory, plan.output, shard.name), shard_specs(shard.tensors), metadata=METADATA, progress=progress)
-                writers.append(writer)
-                for i, run in enumerate(_runs(shard.tensors)):
-                    pause = f"write:{number}" if i == 0 else None
-                    if _copied(run[0]):
-                        jobs.append(("copy", writer, run, None, pause))
-                    else:
-                        jobs.append(("compute", writer, run, pool.submit(compute_tensor, run[0], inputs, local), pause))
-                        computing += 1
-                    while computing > workers:
-                        finish_one()
-                jobs.append(("close", writer, None, None, None))
-            while jobs:
-                finish_one()
-            io.close()
-            timings["write"] += io.busy
-            timings["io_wait"] += io.waited
-            mark = time.perf_counter()
-            for future in synced:
-                future.result()
-            timings["sync"] += time.perf_counter() - mark
+                    jobs.append((number, partial(_compute_run, run[0], inputs, offset, local)))
+                offset += sum(t.nbytes for t in run)
+        write = dict.fromkeys(("jobs", "wait", "sync"), 0.0)
+        write_files(files, jobs, workers=workers, after_first=(lambda i: pause_point(f"write:{i + 1}")) if hooked() else None, timings=write)
+        timings["compute"] += write["jobs"]
+        timings["io_wait"] += write["wait"]
+        timings["sync"] += write["sync"]
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for writer in writers:
-            writer.abort()
+        for f in files:
+            f.abort()
+            timings["write"] += f.seconds
         timings["read"] += inputs.seconds
+
+
+def _copy_run(run: Sequence[PlannedTensor], inputs: TensorSource, offset: int, out: PlacedFile) -> None:
+    """Copy a run of untouched tensors that lie back to back in their source file."""
+    length = sum(t.nbytes for t in run)
+    out.copy(inputs.fd(run[0].source.file), run[0].source.start, length, offset)
+    out.written(offset, length)
+
+
+def _compute_run(t: PlannedTensor, inputs: TensorSource, offset: int, local: threading.local, out: PlacedFile) -> None:
+    write_tensor(t, inputs, out, offset, local)

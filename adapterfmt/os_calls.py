@@ -12,13 +12,13 @@ read-ahead advice          ``os.posix_fadvise``               nothing (advice on
 start writeback early      ``sync_file_range`` (Linux libc)   nothing (the final sync does the work)
 make data durable          ``os.fdatasync``                   ``os.fsync``; macOS ``F_FULLFSYNC``
 sync a directory entry     fsync of the directory             nothing where directories cannot be opened (Windows)
-exclusive lock             ``fcntl.flock``                    ``msvcrt.locking`` (Windows); an ``O_EXCL`` file naming its pid
+exclusive lock             ``fcntl.flock``                    ``msvcrt.locking`` on a lock file (Windows); an ``O_EXCL`` file naming its pid
 =========================  =================================  ==========================================
 
 Files are opened in binary mode (``O_BINARY`` on Windows) and not inherited by child processes.
-Locks are taken on a *lock file* named after what they protect (:func:`lock_name`), so the
-protocol is the same whichever primitive holds it; the kernel (or, for ``O_EXCL``, the pid check)
-frees a dead process's lock.
+A directory is locked itself with ``flock`` where there is one (the lock follows it through a
+rename); elsewhere a *lock file* named after it stands for it (:func:`lock_directory`). The kernel
+(or, for ``O_EXCL``, the pid check) frees a dead process's lock.
 
 Tests remove the fast calls (``monkeypatch.delattr(os, "copy_file_range")``, a ``None`` entry for
 ``fcntl`` in ``sys.modules``, :data:`find_sync_file_range` replaced) and call :func:`detect` again,
@@ -302,9 +302,35 @@ def replace_directory(src: str, dst: str) -> None:
 
 
 def lock_name(path: str) -> str:
-    """The lock file that stands for ``path`` (beside it: a directory holding an open file cannot be
-    renamed on Windows)."""
+    """The lock file that stands for directory ``path`` where a directory cannot be locked itself
+    (beside it: a directory holding an open file cannot be renamed on Windows)."""
     return f"{path}.lock"
+
+
+def directory_locks_follow_renames() -> bool:
+    """Whether :func:`lock_directory` locks the directory itself (``flock`` on it: the lock moves
+    with it through a rename) rather than a lock file named after it."""
+    return available["flock"] and available["open_directory"]
+
+
+def lock_directory(path: str) -> Optional["Lock"]:
+    """An exclusive lock standing for directory ``path``, or None if another process holds it.
+
+    With ``flock``: the directory itself is locked (no file is created). Elsewhere: the lock file
+    :func:`lock_name` beside it, by :func:`try_lock`; release it with ``remove=True`` once the
+    directory is gone or renamed.
+    """
+    if not directory_locks_follow_renames():
+        return try_lock(lock_name(path))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return Lock(path, fd, "flock-directory")
 
 
 class Lock:
@@ -318,7 +344,7 @@ class Lock:
         fd, self._fd = self._fd, -1
         if fd < 0:
             return
-        if remove or self.kind == "exclusive-file":
+        if (remove and self.kind != "flock-directory") or self.kind == "exclusive-file":
             try:
                 os.remove(self.path)  # before closing: nobody can take a lock on a file about to vanish
             except OSError:

@@ -3,14 +3,13 @@
 Why hand-written: safetensors' ``save_file`` serialises a whole dict of tensors, so a shard would
 sit in memory at once. Here the header is computed from dtypes and shapes known in advance, then
 tensor bytes are appended one tensor — or one block of rows — at a time, and untouched tensors
-are copied file to file by the kernel (:func:`copy_range`), never decoded. The bytes are what
-safetensors writes: an 8-byte little-endian header length, the JSON header padded with spaces to
+are copied file to file by the kernel (:func:`adapterfmt.os_calls.copy_range`), never decoded.
+The bytes are what safetensors writes: an 8-byte little-endian header length, the JSON header padded with spaces to
 a multiple of 8, then the tensor data in header order. No torch here.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Callable, Mapping, Optional, Sequence
 
+from . import os_calls
 from .constants import DTYPE_BITS
 
 #: Bytes per kernel copy call (so progress moves during long copies).
@@ -72,7 +72,7 @@ class ShardWriter:
         self._at = 0  # index of the tensor being written
         self._filled = 0  # bytes of it written so far
         self._progress = progress
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os_calls.open_new(path)
         try:
             self._write_all(encode_header(self._specs, metadata))
         except BaseException:
@@ -80,10 +80,7 @@ class ShardWriter:
             raise
 
     def _write_all(self, data: "bytes | memoryview") -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        os_calls.write_all(self._fd, data)
 
     def _enter(self, key: str) -> None:
         """Move to ``key``: the current tensor must be complete (zero-byte tensors are skipped)."""
@@ -121,7 +118,7 @@ class ShardWriter:
             length = self._specs[self._at].nbytes
             while length:
                 step = min(length, _COPY_STEP)
-                copy_range(src_fd, self._fd, offset, step)
+                os_calls.copy_range(src_fd, self._fd, offset, step)
                 offset += step
                 length -= step
                 self._advance(step)
@@ -139,46 +136,6 @@ class ShardWriter:
                 self._enter(self._specs[-1].key)
                 if self._at != len(self._specs) - 1 or self._filled != self._specs[-1].nbytes:
                     raise RuntimeError(f"{self.path}: closed before every tensor was written")
-            os.fsync(self._fd)
+            os_calls.sync_data(self._fd)
         finally:
             self.abort()
-
-
-def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the current position of ``dst_fd``.
-
-    ``os.copy_file_range`` keeps the bytes in the kernel (and may share extents on reflink
-    filesystems); where it is refused (another filesystem, old kernel) ``os.sendfile`` and then a
-    plain read/write loop take over.
-    """
-    while length:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, length, offset)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            _copy_fallback(src_fd, dst_fd, offset, length)
-            return
-        if n == 0:
-            raise OSError(errno.EIO, "source file ended early (was it changed during the merge?)")
-        offset += n
-        length -= n
-
-
-def _copy_fallback(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    while length:
-        try:
-            n = os.sendfile(dst_fd, src_fd, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise
-            chunk = os.pread(src_fd, min(length, 8 << 20), offset)
-            n = len(chunk)
-            if n:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(dst_fd, view) :]
-        if n == 0:
-            raise OSError(errno.EIO, "source file ended early (was it changed during the merge?)")
-        offset += n
-        length -= n

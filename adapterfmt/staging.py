@@ -5,7 +5,9 @@ A writer fills a staging directory ``.OUT.adapterfmt-tmp-<pid>`` beside ``OUT``;
 :meth:`StagedDirectory.commit` every file and directory in it is fsynced, then it is renamed into
 place once. A run killed half-way leaves only that clearly named directory; the next run into the
 same ``OUT`` removes it (:func:`clean_stale`: a stale one is found by its lock — each live run
-holds ``flock`` on its staging directory, which the kernel drops when the process dies).
+holds a lock on its staging directory, which the system drops when the process dies:
+:func:`adapterfmt.os_calls.lock_directory`, ``flock`` on the directory where there is one, else a
+lock file ``.OUT.adapterfmt-tmp-<pid>.lock`` beside it held with ``msvcrt.locking`` or ``O_EXCL``).
 Replacing a non-empty ``OUT`` renames the old one aside as ``.OUT.adapterfmt-old-<pid>``, moves
 the new one in, then deletes the old one. ``keep_existing`` (``save`` into a directory that holds
 other files, as ``save_pretrained`` allows) first links the old directory's files into the stage,
@@ -14,11 +16,11 @@ so they survive the swap unchanged.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from typing import Optional, Sequence
 
+from . import os_calls
 from .errors import DiskSpaceError, OutputPathError
 from .pause import pause_point
 
@@ -88,15 +90,15 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _try_lock(path: str) -> Optional[int]:
-    """An fd holding an exclusive flock on directory ``path``, or None if another process holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+def _try_lock(path: str) -> Optional[os_calls.Lock]:
+    """The lock standing for directory ``path``, or None if a live process holds it."""
+    return os_calls.lock_directory(path)
+
+
+def _release(lock: Optional[os_calls.Lock]) -> None:
+    """Free a directory's lock, its lock file too (if any): the directory is gone or renamed."""
+    if lock is not None:
+        lock.release(remove=True)
 
 
 class StagedDirectory:
@@ -114,13 +116,16 @@ class StagedDirectory:
         self.overwrite = overwrite
         self.keep_existing = keep_existing
         self.path = os.path.join(self.parent, f".{self.name}.{TMP_TAG}-{os.getpid()}")
-        self._lock: Optional[int] = None
+        self._lock: Optional[os_calls.Lock] = None
         self._committed = False
 
     def __enter__(self) -> "StagedDirectory":
         os.makedirs(self.parent, exist_ok=True)
+        if not os_calls.directory_locks_follow_renames():  # a lock file: taken before the directory exists
+            self._lock = _try_lock(self.path)
         os.mkdir(self.path, 0o755)
-        self._lock = _try_lock(self.path)
+        if self._lock is None:
+            self._lock = _try_lock(self.path)
         try:
             if self.keep_existing and os.path.isdir(self.out):
                 _link_tree(self.out, self.path)
@@ -133,9 +138,8 @@ class StagedDirectory:
     def __exit__(self, *exc: object) -> None:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        _release(self._lock)
+        self._lock = None
 
     def file(self, relative: str) -> str:
         """The staged path of ``relative`` (its folder created), free to be created anew."""
@@ -154,22 +158,26 @@ class StagedDirectory:
             if not self.overwrite:
                 raise OutputPathError("was created while the merge ran", path=self.out, hint="pass --overwrite or choose another path")
             old = os.path.join(self.parent, f".{self.name}.{OLD_TAG}-{os.getpid()}")
-            old_lock = _try_lock(self.out)
-            os.rename(self.out, old)
+            # held until the old output is gone, so that it is never taken for a stale leftover
+            old_lock = _try_lock(self.out) if os_calls.directory_locks_follow_renames() else _try_lock(old)
             try:
-                os.rename(self.path, self.out)
-            except OSError:
-                os.rename(old, self.out)
-                raise
+                os.rename(self.out, old)
+                try:
+                    os.rename(self.path, self.out)
+                except OSError:
+                    os.rename(old, self.out)
+                    raise
+                self._committed = True
+                os_calls.sync_directory(self.parent)
+                shutil.rmtree(old, ignore_errors=True)
             finally:
-                if old_lock is not None:
-                    os.close(old_lock)
+                _release(old_lock)
         else:
-            os.rename(self.path, self.out)  # replaces an empty OUT directory atomically
-        self._committed = True
-        fsync_dir(self.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            os_calls.replace_directory(self.path, self.out)  # an empty OUT is replaced
+            self._committed = True
+            os_calls.sync_directory(self.parent)
+        _release(self._lock)
+        self._lock = None
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -207,8 +215,8 @@ def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
         path = os.path.join(parent, entry)
         if not os.path.isdir(path) or os.path.islink(path):
             continue
-        fd = _try_lock(path)
-        if fd is None:
+        lock = _try_lock(path)
+        if lock is None:
             raise OutputPathError(
                 f"another adapterfmt merge (pid {pid}) is writing this output now ({entry})",
                 path=out,
@@ -220,26 +228,25 @@ def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
             else:
                 shutil.rmtree(path)
         finally:
-            os.close(fd)
+            _release(lock)
         removed.append(path)
+    for entry in sorted(os.listdir(parent)):  # lock files whose directory is gone (a run died after its rename)
+        stem = entry[: -len(".lock")]
+        tag, _, pid = stem[len(prefix) :].rpartition("-")
+        if entry.endswith(".lock") and stem.startswith(prefix) and tag in (TMP_TAG, OLD_TAG) and pid.isdigit() and not os.path.lexists(os.path.join(parent, stem)):
+            lock = os_calls.try_lock(os.path.join(parent, entry))
+            if lock is not None:
+                lock.release(remove=True)
     return removed
 
 
 def fsync_dir(path: str) -> None:
     """fsync a directory (its entries: the names of what was created or renamed in it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os_calls.sync_directory(path)
 
 
 def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os_calls.sync_path(path)
 
 
 def fsync_tree(root: str) -> None:
@@ -257,7 +264,7 @@ def write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        os_calls.sync_data(f.fileno())
 
 
 def copy_file(src: str, dst: str) -> None:

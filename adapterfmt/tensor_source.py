@@ -1,7 +1,7 @@
 """The one reader of tensors by byte offset: merge, load, scan, convert and the wrapped-checkpoint
 comparison all read tensor bytes here.
 
-File tensors are read with ``os.pread`` at the header's byte offsets (validated by
+File tensors are read with positional reads (:func:`adapterfmt.os_calls.read_into`) at the header's byte offsets (validated by
 :func:`~adapterfmt.header.read_header`) into fresh buffers, whole or a block of rows at a time;
 this is what lets a merge stream rows, which ``safe_open`` would serve through mmap page faults.
 Tensors held in memory (``.bin`` adapters, a state dict) are looked up by file and key. Raw bytes
@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
+from . import os_calls
 from .errors import HeaderError, UnsupportedFeatureError
 from .header import TensorInfo
 
@@ -53,9 +54,7 @@ class TensorSource:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                fd = os_calls.open_read(file)
                 self._fds[file] = fd
             return fd
 
@@ -65,17 +64,21 @@ class TensorSource:
         Raises:
             HeaderError: the file ends first (it changed after its header was read).
         """
-        mark = time.perf_counter()
         raw = bytearray(length)
-        view, got, fd = memoryview(raw), 0, self.fd(file)
-        while got < length:
-            n = _pread_into(fd, view[got:], start + got)
-            if n == 0:
-                raise HeaderError("ended before the tensor's bytes (was it changed during the merge?)", path=file, key=key)
-            got += n
+        self.read_into(file, start, memoryview(raw), key=key)
+        return raw
+
+    def read_into(self, file: str, start: int, view: memoryview, *, key: Optional[str] = None) -> None:
+        """Fill ``view`` (a reused buffer) with the bytes of ``file`` at ``start``.
+
+        Raises:
+            HeaderError: the file ends first (it changed after its header was read).
+        """
+        mark = time.perf_counter()
+        if not os_calls.read_exact(self.fd(file), view, start):
+            raise HeaderError("ended before the tensor's bytes (was it changed during the merge?)", path=file, key=key)
         with self._lock:
             self.seconds += time.perf_counter() - mark
-        return raw
 
     def held(self, info: TensorInfo) -> Any:
         """The in-memory tensor of ``info`` (``info.start < 0``)."""
@@ -142,15 +145,3 @@ class TensorReader(TensorSource):
     def get(self, info: TensorInfo) -> Any:
         """The tensor ``info`` as a torch tensor (see :meth:`TensorSource.read`)."""
         return self.read(info)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Read into ``view`` at ``offset`` without moving the file position; bytes read (0 at the end).
-
-    ``os.preadv`` fills the buffer in place; where it is missing (Windows) ``os.pread`` and a copy.
-    """
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [view], offset)
-    chunk = os.pread(fd, len(view), offset)
-    view[: len(chunk)] = chunk
-    return len(chunk)

@@ -32,6 +32,10 @@ def install(point: str, marker: str, seconds: float) -> None:
 
 def main(argv: list[str]) -> None:
     point, marker, seconds, mode, *rest = argv
+    if os.environ.get("ADAPTERFMT_TEST_PORTABLE") == "1":  # test_portable.py: without the Linux-only calls
+        import _portable
+
+        _portable.remove_linux_calls()
     install(point, marker, float(seconds))
     if mode == "save":
         import adapterfmt

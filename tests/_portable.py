@@ -7,6 +7,7 @@ ARGS...`` runs a module (the CLI) in a process that never had them, for subproce
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -27,11 +28,21 @@ def remove_linux_calls(monkeypatch: Any = None) -> None:
     if monkeypatch is not None:
         monkeypatch.setitem(sys.modules, "fcntl", None)
         monkeypatch.setattr(os_calls, "find_sync_file_range", lambda: None)
+        monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", False)  # as on macOS and Windows
     else:
         sys.modules["fcntl"] = None  # type: ignore[assignment]
         os_calls.find_sync_file_range = lambda: None
+        shutil._USE_CP_SENDFILE = False  # type: ignore[attr-defined]
     found = os_calls.detect()
     assert not any(found[name] for name in ("copy_file_range", "sendfile", "preadv", "pread", "pwrite", "posix_fadvise", "fdatasync", "sync_file_range", "flock")), found
+
+
+def staging_leftovers(staging: str) -> list[str]:
+    """What a killed writer leaves beside its output: the staging directory, and where directories
+    cannot be locked themselves, its lock file."""
+    from adapterfmt import os_calls
+
+    return [staging] if os_calls.directory_locks_follow_renames() else [staging, os_calls.lock_name(staging)]
 
 
 if __name__ == "__main__":

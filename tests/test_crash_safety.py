@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from _hardening_helpers import PAUSE_CLI, TESTDATA, CliResult, assert_same_digest, inputs_untouched, invoke_cli, tree_digest
+from _portable import staging_leftovers
 
 BASE = TESTDATA / "tiny-llama"
 ADAPTER = TESTDATA / "tiny-llama-lora"
@@ -132,7 +133,7 @@ def test_killed_merge_leaves_no_out_and_a_rerun_succeeds(point: str, killed: dic
 
     run = killed[point]
     assert run.returncode == -signal.SIGKILL
-    assert run.left == (f".OUT.adapterfmt-tmp-{run.pid}",), f"after a kill at {point!r}: {run.left}"
+    assert run.left == tuple(staging_leftovers(f".OUT.adapterfmt-tmp-{run.pid}")), f"after a kill at {point!r}: {run.left}"
 
     with inputs_untouched(BASE, ADAPTER):
         rerun = _rerun(run.out)
@@ -145,7 +146,7 @@ def test_killed_merge_leaves_no_out_and_a_rerun_succeeds(point: str, killed: dic
 
 def test_killed_overwrite_keeps_the_old_output(killed: dict[str, Killed], reference: dict[str, str]) -> None:
     run = killed["overwrite"]
-    assert run.left == tuple(sorted(["OUT", f".OUT.adapterfmt-tmp-{run.pid}"]))
+    assert run.left == tuple(sorted(["OUT", *staging_leftovers(f".OUT.adapterfmt-tmp-{run.pid}")]))
     assert os.listdir(run.out) == ["old-model.txt"] and (run.out / "old-model.txt").read_text() == "the previous output"
 
     rerun = _rerun(run.out, "--overwrite", "--quiet")

@@ -5,7 +5,6 @@ Parity of the merged values with PEFT is in test_merge_parity.py.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import adapterfmt
+from adapterfmt import os_calls
 from adapterfmt.errors import (
     DiskSpaceError,
     MergeError,
@@ -36,6 +36,7 @@ from adapterfmt.header import read_header
 from adapterfmt_cli.main import cli
 
 from _hardening_helpers import PAUSE_CLI
+from _portable import staging_leftovers
 from _merge_helpers import lora_pair, read_dir, tree_digest, unequal, write_adapter
 
 TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
@@ -198,12 +199,13 @@ def test_free_space_is_checked_before_starting(tmp_path: Path, base: Path, monke
 def test_running_out_of_space_mid_write_leaves_nothing(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from adapterfmt.safetensors_stream import ShardWriter
+    from adapterfmt.parallel_write import PlacedFile
 
-    def full(self: ShardWriter, key: str, data: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(self: PlacedFile, offset: int, data: object) -> None:
+        if offset:  # the header goes in; the first tensor does not
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ShardWriter, "write", full)
+    monkeypatch.setattr(PlacedFile, "write", full)
     with pytest.raises(DiskSpaceError, match="ran out of space"):
         adapterfmt.merge_to_directory(base, LORA, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
@@ -225,13 +227,13 @@ def test_stale_staging_is_removed_and_a_live_one_refused(tmp_path: Path, base: P
 
     live = tmp_path / ".other.adapterfmt-tmp-1"
     live.mkdir()
-    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    lock = os_calls.lock_directory(str(live))  # as a live merge holds it (flock, or a lock file)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(OutputPathError, match="another adapterfmt merge"):
             adapterfmt.merge_to_directory(base, LORA, tmp_path / "other")
     finally:
-        os.close(fd)
+        assert lock is not None
+        lock.release()
 
 
 def test_killed_merge_leaves_no_output_and_a_rerun_succeeds(tmp_path: Path, base: Path) -> None:
@@ -247,7 +249,7 @@ def test_killed_merge_leaves_no_output_and_a_rerun_succeeds(tmp_path: Path, base
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not out.exists()
-    assert _leftovers(tmp_path) == [f".merged.adapterfmt-tmp-{proc.pid}"]
+    assert _leftovers(tmp_path) == staging_leftovers(f".merged.adapterfmt-tmp-{proc.pid}")
 
     result = CliRunner().invoke(cli, ["merge", "--base", str(base), "--adapter", str(LORA), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output

@@ -177,3 +177,25 @@ def test_exclusive_file_lock_is_not_taken_from_a_live_or_unreadable_owner(tmp_pa
     finally:
         monkeypatch.undo()
         os_calls.detect()
+
+
+@pytest.mark.parametrize("kind", ["flock-directory", "msvcrt", "exclusive-file"])
+def test_directory_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    if kind != "flock-directory":
+        remove_linux_calls(monkeypatch)
+        if kind == "msvcrt":
+            monkeypatch.setitem(sys.modules, "msvcrt", _fake_msvcrt())
+        os_calls.detect()
+    try:
+        folder = tmp_path / "stage"
+        folder.mkdir()
+        lock = os_calls.lock_directory(str(folder))
+        assert lock is not None and lock.kind == kind
+        assert os_calls.lock_directory(str(folder)) is None
+        assert os_calls.directory_locks_follow_renames() == (kind == "flock-directory")
+        lock.release(remove=True)
+        assert sorted(os.listdir(tmp_path)) == ["stage"]  # no lock file left behind
+        assert folder.is_dir()
+    finally:
+        monkeypatch.undo()
+        os_calls.detect()

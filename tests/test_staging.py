@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 import pytest
 
+from adapterfmt import os_calls
 from adapterfmt.errors import OutputPathError
 from adapterfmt.staging import StagedDirectory, clean_stale, write_text
 
@@ -79,11 +79,11 @@ def test_clean_stale_removes_dead_stages_and_restores_an_old_output(tmp_path: Pa
 def test_clean_stale_refuses_a_live_stage(tmp_path: Path) -> None:
     live = tmp_path / ".OUT.adapterfmt-tmp-4242"
     live.mkdir()
-    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    lock = os_calls.lock_directory(str(live))  # as the live process holds it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(OutputPathError, match="pid 4242"):
             clean_stale(str(tmp_path / "OUT"))
     finally:
-        os.close(fd)
+        assert lock is not None
+        lock.release()
     assert live.exists()
