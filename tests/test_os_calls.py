@@ -199,3 +199,26 @@ def test_directory_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: 
     finally:
         monkeypatch.undo()
         os_calls.detect()
+
+
+#: Calls only os_calls.py may make: Linux-only (or missing on Windows), each with a fallback there.
+PLATFORM_CALLS = {"copy_file_range", "sendfile", "preadv", "pread", "pwrite", "pwritev", "posix_fadvise", "fdatasync", "O_DIRECTORY", "O_EXCL"}
+
+
+def test_no_platform_call_outside_os_calls() -> None:
+    """Every use of a Linux-only call goes through adapterfmt.os_calls, which has its fallback."""
+    import ast
+
+    package = HERE.parent / "adapterfmt"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "os_calls.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" and node.attr in PLATFORM_CALLS:
+                found.append(f"{path.name}:{node.lineno} os.{node.attr}")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                found += [f"{path.name}:{node.lineno} import {n}" for n in names if n in ("fcntl", "msvcrt")]
+    assert found == []
