@@ -35,6 +35,8 @@ from .constants import (
     SAFETENSORS_INDEX_FILE,
     SAFETENSORS_WEIGHTS_FILE_PATTERN,
 )
+from .base import BaseModel
+from .base import _tied_modules as tied_modules  # the tie facts read_base finds, for a base built here
 from .describe import AdapterCheckpoint
 from .errors import (
     CheckpointNotFoundError,
@@ -248,10 +250,8 @@ def write_base(
     if split.is_sharded:
         index = {"metadata": {"total_size": nbytes}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         _write_json(os.path.join(directory, SAFETENSORS_INDEX_FILE), index)
-    for name in sorted(os.listdir(wrapped.directory)):
-        src = os.path.join(wrapped.directory, name)
-        if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in MODEL_FILE_PATTERNS):
-            copy_file(src, os.path.join(directory, name))
+    for name in _model_files(wrapped.directory):
+        copy_file(os.path.join(wrapped.directory, name), os.path.join(directory, name))
     return len(wrapped.base), nbytes
 
 
@@ -351,11 +351,14 @@ def merge_wrapped(
 ) -> Any:
     """Merge one adapter of a wrapped checkpoint into the base it carries; write the plain model.
 
-    The base and the adapter are first written (byte copies, as :func:`convert_wrapped` writes
-    them) to a scratch directory beside ``output``, which is removed afterwards (and by the next
-    run if this one is killed); then :func:`adapterfmt.merging.merge_to_directory` merges them, with
-    its guarantees (PEFT's math, an output that appears only when complete). The scratch copy
-    costs one extra write of the base.
+    A safetensors checkpoint is read in place: the base tensors and the adapter's are read at
+    their offsets in the wrapped file(s) under their base and saved names, so the base is written
+    once, by :func:`adapterfmt.merging.merge_to_directory`, with its guarantees (PEFT's math, an
+    output that appears only when complete). The output is sharded as :func:`write_base` shards
+    (``max_shard_size``, default 5GB) and gets the model files found beside the checkpoint
+    (:data:`MODEL_FILE_PATTERNS`). A pickle checkpoint's base and adapter are first written to a
+    scratch directory beside ``output`` (removed afterwards, and by the next run if this one is
+    killed) and merged from there.
 
     Args:
         path: the wrapped checkpoint.
@@ -387,6 +390,12 @@ def merge_wrapped(
         adapter_name = names[0] if len(names) == 1 else DEFAULT_ADAPTER_NAME
     adapter = _select(wrapped, adapter_name)[adapter_name]
     check_convertible(adapter, path=src)
+    if wrapped.tensors_in_memory is None:
+        merge_options["max_shard_size"] = merge_options.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE
+        summary = merge_to_directory(_base_in_place(wrapped), adapter, out, side_files=_model_files(wrapped.directory), **merge_options)
+        summary.adapters = [f"{src} [{adapter_name}]"]
+        summary.findings = wrapped.findings + adapter.findings + list(summary.findings)
+        return summary
     scratch = f"{out}-wrapped-inputs"
     clean_stale(scratch)
     with StagedDirectory(scratch) as staged:  # never committed: removed on the way out
@@ -397,3 +406,20 @@ def merge_wrapped(
     summary.adapters = [f"{src} [{adapter_name}]"]
     summary.findings = wrapped.findings + adapter.findings + list(summary.findings)
     return summary
+
+
+def _model_files(directory: str) -> list[str]:
+    """The files beside a wrapped checkpoint that belong to the plain model (:data:`MODEL_FILE_PATTERNS`)."""
+    return [n for n in sorted(os.listdir(directory)) if os.path.isfile(os.path.join(directory, n)) and any(fnmatch.fnmatch(n, p) for p in MODEL_FILE_PATTERNS)]
+
+
+def _base_in_place(wrapped: WrappedCheckpoint) -> BaseModel:
+    """The plain base model a safetensors wrapped checkpoint carries, read where it lies: base key
+    -> the tensor in the wrapped file, one "shard" per weight file."""
+    shard_keys: dict[str, list[str]] = {}
+    for key, info in wrapped.base.items():
+        shard_keys.setdefault(info.file, []).append(key)
+    base = BaseModel(wrapped.directory, dict(wrapped.model_config), dict(wrapped.base), list(shard_keys), shard_keys)
+    base.tied = tied_modules(base)
+    return base
+

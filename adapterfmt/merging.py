@@ -158,6 +158,7 @@ def merge_to_directory(
     progress: Optional[Callable[[int, int], None]] = None,
     subfolder: Optional[str] = None,
     revision: Optional[str] = None,
+    side_files: Optional[Sequence[str]] = None,
 ) -> MergeSummary:
     """Merge adapters into a base model and write a model directory of the base's kind, streaming.
 
@@ -190,6 +191,8 @@ def merge_to_directory(
         subfolder (`str`, *optional*): the component of a diffusers pipeline to merge into; the
             whole pipeline is written, the other components copied.
         revision (`str`, *optional*): Hub revision of ``base``.
+        side_files (`Sequence[str]`, *optional*): the files of the base directory copied beside the
+            weights; defaults to every file that is not weights (config, tokenizer, README ...).
 
     Returns:
         :class:`MergeSummary`.
@@ -211,6 +214,8 @@ def merge_to_directory(
     removed = clean_stale(out)
     target = check_output_path(out, [_input_path(model)] + [c.directory for c in checkpoints], overwrite=overwrite)
     plan = plan_merge(model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused)
+    if side_files is not None:
+        plan.files = list(side_files)
     index = plan.index() if plan.indexed else None
     sizes = output_sizes(plan.shards, plan.output.root, plan.files, index)
     check_free_space(target, sizes)
