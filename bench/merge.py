@@ -15,7 +15,8 @@ Then it times, each in a fresh process, in ``N`` rounds (default 3): ``cp -r`` o
 and followed by ``sync``), ``adapterfmt merge`` (which makes its output durable), and in the first
 ``M`` rounds (default 1) PEFT's ``merge_and_unload`` + ``save_pretrained``. It prints the min and
 median wall time and peak RSS (``ru_maxrss`` of the child, read by a small wrapper process) of
-each, the ratios against the goals (adapterfmt <= 2x ``cp -r && sync``, >= 6x faster than PEFT,
+each, its CPU time (user + system: what other load on the machine cannot inflate), the ratios
+against the goals (adapterfmt <= 2x ``cp -r && sync``, >= 6x faster than PEFT,
 <= 0.5 GB peak RSS), computed from the same run, and adapterfmt's own split of its time.
 ``--check`` then compares every tensor of the two merged outputs, bit for bit.
 
@@ -54,8 +55,8 @@ WRAPPER = (
     "t = time.perf_counter()\n"
     "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)\n"
     "wall = time.perf_counter() - t\n"
-    "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-    "print(json.dumps({'rc': p.returncode, 'wall': wall, 'rss': rss, 'stdout': p.stdout.decode()}))\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(json.dumps({'rc': p.returncode, 'wall': wall, 'rss': u.ru_maxrss * 1024, 'cpu': u.ru_utime + u.ru_stime, 'stdout': p.stdout.decode()}))\n"
 )
 
 BUILD = """
@@ -171,11 +172,12 @@ def main() -> None:
         def stat(name: str, key: str, how: Any) -> float:
             return float(how([r[key] for r in rows[name]]))
 
-        print(f"\n{'':24}{'min s':>8}{'median s':>10}{'peak RSS MB':>13}{'GB/s':>7}{'runs':>6}")
+        print(f"\n{'':24}{'min s':>8}{'median s':>10}{'CPU s':>8}{'peak RSS MB':>13}{'GB/s':>7}{'runs':>6}")
         for name, runs in rows.items():
             if runs:
                 best = stat(name, "wall", min)
-                print(f"{name:24}{best:8.2f}{stat(name, 'wall', statistics.median):10.2f}{stat(name, 'rss', max) / 1e6:13.0f}{size / best / 1e9:7.2f}{len(runs):6}")
+                cpu = stat(name, "cpu", min)
+                print(f"{name:24}{best:8.2f}{stat(name, 'wall', statistics.median):10.2f}{cpu:8.2f}{stat(name, 'rss', max) / 1e6:13.0f}{size / best / 1e9:7.2f}{len(runs):6}")
         for how, label in ((min, "min"), (statistics.median, "median")):
             af, sync, pf = stat("adapterfmt merge", "wall", how), stat("cp -r && sync", "wall", how), stat("PEFT merge_and_unload", "wall", how)
             print(
