@@ -157,12 +157,16 @@ def write_files(
         mark = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="adapterfmt-merge") as pool:
             futures = [pool.submit(run, index, job) for index, job in jobs]
-            done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in not_done:
-                f.cancel()
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # interrupted (Ctrl-C): no job starts any more
+                failed.set()
+                raise
+            finally:
+                for f in futures:
+                    f.cancel()
             for f in futures:
                 if f.done() and not f.cancelled() and f.exception() is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
                     raise f.exception()  # type: ignore[misc]
         waited = time.perf_counter() - mark
         mark = time.perf_counter()
