@@ -344,11 +344,9 @@ class Lock:
         fd, self._fd = self._fd, -1
         if fd < 0:
             return
-        if (remove and self.kind != "flock-directory") or self.kind == "exclusive-file":
-            try:
-                os.remove(self.path)  # before closing: nobody can take a lock on a file about to vanish
-            except OSError:
-                pass
+        remove = (remove and self.kind != "flock-directory") or self.kind == "exclusive-file"
+        if remove and self.kind != "msvcrt":
+            _remove(self.path)  # before closing: nobody can take a lock on a file about to vanish
         if self.kind == "msvcrt":
             try:
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -356,12 +354,21 @@ class Lock:
             except OSError:
                 pass
         os.close(fd)
+        if remove and self.kind == "msvcrt":
+            _remove(self.path)  # Windows deletes no open file: after closing
 
     def __enter__(self) -> "Lock":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass  # gone already, or held open elsewhere: clean_stale removes it later
 
 
 def try_lock(path: str) -> Optional[Lock]:
