@@ -20,6 +20,7 @@ from .errors import MergeError
 from .findings import Finding
 from .full_copy import FullCopy, iter_wrappers
 from .layers import LoraLayer, make_lora_layer
+from .token_layers import TokenWrapper
 from .module_tree import replace_module
 
 _REGISTRY_ATTR = "_adapterfmt"
@@ -239,12 +240,12 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
         return
     bias = get_registry(model).adapters[name].config.get("bias")
     for _, w in iter_wrappers(model):
-        if isinstance(w, LoraLayer):
+        if isinstance(w, (LoraLayer, TokenWrapper)):
             for p in w.adapter_parameters(name):
                 p.requires_grad_(True)
             if bias == "lora_only" and w.base_layer.bias is not None:
                 w.base_layer.bias.requires_grad_(True)
-        elif name in w.modules_to_save:
+        elif isinstance(w, FullCopy) and name in w.modules_to_save:
             w.modules_to_save[name].requires_grad_(True)
     if bias == "all":
         for key, p in model.named_parameters():

@@ -24,8 +24,8 @@ from .keys import weight_key, weight_module
 from .quantized import refuse_quantized
 from .sources import looks_like_hub_id, safe_join
 
-#: Tied heads (transformers conventions): the output head, the last name segment of input
-#: embeddings, and the architecture-name suffixes that have such a head.
+#: Tied heads of model classes transformers does not know (remote code): the output head, the
+#: last name segment of input embeddings, and the architecture-name suffixes that have such a head.
 _OUTPUT_EMBEDDING = "lm_head"
 _INPUT_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 _LM_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -245,12 +245,18 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tied_modules(base: BaseModel) -> dict[str, str]:
-    """``{"lm_head": <input embedding>}`` when the base's head exists only by weight tying.
+    """Tied module -> module whose weight it uses (e.g. ``{"lm_head": "model.embed_tokens"}``), on-disk names.
 
-    That is: config.json ties word embeddings (transformers' default is to tie), an architecture
-    with a language-model head is named, ``lm_head.weight`` is not stored, and exactly one input
-    embedding tensor is. Anything less certain reports no tie.
+    From the model class's tied-weight declarations and ``tie_word_embeddings``
+    (:func:`adapterfmt.architecture.tied_modules`, generated from transformers). Only for a class
+    transformers does not know (remote code) the old rule applies: an architecture with a
+    language-model head, no ``lm_head.weight`` stored and exactly one input embedding tensor.
     """
+    from .architecture import architecture_of, tied_modules
+
+    arch = architecture_of(base.config)
+    if arch is not None and (arch.tied_params or arch.class_name and _known_class(arch.class_name)):
+        return tied_modules(base.config, base.tensors)
     cfg = base.config
     text = _text_config(cfg)
     if not cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True)):
@@ -263,3 +269,9 @@ def _tied_modules(base: BaseModel) -> dict[str, str]:
     modules = [weight_module(k) for k in base.tensors]
     embeddings = [m for m in modules if m is not None and m.rsplit(".", 1)[-1] in _INPUT_EMBEDDING_NAMES]
     return {_OUTPUT_EMBEDDING: embeddings[0]} if len(embeddings) == 1 else {}
+
+
+def _known_class(name: str) -> bool:
+    from .arch_tables import CLASSES
+
+    return name in CLASSES

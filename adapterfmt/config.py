@@ -87,8 +87,6 @@ class LoraConfig:
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(MODIFIED_BASE_INITS):
             out["init_lora_weights"] = f"{init!r} adapters are relative to a modified base"
-        if self.target_parameters:
-            out["target_parameters"] = "LoRA on raw parameters (MoE experts) is not supported yet"
         return out
 
 
@@ -160,9 +158,10 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
     peft_type = doc.get("peft_type")
     if peft_type is None:
         raise InvalidConfigError("has no 'peft_type'", path=path, key="peft_type", hint="add \"peft_type\": \"LORA\"")
-    if str(peft_type).upper() != "LORA":
+    adalora = str(peft_type).upper() == "ADALORA"
+    if str(peft_type).upper() != "LORA" and not adalora:
         raise InvalidConfigError(
-            f"peft_type is {peft_type!r}; adapterfmt handles LoRA adapters only", path=path, key="peft_type"
+            f"peft_type is {peft_type!r}; adapterfmt handles LoRA adapters only (and AdaLoRA)", path=path, key="peft_type"
         )
 
     def num(name: str, default: Any, kind: type, minimum: float, strict: bool) -> Any:
@@ -173,11 +172,13 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
             raise InvalidConfigError(f"must be {'>' if strict else '>='} {minimum}, got {v!r}", path=path, key=name)
         return kind(v)
 
-    r = num("r", 8, int, 0, True)
+    r = num("init_r", 12, int, 0, True) if adalora else num("r", 8, int, 0, True)
     alpha = num("lora_alpha", 8, float, 0, False)
 
-    patterns: dict[str, dict[str, Any]] = {}
+    patterns: dict[str, dict[str, Any]] = {"rank_pattern": {}}
     for name, kind, strict in (("rank_pattern", int, True), ("alpha_pattern", float, False)):
+        if adalora and name == "rank_pattern":
+            continue  # AdaLoRA's rank_pattern holds budget masks; the tensors are saved pruned (adalora.py)
         value = doc.get(name) or {}
         if not isinstance(value, dict):
             raise InvalidConfigError(f"must be an object, got {value!r}", path=path, key=name)

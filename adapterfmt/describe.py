@@ -141,6 +141,10 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
     if len(prefixes) > 1:
         ckpt.findings.append(mixed_prefix_finding(header.path, [k for k in keys if not k.startswith(PEFT_PREFIX)]))
 
+    from .adalora import SLOTS as ADALORA_SLOTS
+    from .adalora import is_adalora
+
+    adalora = is_adalora(cfg.raw)
     plain: list[tuple[str, KeyParts]] = []
     lora_parts: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     embedding_modules: set[str] = set()
@@ -166,6 +170,8 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
             ckpt.findings.append(wrapper_leftover_finding(key))
         elif parts.role in (Role.LORA_A, Role.LORA_B):
             ckpt.unknown_keys.append(key)  # e.g. lora_A.bias: no such tensor in LoRA
+        elif adalora and parts.role is Role.PLAIN and parts.param in ADALORA_SLOTS:
+            lora_parts.setdefault(parts.module, {})[ADALORA_SLOTS[parts.param]] = (key, info)  # X.lora_A, X.lora_E (AdaLoRA)
         else:
             plain.append((key, parts))
 
@@ -191,6 +197,9 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
     for module, slots in sorted(lora_parts.items()):
         ckpt.lora[module] = _lora_module(ckpt, module, slots, embedding=module in embedding_modules)
 
+    from .weight_tying import adopt_tied_copies
+
+    adopt_tied_copies(ckpt, header)  # ensure_weight_tying saves the tied head's copy too
     ckpt.findings.extend(adapter_findings(ckpt))
 
 
@@ -246,6 +255,44 @@ def _lora_module(
     ndim = len(a[1].shape) if a else (len(b[1].shape) if b else 2)
     kind = "embedding" if embedding else {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(ndim, "unknown")
     config_rank = cfg.rank_for(module)
+    from .adalora import is_adalora
+    from .adalora import scaling as adalora_scaling
+    from .param_targets import param_target, rank_and_scaling
+
+    if is_adalora(cfg.raw):  # the tensors hold the (possibly budget-pruned) rank; scaling α/(r + 1e-5)
+        return LoraModule(
+            path=module,
+            layer_kind=kind,
+            rank=rank,
+            config_rank=rank or config_rank,
+            alpha=cfg.lora_alpha,
+            scaling=adalora_scaling(cfg.lora_alpha, rank or config_rank),
+            use_dora=False,
+            lora_bias="lora_B.bias" in slots,
+            tensors={slot: info for slot, (_, info) in slots.items()},
+            keys={slot: key for slot, (key, _) in slots.items()},
+        )
+
+    ptarget = param_target(cfg, module)
+    found = {rank_and_scaling(cfg, f"{ptarget.owner}.{p}") for p in ptarget.candidates} if ptarget is not None else set()
+    if ptarget is not None and len(found) == 1:
+        # target_parameters: r and alpha are looked up on the parameter key; a fused-expert LoRA
+        # holds r·E rows (FORMAT.md §3.9), so the tensor rank is r when it divides evenly.
+        config_rank, scaling = next(iter(found))
+        if rank and rank % config_rank == 0:
+            rank = config_rank
+        return LoraModule(
+            path=module,
+            layer_kind=kind,
+            rank=rank,
+            config_rank=config_rank,
+            alpha=cfg.alpha_for(f"{ptarget.owner}.{ptarget.candidates[0]}"),
+            scaling=scaling,
+            use_dora="magnitude" in slots,
+            lora_bias="lora_B.bias" in slots,
+            tensors={slot: info for slot, (_, info) in slots.items()},
+            keys={slot: key for slot, (key, _) in slots.items()},
+        )
     return LoraModule(
         path=module,
         layer_kind=kind,

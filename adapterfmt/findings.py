@@ -223,7 +223,14 @@ def adapter_findings(ckpt: "AdapterCheckpoint") -> list[Finding]:
 
     # Config vs tensors.
     if cfg.target_modules is not None and not (isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"):
-        not_targeted = [p for p in ckpt.lora if not matches_spec(p, cfg.target_modules)]
+        from .weight_tying import tied_lora_twins
+
+        twins = tied_lora_twins(ckpt)  # ensure_weight_tying: the tied head's LoRA is not in target_modules
+        from .param_targets import param_target
+
+        not_targeted = [
+            p for p in ckpt.lora if not matches_spec(p, cfg.target_modules) and p not in twins and param_target(cfg, p) is None
+        ]
         if not_targeted:
             out.append(
                 Finding(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .layers import LoraLayer
+from .token_layers import TokenWrapper
 
 
 class FullCopy(nn.Module):
@@ -73,10 +74,10 @@ class FullCopy(nn.Module):
             return getattr(self.active_module, name)
 
 
-def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy"]]:
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy | TokenWrapper"]]:
     """``(path, wrapper)`` for every :class:`LoraLayer` and :class:`FullCopy` in ``model``."""
     for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, FullCopy)):
+        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper)):
             yield path, module
 
 
@@ -86,7 +87,7 @@ def plain_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def walk(prefix: str, module: nn.Module) -> None:
         out.append((prefix, module))
-        if isinstance(module, (LoraLayer, FullCopy)):
+        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper)):
             return
         for child_name, child in module.named_children():
             walk(f"{prefix}.{child_name}" if prefix else child_name, child)

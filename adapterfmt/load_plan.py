@@ -20,6 +20,7 @@ from .describe import AdapterCheckpoint, FullCopyModule, LoraModule
 from .errors import (
     AmbiguousMatchError,
     InconsistentAdapterError,
+    InvalidConfigError,
     ShapeMismatchError,
     UnknownKeyError,
     UnresolvedModulesError,
@@ -72,13 +73,23 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
     if cfg.unsupported:
         name, why = next(iter(cfg.unsupported.items()))
         raise UnsupportedFeatureError(f"{why}; adapterfmt.load does not support it", path=cfg.path, key=name)
-    if ckpt.token_deltas:
-        first = next(iter(ckpt.token_deltas.values()))
+    if str(cfg.raw.get("peft_type", "")).upper() == "ADALORA":
         raise UnsupportedFeatureError(
-            "trainable-token adapters (trainable_token_indices) cannot be loaded by adapterfmt.load yet",
-            path=ckpt.weights_file,
-            key=first.key,
+            "AdaLoRA adapters cannot be loaded by adapterfmt.load yet; merge them with `adapterfmt merge`",
+            path=cfg.path,
+            key="peft_type",
         )
+    if cfg.target_parameters:
+        raise UnsupportedFeatureError(
+            "LoRA on parameters (target_parameters) cannot be loaded by adapterfmt.load yet; merge it with `adapterfmt merge`",
+            path=cfg.path,
+            key="target_parameters",
+        )
+    for td in ckpt.token_deltas.values():
+        if td.indices is None:
+            raise InvalidConfigError(
+                f"trainable_token_indices names no indices for '{td.path}'", path=cfg.path, key="trainable_token_indices", hint="fix adapter_config.json"
+            )
     if ckpt.unknown_keys:
         raise UnknownKeyError(
             f"{len(ckpt.unknown_keys)} tensor(s) fit no rule of the format (not LoRA, not under a modules_to_save entry): "

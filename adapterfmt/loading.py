@@ -49,6 +49,7 @@ from .memory_adapter import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor
 from .scan import count_non_finite
 from .tensor_source import TensorReader
+from .token_loading import load_token_rows
 
 
 def load(
@@ -127,6 +128,7 @@ def load(
         _build(model, plan, adapter_name, registry, created, dropout=_dropout(ckpt.config))
         _assign_all(model, plan, tensors, adapter_name, ckpt)
         overrides = _apply_overrides(model, plan, ckpt)
+        load_token_rows(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
     except BaseException:
         remove_adapter(model, registry, adapter_name, created)
         raise

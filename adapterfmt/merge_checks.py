@@ -42,7 +42,7 @@ def refuse_bad_resolution(adapter: AdapterCheckpoint, res: Resolution, allow_unu
         total = len(adapter.lora) + sum(len(c.tensors) for c in adapter.full_copies.values()) + len(adapter.base_overrides)
         if res.suggestion:
             old, new = res.suggestion
-            hint = f"renaming the prefix '{old}' to '{new}' would match some (see `adapterfmt check`); or pass --allow-unused to merge the rest"
+            hint = f"renaming the prefix '{old}' to '{new}' would match some: pass --prefix-map '{old}={new}' (see `adapterfmt check`); or pass --allow-unused to merge the rest"
         else:
             hint = "is this adapter for this base model? pass --allow-unused to merge the rest"
         raise UnresolvedModulesError(

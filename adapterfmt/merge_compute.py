@@ -88,6 +88,12 @@ def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], w
     if isinstance(term, LoraTerm):
         m = term.lora.module
         a, b = _finite(source, m.tensors["lora_A"]), _finite(source, m.tensors["lora_B"])
+        if "lora_E" in m.tensors:  # AdaLoRA: B @ (A ⊙ E)
+            a = a * _finite(source, m.tensors["lora_E"]).float().reshape(-1, *([1] * (a.dim() - 1)))
+        part = term.lora.expert
+        if part is not None:  # one expert's rows of a fused-expert delta (target_parameters)
+            a = a[part.expert * part.rank : (part.expert + 1) * part.rank]
+            b = b[part.rows[0] : part.rows[1], part.expert :: part.experts]
         product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
         return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from .architecture import checkpoint_key, untie_flag_allowed
 from .base import BaseModel
 from .constants import DTYPE_BITS
 from .describe import AdapterCheckpoint
@@ -44,9 +45,11 @@ from .errors import (
 from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
+from .matching import apply_prefix_map
 from .merge_checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unsupported, token_indices
 from .merge_output import OutputNames, ShardPlan, changed_config, index_document, layout_shards, output_names, side_files
 from .resolution import Resolution, ResolvedLora, resolve
+from .weight_tying import tied_lora_twins
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
 
@@ -176,6 +179,7 @@ def plan_merge(
     dtype: Optional[str] = None,
     max_shard_size: "int | str | None" = None,
     allow_unused: bool = False,
+    prefix_map: Optional[dict[str, str]] = None,
 ) -> MergePlan:
     """Decide every output tensor of merging ``adapters`` into ``base``, from headers.
 
@@ -191,6 +195,8 @@ def plan_merge(
             planner (``"5GB"``); defaults to the base's own shard layout.
         allow_unused (`bool`, *optional*, defaults to `False`): merge what resolves and skip
             adapter modules that match no base tensor, instead of refusing.
+        prefix_map (`dict`, *optional*): module-path prefix rewrites ``{old: new}`` applied to
+            every adapter's module paths before they are looked up (``--prefix-map``).
 
     Returns:
         A :class:`MergePlan`.
@@ -214,13 +220,13 @@ def plan_merge(
     findings: list[Finding] = []
     for i, adapter in enumerate(adapters):
         refuse_unsupported(adapter)
-        res = resolve(adapter, base)
+        res = resolve(adapter, base, prefix_map=prefix_map)
         refuse_bad_resolution(adapter, res, allow_unused)
         skipped += res.unresolved
         findings += [f for f in res.findings if f not in findings]  # the base's own warnings come once
         if adapter.unknown_keys:
             skipped += adapter.unknown_keys
-        slots.add(i, adapter, res, weights[i], skipped, allow_unused)
+        slots.add(i, adapter, res, weights[i], skipped, allow_unused, prefix_map)
     planned, extra, untied = slots.plan(out_dtype)
     shards, indexed = layout_shards(base, planned, extra, max_shard_size)
     return MergePlan(
@@ -230,7 +236,7 @@ def plan_merge(
         dtype=out_dtype,
         shards=shards,
         indexed=indexed,
-        config=changed_config(base.config, untie=bool(untied), dtype=out_dtype),
+        config=changed_config(base.config, untie=bool(untied) and untie_flag_allowed(base.config), dtype=out_dtype),
         files=side_files(base),
         untied=untied,
         skipped=skipped,
@@ -271,6 +277,9 @@ class _Slots:
         self.base = base
         self.slots: dict[str, _Slot] = {}
         self.heads: dict[str, str] = {}  #: embedding module -> tied head module an adapter named
+        self.expected: list[tuple[int, str, object]] = []  #: (adapter, name, term or replacing tensor) to place
+        self.twins: set[tuple[int, str]] = set()  #: (adapter, head LoRA) mirroring an embedding LoRA (ensure_weight_tying)
+        self.accounted: set[int] = set()  #: ids of twin terms applied through their embedding LoRA
 
     def _slot(self, key: str) -> _Slot:
         return self.slots.setdefault(key, _Slot())
@@ -286,6 +295,7 @@ class _Slots:
                 hint="merge them separately or drop one of the full copies",
             )
         setattr(slot, which, (adapter, info))
+        self.expected.append((adapter, key, info))
 
     def _tied_head(self, module: str, key: str) -> Optional[str]:
         """The embedding module if ``module`` is a tied head that ``key`` reaches through the tie."""
@@ -293,7 +303,9 @@ class _Slots:
             return self.base.tied[module]
         return None
 
-    def add(self, i: int, adapter: AdapterCheckpoint, res: Resolution, weight: float, skipped: list[str], allow_unused: bool) -> None:
+    def add(
+        self, i: int, adapter: AdapterCheckpoint, res: Resolution, weight: float, skipped: list[str], allow_unused: bool, prefix_map: Optional[dict[str, str]] = None
+    ) -> None:
         where = adapter.weights_file
         dora = [path for path, rl in res.lora.items() if rl.module.use_dora]
         if dora and weight != 1.0:
@@ -303,8 +315,9 @@ class _Slots:
                 key="weight",
                 hint="drop --weight for this adapter",
             )
-        for base_key in res.overrides:
-            self._replace(base_key, "override", i, adapter.base_overrides[base_key], where)
+        by_saved_key = {saved: key for key, saved in adapter.base_override_keys.items()}
+        for base_key, saved_key in res.overrides.items():  # base_key: as stored on disk
+            self._replace(base_key, "override", i, adapter.base_overrides[by_saved_key[saved_key]], where)
         for module, params in res.full_copies.items():
             copy_ = adapter.full_copies[module]
             for param, base_key in params.items():
@@ -313,13 +326,21 @@ class _Slots:
                 if embedding is not None:
                     self.heads.setdefault(embedding, module)
                 self._replace(key if embedding else base_key, "full_copy", i, copy_.tensors[param], where)
+        self.twins.update((i, head) for head in tied_lora_twins(adapter))
+        for path, bound in res.param_lora.items():  # target_parameters: one term per on-disk tensor
+            for rl in bound:
+                term = LoraTerm(i, rl, rl.scaling * weight)
+                self._slot(rl.base_key).terms.append(term)
+                self.expected.append((i, f"{path} -> {rl.base_key}", term))
         for path, rl in res.lora.items():
             for slot, info in rl.module.tensors.items():
                 refuse_non_float(info, rl.module.keys[slot], where)
             embedding = self._tied_head(path, rl.base_key)
             if embedding is not None:
                 self.heads.setdefault(embedding, path)
-            self._slot(rl.base_key).terms.append(LoraTerm(i, rl, rl.module.scaling * weight))
+            term = LoraTerm(i, rl, rl.module.scaling * weight)
+            self._slot(rl.base_key).terms.append(term)
+            self.expected.append((i, path, term))
             if rl.bias_key:
                 bias = rl.module.tensors["lora_B.bias"]
                 base_bias = self.base.tensors[rl.bias_key]
@@ -329,11 +350,14 @@ class _Slots:
                         path=where,
                         key=rl.module.keys["lora_B.bias"],
                     )
-                self._slot(rl.bias_key).terms.append(BiasTerm(i, bias, rl.module.scaling * weight))
+                bias_term = BiasTerm(i, bias, rl.module.scaling * weight)
+                self._slot(rl.bias_key).terms.append(bias_term)
+                self.expected.append((i, f"{path} (lora_B.bias)", bias_term))
         for path, td in adapter.token_deltas.items():
-            key = render_base(KeyParts(path, Role.TOKENS_DELTA))
-            if key not in self.base.tensors and path in self.base.tied:
-                key = _weight_key(self.base.tied[path])
+            key = checkpoint_key(self.base.config, render_base(KeyParts(apply_prefix_map(path, prefix_map), Role.TOKENS_DELTA)), self.base.tensors)
+            module = key[: -len(".weight")]
+            if key not in self.base.tensors and module in self.base.tied:
+                key = _weight_key(self.base.tied[module])
             if key not in self.base.tensors:
                 if not allow_unused:
                     raise UnresolvedModulesError(
@@ -346,7 +370,9 @@ class _Slots:
                 skipped.append(path)
                 continue
             refuse_non_float(td.tensor, td.key, where)
-            self._slot(key).terms.append(RowsTerm(i, td.tensor, token_indices(td, self.base.tensors[key], where)))
+            rows = RowsTerm(i, td.tensor, token_indices(td, self.base.tensors[key], where))
+            self._slot(key).terms.append(rows)
+            self.expected.append((i, f"{path} (trainable tokens)", rows))
 
     def plan(self, out_dtype: Optional[str]) -> tuple[dict[str, PlannedTensor], dict[str, str], list[str]]:
         """``(planned by key, new key -> key it follows, untied head keys)``."""
@@ -354,12 +380,15 @@ class _Slots:
         heads_of: dict[str, list[str]] = {}
         for head, embedding in base.tied.items():
             heads_of.setdefault(embedding, []).append(head)
-        shared: dict[str, str] = {}  # embedding key -> head key written beside it
+        shared: dict[str, list[str]] = {}  # embedding key -> every tied key written beside it
         for embedding, heads in heads_of.items():
             emb_key = _weight_key(embedding)
-            head_key = _weight_key(self.heads.get(embedding) or heads[0])
-            if emb_key in base.tensors and (emb_key in self.slots or head_key in self.slots):
-                shared[emb_key] = head_key
+            head_keys = [_weight_key(h) for h in heads]
+            if emb_key in base.tensors and (emb_key in self.slots or any(k in self.slots for k in head_keys)):
+                # Every module of the tie group gets its own tensor: once the config unties the
+                # group (BART: lm_head and the encoder/decoder embeddings share model.shared),
+                # transformers ties none of them back.
+                shared[emb_key] = head_keys
         for key, slot in self.slots.items():
             if slot.full_copy and slot.terms and key not in shared:
                 raise MergeError(
@@ -369,23 +398,64 @@ class _Slots:
                     hint="merge the adapters one at a time",
                 )
         planned = {key: self._tensor(key, info, self.slots.get(key), out_dtype) for key, info in base.tensors.items()}
-        for emb_key, head_key in shared.items():
+        for emb_key, head_keys in shared.items():
             emb = self.slots.get(emb_key) or _Slot()
-            head = self.slots.get(head_key) or _Slot()
-            if emb.full_copy and head.full_copy and emb.terms:
+            heads = [(k, self.slots.get(k) or _Slot()) for k in head_keys]
+            if emb.full_copy and emb.terms and all(h.full_copy for _, h in heads):
                 raise MergeError(
                     "LoRA on a tied embedding whose input and output modules are both replaced by full copies changes nothing",
                     key=emb_key,
                     hint="drop the LoRA or one of the full copies",
                 )
-            # One tensor shared by both modules: LoRA and token rows on either land in it (as in
-            # PEFT's in-place merge); a full copy replaces only its own module.
-            together = _Slot(override=emb.override, terms=emb.terms)
+            # One tensor shared by every module of the group: LoRA and token rows on any land in
+            # it (as in PEFT's in-place merge); a full copy replaces only its own module.
+            terms = list(emb.terms)
+            override = emb.override
+            for _, head in heads:
+                if not head.full_copy:
+                    terms += self._without_twins(head.terms, emb.terms)
+                if head.override and override:  # several sides of the one tied tensor saved in full
+                    self.accounted.add(id(head.override[1]))
+                override = override or head.override
+            together = _Slot(override=override, terms=sorted(terms, key=lambda t: t.adapter))
             info = base.tensors[emb_key]
             planned[emb_key] = self._tensor(emb_key, info, _Slot(full_copy=emb.full_copy) if emb.full_copy else together, out_dtype)
-            planned[head_key] = self._tensor(head_key, info, _Slot(full_copy=head.full_copy) if head.full_copy else together, out_dtype)
+            for key, head in heads:
+                planned[key] = self._tensor(key, info, _Slot(full_copy=head.full_copy) if head.full_copy else together, out_dtype)
         _check_disjoint_rows(planned)
-        return planned, {head: emb for emb, head in shared.items()}, list(shared.values())
+        self._check_all_placed(planned)
+        return planned, {key: emb for emb, keys in shared.items() for key in keys}, [key for keys in shared.values() for key in keys]
+
+    def _without_twins(self, head_terms: list[Term], emb_terms: list[Term]) -> list[Term]:
+        """The head's terms less the ``ensure_weight_tying`` twins of an embedding LoRA of the same
+        adapter: one delta for the one shared tensor, as PEFT's unmerged forward computes (PEFT's
+        ``merge_and_unload`` adds it twice, FORMAT.md §6.9)."""
+        emb_adapters = {t.adapter for t in emb_terms if isinstance(t, LoraTerm) and t.lora.layout == "embedding"}
+        kept = []
+        for t in head_terms:
+            if isinstance(t, LoraTerm) and (t.adapter, t.lora.module.path) in self.twins and t.adapter in emb_adapters:
+                self.accounted.add(id(t))
+            else:
+                kept.append(t)
+        return kept
+
+    def _check_all_placed(self, planned: dict[str, PlannedTensor]) -> None:
+        """Every LoRA term, full copy and saved base tensor of every adapter lands in an output tensor.
+
+        A part that resolved but that no output tensor carries would be a silent skip (the merge
+        would report success with the adapter partly applied): that is an error, never a warning.
+        """
+        placed = {id(term) for t in planned.values() for term in t.terms}
+        placed |= {id(t.source) for t in planned.values() if t.action in (REPLACE, MERGE)} | self.accounted
+        lost = [(adapter, name) for adapter, name, obj in self.expected if id(obj) not in placed]
+        if lost:
+            adapter, name = lost[0]
+            raise MergeError(
+                f"adapter #{adapter + 1}: '{name}' resolved but no output tensor carries it "
+                f"({len(lost)} such part{'s' if len(lost) > 1 else ''}); merging would drop it silently",
+                key=name,
+                hint="report this with the base's config.json; `adapterfmt check` shows how each module resolves",
+            )
 
     def _tensor(self, key: str, base_info: TensorInfo, slot: Optional[_Slot], out_dtype: Optional[str]) -> PlannedTensor:
         dtype = out_dtype if out_dtype and base_info.dtype in FLOAT_DTYPES else base_info.dtype

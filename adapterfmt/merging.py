@@ -94,6 +94,7 @@ def merge_state_dict(
     weights: Optional[Sequence[float]] = None,
     out_dtype: "torch.dtype | str | None" = None,
     allow_unused: bool = False,
+    prefix_map: Optional[Mapping[str, str]] = None,
     allow_pickle: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge adapters into a state dict in memory; returns a new dict with the base key names.
@@ -133,7 +134,7 @@ def merge_state_dict(
     state = dict(base_state_dict)
     base = _state_dict_base(state)
     checkpoints = [_adapter(a, allow_pickle) for a in _as_list(adapter_or_adapters)]
-    plan = plan_merge(base, checkpoints, weights=weights, dtype=_dtype_name(out_dtype), allow_unused=allow_unused)
+    plan = plan_merge(base, checkpoints, weights=weights, dtype=_dtype_name(out_dtype), allow_unused=allow_unused, prefix_map=prefix_map)
     made: dict[str, torch.Tensor] = {}
     with _source(checkpoints, {_STATE_DICT: state}) as inputs:
         for t in plan.tensors():
@@ -153,6 +154,7 @@ def merge_to_directory(
     max_shard_size: "int | str | None" = None,
     overwrite: bool = False,
     allow_unused: bool = False,
+    prefix_map: Optional[Mapping[str, str]] = None,
     allow_pickle: bool = False,
     verify: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -182,6 +184,8 @@ def merge_to_directory(
         max_shard_size (`int` or `str`, *optional*): re-shard (``"5GB"``) with huggingface_hub's planner.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty ``out``.
         allow_unused (`bool`, *optional*, defaults to `False`): skip adapter modules that match nothing.
+        prefix_map (`dict`, *optional*): module-path prefix rewrites ``{old: new}`` for the
+            adapters' module paths (``--prefix-map``), as :func:`~adapterfmt.load` takes.
         allow_pickle (`bool`, *optional*, defaults to `False`): permit pickle weights
             (``adapter_model.bin`` adapters, ``pytorch_model.bin`` bases), read with
             ``torch.load(weights_only=True)``; the output is safetensors.
@@ -213,7 +217,9 @@ def merge_to_directory(
     checkpoints = [_adapter(a, allow_pickle) for a in _as_list(adapters)]
     removed = clean_stale(out)
     target = check_output_path(out, [_input_path(model)] + [c.directory for c in checkpoints], overwrite=overwrite)
-    plan = plan_merge(model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused)
+    plan = plan_merge(
+        model, checkpoints, weights=weights, dtype=_dtype_name(dtype), max_shard_size=max_shard_size, allow_unused=allow_unused, prefix_map=prefix_map
+    )
     if side_files is not None:
         plan.files = list(side_files)
     index = plan.index() if plan.indexed else None

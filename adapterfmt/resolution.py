@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Optional
 
+from .architecture import checkpoint_key
 from .base import BaseModel
 from .checkpoint import AdapterCheckpoint, LoraModule
 from .finding import Finding
 from .findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
 from .keys import bias_key, param_key, split_param, weight_key
 from .matching import apply_prefix_map
+from .param_targets import ExpertSlice, ParamTarget, bind, param_target
 
 __all__ = ["Resolution", "ResolvedLora", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
 
@@ -30,6 +32,8 @@ class ResolvedLora:
     base_key: str  #: ``X.weight``
     layout: str  #: ``linear``, ``conv1d-transposed``, ``conv``, ``embedding``
     bias_key: Optional[str] = None  #: ``X.bias`` for ``lora_bias``
+    scaling: Optional[float] = None  #: a parameter LoRA's own scaling (``target_parameters``), else the module's
+    expert: Optional[ExpertSlice] = None  #: the slice of a fused-expert delta this tensor takes
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Resolution:
 
     adapter: AdapterCheckpoint
     lora: dict[str, ResolvedLora] = field(default_factory=dict)
+    param_lora: dict[str, list[ResolvedLora]] = field(default_factory=dict)  #: parameter LoRA -> every on-disk tensor it changes
     full_copies: dict[str, dict[str, str]] = field(default_factory=dict)  #: module -> {param: base key}
     overrides: dict[str, str] = field(default_factory=dict)  #: base key -> saved key
     unresolved: list[str] = field(default_factory=list)  #: module paths / keys with no base tensor
@@ -60,7 +65,7 @@ class Resolution:
     def summary(self) -> str:
         """``154/154 LoRA targets and 1/1 full copies resolved``."""
         return (
-            f"{len(self.lora)}/{self.lora_total} LoRA targets and "
+            f"{len(self.lora) + len(self.param_lora)}/{self.lora_total} LoRA targets and "
             f"{len(self.full_copies)}/{self.full_total} full copies resolved"
         )
 
@@ -80,12 +85,17 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
     transposed_votes: list[bool] = []
     pending_square: list[tuple[LoraModule, str]] = []
     for path, m in adapter.lora.items():
+        ptarget = param_target(adapter.config, path)
+        if ptarget is not None:
+            _bind_param_lora(res, m, ptarget, base, apply_prefix_map(ptarget.owner, prefix_map))
+            continue
         target = apply_prefix_map(path, prefix_map)
-        key = weight_key(target)
+        key = checkpoint_key(base.config, weight_key(target), tensors)
         info = tensors.get(key)
         if info is None:
-            if target in base.tied:
-                info = tensors.get(weight_key(base.tied[target]))
+            module = split_param(key)[0]
+            if module in base.tied:
+                info = tensors.get(weight_key(base.tied[module]))
             if info is None:
                 res.unresolved.append(path)
                 continue
@@ -112,10 +122,11 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
         target = apply_prefix_map(path, prefix_map)
         bound: dict[str, str] = {}
         for param, info in copy.tensors.items():
-            key = param_key(target, param)
+            key = checkpoint_key(base.config, param_key(target, param), tensors)
             base_info = tensors.get(key)
-            if base_info is None and target in base.tied and param == "weight":
-                base_info = tensors.get(weight_key(base.tied[target]))
+            module = key[: -len(param) - 1] if key.endswith(f".{param}") else target
+            if base_info is None and module in base.tied and param == "weight":
+                base_info = tensors.get(weight_key(base.tied[module]))
             if base_info is None:
                 res.unresolved.append(param_key(path, param))
                 continue
@@ -127,12 +138,12 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
             bound[param] = key
         if len(bound) == len(copy.tensors):
             res.full_copies[path] = bound
-        missing = _missing_module_params(target, copy.tensors, tensors)
+        missing = _missing_module_params(_disk_module(base, target), copy.tensors, tensors)
         if missing and len(bound) == len(copy.tensors):
             res.findings.append(full_copy_incomplete_finding(path, missing))
 
     for base_key, saved_key in adapter.base_override_keys.items():
-        key = apply_prefix_map(base_key, prefix_map)
+        key = checkpoint_key(base.config, apply_prefix_map(base_key, prefix_map), tensors)
         info = tensors.get(key)
         module, param = split_param(key)
         if info is None and module in base.tied and param == "weight":
@@ -147,11 +158,32 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
             res.overrides[key] = saved_key
 
     if res.unresolved:
-        res.suggestion = suggest_prefix(res.unresolved, list(tensors), adapter)
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        res.suggestion = suggest_prefix(res.unresolved, list(tensors), adapter, shapes=shapes, avoid=shared_keys(base))
     res.findings.extend(tied_full_copy_findings(adapter, set(base.tied)))
     res.findings.extend(endswith_findings(adapter, list(tensors)))
     res.findings.extend(base.findings)  # what the base reader saw (shadowed-weights)
     return res
+
+
+def _bind_param_lora(res: Resolution, m: LoraModule, target: ParamTarget, base: BaseModel, owner: str) -> None:
+    """A ``target_parameters`` LoRA: bound to every on-disk tensor it changes (FORMAT.md §3.9)."""
+    bindings, err = bind(m, target, res.adapter.config, base, owner)
+    if err:
+        (res.unresolved.append(m.path) if "no tensor" in err and "expert" not in err else res.shape_errors.append(err))
+        return
+    res.param_lora[m.path] = [ResolvedLora(m, b.base_key, "linear", None, b.scaling, b.slice) for b in bindings]
+
+
+def shared_keys(base: BaseModel) -> set[str]:
+    """Base tensors that several modules use (a tie's stored side): never a rewrite's destination."""
+    return {f"{module}.weight" for module in base.tied.values()}
+
+
+def _disk_module(base: BaseModel, module: str) -> str:
+    """An in-memory module path as the checkpoint names it (through its ``weight``), else itself."""
+    key = checkpoint_key(base.config, f"{module}.weight", base.tensors)
+    return key[: -len(".weight")] if key.endswith(".weight") else module
 
 
 def _resolved(m: LoraModule, key: str, layout: str, base: BaseModel, res: Resolution) -> ResolvedLora:
@@ -202,15 +234,40 @@ def _missing_module_params(target: str, copy: dict, tensors: dict) -> list[str]:
     return sorted(p for p in have if p not in copy and (len(copy) == 0 or any("." in c for c in copy) or "." not in p))
 
 
-def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: AdapterCheckpoint) -> Optional[tuple[str, str]]:
+def suggest_prefix(
+    unresolved: list[str],
+    base_keys: list[str],
+    adapter: AdapterCheckpoint,
+    *,
+    shapes: Optional[dict[str, tuple[int, ...]]] = None,
+    avoid: Optional[set[str]] = None,
+) -> Optional[tuple[str, str]]:
     """A prefix rewrite ``(old, new)`` that maps the most unresolved module paths onto base tensors.
 
     Tries dropping the first k segments of a path and putting any base key prefix in front, and
     keeps the rewrite that fixes the most names, less the names that resolve now and would not
     after it (ties: the shortest rewrite, then the first in sorted order). A rewrite must fix at
-    least half of the unresolved names to be suggested.
+    least half of the unresolved names to be suggested. With ``shapes``, a name counts as fixed
+    only when its tensors fit the base tensor's shape; keys in ``avoid`` (tensors shared by several
+    modules) never count: a rewrite onto them would change every module that uses them.
     """
-    weights = {k for k in base_keys}
+    weights = {k for k in base_keys if k not in (avoid or ())}
+
+    def fits(path: str, key: str) -> bool:
+        if key not in weights:
+            return False
+        if shapes is None:
+            return True
+        if path in adapter.lora:
+            m = adapter.lora[path]
+            a, b = m.tensors.get("lora_A"), m.tensors.get("lora_B")
+            return a is not None and b is not None and not _layout(m, shapes[key], a.shape, b.shape)[1]
+        copy_module, _, param = path.rpartition(".")
+        info = adapter.full_copies[copy_module].tensors.get(param) if copy_module in adapter.full_copies else None
+        if info is None:
+            info = adapter.base_overrides.get(path)
+        return info is None or tuple(info.shape) == tuple(shapes[key])
+
     candidates: dict[tuple[str, str], int] = {}
     probe = unresolved[:50]
     for path in probe:
@@ -236,7 +293,7 @@ def suggest_prefix(unresolved: list[str], base_keys: list[str], adapter: Adapter
                 continue
             renamed = new + path[len(old) :]
             key = weight_key(renamed) if path in adapter.lora else renamed
-            score += key in weights
+            score += fits(path, key)
         score -= sum(1 for k in bound if k.startswith(old) and new + k[len(old) :] not in weights)
         rank = (score, -(len(old) + len(new)))
         # A rewrite that explains only a stray name or two is a coincidence, not a fix.

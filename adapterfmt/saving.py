@@ -20,7 +20,7 @@ from .constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_AD
 from .errors import OutputPathError
 from .keys import LORA_ROLES, Role, parse_saved, render_saved
 from .matching import undo_prefix_map
-from .module_tree import parse_model_key
+from .module_tree import find_module, parse_model_key
 from .pause import pause_point
 from .staging import StagedDirectory, clean_stale, write_text
 
@@ -90,8 +90,10 @@ def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAM
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         parts = parse_model_key(key)
-        if parts is None or parts.adapter != adapter_name or not (parts.role in LORA_ROLES or parts.role is Role.FULL_COPY):
+        if parts is None or parts.adapter != adapter_name or not (parts.role in LORA_ROLES or parts.role in (Role.FULL_COPY, Role.TOKENS_DELTA)):
             continue
+        if parts.role is Role.TOKENS_DELTA and getattr(find_module(model, parts.module), "tied", False):
+            continue  # a tied head's rows are the embedding's (PEFT saves them once)
         saved = replace(parts, module=undo_prefix_map(parts.module, info.prefix_map))
         out[render_saved(saved, prefix=PEFT_PREFIX)] = value
     for saved_key, model_key in info.overrides.items():

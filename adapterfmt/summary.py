@@ -392,8 +392,12 @@ def preview_targets(
     modules_to_save: Optional[Sequence[str]] = None,
     layers_to_transform: Union[int, Sequence[int], None] = None,
     layers_pattern: Union[str, Sequence[str], None] = None,
+    prefix_map: Optional[dict[str, str]] = None,
 ) -> TargetsReport:
     """Apply the matching rules of docs/FORMAT.md §5 to the modules of ``base_model``.
+
+    With ``prefix_map`` (``{adapter prefix: base prefix}``, as ``check --prefix-map``), module names
+    are shown and matched as the adapter names them: a base module ``NEW…`` is ``OLD…``.
 
     Module names come from the base's tensor keys; a module can carry LoRA when it has a direct
     ``.weight`` (or is an output head tied to the input embedding).
@@ -405,6 +409,15 @@ def preview_targets(
     """
     names, leaves = module_names_from_keys(base_model.tensors)
     tied = [t for t in base_model.tied if t not in names]
+    if prefix_map:
+        from .matching import undo_prefix_map
+
+        view = {undo_prefix_map(n, prefix_map): n for n in names + tied}
+        names, leaves, tied = [undo_prefix_map(n, prefix_map) for n in names], [undo_prefix_map(n, prefix_map) for n in leaves], [
+            undo_prefix_map(n, prefix_map) for n in tied
+        ]
+    else:
+        view = {}
     sel = select_targets(
         names + tied,
         target_modules=target_modules,
@@ -416,7 +429,8 @@ def preview_targets(
     )
     rows = []
     for m in sel.lora_targets:
-        info = base_model.tensors.get(weight_key(m)) or base_model.tensors[weight_key(base_model.tied[m])]
-        rows.append({"module": m, "shape": list(info.shape), "dtype": info.dtype, "tied_to": base_model.tied.get(m)})
+        b = view.get(m, m)
+        info = base_model.tensors.get(weight_key(b)) or base_model.tensors[weight_key(base_model.tied[b])]
+        rows.append({"module": m, "shape": list(info.shape), "dtype": info.dtype, "tied_to": base_model.tied.get(b)})
     warnings = targets_findings(sel, exclude_modules)
     return TargetsReport(base=base, lora_targets=rows, full_copies=sel.full_copies, excluded=sel.excluded, warnings=warnings)

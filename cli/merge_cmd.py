@@ -7,6 +7,7 @@ from typing import Any, Optional
 import click
 
 from .base_options import PICKLE_HELP, base_options
+from .check_cmd import parse_prefix_map
 from .output import emit_json, progress_enabled, warn
 
 EXAMPLES = """
@@ -59,6 +60,13 @@ class _Bar:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (atomically).")
 @click.option("--allow-unused", is_flag=True, help="Merge what resolves; skip adapter modules that match no base tensor.")
 @base_options(subfolder_names=("--subfolder", "--base-subfolder"))
+@click.option(
+    "--prefix-map",
+    multiple=True,
+    metavar="OLD=NEW",
+    callback=parse_prefix_map,
+    help="Rewrite adapter module paths starting with OLD to start with NEW before matching (repeatable; the first match wins).",
+)
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
@@ -78,6 +86,7 @@ def merge_command(
     allow_unused: bool,
     base_subfolder: Optional[str],
     base_revision: Optional[str],
+    prefix_map: dict[str, str],
     allow_pickle: bool,
     verify: bool,
     quiet: bool,
@@ -128,7 +137,14 @@ def merge_command(
             summary = merge_wrapped(wrapped, output, adapter_name=adapter_name, alpha=alpha, config=adapter_config, **options)
         else:
             summary = merge_to_directory(
-                base, list(adapters), output, weights=list(weights) or None, subfolder=base_subfolder, revision=base_revision, **options
+                base,
+                list(adapters),
+                output,
+                weights=list(weights) or None,
+                subfolder=base_subfolder,
+                revision=base_revision,
+                prefix_map=prefix_map or None,
+                **options,
             )
     finally:
         bar.close()

@@ -11,6 +11,7 @@ from adapterfmt.base import read_base
 from adapterfmt.summary import TargetsReport, preview_targets
 
 from .base_options import PICKLE_HELP, base_options
+from .check_cmd import parse_prefix_map
 from .output import emit_report, table, warn
 
 EXAMPLES = """
@@ -86,6 +87,13 @@ def render_targets(report: TargetsReport) -> str:
 @click.option("--layers-pattern", multiple=True, metavar="NAME", help="Name of the layer list (e.g. layers, h) for --layers-to-transform.")
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option(
+    "--prefix-map",
+    multiple=True,
+    metavar="OLD=NEW",
+    callback=parse_prefix_map,
+    help="Show and match base modules starting with NEW as the adapter names them, starting with OLD (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def targets_command(
     base: str,
@@ -99,6 +107,7 @@ def targets_command(
     base_subfolder: Optional[str],
     base_revision: Optional[str],
     allow_pickle: bool,
+    prefix_map: dict[str, str],
     as_json: bool,
 ) -> None:
     """Preview which modules of a base a LoRA config would wrap, with PEFT's matching rules.
@@ -128,6 +137,7 @@ def targets_command(
         modules_to_save=modules_to_save,
         layers_to_transform=layers_to_transform,
         layers_pattern=list(layers_pattern) or None,
+        prefix_map=prefix_map or None,
     )
     emit_report(report, render_targets, as_json=as_json)
     if not report.lora_targets:

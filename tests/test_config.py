@@ -73,7 +73,8 @@ def test_overlapping_patterns_are_found():
 
 def test_unsupported_features_are_named():
     cfg = parse_config({"peft_type": "LORA", "layer_replication": [[0, 2]], "init_lora_weights": "pissa_niter_4", "target_parameters": ["experts.gate_up_proj"]})
-    assert set(cfg.unsupported) == {"layer_replication", "init_lora_weights", "target_parameters"}
+    # target_parameters is merged (FORMAT.md §3.9); only load refuses it, on its own.
+    assert set(cfg.unsupported) == {"layer_replication", "init_lora_weights"}
     assert parse_config({"peft_type": "LORA", "init_lora_weights": "gaussian"}).unsupported == {}
 
 

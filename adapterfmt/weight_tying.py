@@ -1,0 +1,82 @@
+"""PEFT's ``ensure_weight_tying`` (PEFT >= 0.18): adapters of tied embeddings saved twice.
+
+With ``ensure_weight_tying=True`` on a model whose output head is tied to its input embedding,
+PEFT keeps the two tied in the adapter too, and saves both sides (FORMAT.md §3.6, §6.9):
+
+* ``modules_to_save`` naming the embedding: the head's copy shares the embedding copy's weight,
+  and the file holds a plain ``lm_head.weight`` next to ``model.embed_tokens.weight`` (equal
+  values) although ``modules_to_save`` names only the embedding. That key is the head's full copy.
+* ``target_modules`` naming the embedding: the head gets a LoRA whose factors are the embedding
+  LoRA's, transposed (``lm_head.lora_A = lora_embedding_Bᵀ``, ``lm_head.lora_B = lora_embedding_Aᵀ``):
+  one delta ΔW, used by both modules. The unmerged model computes ``W + ΔW`` for both; PEFT's
+  ``merge_and_unload`` adds both LoRAs into the one shared tensor (``W + 2ΔW``) and disagrees with
+  its own forward. adapterfmt follows the forward: the twin is applied once.
+
+Everything here is decided from headers and the config, without the base model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import AdapterCheckpoint
+    from .header import SafetensorsHeader
+
+
+def ensures_tying(ckpt: "AdapterCheckpoint") -> bool:
+    return bool(ckpt.config.raw.get("ensure_weight_tying"))
+
+
+def adopt_tied_copies(ckpt: "AdapterCheckpoint", header: "SafetensorsHeader") -> None:
+    """Move a plain ``X.weight`` that ``ensure_weight_tying`` saved for a tied head from
+    ``unknown_keys`` into a full copy of ``X``.
+
+    Only when the config ensures tying, the key is a plain ``.weight`` under no other rule, and an
+    embedding full copy of exactly that shape exists (the copy it is tied to).
+    """
+    from .checkpoint import FullCopyModule
+    from .keys import Role, parse_saved
+
+    if not ensures_tying(ckpt) or not ckpt.unknown_keys:
+        return
+    shapes = {tuple(c.tensors["weight"].shape) for c in ckpt.full_copies.values() if set(c.tensors) == {"weight"}}
+    kept = []
+    for key in ckpt.unknown_keys:
+        parts = parse_saved(key)
+        info = header.tensors[key]
+        if parts.role is Role.PLAIN and parts.param == "weight" and parts.module and tuple(info.shape) in shapes and parts.module not in ckpt.full_copies:
+            copy = ckpt.full_copies.setdefault(parts.module, FullCopyModule(parts.module))
+            copy.tensors["weight"] = info
+            copy.keys["weight"] = key
+        else:
+            kept.append(key)
+    ckpt.unknown_keys[:] = kept
+
+
+def tied_lora_twins(ckpt: "AdapterCheckpoint") -> dict[str, str]:
+    """Head LoRA module -> embedding LoRA module it mirrors, under ``ensure_weight_tying``.
+
+    A linear LoRA with A ``(r, D)`` and B ``(V, r)`` mirrors an embedding LoRA with
+    ``lora_embedding_A`` ``(r, V)`` and ``lora_embedding_B`` ``(D, r)`` of the same rank. Only a
+    single candidate embedding counts: two would be ambiguous, and then nothing is paired.
+    """
+    if not ensures_tying(ckpt):
+        return {}
+    embeddings = {p: m for p, m in ckpt.lora.items() if m.layer_kind == "embedding"}
+    out: dict[str, str] = {}
+    for path, m in ckpt.lora.items():
+        if m.layer_kind != "linear" or "lora_A" not in m.tensors or "lora_B" not in m.tensors:
+            continue
+        a, b = tuple(m.tensors["lora_A"].shape), tuple(m.tensors["lora_B"].shape)
+        matches = [
+            e
+            for e, em in embeddings.items()
+            if "lora_A" in em.tensors
+            and "lora_B" in em.tensors
+            and a == tuple(em.tensors["lora_B"].shape)[::-1]
+            and b == tuple(em.tensors["lora_A"].shape)[::-1]
+        ]
+        if len(matches) == 1:
+            out[path] = matches[0]
+    return out
