@@ -4,10 +4,10 @@ trainable-token indices. Each refusal names the file, the key and what to do."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .describe import AdapterCheckpoint
-from .errors import InvalidConfigError, ShapeMismatchError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
+from .errors import InvalidConfigError, MergeError, ShapeMismatchError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from .header import TensorInfo
 from .resolution import Resolution
 
@@ -89,3 +89,28 @@ def token_indices(td: Any, base_info: TensorInfo, where: str) -> tuple[int, ...]
         why = f"index {bad[0]} is outside the vocabulary of {vocab}" if bad else "an index appears twice"
         raise InvalidConfigError(f"trainable_token_indices: {why}", path=where, key="trainable_token_indices")
     return tuple(td.indices)
+
+
+def refuse_unplaced(expected: Iterable[tuple[int, str, object]], planned: Iterable[Any], accounted: "set[int]") -> None:
+    """Every LoRA term, full copy, saved base tensor and token-row tensor of every adapter
+    (``expected``: ``(adapter, name, term or replacing tensor)``) lands in an output tensor.
+
+    A part that resolved but that no output tensor carries would be a silent skip (the merge
+    would report success with the adapter partly applied): that is an error, never a warning.
+    ``accounted`` holds the ids of parts applied through another (a tied twin, a duplicate saved
+    copy of one tied tensor).
+    """
+    placed = set(accounted)
+    for t in planned:
+        placed.update(id(term) for term in t.terms)
+        if t.action in ("replace", "merge"):
+            placed.add(id(t.source))
+    lost = [(adapter, name) for adapter, name, obj in expected if id(obj) not in placed]
+    if lost:
+        adapter, name = lost[0]
+        raise MergeError(
+            f"adapter #{adapter + 1}: '{name}' resolved but no output tensor carries it "
+            f"({len(lost)} such part{'s' if len(lost) > 1 else ''}); merging would drop it silently",
+            key=name,
+            hint="report this with the base's config.json; `adapterfmt check` shows how each module resolves",
+        )

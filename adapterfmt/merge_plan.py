@@ -46,10 +46,10 @@ from .findings import Finding
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
 from .matching import apply_prefix_map
-from .merge_checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unsupported, token_indices
+from .merge_checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unplaced, refuse_unsupported, token_indices
 from .merge_output import OutputNames, ShardPlan, changed_config, index_document, layout_shards, output_names, side_files
 from .resolution import Resolution, ResolvedLora, resolve
-from .weight_tying import tied_lora_twins
+from .weight_tying import tied_lora_twins, without_twins
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
 
@@ -413,7 +413,9 @@ class _Slots:
             override = emb.override
             for _, head in heads:
                 if not head.full_copy:
-                    terms += self._without_twins(head.terms, emb.terms)
+                    kept, applied = without_twins(head.terms, emb.terms, self.twins)
+                    terms += kept
+                    self.accounted.update(id(t) for t in applied)
                 if head.override and override:  # several sides of the one tied tensor saved in full
                     self.accounted.add(id(head.override[1]))
                 override = override or head.override
@@ -423,39 +425,8 @@ class _Slots:
             for key, head in heads:
                 planned[key] = self._tensor(key, info, _Slot(full_copy=head.full_copy) if head.full_copy else together, out_dtype)
         _check_disjoint_rows(planned)
-        self._check_all_placed(planned)
+        refuse_unplaced(self.expected, planned.values(), self.accounted)
         return planned, {key: emb for emb, keys in shared.items() for key in keys}, [key for keys in shared.values() for key in keys]
-
-    def _without_twins(self, head_terms: list[Term], emb_terms: list[Term]) -> list[Term]:
-        """The head's terms less the ``ensure_weight_tying`` twins of an embedding LoRA of the same
-        adapter: one delta for the one shared tensor, as PEFT's unmerged forward computes (PEFT's
-        ``merge_and_unload`` adds it twice, FORMAT.md §6.9)."""
-        emb_adapters = {t.adapter for t in emb_terms if isinstance(t, LoraTerm) and t.lora.layout == "embedding"}
-        kept = []
-        for t in head_terms:
-            if isinstance(t, LoraTerm) and (t.adapter, t.lora.module.path) in self.twins and t.adapter in emb_adapters:
-                self.accounted.add(id(t))
-            else:
-                kept.append(t)
-        return kept
-
-    def _check_all_placed(self, planned: dict[str, PlannedTensor]) -> None:
-        """Every LoRA term, full copy and saved base tensor of every adapter lands in an output tensor.
-
-        A part that resolved but that no output tensor carries would be a silent skip (the merge
-        would report success with the adapter partly applied): that is an error, never a warning.
-        """
-        placed = {id(term) for t in planned.values() for term in t.terms}
-        placed |= {id(t.source) for t in planned.values() if t.action in (REPLACE, MERGE)} | self.accounted
-        lost = [(adapter, name) for adapter, name, obj in self.expected if id(obj) not in placed]
-        if lost:
-            adapter, name = lost[0]
-            raise MergeError(
-                f"adapter #{adapter + 1}: '{name}' resolved but no output tensor carries it "
-                f"({len(lost)} such part{'s' if len(lost) > 1 else ''}); merging would drop it silently",
-                key=name,
-                hint="report this with the base's config.json; `adapterfmt check` shows how each module resolves",
-            )
 
     def _tensor(self, key: str, base_info: TensorInfo, slot: Optional[_Slot], out_dtype: Optional[str]) -> PlannedTensor:
         dtype = out_dtype if out_dtype and base_info.dtype in FLOAT_DTYPES else base_info.dtype

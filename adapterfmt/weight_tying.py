@@ -17,7 +17,7 @@ Everything here is decided from headers and the config, without the base model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import AdapterCheckpoint
@@ -80,3 +80,21 @@ def tied_lora_twins(ckpt: "AdapterCheckpoint") -> dict[str, str]:
         if len(matches) == 1:
             out[path] = matches[0]
     return out
+
+
+def without_twins(head_terms: Sequence[Any], emb_terms: Sequence[Any], twins: "set[tuple[int, str]]") -> tuple[list[Any], list[Any]]:
+    """``(kept, applied through the embedding)``: a tied head's merge terms less the
+    ``ensure_weight_tying`` twins (``twins``: ``(adapter, head module)``) of an embedding LoRA of
+    the same adapter. One delta for the one shared tensor, as PEFT's unmerged forward computes
+    (PEFT's ``merge_and_unload`` adds it twice, FORMAT.md §6.9)."""
+    def lora(t: Any) -> Any:
+        return getattr(t, "lora", None)
+
+    emb_adapters = {t.adapter for t in emb_terms if lora(t) is not None and lora(t).layout == "embedding"}
+    kept, applied = [], []
+    for t in head_terms:
+        if lora(t) is not None and (t.adapter, lora(t).module.path) in twins and t.adapter in emb_adapters:
+            applied.append(t)
+        else:
+            kept.append(t)
+    return kept, applied
