@@ -20,8 +20,9 @@ from .errors import MergeError
 from .findings import Finding
 from .full_copy import FullCopy, iter_wrappers
 from .layers import LoraLayer, make_lora_layer
-from .token_layers import TokenWrapper
 from .module_tree import replace_module
+from .param_layers import ParamLora
+from .token_layers import TokenWrapper
 
 _REGISTRY_ATTR = "_adapterfmt"
 
@@ -108,7 +109,7 @@ def set_adapter(model: ModelLike, adapter_name: "str | Sequence[str]") -> None:
         adapter_info(registry, name)
     wrappers = list(iter_wrappers(model))
     for path, w in wrappers:
-        if isinstance(w, LoraLayer) and w.merged:
+        if isinstance(w, (LoraLayer, ParamLora)) and w.merged:
             raise MergeError("adapters are merged into this layer", key=path, hint="call adapterfmt.unmerge(model) first")
         if isinstance(w, FullCopy) and sum(n in w.modules_to_save for n in names) > 1:
             raise ValueError(f"{path!r}: only one adapter's full copy can be active; {names} each have one")
@@ -129,7 +130,7 @@ def disable_adapters(model: ModelLike) -> Iterator[None]:
     """
     model = as_model(model)
     wrappers = [w for _, w in iter_wrappers(model)]
-    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, LoraLayer) and w.merged}
+    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, (LoraLayer, ParamLora)) and w.merged}
     before = {id(w): w.disabled for w in wrappers}
     for w in wrappers:
         if id(w) in merged:
@@ -169,7 +170,7 @@ def unmerge(model: ModelLike) -> None:
     """Take every merged adapter back out of the base weights."""
     model = as_model(model)
     for _, w in iter_wrappers(model):
-        if isinstance(w, LoraLayer):
+        if isinstance(w, (LoraLayer, ParamLora)):
             w.unmerge()
 
 
@@ -194,6 +195,11 @@ def unload(model: ModelLike, merge: bool = False) -> nn.Module:
             if not merge:
                 w.unmerge()
             replace_module(model, path, w.base_layer)
+        elif isinstance(w, ParamLora):  # nested wrappers: the outermost gives way to the owner
+            if not merge:
+                w.unmerge()
+            if not path.endswith("base_layer"):
+                replace_module(model, path, w.owner)
         else:
             replace_module(model, path, w.active_module if merge else w.original_module)
     drop_registry(model)
@@ -202,7 +208,7 @@ def unload(model: ModelLike, merge: bool = False) -> nn.Module:
 
 def _merge_lora_layers(model: nn.Module, names: Sequence[str]) -> None:
     for path, w in iter_wrappers(model):
-        if isinstance(w, LoraLayer):
+        if isinstance(w, (LoraLayer, ParamLora)):
             try:
                 w.merge(names)
             except ValueError as e:
@@ -240,7 +246,7 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
         return
     bias = get_registry(model).adapters[name].config.get("bias")
     for _, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, TokenWrapper)):
+        if isinstance(w, (LoraLayer, TokenWrapper, ParamLora)):
             for p in w.adapter_parameters(name):
                 p.requires_grad_(True)
             if bias == "lora_only" and w.base_layer.bias is not None:

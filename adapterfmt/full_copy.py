@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .layers import LoraLayer
+from .param_layers import ParamLora
 from .token_layers import TokenWrapper
 
 
@@ -74,10 +75,10 @@ class FullCopy(nn.Module):
             return getattr(self.active_module, name)
 
 
-def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy | TokenWrapper"]]:
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy | TokenWrapper | ParamLora"]]:
     """``(path, wrapper)`` for every :class:`LoraLayer` and :class:`FullCopy` in ``model``."""
     for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper)):
+        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora)):
             yield path, module
 
 
@@ -87,7 +88,7 @@ def plain_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def walk(prefix: str, module: nn.Module) -> None:
         out.append((prefix, module))
-        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper)):
+        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora)):
             return
         for child_name, child in module.named_children():
             walk(f"{prefix}.{child_name}" if prefix else child_name, child)

@@ -31,6 +31,7 @@ from .layer_types import supported_layout
 from .layers import LoraLayer
 from .matching import apply_prefix_map, is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
+from .param_loading import is_param_lora
 from .resolution import suggest_prefix
 
 _MAX_LISTED = 5
@@ -78,12 +79,6 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
             "AdaLoRA adapters cannot be loaded by adapterfmt.load yet; merge them with `adapterfmt merge`",
             path=cfg.path,
             key="peft_type",
-        )
-    if cfg.target_parameters:
-        raise UnsupportedFeatureError(
-            "LoRA on parameters (target_parameters) cannot be loaded by adapterfmt.load yet; merge it with `adapterfmt merge`",
-            path=cfg.path,
-            key="target_parameters",
         )
     for td in ckpt.token_deltas.values():
         if td.indices is None:
@@ -135,6 +130,8 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
     plan = LoadPlan()
     unresolved: list[str] = []
     for saved_path, m in ckpt.lora.items():
+        if is_param_lora(ckpt, saved_path):
+            continue  # LoRA on a parameter: param_loading.py
         path = apply_prefix_map(saved_path, prefix_map)
         if path == "":
             raise UnsupportedFeatureError("LoRA on the root module itself cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)

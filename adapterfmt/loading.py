@@ -47,6 +47,7 @@ from .layer_types import adapter_dtype
 from .load_plan import LoadPlan, listing, plan_load, refuse_unloadable
 from .memory_adapter import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor
+from .param_loading import load_param_loras
 from .scan import count_non_finite
 from .tensor_source import TensorReader
 from .token_loading import load_token_rows
@@ -129,6 +130,7 @@ def load(
         _assign_all(model, plan, tensors, adapter_name, ckpt)
         overrides = _apply_overrides(model, plan, ckpt)
         load_token_rows(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
+        load_param_loras(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
     except BaseException:
         remove_adapter(model, registry, adapter_name, created)
         raise

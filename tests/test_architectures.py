@@ -156,8 +156,8 @@ def test_target_parameters(case, tmp_path: Path, run_cli) -> None:
     wrappers on gate_up_proj and down_proj) and a 2-D router weight (Mixtral). check resolves them
     onto the on-disk per-expert tensors through the conversion rules; the merge equals PEFT's
     (PEFT sums the expert delta with einsum, adapterfmt per expert with a matmul: equal to
-    float32 rounding); load refuses them with one clear error."""
-    from adapterfmt.errors import UnsupportedFeatureError
+    float32 rounding); load equals PEFT in outputs, names, trainable set and the re-saved file."""
+    from safetensors.torch import load_file
 
     b = build(case, tmp_path)
     res = run_cli("check", "--base", b.base, "--adapter", b.adapter, "--json")
@@ -166,8 +166,18 @@ def test_target_parameters(case, tmp_path: Path, run_cli) -> None:
     codes = {f["code"] for f in doc.get("warnings", doc.get("findings", []))}
     assert not codes & {"unsupported-feature", "rank-mismatch", "config-tensor-mismatch"}, codes
     summary = adapterfmt.merge_to_directory(b.base, b.adapter, tmp_path / "out")
-    ref = _peft(b)
+    ref = _peft(b, trainable=True)
     forward = output_of(ref, case)
+
+    model = load_base(case, b.base)
+    adapterfmt.load(model, b.adapter, is_trainable=True)
+    assert torch.equal(output_of(model, case), forward)
+    assert set(model.state_dict()) == {k[len(PREFIX) :] for k in ref.state_dict()}
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == {k[len(PREFIX) :] for k, p in ref.named_parameters() if p.requires_grad}
+    adapterfmt.save(model, tmp_path / "resaved")
+    saved, ours_saved = load_file(str(b.adapter / "adapter_model.safetensors")), load_file(str(tmp_path / "resaved" / "adapter_model.safetensors"))
+    assert set(saved) == set(ours_saved) and all(torch.equal(saved[k], ours_saved[k]) for k in saved)
+
     ref_sd = ref.merge_and_unload().state_dict()
     ours = load_base(case, tmp_path / "out")
     our_sd = ours.state_dict()
@@ -178,8 +188,8 @@ def test_target_parameters(case, tmp_path: Path, run_cli) -> None:
     assert sum(not torch.equal(our_sd[k], plain[k]) for k in our_sd) >= 2
     torch.testing.assert_close(output_of(ours, case), forward, rtol=0, atol=1e-5)
     assert summary.tensors_merged >= len(adapterfmt.read_adapter(b.adapter).lora)
-    with pytest.raises(UnsupportedFeatureError, match="target_parameters"):
-        adapterfmt.load(load_base(case, b.base), b.adapter)
+    adapterfmt.unload(model, merge=True)
+    torch.testing.assert_close(output_of(model, case), forward, rtol=0, atol=1e-5)
 
 
 def test_merge_prefix_map(tmp_path: Path, run_cli) -> None:
