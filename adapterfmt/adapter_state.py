@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
+from .adalora_layers import AdaLoraLinear
 from .errors import MergeError
 from .findings import Finding
 from .full_copy import FullCopy, iter_wrappers
@@ -109,7 +110,7 @@ def set_adapter(model: ModelLike, adapter_name: "str | Sequence[str]") -> None:
         adapter_info(registry, name)
     wrappers = list(iter_wrappers(model))
     for path, w in wrappers:
-        if isinstance(w, (LoraLayer, ParamLora)) and w.merged:
+        if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)) and w.merged:
             raise MergeError("adapters are merged into this layer", key=path, hint="call adapterfmt.unmerge(model) first")
         if isinstance(w, FullCopy) and sum(n in w.modules_to_save for n in names) > 1:
             raise ValueError(f"{path!r}: only one adapter's full copy can be active; {names} each have one")
@@ -130,7 +131,7 @@ def disable_adapters(model: ModelLike) -> Iterator[None]:
     """
     model = as_model(model)
     wrappers = [w for _, w in iter_wrappers(model)]
-    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, (LoraLayer, ParamLora)) and w.merged}
+    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)) and w.merged}
     before = {id(w): w.disabled for w in wrappers}
     for w in wrappers:
         if id(w) in merged:
@@ -170,7 +171,7 @@ def unmerge(model: ModelLike) -> None:
     """Take every merged adapter back out of the base weights."""
     model = as_model(model)
     for _, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, ParamLora)):
+        if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)):
             w.unmerge()
 
 
@@ -191,7 +192,7 @@ def unload(model: ModelLike, merge: bool = False) -> nn.Module:
     if merge:
         _merge_lora_layers(model, registry.active)
     for path, w in wrappers:
-        if isinstance(w, LoraLayer):
+        if isinstance(w, (LoraLayer, AdaLoraLinear)):
             if not merge:
                 w.unmerge()
             replace_module(model, path, w.base_layer)
@@ -208,7 +209,7 @@ def unload(model: ModelLike, merge: bool = False) -> nn.Module:
 
 def _merge_lora_layers(model: nn.Module, names: Sequence[str]) -> None:
     for path, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, ParamLora)):
+        if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)):
             try:
                 w.merge(names)
             except ValueError as e:
@@ -246,7 +247,7 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
         return
     bias = get_registry(model).adapters[name].config.get("bias")
     for _, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, TokenWrapper, ParamLora)):
+        if isinstance(w, (LoraLayer, TokenWrapper, ParamLora, AdaLoraLinear)):
             for p in w.adapter_parameters(name):
                 p.requires_grad_(True)
             if bias == "lora_only" and w.base_layer.bias is not None:

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .adalora_layers import AdaLoraLinear
 from .layers import LoraLayer
 from .param_layers import ParamLora
 from .token_layers import TokenWrapper
@@ -75,10 +76,10 @@ class FullCopy(nn.Module):
             return getattr(self.active_module, name)
 
 
-def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy | TokenWrapper | ParamLora"]]:
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy | TokenWrapper | ParamLora | AdaLoraLinear"]]:
     """``(path, wrapper)`` for every :class:`LoraLayer` and :class:`FullCopy` in ``model``."""
     for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora)):
+        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora, AdaLoraLinear)):
             yield path, module
 
 
@@ -88,7 +89,7 @@ def plain_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def walk(prefix: str, module: nn.Module) -> None:
         out.append((prefix, module))
-        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora)):
+        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora, AdaLoraLinear)):
             return
         for child_name, child in module.named_children():
             walk(f"{prefix}.{child_name}" if prefix else child_name, child)

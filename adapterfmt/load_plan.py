@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .adalora_loading import is_adalora_checkpoint
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 from .describe import AdapterCheckpoint, FullCopyModule, LoraModule
 from .errors import (
@@ -74,12 +75,6 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
     if cfg.unsupported:
         name, why = next(iter(cfg.unsupported.items()))
         raise UnsupportedFeatureError(f"{why}; adapterfmt.load does not support it", path=cfg.path, key=name)
-    if str(cfg.raw.get("peft_type", "")).upper() == "ADALORA":
-        raise UnsupportedFeatureError(
-            "AdaLoRA adapters cannot be loaded by adapterfmt.load yet; merge them with `adapterfmt merge`",
-            path=cfg.path,
-            key="peft_type",
-        )
     for td in ckpt.token_deltas.values():
         if td.indices is None:
             raise InvalidConfigError(
@@ -130,8 +125,8 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
     plan = LoadPlan()
     unresolved: list[str] = []
     for saved_path, m in ckpt.lora.items():
-        if is_param_lora(ckpt, saved_path):
-            continue  # LoRA on a parameter: param_loading.py
+        if is_param_lora(ckpt, saved_path) or is_adalora_checkpoint(ckpt):
+            continue  # LoRA on a parameter: param_loading.py; AdaLoRA: adalora_loading.py
         path = apply_prefix_map(saved_path, prefix_map)
         if path == "":
             raise UnsupportedFeatureError("LoRA on the root module itself cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from .adalora_loading import load_adalora
 from .adapter_state import (
     AdapterInfo,
     LoadedAdapters,
@@ -131,6 +132,7 @@ def load(
         overrides = _apply_overrides(model, plan, ckpt)
         load_token_rows(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
         load_param_loras(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
+        load_adalora(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
     except BaseException:
         remove_adapter(model, registry, adapter_name, created)
         raise

@@ -15,9 +15,11 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from .adalora_layers import AdaLoraLinear
 from .adapter_state import ModelLike, adapter_info, as_model, get_registry
 from .constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from .errors import OutputPathError
+from .full_copy import iter_wrappers
 from .keys import LORA_ROLES, Role, parse_saved, render_saved
 from .matching import undo_prefix_map
 from .module_tree import find_module, parse_model_key
@@ -98,6 +100,11 @@ def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAM
         out[render_saved(saved, prefix=PEFT_PREFIX)] = value
     for saved_key, model_key in info.overrides.items():
         out[render_saved(parse_saved(saved_key), prefix=PEFT_PREFIX)] = state[model_key]
+    for path, w in iter_wrappers(model):  # AdaLoRA: ParameterDict entries, saved as X.lora_A / X.lora_B / X.lora_E
+        if isinstance(w, AdaLoraLinear) and adapter_name in w.lora_A:
+            module = undo_prefix_map(path, info.prefix_map)
+            for slot in ("lora_A", "lora_B", "lora_E"):
+                out[f"{PEFT_PREFIX}{module}.{slot}"] = getattr(w, slot)[adapter_name]
     return out
 
 

@@ -1,6 +1,6 @@
 """AdaLoRA checkpoints (FORMAT.md §3.10): inspect and check read them, merge equals PEFT's
-``merge_and_unload`` (to float32 rounding: PEFT divides by ``ranknum`` as a tensor), load refuses
-them with one error."""
+``merge_and_unload`` (to float32 rounding: PEFT divides by ``ranknum`` as a tensor), load equals
+PEFT."""
 
 from __future__ import annotations
 
@@ -72,9 +72,26 @@ def test_merge_equals_peft(pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert (logits - plain).abs().max() > 1e-2
 
 
-def test_load_refuses_with_one_error(pair: tuple[Path, Path]) -> None:
-    from adapterfmt.errors import UnsupportedFeatureError
+def test_load_equals_peft(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """load: PEFT's outputs, state_dict names (lora_A/B/E and ranknum ParameterDicts), trainable set,
+    the re-saved file; unload(merge=True) keeps the outputs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
 
     base, adapter = pair
-    with pytest.raises(UnsupportedFeatureError, match="AdaLoRA"):
-        adapterfmt.load(_llama(base), adapter)
+    ref = PeftModel.from_pretrained(_llama(base), str(adapter), is_trainable=True).eval()
+    model = _llama(base)
+    adapterfmt.load(model, adapter, is_trainable=True)
+    model.eval()
+    with torch.no_grad():
+        expected, got = ref(IDS).logits, model(IDS).logits
+    assert torch.equal(got, expected)
+    assert set(model.state_dict()) == {k[len("base_model.model.") :] for k in ref.state_dict()}
+    trainable = {k[len("base_model.model.") :] for k, p in ref.named_parameters() if p.requires_grad}
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == trainable
+    adapterfmt.save(model, tmp_path / "resaved")
+    saved, ours = load_file(str(adapter / "adapter_model.safetensors")), load_file(str(tmp_path / "resaved" / "adapter_model.safetensors"))
+    assert set(saved) == set(ours) and all(torch.equal(saved[k], ours[k]) for k in saved)
+    adapterfmt.unload(model, merge=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-5)
