@@ -131,6 +131,9 @@ class Architecture:
     tied_params: dict[str, str] = field(default_factory=dict)
     renamings: list[_Rule] = field(default_factory=list)
     converters: list[_Rule] = field(default_factory=list)
+    #: the rules in transformers' loading direction (on-disk -> in-memory), in order
+    load_renamings: list[_Rule] = field(default_factory=list)
+    load_converters: list[_Rule] = field(default_factory=list)
     tie_flag_reinterpreted: bool = False
 
     @property
@@ -142,6 +145,17 @@ class Architecture:
         key = memory_key
         for rule in self.renamings:
             key, _ = rule.rename(key)
+        return key
+
+    def to_memory(self, disk_key: str) -> Optional[str]:
+        """The in-memory key of an on-disk key, as transformers loads it; None when a converter
+        fuses it into another tensor (a per-expert piece)."""
+        key = disk_key
+        for rule in self.load_renamings:
+            key, _ = rule.rename(key)
+        for rule in self.load_converters:
+            if rule.rename(key)[1]:
+                return None
         return key
 
     def fused(self, memory_key: str) -> Optional[Fused]:
@@ -213,6 +227,11 @@ def _architecture(class_name: str, model_type: str, tie: Optional[bool]) -> Opti
             arch.renamings.append(_Rule(kind, sources, targets, ops, scope, prefix))
         elif kind in _CONVERTER_KINDS:
             arch.converters.append(_Rule(kind, sources, targets, ops, scope, prefix))
+    for (kind, sources, targets, ops), scope, prefix in transforms:  # loading: match the disk side
+        if kind in _RENAMING_KINDS:
+            arch.load_renamings.append(_Rule(kind, targets, sources, ops, scope, prefix))
+        elif kind in _CONVERTER_KINDS:
+            arch.load_converters.append(_Rule(kind, targets, sources, ops, scope, prefix))
     return arch
 
 
@@ -274,6 +293,22 @@ def checkpoint_key(config: dict[str, Any], memory_key: str, keys: "set[str] | di
     return arch.to_checkpoint(memory_key)
 
 
+def memory_modules(config: dict[str, Any], modules: Iterable[str]) -> dict[str, Optional[str]]:
+    """On-disk module path -> the module path PEFT sees in memory (through its ``weight``), None
+    for a per-expert piece that transformers fuses; only modules the rules rename are listed."""
+    arch = architecture_of(config)
+    if arch is None or not (arch.load_renamings or arch.load_converters):
+        return {}
+    out: dict[str, Optional[str]] = {}
+    for module in modules:
+        memory = arch.to_memory(f"{module}.weight")
+        if memory is None:
+            out[module] = None
+        elif memory != f"{module}.weight" and memory.endswith(".weight"):
+            out[module] = memory[: -len(".weight")]
+    return out
+
+
 def fused_tensor(config: dict[str, Any], memory_key: str) -> Optional[Fused]:
     """How an in-memory fused tensor (MoE experts) is stored, or None."""
     arch = architecture_of(config)
@@ -286,4 +321,4 @@ def untie_flag_allowed(config: dict[str, Any]) -> bool:
     return arch is None or not arch.tie_flag_reinterpreted
 
 
-__all__ = ["Architecture", "Fused", "architecture_of", "checkpoint_key", "fused_tensor", "tied_modules", "untie_flag_allowed"]
+__all__ = ["Architecture", "Fused", "architecture_of", "checkpoint_key", "fused_tensor", "memory_modules", "tied_modules", "untie_flag_allowed"]

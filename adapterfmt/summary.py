@@ -399,25 +399,34 @@ def preview_targets(
     With ``prefix_map`` (``{adapter prefix: base prefix}``, as ``check --prefix-map``), module names
     are shown and matched as the adapter names them: a base module ``NEW…`` is ``OLD…``.
 
-    Module names come from the base's tensor keys; a module can carry LoRA when it has a direct
-    ``.weight`` (or is an output head tied to the input embedding).
+    Module names come from the base's tensor keys, shown and matched as PEFT sees them in memory
+    (the architecture's conversion rules: ViT ``vit.encoder.layer.0.attention.attention.query`` is
+    ``vit.layers.0.attention.q_proj``; per-expert pieces of fused MoE tensors are no modules); a
+    module can carry LoRA when it has a direct ``.weight`` (or is an output head tied to the input
+    embedding).
 
     Raises:
         AmbiguousMatchError: a ``modules_to_save`` entry matches several modules, or a module is
             both a LoRA target and a module to save.
         InvalidConfigError: ``target_modules`` is ``"all-linear"``.
     """
+    from .architecture import memory_modules
+    from .matching import undo_prefix_map
+
     names, leaves = module_names_from_keys(base_model.tensors)
     tied = [t for t in base_model.tied if t not in names]
-    if prefix_map:
-        from .matching import undo_prefix_map
+    renamed = memory_modules(base_model.config, leaves + tied)
 
-        view = {undo_prefix_map(n, prefix_map): n for n in names + tied}
-        names, leaves, tied = [undo_prefix_map(n, prefix_map) for n in names], [undo_prefix_map(n, prefix_map) for n in leaves], [
-            undo_prefix_map(n, prefix_map) for n in tied
-        ]
-    else:
-        view = {}
+    def shown(n: str) -> Optional[str]:
+        m = renamed.get(n, n)
+        return undo_prefix_map(m, prefix_map) if m is not None and prefix_map else m
+
+    view = {shown(n): n for n in names + tied if shown(n) is not None}
+    names, leaves, tied = (
+        [s for s in map(shown, names) if s is not None],
+        [s for s in map(shown, leaves) if s is not None],
+        [s for s in map(shown, tied) if s is not None],
+    )
     sel = select_targets(
         names + tied,
         target_modules=target_modules,

@@ -241,3 +241,18 @@ def test_targets_prefix_map(run_cli, testdata: Path) -> None:
     assert [r["module"] for r in res.json()["lora_targets"]] == ["language_model.model.layers.0.self_attn.q_proj"]
     res = run_cli("targets", "--base", testdata / "tiny-llama", "--target-modules", "language_model.model.layers.0.self_attn.q_proj", "--json")
     assert res.exit_code == 1
+
+
+def test_targets_shows_in_memory_names(tmp_path: Path, run_cli) -> None:
+    """targets previews the names PEFT matches (in memory), not the checkpoint's: ViT's q_proj,
+    GPT-NeoX's lm_head (embed_out on disk); Mixtral's per-expert pieces are no modules."""
+    expected = {
+        "vit-renamed": (["q_proj", "fc1"], {"vit.layers.0.attention.q_proj", "vit.layers.0.mlp.fc1"}),
+        "gpt-neox-embed-out": (["lm_head"], {"lm_head"}),
+        "mixtral": (["w1", "q_proj"], {"model.layers.0.self_attn.q_proj"}),
+    }
+    for name, (targets, modules) in expected.items():
+        case = next(c for c in CASES if c.name == name)
+        b = _BUILT.get(name) or build(case, tmp_path)
+        res = run_cli("targets", "--base", b.base, "--target-modules", ",".join(targets), "--json")
+        assert {r["module"] for r in res.json()["lora_targets"]} == modules, (name, res)
