@@ -276,6 +276,22 @@ def tied_modules(config: dict[str, Any], tensor_keys: Iterable[str]) -> dict[str
     return out
 
 
+def stored_ties(config: dict[str, Any], tensor_keys: Iterable[str]) -> dict[str, str]:
+    """Declared ties (as :func:`tied_modules`) whose two tensors are both stored: transformers ties
+    them in memory when their values are equal, so whether they are one tensor depends on the bytes."""
+    arch = architecture_of(config)
+    if arch is None or not arch.tie_word_embeddings:
+        return {}
+    keys = set(tensor_keys)
+    out: dict[str, str] = {}
+    for target, source in arch.tied_params.items():
+        if target.endswith(".weight") and source.endswith(".weight"):
+            t_key, s_key = _on_disk(arch, target, keys), _on_disk(arch, source, keys)
+            if t_key in keys and s_key in keys:
+                out[_memory_module(t_key)] = _memory_module(s_key)
+    return out
+
+
 def _on_disk(arch: Architecture, memory_key: str, keys: set[str]) -> str:
     """``memory_key`` as stored: itself when the checkpoint already uses it, else the converted name."""
     if memory_key in keys:
@@ -321,4 +337,14 @@ def untie_flag_allowed(config: dict[str, Any]) -> bool:
     return arch is None or not arch.tie_flag_reinterpreted
 
 
-__all__ = ["Architecture", "Fused", "architecture_of", "checkpoint_key", "fused_tensor", "memory_modules", "tied_modules", "untie_flag_allowed"]
+__all__ = [
+    "Architecture",
+    "Fused",
+    "architecture_of",
+    "checkpoint_key",
+    "fused_tensor",
+    "memory_modules",
+    "stored_ties",
+    "tied_modules",
+    "untie_flag_allowed",
+]

@@ -49,7 +49,7 @@ from .matching import apply_prefix_map
 from .merge_checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unplaced, refuse_unsupported, token_indices
 from .merge_output import OutputNames, ShardPlan, changed_config, index_document, layout_shards, output_names, side_files
 from .resolution import Resolution, ResolvedLora, resolve
-from .weight_tying import tied_lora_twins, without_twins
+from .weight_tying import ties_in_effect, tied_lora_twins, without_twins
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
 
@@ -378,7 +378,8 @@ class _Slots:
         """``(planned by key, new key -> key it follows, untied head keys)``."""
         base = self.base
         heads_of: dict[str, list[str]] = {}
-        for head, embedding in base.tied.items():
+        ties = {**base.tied, **ties_in_effect(base, set(self.slots))}  # + both stored, equal: one tensor in memory
+        for head, embedding in ties.items():
             heads_of.setdefault(embedding, []).append(head)
         shared: dict[str, list[str]] = {}  # embedding key -> every tied key written beside it
         for embedding, heads in heads_of.items():
@@ -426,7 +427,8 @@ class _Slots:
                 planned[key] = self._tensor(key, info, _Slot(full_copy=head.full_copy) if head.full_copy else together, out_dtype)
         _check_disjoint_rows(planned)
         refuse_unplaced(self.expected, planned.values(), self.accounted)
-        return planned, {key: emb for emb, keys in shared.items() for key in keys}, [key for keys in shared.values() for key in keys]
+        new = {key: emb for emb, keys in shared.items() for key in keys if key not in base.tensors}
+        return planned, new, [key for keys in shared.values() for key in keys]
 
     def _tensor(self, key: str, base_info: TensorInfo, slot: Optional[_Slot], out_dtype: Optional[str]) -> PlannedTensor:
         dtype = out_dtype if out_dtype and base_info.dtype in FLOAT_DTYPES else base_info.dtype

@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .base import BaseModel
     from .checkpoint import AdapterCheckpoint
-    from .header import SafetensorsHeader
+    from .header import SafetensorsHeader, TensorInfo
 
 
 def ensures_tying(ckpt: "AdapterCheckpoint") -> bool:
@@ -98,3 +99,35 @@ def without_twins(head_terms: Sequence[Any], emb_terms: Sequence[Any], twins: "s
         else:
             kept.append(t)
     return kept, applied
+
+
+def ties_in_effect(base: "BaseModel", touched: "set[str]") -> dict[str, str]:
+    """Declared ties whose two tensors are both stored with equal bytes, among those a merge
+    touches: transformers loads them as one tensor, so a LoRA on either changes both (as in PEFT).
+
+    The only place a merge plan reads tensor bytes: two tensors, compared in 16 MB chunks, and only
+    for a declared tie an adapter changes.
+    """
+    from .architecture import stored_ties
+
+    out: dict[str, str] = {}
+    for head, source in stored_ties(base.config, base.tensors).items():
+        h, s = base.tensors[f"{head}.weight"], base.tensors[f"{source}.weight"]
+        if (h.key in touched or s.key in touched) and _same_bytes(h, s):
+            out[head] = source
+    return out
+
+
+def _same_bytes(a: "TensorInfo", b: "TensorInfo", chunk: int = 1 << 24) -> bool:
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or a.start < 0 or b.start < 0:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        fa.seek(a.start)
+        fb.seek(b.start)
+        left = a.nbytes
+        while left:
+            n = min(chunk, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True

@@ -256,3 +256,32 @@ def test_targets_shows_in_memory_names(tmp_path: Path, run_cli) -> None:
         b = _BUILT.get(name) or build(case, tmp_path)
         res = run_cli("targets", "--base", b.base, "--target-modules", ",".join(targets), "--json")
         assert {r["module"] for r in res.json()["lora_targets"]} == modules, (name, res)
+
+
+@pytest.mark.parametrize("equal", [True, False], ids=["equal-tied-in-memory", "different-untied"])
+def test_tied_head_stored_twice(equal: bool, tmp_path: Path) -> None:
+    """A tied OPT whose checkpoint stores lm_head.weight next to the embedding: transformers ties
+    them in memory when the bytes are equal (then a LoRA on lm_head changes both, as PEFT's merge
+    does), and keeps them apart when they differ."""
+    from safetensors.torch import load_file, save_file
+
+    case = next(c for c in CASES if c.name == "opt-tied-head")
+    b = _BUILT.get(case.name) or build(case, tmp_path)
+    base = tmp_path / "both"
+    base.mkdir()
+    for f in b.base.iterdir():
+        if f.name != "model.safetensors":
+            (base / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(b.base / "model.safetensors"))
+    head = tensors["model.decoder.embed_tokens.weight"].clone()
+    if not equal:
+        head[0] += 1.0
+    tensors["lm_head.weight"] = head
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    summary = adapterfmt.merge_to_directory(base, b.adapter, tmp_path / "out")
+    assert summary.skipped == []
+    ref = _peft(Built(case, base, b.adapter)).merge_and_unload().state_dict()
+    ours = load_base(case, tmp_path / "out").state_dict()
+    for key in ("lm_head.weight", "model.decoder.embed_tokens.weight"):
+        assert torch.equal(ours[key], ref[key]), key
+    assert torch.equal(ours["lm_head.weight"], ours["model.decoder.embed_tokens.weight"]) == equal
