@@ -326,6 +326,8 @@ def check_report(
     """
     ckpt = res.adapter
     bindings = [{"module": p, "type": "lora", "base_key": r.base_key, "layout": r.layout} for p, r in res.lora.items()]
+    for p, bound in res.param_lora.items():  # target_parameters: every on-disk tensor (expert piece) it changes
+        bindings += [{"module": p, "type": "parameter_lora", "base_key": r.base_key, "layout": "expert-rows" if r.expert else "linear"} for r in bound]
     for p, params in res.full_copies.items():
         bindings += [{"module": p, "type": "full_copy", "base_key": k, "layout": "replace"} for k in params.values()]
     bindings += [{"module": s, "type": "base_override", "base_key": k, "layout": "replace"} for k, s in res.overrides.items()]
@@ -335,7 +337,7 @@ def check_report(
         base=base,
         ok=res.ok and not ckpt.unknown_keys,
         summary=res.summary(),
-        lora_resolved=len(res.lora),
+        lora_resolved=len(res.lora) + len(res.param_lora),
         lora_total=res.lora_total,
         full_copies_resolved=len(res.full_copies),
         full_copies_total=res.full_total,
