@@ -8,7 +8,7 @@ per-expert ``block_sparse_moe.experts.N.w1/w3``. :class:`Architecture` maps in-m
 on-disk keys with transformers' own conversion rules, and lists the tied weights the model class
 declares (``_tied_weights_keys``, active when the config's ``tie_word_embeddings`` is true).
 
-Every fact comes from :mod:`adapterfmt.arch_tables`, generated from the pinned transformers by
+Every fact comes from ``adapterfmt/arch_tables.json``, generated from the pinned transformers by
 ``scripts/gen_architecture_tables.py``; transformers itself is never imported. The reverse
 (memory -> disk) rules are built exactly as transformers' ``revert_weight_conversion`` builds them
 for ``save_pretrained``: each rule reversed, converters first, then every renaming in turn.
@@ -16,6 +16,8 @@ for ``save_pretrained``: each rule reversed, converters first, then every renami
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -181,24 +183,30 @@ def _memory_module(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
+@lru_cache(maxsize=1)
+def tables() -> dict[str, Any]:
+    """The generated tables (``arch_tables.json`` beside this module), read once."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch_tables.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 @lru_cache(maxsize=64)
 def _architecture(class_name: str, model_type: str, tie: Optional[bool]) -> Optional[Architecture]:
-    from . import arch_tables as t
-
-    entry = t.CLASSES.get(class_name)
+    t = tables()
+    entry = t["classes"].get(class_name)
     if entry is None and not model_type:
         return None
     model_type = model_type or entry["model_type"]
-    tie_flag = tie if tie is not None else t.TIE_WORD_EMBEDDINGS.get(model_type, True)
+    tie_flag = tie if tie is not None else t["tie_word_embeddings"].get(model_type, True)
     arch = Architecture(
         class_name,
         model_type,
         tie_flag,
         dict(entry["tied"]) if entry else {},
-        tie_flag_reinterpreted=model_type in t.TIE_FLAG_REINTERPRETED,
+        tie_flag_reinterpreted=model_type in t["tie_flag_reinterpreted"],
     )
     # transformers' get_expanded_tied_weights_keys(all_submodels=True): the base model's own ties too.
-    base_entry = t.CLASSES.get(entry["base_class"]) if entry and entry["base_class"] != class_name else None
+    base_entry = t["classes"].get(entry["base_class"]) if entry and entry["base_class"] != class_name else None
     if base_entry and entry["base_model_prefix"]:
         prefix = entry["base_model_prefix"]
         for target, source in base_entry["tied"].items():
@@ -207,19 +215,20 @@ def _architecture(class_name: str, model_type: str, tie: Optional[bool]) -> Opti
     # then the base model at base_model_prefix (scope ""), skipping what an ancestor already claimed.
     transforms: list[tuple[tuple, Optional[str], str]] = []
     seen: set[str] = set()
-    root = t.CONVERSIONS.get(class_name)
+    conversions = t["conversions"]
+    root = conversions.get(class_name)
     if root is not None:
         seen.add(class_name)
-    elif model_type in t.CONVERSIONS:
-        root = t.CONVERSIONS[model_type]
+    elif model_type in conversions:
+        root = conversions[model_type]
         seen.update((class_name, model_type))
     for rule in root or []:
         transforms.append((rule, None, ""))
     if entry and entry["base_class"] and entry["base_class"] != class_name and entry["base_class"] not in seen:
         base_cls, prefix = entry["base_class"], entry["base_model_prefix"]
-        sub = t.CONVERSIONS.get(base_cls)
+        sub = conversions.get(base_cls)
         if sub is None and model_type not in seen:
-            sub = t.CONVERSIONS.get(model_type)
+            sub = conversions.get(model_type)
         for rule in sub or []:
             transforms.append((rule, "", prefix))
     for (kind, sources, targets, ops), scope, prefix in reversed(transforms):

@@ -272,6 +272,6 @@ def _tied_modules(base: BaseModel) -> dict[str, str]:
 
 
 def _known_class(name: str) -> bool:
-    from .arch_tables import CLASSES
+    from .architecture import tables
 
-    return name in CLASSES
+    return name in tables()["classes"]
