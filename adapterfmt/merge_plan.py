@@ -125,6 +125,9 @@ class MergePlan:
         skipped: adapter modules or keys left out under ``allow_unused``.
         findings: warnings about the base (``shadowed-weights``) and from resolving the adapters.
         output: where the weights go inside OUT and their names (the base's layout).
+        applied: per adapter, how many of its LoRA modules, full copies, saved base tensors and
+            token-row tensors the output carries, next to how many it has (every one, unless
+            ``allow_unused`` skipped some: the plan refuses to drop a resolved part).
     """
 
     base: BaseModel
@@ -139,6 +142,7 @@ class MergePlan:
     skipped: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     output: OutputNames = field(default_factory=lambda: OutputNames(""))
+    applied: list[dict[str, list[int]]] = field(default_factory=list)
 
     def tensors(self) -> Iterator[PlannedTensor]:
         for shard in self.shards:
@@ -218,6 +222,7 @@ def plan_merge(
     slots = _Slots(base)
     skipped: list[str] = []
     findings: list[Finding] = []
+    applied: list[dict[str, list[int]]] = []
     for i, adapter in enumerate(adapters):
         refuse_unsupported(adapter)
         res = resolve(adapter, base, prefix_map=prefix_map)
@@ -226,7 +231,17 @@ def plan_merge(
         findings += [f for f in res.findings if f not in findings]  # the base's own warnings come once
         if adapter.unknown_keys:
             skipped += adapter.unknown_keys
+        before = len(skipped)
         slots.add(i, adapter, res, weights[i], skipped, allow_unused, prefix_map)
+        tokens = len(adapter.token_deltas)
+        applied.append(
+            {
+                "lora_modules": [len(res.lora) + len(res.param_lora), len(adapter.lora)],
+                "full_copies": [len(res.full_copies), len(adapter.full_copies)],
+                "base_tensors": [len(res.overrides), len(adapter.base_overrides)],
+                "token_rows": [tokens - (len(skipped) - before), tokens],
+            }
+        )
     planned, extra, untied = slots.plan(out_dtype)
     shards, indexed = layout_shards(base, planned, extra, max_shard_size)
     return MergePlan(
@@ -242,6 +257,7 @@ def plan_merge(
         skipped=skipped,
         findings=findings,
         output=output_names(base),
+        applied=applied,
     )
 
 

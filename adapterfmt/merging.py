@@ -77,6 +77,7 @@ class MergeSummary:
     files: list[str]
     untied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    applied: list[dict[str, list[int]]] = field(default_factory=list)  #: per adapter: part -> [applied, in the adapter]
     removed_stale: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -261,6 +262,7 @@ def merge_to_directory(
         files=files,
         untied=plan.untied,
         skipped=plan.skipped,
+        applied=plan.applied,
         removed_stale=removed,
         findings=plan.findings,
         timings={k: round(v, 3) for k, v in timings.items()},

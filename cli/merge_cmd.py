@@ -169,6 +169,10 @@ def merge_command(
         f"{f' ({summary.tensors_converted} converted)' if summary.tensors_converted else ''}; "
         f"{format_bytes(summary.bytes_written)} in {summary.seconds:.1f} s"
     )
+    labels = {"lora_modules": "LoRA modules", "full_copies": "full copies", "base_tensors": "saved base tensors", "token_rows": "token-row tensors"}
+    for n, applied in enumerate(summary.applied, 1):
+        parts = [f"{done}/{total} {labels[k]}" for k, (done, total) in applied.items() if total or k == "lora_modules"]
+        click.echo(f"adapter {n}: {', '.join(parts)} applied")
 
 
 def _done_without_teardown() -> None:

@@ -77,6 +77,14 @@ def test_merge_equals_peft(built: Built, tmp_path: Path) -> None:
     summary = adapterfmt.merge_to_directory(built.base, built.adapter, out)
     ckpt = adapterfmt.read_adapter(built.adapter)
     assert summary.tensors_merged >= len(ckpt.lora) and summary.skipped == []
+    assert summary.applied == [
+        {
+            "lora_modules": [len(ckpt.lora)] * 2,
+            "full_copies": [len(ckpt.full_copies)] * 2,
+            "base_tensors": [len(ckpt.base_overrides)] * 2,
+            "token_rows": [len(ckpt.token_deltas)] * 2,
+        }
+    ]
     ref = _peft(built).merge_and_unload()
     ours = load_base(built.case, out)
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
