@@ -53,28 +53,30 @@ class Fused:
 
 
 class _Rule:
-    """One reversed transformers rule (in-memory pattern -> on-disk pattern), compiled as transformers does."""
+    """One transformers rule compiled as ``WeightTransform`` compiles it: ``matched`` patterns are
+    searched for, the first ``written`` pattern replaces the match. For saving (in-memory ->
+    on-disk, as ``revert_weight_conversion``) the rule is reversed: ``written`` are the original
+    sources; for loading, the original targets."""
 
-    def __init__(self, kind: str, sources: tuple[str, ...], targets: tuple[str, ...], operations: tuple, scope: Optional[str], base_prefix: str) -> None:
-        # Reversed: the in-memory (original target) patterns are matched, the checkpoint ones produced.
+    def __init__(self, kind: str, written: tuple[str, ...], matched: tuple[str, ...], operations: tuple, scope: Optional[str], base_prefix: str) -> None:
         self.kind = kind
         self.operations = operations
         self.scope = scope
         self.base_prefix = base_prefix
-        memory_side, disk_side = list(targets), list(sources)
+        written, matched = list(written), list(matched)
         self.targets: list[str] = []
         groups: list[str] = []
-        for pattern in disk_side:  # written to: made literal
+        for pattern in written:  # made literal (process_target_pattern)
             processed, group = _process_target_pattern(pattern)
             self.targets.append(processed)
             if group is not None:
                 groups.append(group)
         group = groups[0] if groups else None
         self.sources: list[str] = []
-        for i, pattern in enumerate(memory_side):  # matched
+        for i, pattern in enumerate(matched):  # process_source_pattern: anchored where the written side is
             if r"\1" in pattern and group is not None:
                 pattern = pattern.replace(r"\1", group, 1)
-            if len(memory_side) == len(disk_side) and disk_side[i].startswith("^") and not pattern.startswith("^"):
+            if len(matched) == len(written) and written[i].startswith("^") and not pattern.startswith("^"):
                 pattern = "^" + pattern
             self.sources.append(pattern)
         branches = []
