@@ -23,13 +23,12 @@ does; the tensors give ``r·E``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .architecture import checkpoint_key, fused_tensor
 from .matching import matches_entry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .base import BaseModel
     from .config import LoraConfig
     from .checkpoint import LoraModule
 
@@ -89,7 +88,7 @@ class ParamBinding:
     slice: Optional[ExpertSlice]  #: None for a 2-D parameter (the whole delta)
 
 
-def bind(m: "LoraModule", target: ParamTarget, cfg: "LoraConfig", base: "BaseModel", owner: str) -> tuple[list[ParamBinding], Optional[str]]:
+def bind(m: "LoraModule", target: ParamTarget, cfg: "LoraConfig", base: Any, owner: str) -> tuple[list[ParamBinding], Optional[str]]:
     """The on-disk tensors the parameter LoRA ``m`` changes, or an error message.
 
     ``owner`` is ``target.owner`` after ``prefix_map``. Each candidate parameter is tried; exactly
@@ -115,7 +114,7 @@ def bind(m: "LoraModule", target: ParamTarget, cfg: "LoraConfig", base: "BaseMod
     return [], f"'{m.path}': fits no targeted parameter of '{owner}' ({'; '.join(reasons)})"
 
 
-def _bind_param(key: str, a: tuple[int, ...], b: tuple[int, ...], cfg: "LoraConfig", base: "BaseModel") -> tuple[list[ParamBinding], str]:
+def _bind_param(key: str, a: tuple[int, ...], b: tuple[int, ...], cfg: "LoraConfig", base: Any) -> tuple[list[ParamBinding], str]:
     r, scaling = rank_and_scaling(cfg, key)
     tensors = base.tensors
     disk = checkpoint_key(base.config, key, tensors)

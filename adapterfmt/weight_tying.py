@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .base import BaseModel
     from .checkpoint import AdapterCheckpoint
     from .header import SafetensorsHeader, TensorInfo
 
@@ -101,9 +100,9 @@ def without_twins(head_terms: Sequence[Any], emb_terms: Sequence[Any], twins: "s
     return kept, applied
 
 
-def ties_in_effect(base: "BaseModel", touched: "set[str]") -> dict[str, str]:
-    """Declared ties whose two tensors are both stored with equal bytes, among those a merge
-    touches: transformers loads them as one tensor, so a LoRA on either changes both (as in PEFT).
+def ties_in_effect(base: Any, touched: "set[str]") -> dict[str, str]:
+    """Declared ties of ``base`` (a :class:`~adapterfmt.base.BaseModel`) whose two tensors are
+    both stored with equal bytes, among those a merge touches: transformers loads them as one tensor, so a LoRA on either changes both (as in PEFT).
 
     The only place a merge plan reads tensor bytes: two tensors, compared in 16 MB chunks, and only
     for a declared tie an adapter changes.
