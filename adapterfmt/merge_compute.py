@@ -83,17 +83,25 @@ def _finite(source: TensorSource, info: TensorInfo) -> torch.Tensor:
     return t
 
 
+def _lora_factors(term: LoraTerm, source: TensorSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of a LoRA term as the product ``B @ A`` needs them: AdaLoRA's ``A ⊙ E`` folded in,
+    one expert's slices taken for a fused-expert delta (``target_parameters``)."""
+    m = term.lora.module
+    a, b = _finite(source, m.tensors["lora_A"]), _finite(source, m.tensors["lora_B"])
+    if "lora_E" in m.tensors:  # AdaLoRA: B @ (A ⊙ E)
+        a = a * _finite(source, m.tensors["lora_E"]).float().reshape(-1, *([1] * (a.dim() - 1)))
+    part = term.lora.expert
+    if part is not None:
+        a = a[part.expert * part.rank : (part.expert + 1) * part.rank]
+        b = b[part.rows[0] : part.rows[1], part.expert :: part.experts]
+    return a, b
+
+
 def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace]) -> Any:
     """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
-        a, b = _finite(source, m.tensors["lora_A"]), _finite(source, m.tensors["lora_B"])
-        if "lora_E" in m.tensors:  # AdaLoRA: B @ (A ⊙ E)
-            a = a * _finite(source, m.tensors["lora_E"]).float().reshape(-1, *([1] * (a.dim() - 1)))
-        part = term.lora.expert
-        if part is not None:  # one expert's rows of a fused-expert delta (target_parameters)
-            a = a[part.expert * part.rank : (part.expert + 1) * part.rank]
-            b = b[part.rows[0] : part.rows[1], part.expert :: part.experts]
+        a, b = _lora_factors(term, source)
         product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
         return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):
@@ -151,8 +159,6 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
         yield acc.to(dtype, copy=True)
 
 
-
-
 def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
     """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
     if not t.terms or not all(isinstance(term, LoraTerm) and not term.lora.module.use_dora for term in t.terms):
@@ -162,8 +168,8 @@ def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) 
         return None
     factors = []
     for term in t.terms:
-        m = term.lora.module  # type: ignore[union-attr]
-        factors.append(LoraFactors(_finite(source, m.tensors["lora_A"]), _finite(source, m.tensors["lora_B"]), term.scaling, term.lora.layout))  # type: ignore[union-attr]
+        a, b = _lora_factors(term, source)  # type: ignore[arg-type]
+        factors.append(LoraFactors(a, b, term.scaling, term.lora.layout))  # type: ignore[union-attr]
     info = t.source
     if info.start < 0:
         held = source.held(info)
