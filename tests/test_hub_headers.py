@@ -152,11 +152,14 @@ def test_merge_path_downloads_through_the_cache_and_offline_reads_it(hub, tmp_pa
     assert json.loads(offline.stdout)["directory"] == doc["directory"] and hub.bytes_served == 0
 
 
-def test_missing_repo_is_one_error_line(hub, big_adapter, tmp_path):
-    result = run(hub, tmp_path / "hub", "check", "--base", "user/nothing", "--adapter", str(big_adapter))
+@pytest.mark.parametrize(
+    "base,extra,why", [("user/nothing", (), "no such Hub repo"), ("user/big", ("--base-revision", "v9"), "no such revision")], ids=["repo", "revision"]
+)
+def test_missing_repo_or_revision_is_one_error_line(hub, big_adapter, tmp_path, base, extra, why):
+    result = run(hub, tmp_path / "hub", "check", "--base", base, *extra, "--adapter", str(big_adapter))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "user/nothing" in lines[0] and "no such Hub repo" in lines[0], result.stderr
+    assert len(lines) == 1 and base in lines[0] and why in lines[0], result.stderr
 
 
 def test_merge_from_the_hub_equals_the_local_merge(hub, tmp_path):
