@@ -323,14 +323,19 @@ def lock_directory(path: str) -> Optional["Lock"]:
     if not directory_locks_follow_renames():
         return try_lock(lock_name(path))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    return Lock(path, fd, "flock-directory") if _flock_or_close(fd) else None
+
+
+def _flock_or_close(fd: int) -> bool:
+    """Take ``flock(LOCK_EX | LOCK_NB)`` on ``fd``; False (``fd`` closed) if another holder has it."""
     try:
         _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
+            return False
         raise
-    return Lock(path, fd, "flock-directory")
+    return True
 
 
 class Lock:
@@ -376,14 +381,7 @@ def try_lock(path: str) -> Optional[Lock]:
     (or another open of it) holds it. The lock file is created if missing and kept on release."""
     if available["flock"]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
-        try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return None
-            raise
-        return Lock(path, fd, "flock")
+        return Lock(path, fd, "flock") if _flock_or_close(fd) else None
     if available["msvcrt_locking"]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         try:
