@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+from .config_types import check_field_types
 from .errors import InvalidConfigError
 
 TargetSpec = Union[list[str], str, None]
@@ -163,6 +164,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
         raise InvalidConfigError(
             f"peft_type is {peft_type!r}; adapterfmt handles LoRA adapters only (and AdaLoRA)", path=path, key="peft_type"
         )
+    check_field_types(doc, path=path)
 
     def num(name: str, default: Any, kind: type, minimum: float, strict: bool) -> Any:
         v = doc.get(name, default)
@@ -194,8 +196,13 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
     ):
         raise InvalidConfigError(f"must be a list of module names, got {modules_to_save!r}", path=path, key="modules_to_save")
     layers_pattern = doc.get("layers_pattern")
+    if isinstance(layers_pattern, tuple):
+        layers_pattern = list(layers_pattern)
     for p in [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or []):
         _compile(p, "layers_pattern", path)
+    layers_to_transform = doc.get("layers_to_transform")
+    if isinstance(layers_to_transform, tuple):
+        layers_to_transform = list(layers_to_transform)
     bias = doc.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise InvalidConfigError(f"must be 'none', 'all' or 'lora_only', got {bias!r}", path=path, key="bias")
@@ -209,7 +216,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
         target_modules=_as_target_spec(doc.get("target_modules"), "target_modules", path),
         exclude_modules=_as_target_spec(doc.get("exclude_modules"), "exclude_modules", path),
         modules_to_save=list(modules_to_save) if modules_to_save else None,
-        layers_to_transform=doc.get("layers_to_transform"),
+        layers_to_transform=layers_to_transform,
         layers_pattern=layers_pattern,
         use_dora=bool(doc.get("use_dora", False)),
         lora_bias=bool(doc.get("lora_bias", False)),

@@ -99,7 +99,7 @@ def test_unknown_fields_are_kept():
         ({"peft_type": "LORA", "rank_pattern": {"q": 0}}, "rank_pattern.q", "invalid value 0"),
         ({"peft_type": "LORA", "rank_pattern": {"(q": 2}}, "rank_pattern.(q", "not a valid regular expression"),
         ({"peft_type": "LORA", "alpha_pattern": ["q"]}, "alpha_pattern", "must be an object"),
-        ({"peft_type": "LORA", "modules_to_save": "lm_head"}, "modules_to_save", "list of module names"),
+        ({"peft_type": "LORA", "modules_to_save": "lm_head"}, "modules_to_save", "list of strings"),
         ({"peft_type": "LORA", "bias": "some"}, "bias", "'none', 'all' or 'lora_only'"),
     ],
 )
