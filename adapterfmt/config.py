@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .config_types import check_field_types
 from .errors import InvalidConfigError
+from .matching import PatternKeyIndex
+from .patterns import FULL, LAYERS, MODULES_TO_SAVE, PATTERN_KEY, bounded
 
 TargetSpec = Union[list[str], str, None]
 
@@ -61,17 +62,26 @@ class LoraConfig:
     peft_version: Optional[str] = None
     raw: Mapping[str, Any] = field(default_factory=dict)
     path: Optional[str] = None
+    #: built on first use: field name -> :class:`PatternKeyIndex` (not part of the value)
+    _indexes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def pattern_index(self, name: str) -> PatternKeyIndex:
+        """The index of ``rank_pattern`` or ``alpha_pattern`` keys, built once."""
+        index = self._indexes.get(name)
+        if index is None:
+            index = self._indexes[name] = PatternKeyIndex(list(getattr(self, name)), name, self.path)
+        return index
 
     # -- per-module values, resolved as PEFT resolves them (LoraModel._create_and_replace) --
 
     def rank_for(self, module: str) -> int:
         """``r`` for ``module``: first ``rank_pattern`` key (dict order) matching, else ``r``."""
-        key = pattern_key(self.rank_pattern, module)
+        key = self.pattern_index("rank_pattern").first(module) if self.rank_pattern else None
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """``lora_alpha`` for ``module``, looked up in ``alpha_pattern`` independently of the rank."""
-        key = pattern_key(self.alpha_pattern, module)
+        key = self.pattern_index("alpha_pattern").first(module) if self.alpha_pattern else None
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
 
     def scaling_for(self, module: str, rank: Optional[int] = None) -> float:
@@ -97,10 +107,7 @@ def pattern_key(patterns: Mapping[str, Any], module: str) -> Optional[str]:
     This is PEFT's ``get_pattern_key``: ``k`` matches at the end of the name after an optional
     dotted prefix; a leading ``^`` anchors it to the whole name.
     """
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", module):
-            return k
-    return None
+    return PatternKeyIndex(list(patterns)).first(module) if patterns else None
 
 
 def overlapping_pattern_keys(patterns: Mapping[str, Any], modules: list[str]) -> list[tuple[str, str, str]]:
@@ -110,8 +117,11 @@ def overlapping_pattern_keys(patterns: Mapping[str, Any], modules: list[str]) ->
     overlap can silently change r or alpha on reload (FORMAT.md §4.2).
     """
     out = []
+    if not patterns:
+        return out
+    index = PatternKeyIndex(list(patterns))
     for m in modules:
-        hits = [k for k in patterns if re.match(rf"(.*\.)?({k})$", m)]
+        hits = index.matching(m)
         for other in hits[1:]:
             if patterns[other] != patterns[hits[0]]:
                 out.append((m, hits[0], other))
@@ -128,11 +138,9 @@ def _as_target_spec(value: Any, name: str, path: Optional[str]) -> TargetSpec:
     raise InvalidConfigError(f"must be a string, a list of strings or null, got {value!r}", path=path, key=name)
 
 
-def _compile(pattern: str, name: str, path: Optional[str]) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise InvalidConfigError(f"is not a valid regular expression ({e})", path=path, key=name, hint="fix the pattern") from None
+def _compile(pattern: str, name: str, path: Optional[str], template: str = FULL) -> None:
+    """Vet and compile an untrusted pattern once (invalid or unbounded: one line naming it)."""
+    bounded(pattern, template, name, path)
 
 
 def _is_finite_number(value: Any, kind: type) -> bool:
@@ -185,7 +193,6 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
         if not isinstance(value, dict):
             raise InvalidConfigError(f"must be an object, got {value!r}", path=path, key=name)
         for k, v in value.items():
-            _compile(k, f"{name}.{k}", path)
             if not _is_finite_number(v, kind) or (v <= 0 if strict else v < 0):
                 raise InvalidConfigError(f"has an invalid value {v!r}", path=path, key=f"{name}.{k}")
         patterns[name] = {k: kind(v) for k, v in value.items()}
@@ -195,11 +202,13 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
         isinstance(modules_to_save, list) and all(isinstance(m, str) and m for m in modules_to_save)
     ):
         raise InvalidConfigError(f"must be a list of module names, got {modules_to_save!r}", path=path, key="modules_to_save")
+    for entry in modules_to_save or ():
+        _compile(entry, "modules_to_save", path, MODULES_TO_SAVE)
     layers_pattern = doc.get("layers_pattern")
     if isinstance(layers_pattern, tuple):
         layers_pattern = list(layers_pattern)
     for p in [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or []):
-        _compile(p, "layers_pattern", path)
+        _compile(p, "layers_pattern", path, LAYERS)
     layers_to_transform = doc.get("layers_to_transform")
     if isinstance(layers_to_transform, tuple):
         layers_to_transform = list(layers_to_transform)
@@ -207,7 +216,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
     if bias not in ("none", "all", "lora_only"):
         raise InvalidConfigError(f"must be 'none', 'all' or 'lora_only', got {bias!r}", path=path, key="bias")
 
-    return LoraConfig(
+    cfg = LoraConfig(
         r=r,
         lora_alpha=alpha,
         use_rslora=bool(doc.get("use_rslora", False)),
@@ -231,6 +240,9 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
         raw=dict(doc),
         path=path,
     )
+    for name in ("rank_pattern", "alpha_pattern"):
+        cfg.pattern_index(name)  # vets every regex key now: a refused key is one line at read time
+    return cfg
 
 
 def read_config(path: "str | os.PathLike[str]") -> LoraConfig:

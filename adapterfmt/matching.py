@@ -7,17 +7,62 @@
 * ``modules_to_save``: adapterfmt matches exactly (equal or dotted suffix). PEFT wraps with a
   plain ``name.endswith(entry)`` — :func:`peft_full_copy_matches` reproduces that so tools can
   report where the two differ (``classifier`` also catching ``pre_classifier``).
+
+Cost is linear in the number of names (FORMAT.md §5.6): a list is matched through a set of its
+entries, looking up each dotted suffix of the name; a regex is compiled once and matched at a
+bounded price (:mod:`adapterfmt.patterns`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from .errors import AmbiguousMatchError, InvalidConfigError
+from .patterns import FULL, LAYERS, MODULES_TO_SAVE, bounded
 
 TargetSpec = Union[Sequence[str], str, None]
+
+
+def dotted_suffixes(name: str) -> Iterator[str]:
+    """``name`` and every tail of it that starts after a dot, longest first."""
+    yield name
+    i = name.find(".")
+    while i >= 0:
+        yield name[i + 1 :]
+        i = name.find(".", i + 1)
+
+
+class EntryIndex:
+    """A list of entries matched by set lookups: ``name == entry`` or ``name.endswith("." + entry)``."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.entries = frozenset(entries)
+
+    def matches(self, name: str) -> bool:
+        return any(s in self.entries for s in dotted_suffixes(name))
+
+    def hits(self, name: str) -> list[str]:
+        """The entries ``name`` matches."""
+        return [s for s in dotted_suffixes(name) if s in self.entries]
+
+
+_INDEXES: dict[int, tuple[Any, int, EntryIndex]] = {}
+
+
+def entry_index(entries: Sequence[str]) -> EntryIndex:
+    """The :class:`EntryIndex` of ``entries``, built once per list object (a few are kept)."""
+    hit = _INDEXES.get(id(entries))
+    if hit is not None and hit[0] is entries and hit[1] == len(entries):
+        return hit[2]
+    if len(_INDEXES) >= 64:
+        _INDEXES.clear()
+    index = EntryIndex(entries)
+    _INDEXES[id(entries)] = (entries, len(entries), index)  # keeps ``entries`` alive, so its id stays unique
+    return index
 
 
 def matches_entry(name: str, entry: str) -> bool:
@@ -47,26 +92,29 @@ def undo_prefix_map(path: str, prefix_map: Optional[Mapping[str, str]]) -> str:
     return path
 
 
-def matches_spec(name: str, spec: TargetSpec) -> bool:
+def matches_spec(name: str, spec: TargetSpec, field: str = "target_modules") -> bool:
     """PEFT's ``target_modules`` rule: list -> exact or dotted suffix; string -> full regex match."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(matches_entry(name, e) for e in spec)
+        return bounded(spec, FULL, field).fullmatch(name) is not None
+    return entry_index(spec).matches(name)
 
 
 def layer_index(name: str, layers_pattern: Union[str, Sequence[str], None] = None) -> Optional[int]:
     """The layer index PEFT's ``layers_to_transform`` filter reads from ``name`` (first ``.<seg>.<n>.``)."""
     if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        m = _NO_LAYERS_PATTERN.match(name)
     else:
         m = None
         for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            m = bounded(p, LAYERS, "layers_pattern").match(name)
             if m:
                 break
     return int(m.group("idx")) if m else None
+
+
+_NO_LAYERS_PATTERN = bounded(r".*?\.[^.]*\.(?P<idx>\d+)\.", FULL, "layers_pattern").regex
 
 
 def is_lora_target(
@@ -79,17 +127,18 @@ def is_lora_target(
     layers_pattern: Union[str, Sequence[str], None] = None,
 ) -> bool:
     """Whether PEFT would put a LoRA layer on ``name`` (order: exclude, modules_to_save, target, layer filter)."""
-    if matches_spec(name, exclude_modules):
+    if exclude_modules and matches_spec(name, exclude_modules, "exclude_modules"):
         return False
-    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save):
+    if modules_to_save and any(bounded(m, MODULES_TO_SAVE, "modules_to_save").match(name) for m in modules_to_save):
         return False
     if target_modules is None:
         return False
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    if name in target_modules:
+        return bounded(target_modules, FULL, "target_modules").fullmatch(name) is not None
+    index = entry_index(target_modules)
+    if name in index.entries:
         return True  # an exact full name skips the layer filter
-    if not any(name.endswith("." + e) for e in target_modules):
+    if not index.matches(name):
         return False
     if layers_to_transform is None or (not isinstance(layers_to_transform, int) and len(layers_to_transform) == 0):
         return True
@@ -160,12 +209,13 @@ def select_targets(
             layers_to_transform=layers_to_transform,
             layers_pattern=layers_pattern,
         ):
-            if matches_spec(name, exclude_modules):
+            if matches_spec(name, exclude_modules, "exclude_modules"):
                 sel.excluded.append(name)
             else:
                 sel.lora_targets.append(name)
     if isinstance(target_modules, (list, tuple)):
-        sel.unused_targets = [e for e in target_modules if not any(matches_entry(n, e) for n in module_names)]
+        used = {e for n in module_names for e in entry_index(target_modules).hits(n)}
+        sel.unused_targets = [e for e in target_modules if e not in used]
     for entry in modules_to_save or ():
         exact = full_copy_matches(module_names, entry)
         peft = peft_full_copy_matches(module_names, entry)
@@ -204,3 +254,85 @@ def module_names_from_keys(keys: Iterable[str]) -> tuple[list[str], list[str]]:
         if len(segs) >= 2 and segs[-1] == "weight":
             leaves.setdefault(".".join(segs[:-1]), None)
     return list(names), list(leaves)
+
+
+_LITERAL_KEY_CHARS = r"(?:[^.^$*+?{}\[\]\\|()]|\\[^A-Za-z0-9])*"
+
+
+class PatternKeyIndex:
+    """``rank_pattern`` / ``alpha_pattern`` keys, looked up as PEFT's ``get_pattern_key`` does.
+
+    The answer for a name is the first key, in dict order, with
+    ``re.match(r"(.*\\.)?(KEY)$", name)``. Keys that are plain (escaped) text are answered by
+    dict lookups: ``^text`` matches the name ``text`` only, ``text`` also every name ending in
+    ``"." + text``. Other keys are regexes, compiled once and tried only when the name ends with
+    their literal tail. Names holding a newline take the slow, exact path through ``re``.
+    """
+
+    def __init__(self, keys: Sequence[str], field: str = "rank_pattern", path: Optional[str] = None) -> None:
+        from .patterns import PATTERN_KEY, literal_tail
+
+        self.keys = list(keys)
+        self.field, self.path = field, path
+        self._exact: dict[str, int] = {}
+        self._suffix: dict[str, int] = {}
+        self._regex_keys: list[int] = []  #: key positions that are real regexes
+        self._by_tail: dict[int, dict[str, list[int]]] = {}  #: tail length -> tail -> key positions
+        literal = _literal_key()
+        for i, key in enumerate(self.keys):
+            m = literal.fullmatch(key)
+            if m is not None:
+                text = _unescape(m.group(2))
+                (self._exact if m.group(1) else self._suffix).setdefault(text, i)
+                continue
+            bounded(key, PATTERN_KEY, f"{field}.{key}", path)  # vet it now: refused keys fail at read time
+            self._regex_keys.append(i)
+            tail = literal_tail(key)
+            self._by_tail.setdefault(len(tail), {}).setdefault(tail, []).append(i)
+
+    def _regex(self, i: int) -> Any:
+        from .patterns import PATTERN_KEY
+
+        key = self.keys[i]
+        return bounded(key, PATTERN_KEY, f"{self.field}.{key}", self.path)
+
+    def matching(self, name: str) -> list[str]:
+        """Every key that matches ``name``, in dict order."""
+        return [self.keys[i] for i in self._positions(name, first_only=False)]
+
+    def first(self, name: str) -> Optional[str]:
+        """The first key (dict order) matching ``name``, or ``None``."""
+        hits = self._positions(name, first_only=True)
+        return self.keys[hits[0]] if hits else None
+
+    def _positions(self, name: str, *, first_only: bool) -> list[int]:
+        if "\n" in name:  # '.' and '$' treat newlines specially: ask re about every key
+            return [i for i in range(len(self.keys)) if self._regex(i).match(name)][: 1 if first_only else None]
+        hits = set()
+        if name in self._exact:
+            hits.add(self._exact[name])
+        for s in dotted_suffixes(name):
+            if s in self._suffix:
+                hits.add(self._suffix[s])
+        candidates: set[int] = set()
+        for length, tails in self._by_tail.items():
+            if length <= len(name):
+                candidates.update(tails.get(name[len(name) - length :], ()))
+        best = min(hits) if hits else len(self.keys)
+        for i in sorted(candidates):
+            if first_only and i > best:
+                break
+            if self._regex(i).match(name):
+                hits.add(i)
+                if first_only:
+                    break
+        ordered = sorted(hits)
+        return ordered[:1] if first_only else ordered
+
+
+def _literal_key() -> "re.Pattern[str]":
+    return re.compile(r"(\^?)(" + _LITERAL_KEY_CHARS + ")")
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
