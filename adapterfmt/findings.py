@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from .config import overlapping_pattern_keys
 from .finding import Finding
 from .keys import param_key
-from .matching import is_within, matches_entry, matches_spec, module_names_from_keys, peft_full_copy_matches
+from .matching import (
+    entry_index,
+    is_within,
+    matches_entry,
+    module_names_from_keys,
+    peft_full_copy_matches,
+    unselected_modules,
+    unused_entries,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import AdapterCheckpoint, LoraModule
@@ -208,7 +216,7 @@ def adapter_findings(ckpt: "AdapterCheckpoint") -> list[Finding]:
     # A module that is both a LoRA target and a full copy (by tensors or by config).
     entries = cfg.modules_to_save or []
     both = sorted(
-        p for p in ckpt.lora if any(is_within(p, c) for c in ckpt.full_copies) or any(matches_entry(p, e) for e in entries)
+        p for p in ckpt.lora if any(is_within(p, c) for c in ckpt.full_copies) or (entries and entry_index(entries).matches(p))
     )
     if isinstance(cfg.target_modules, list):
         both += sorted(set(cfg.target_modules) & set(entries))
@@ -221,33 +229,52 @@ def adapter_findings(ckpt: "AdapterCheckpoint") -> list[Finding]:
             )
         )
 
-    # Config vs tensors.
+    # Config vs tensors: the whole selection (targets, exclusions, layer filter), by index lookups.
     if cfg.target_modules is not None and not (isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"):
+        from .param_targets import param_target
         from .weight_tying import tied_lora_twins
 
         twins = tied_lora_twins(ckpt)  # ensure_weight_tying: the tied head's LoRA is not in target_modules
-        from .param_targets import param_target
-
-        not_targeted = [
-            p for p in ckpt.lora if not matches_spec(p, cfg.target_modules) and p not in twins and param_target(cfg, p) is None
+        not_selected = [
+            p
+            for p in unselected_modules(
+                ckpt.lora,
+                cfg.target_modules,
+                exclude_modules=cfg.exclude_modules,
+                layers_to_transform=cfg.layers_to_transform,
+                layers_pattern=cfg.layers_pattern,
+            )
+            if p not in twins and param_target(cfg, p) is None
         ]
-        if not_targeted:
+        if not_selected and len(not_selected) == len(ckpt.lora):
             out.append(
                 Finding(
                     "config-tensor-mismatch",
-                    f"{len(not_targeted)} LoRA module(s) in the file are not matched by target_modules, e.g. '{not_targeted[0]}'",
-                    not_targeted[:_MAX_KEYS],
+                    f"the config's selection (target_modules, exclude_modules, layers_to_transform, layers_pattern) "
+                    f"matches none of the {len(ckpt.lora)} LoRA module(s) in the file, e.g. '{not_selected[0]}'; "
+                    "PEFT refuses to load such an adapter",
+                    not_selected[:_MAX_KEYS],
+                )
+            )
+        elif not_selected:
+            out.append(
+                Finding(
+                    "config-tensor-mismatch",
+                    f"{len(not_selected)} LoRA module(s) in the file are not matched by target_modules"
+                    f"{'' if cfg.exclude_modules is None and cfg.layers_to_transform is None else ' (after exclude_modules and the layer filter)'}"
+                    f", e.g. '{not_selected[0]}'",
+                    not_selected[:_MAX_KEYS],
                 )
             )
         if isinstance(cfg.target_modules, list):
-            unused = [e for e in cfg.target_modules if not any(matches_entry(p, e) for p in ckpt.lora)]
+            unused = unused_entries(cfg.target_modules, ckpt.lora)
             if unused:
                 out.append(
                     Finding(
                         "config-tensor-mismatch",
-                        f"target_modules entr{'y' if len(unused) == 1 else 'ies'} {', '.join(repr(u) for u in unused)} "
+                        f"target_modules entr{'y' if len(unused) == 1 else 'ies'} {', '.join(repr(u) for u in unused[:_MAX_KEYS])} "
                         "match no LoRA tensors in the file",
-                        unused,
+                        unused[:_MAX_KEYS],
                     )
                 )
     # PEFT adds every head name of the task type (SEQ_CLS: classifier *and* score); the model has one.

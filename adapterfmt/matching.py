@@ -336,3 +336,36 @@ def _literal_key() -> "re.Pattern[str]":
 
 def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
+
+
+def unused_entries(entries: Sequence[str], names: Iterable[str]) -> list[str]:
+    """The list entries (in order) that no name matches: one pass of set lookups over the names."""
+    index = entry_index(entries)
+    used = {e for n in names for e in index.hits(n)}
+    return [e for e in entries if e not in used]
+
+
+def unselected_modules(
+    modules: Iterable[str],
+    target_modules: TargetSpec,
+    *,
+    exclude_modules: TargetSpec = None,
+    layers_to_transform: Union[int, Sequence[int], None] = None,
+    layers_pattern: Union[str, Sequence[str], None] = None,
+) -> list[str]:
+    """The modules PEFT would not put LoRA on under this selection (FORMAT.md §5.1, §5.2).
+
+    ``modules_to_save`` is left out on purpose: a LoRA module under a module to save is its own
+    warning (``target-and-full-copy``).
+    """
+    return [
+        m
+        for m in modules
+        if not is_lora_target(
+            m,
+            target_modules,
+            exclude_modules=exclude_modules,
+            layers_to_transform=layers_to_transform,
+            layers_pattern=layers_pattern,
+        )
+    ]

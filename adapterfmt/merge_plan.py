@@ -229,6 +229,8 @@ def plan_merge(
         refuse_bad_resolution(adapter, res, allow_unused)
         skipped += res.unresolved
         findings += [f for f in res.findings if f not in findings]  # the base's own warnings come once
+        # a config that disagrees with its tensors is merged by the tensors: say so (BEHAVIOUR §2.1)
+        findings += [f for f in adapter.findings if f.code == "config-tensor-mismatch"]
         if adapter.unknown_keys:
             skipped += adapter.unknown_keys
         before = len(skipped)
