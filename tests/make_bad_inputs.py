@@ -517,6 +517,82 @@ def _weights_missing(a: Path, _: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# CONFIG FIELDS OF THE WRONG JSON TYPE (PEFT's LoraConfig declares each; truthiness never decides)
+# ---------------------------------------------------------------------------------------------
+
+#: case name -> (field, wrong value, the key the error names)
+WRONG_TYPES: dict[str, tuple[str, object, str]] = {
+    "config-type-fan-in-fan-out-string": ("fan_in_fan_out", "false", "fan_in_fan_out"),
+    "config-type-layers-pattern-int": ("layers_pattern", 3, "layers_pattern"),
+    "config-type-use-dora-string": ("use_dora", "true", "use_dora"),
+    "config-type-use-rslora-int": ("use_rslora", 1, "use_rslora"),
+    "config-type-lora-bias-string": ("lora_bias", "false", "lora_bias"),
+    "config-type-r-float": ("r", 8.0, "'r'"),
+    "config-type-alpha-string": ("lora_alpha", "16", "lora_alpha"),
+    "config-type-target-modules-number": ("target_modules", 5, "target_modules"),
+    "config-type-modules-to-save-string": ("modules_to_save", "lm_head", "modules_to_save"),
+    "config-type-layers-to-transform-string": ("layers_to_transform", "0", "layers_to_transform"),
+    "config-type-rank-pattern-value-string": ("rank_pattern", {"down_proj": "4"}, "rank_pattern.down_proj"),
+    "config-type-init-weights-number": ("init_lora_weights", 1, "init_lora_weights"),
+    "config-type-token-indices-string": ("trainable_token_indices", "1,2", "trainable_token_indices"),
+    "config-type-layer-replication-strings": ("layer_replication", [["0", "2"]], "layer_replication"),
+}
+
+
+def _register_wrong_type(name: str, fieldname: str, value: object, key: str) -> None:
+    @case(name, f"{fieldname} = {value!r} (wrong JSON type)", file=ADAPTER_CONFIG, key=key)
+    def _break(a: Path, _: Path) -> None:
+        edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__(fieldname, value))
+
+
+for _name, (_field, _value, _key) in WRONG_TYPES.items():
+    _register_wrong_type(_name, _field, _value, _key)
+
+
+# ---------------------------------------------------------------------------------------------
+# HOSTILE PATTERNS: regexes that would backtrack for ever are refused in one line, never run
+# ---------------------------------------------------------------------------------------------
+
+#: case name -> (field, value, the key the error names)
+HOSTILE_PATTERNS: dict[str, tuple[str, object, str]] = {
+    "pattern-target-nested-quantifier": ("target_modules", "(a+)+b", "target_modules"),
+    "pattern-exclude-nested-quantifier": ("exclude_modules", "(.*a){20}", "exclude_modules"),
+    "pattern-rank-key-nested": ("rank_pattern", {r"(\w+\.)*q_proj": 4}, "rank_pattern."),
+    "pattern-alpha-key-alternation": ("alpha_pattern", {"(a|ab)*c": 4}, "alpha_pattern."),
+    "pattern-layers-backreference": ("layers_pattern", r"(l)\1", "layers_pattern"),
+    "pattern-modules-to-save-nested": ("modules_to_save", ["(lm_+)+head"], "modules_to_save"),
+    "pattern-target-polynomial": ("target_modules", ".*" * 12 + "x", "target_modules"),
+    "pattern-rank-key-polynomial": ("rank_pattern", {".*" * 12 + "_proj": 4}, "rank_pattern."),
+}
+
+
+def _register_hostile(name: str, fieldname: str, value: object, key: str) -> None:
+    @case(name, f"{fieldname} = {value!r} (catastrophic backtracking)", file=ADAPTER_CONFIG, key=key)
+    def _break(a: Path, _: Path) -> None:
+        def change(d: dict) -> None:
+            d[fieldname] = value
+            if fieldname == "layers_pattern":
+                d["layers_to_transform"] = [0]
+
+        edit_json(a / ADAPTER_CONFIG, change)
+
+
+for _name, (_field, _value, _key) in HOSTILE_PATTERNS.items():
+    _register_hostile(_name, _field, _value, _key)
+
+
+@case(
+    "config-selects-nothing",
+    "layers_to_transform [5] with layers_pattern 'layers': the selection matches none of the 14 LoRA modules",
+    file=ADAPTER_CONFIG,
+    finding="config-tensor-mismatch",
+    expect={"inspect": 0, "check": 0, "merge": 0, "verify": 0},
+)
+def _config_selects_nothing(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.update(layers_to_transform=[5], layers_pattern="layers"))
+
+
+# ---------------------------------------------------------------------------------------------
 # SHARD INDEX AND PATHS ESCAPING THE MODEL DIRECTORY
 # ---------------------------------------------------------------------------------------------
 

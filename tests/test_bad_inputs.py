@@ -177,7 +177,7 @@ def test_corpus_is_large_and_covers_every_fault_family() -> None:
     names = list(corpus.CASES)
     assert len(names) >= 30
     assert sum(any(code == 2 for code in spec.expect.values()) for spec, _ in corpus.CASES.values()) >= 30
-    for family in ("st-", "shard-", "lora-", "key-", "config-", "index-", "pickle-", "non-finite", "empty-adapter"):
+    for family in ("st-", "shard-", "lora-", "key-", "config-", "config-type-", "pattern-", "index-", "pickle-", "non-finite", "empty-adapter"):
         assert any(n.startswith(family) for n in names), family
 
 
