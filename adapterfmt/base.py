@@ -19,6 +19,7 @@ from .file_tree import Tree
 from .constants import MODEL_CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE
 from .errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError
 from .finding import Finding
+from .gc_pause import with_gc_paused
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import weight_key, weight_module
 from .quantized import refuse_quantized
@@ -76,6 +77,7 @@ class BaseModel:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+@with_gc_paused
 def read_base(
     path: "str | os.PathLike[str]",
     *,

@@ -23,6 +23,7 @@ from .constants import (
 )
 from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from .findings import adapter_findings, mixed_prefix_finding, wrapper_leftover_finding
+from .gc_pause import with_gc_paused
 from .header import SafetensorsHeader, TensorInfo, read_header
 from .keys import KeyParts, Role, bias_key, param_key, parse_saved, split_prefix
 from .matching import is_within, matches_entry
@@ -41,6 +42,7 @@ _LORA_SLOT = {
 }
 
 
+@with_gc_paused
 def read_adapter(
     path: "str | os.PathLike[str]",
     *,

@@ -14,15 +14,22 @@ import os
 import struct
 from dataclasses import dataclass, field
 from math import prod
-from typing import Mapping
+from operator import attrgetter
+from typing import Any, Mapping
 
 from .constants import DTYPE_BITS, MAX_HEADER_BYTES
 from .errors import HeaderError
+from .gc_pause import with_gc_paused
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype, shape and absolute byte range in the file."""
+    """Where one tensor lives: file, dtype, shape and absolute byte range in the file.
+
+    Slotted: a 200k-tensor header holds 200k of these (FORMAT.md §1.1, memory bound).
+    """
+
+    __slots__ = ("key", "file", "dtype", "shape", "start", "end")
 
     key: str
     file: str
@@ -39,6 +46,9 @@ class TensorInfo:
     def numel(self) -> int:
         return prod(self.shape)
 
+    def __reduce__(self) -> tuple:  # frozen + slots: pickle through the constructor
+        return (TensorInfo, (self.key, self.file, self.dtype, self.shape, self.start, self.end))
+
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
@@ -54,13 +64,14 @@ class SafetensorsHeader:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Duplicate(k)
-        out[k] = v
-    return out
+class _Object(list):
+    """A JSON object as its list of ``(key, value)`` pairs (``json``'s ``object_pairs_hook``).
+
+    A list keeps duplicate keys visible (a dict would keep the last one silently), the C decoder
+    builds it without calling Python code, and its own type tells an object from an array.
+    """
+
+    __slots__ = ()
 
 
 class _Duplicate(Exception):
@@ -68,6 +79,18 @@ class _Duplicate(Exception):
         self.key = key
 
 
+def _fields(pairs: "_Object") -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+    return out
+
+
+@with_gc_paused
 def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file.
 
@@ -124,30 +147,43 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise HeaderError("header is not UTF-8", path=name, hint="the file is damaged or not safetensors") from None
+    del raw
     if not text.startswith("{"):
         raise HeaderError("header is not a JSON object", path=name, hint="the file is damaged or not safetensors")
     try:
-        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _Duplicate as dup:
-        raise HeaderError("appears twice in the header", path=name, key=dup.key, hint="the writer is broken; re-export the file") from None
+        pairs = json.loads(text, object_pairs_hook=_Object)
     except (ValueError, RecursionError):
         raise HeaderError("header is not valid JSON", path=name, hint="the file is damaged or not safetensors") from None
-    if not isinstance(doc, dict):
+    del text
+    if type(pairs) is not _Object:
         raise HeaderError("header is not a JSON object", path=name, hint="the file is damaged or not safetensors")
 
     data_start = 8 + n
     buffer_len = size - data_start
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata: Any = {}
+    tensors: dict[str, TensorInfo] = {}
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
+    seen_metadata = False
+    for i, (key, entry) in enumerate(pairs):
+        pairs[i] = None  # type: ignore[call-overload]  # free the parsed entry as it is converted
+        if key in tensors or (key == "__metadata__" and seen_metadata):
+            raise HeaderError("appears twice in the header", path=name, key=key, hint="the writer is broken; re-export the file")
+        try:
+            if key == "__metadata__":
+                seen_metadata = True
+                metadata = _fields(entry) if type(entry) is _Object else entry
+                continue
+            tensors[key] = _tensor_info(name, key, entry, data_start, shapes)
+        except _Duplicate as dup:
+            raise HeaderError(f"field '{dup.key}' appears twice in the header entry", path=name, key=key, hint="the writer is broken; re-export the file") from None
+    del pairs
+    metadata = metadata or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise HeaderError("__metadata__ must map strings to strings", path=name, key="__metadata__")
 
-    tensors: dict[str, TensorInfo] = {}
-    for key, entry in doc.items():
-        tensors[key] = _tensor_info(name, key, entry, data_start)
-
     # Tensors must tile the byte buffer from 0 to its end, with no hole and no overlap.
     cursor = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+    for info in sorted(tensors.values(), key=attrgetter("start", "end")):
         rel_start, rel_end = info.start - data_start, info.end - data_start
         if rel_start != cursor:
             what = "overlap the previous tensor" if rel_start < cursor else f"leave a hole at byte {cursor}"
@@ -168,24 +204,21 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
     return SafetensorsHeader(path=name, tensors=tensors, metadata=dict(metadata), data_start=data_start)
 
 
-def _tensor_info(path: str, key: str, entry: object, data_start: int) -> TensorInfo:
-    if not isinstance(entry, dict):
+def _tensor_info(path: str, key: str, entry: object, data_start: int, shapes: dict) -> TensorInfo:
+    if type(entry) is not _Object:
         raise HeaderError("header entry is not an object", path=path, key=key, hint="the file is damaged")
-    dtype = entry.get("dtype")
-    shape = entry.get("shape")
-    offsets = entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+    fields = _fields(entry)  # type: ignore[arg-type]
+    dtype = fields.get("dtype")
+    shape = fields.get("shape")
+    offsets = fields.get("data_offsets")
+    bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
+    if bits is None:
         raise HeaderError(f"unknown dtype {dtype!r}", path=path, key=key, hint=f"expected one of {', '.join(sorted(DTYPE_BITS))}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise HeaderError(f"shape {shape!r} is not a list of non-negative integers", path=path, key=key, hint="the file is damaged")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
-        or offsets[1] < offsets[0]
-    ):
-        raise HeaderError(f"data_offsets {offsets!r} are not [begin, end]", path=path, key=key, hint="the file is damaged")
-    bits = prod(shape) * DTYPE_BITS[dtype]
+    if type(shape) is not list or (shape and (not _INTS.issuperset(map(type, shape)) or min(shape) < 0)):
+        raise HeaderError(f"shape {_plain(shape)!r} is not a list of non-negative integers", path=path, key=key, hint="the file is damaged")
+    if type(offsets) is not list or len(offsets) != 2 or not _INTS.issuperset(map(type, offsets)) or not 0 <= offsets[0] <= offsets[1]:
+        raise HeaderError(f"data_offsets {_plain(offsets)!r} are not [begin, end]", path=path, key=key, hint="the file is damaged")
+    bits *= prod(shape)
     if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
         raise HeaderError(
             f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets span {offsets[1] - offsets[0]}",
@@ -193,4 +226,17 @@ def _tensor_info(path: str, key: str, entry: object, data_start: int) -> TensorI
             key=key,
             hint="the file is damaged",
         )
-    return TensorInfo(key, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    t = tuple(shape)
+    return TensorInfo(key, path, _DTYPE_NAMES[dtype], shapes.setdefault(t, t), data_start + offsets[0], data_start + offsets[1])
+
+
+_INTS = frozenset({int})  #: ``type(x) is int``: JSON integers only (never bool or float)
+#: one string object per dtype name, shared by every TensorInfo
+_DTYPE_NAMES = {name: name for name in DTYPE_BITS}
+
+
+def _plain(value: object) -> object:
+    """A parsed value as JSON would show it (objects back to dicts) for error messages."""
+    if type(value) is _Object:
+        return dict(value)  # type: ignore[arg-type]
+    return value

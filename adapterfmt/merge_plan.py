@@ -43,6 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .findings import Finding
+from .gc_pause import with_gc_paused
 from .header import TensorInfo
 from .keys import KeyParts, Role, render_base
 from .matching import apply_prefix_map
@@ -175,6 +176,7 @@ def normalize_dtype(dtype: Optional[str]) -> Optional[str]:
     return name
 
 
+@with_gc_paused
 def plan_merge(
     base: BaseModel,
     adapters: Sequence[AdapterCheckpoint],

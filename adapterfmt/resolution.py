@@ -17,6 +17,7 @@ from .base import BaseModel
 from .checkpoint import AdapterCheckpoint, LoraModule
 from .finding import Finding
 from .findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
+from .gc_pause import with_gc_paused
 from .keys import bias_key, param_key, split_param, weight_key
 from .matching import apply_prefix_map
 from .param_targets import ExpertSlice, ParamTarget, bind, param_target
@@ -70,6 +71,7 @@ class Resolution:
         )
 
 
+@with_gc_paused
 def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional[dict[str, str]] = None) -> Resolution:
     """Bind every module of ``adapter`` to tensors of ``base``; never raises for mismatches.
 

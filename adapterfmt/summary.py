@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
 
 from .finding import Finding
 from .findings import shape_mismatch_finding, targets_findings, unresolved_module_finding
+from .gc_pause import with_gc_paused
 from .header import TensorInfo
 from .keys import weight_key
 from .matching import TargetSpec, module_names_from_keys, select_targets
@@ -233,6 +234,7 @@ def _adapter_facts(ckpt: AdapterCheckpoint) -> dict[str, Any]:
     }
 
 
+@with_gc_paused
 def inspect_report(
     ckpt: AdapterCheckpoint,
     *,
@@ -305,6 +307,7 @@ def _looked_for(name: str, adapter: AdapterCheckpoint, prefix_map: Optional[dict
     return weight_key(name_mapped) if name in adapter.lora else name_mapped
 
 
+@with_gc_paused
 def check_report(
     res: Resolution,
     *,

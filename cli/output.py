@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import click
 
@@ -16,8 +16,42 @@ from adapterfmt.constants import FORMAT_VERSION
 
 
 def emit_json(doc: dict[str, Any]) -> None:
-    """Print ``doc`` (with ``format_version`` first) as JSON on stdout."""
-    click.echo(json.dumps({"format_version": FORMAT_VERSION, **doc}, indent=2, sort_keys=False))
+    """Print ``doc`` (with ``format_version`` first) as JSON on stdout.
+
+    The two outer levels are indented; anything deeper (one module row, one finding) is one
+    line, encoded by ``json``'s C encoder. A 100k-module report is a 70 MB document: indenting it
+    all goes through ``json``'s pure-Python encoder (40 s), and ``json.dumps`` would hold it,
+    plus the millions of fragments it joins, in memory at once. So it is streamed in 64 KiB pieces.
+    """
+    pieces: list[str] = []
+    size = 0
+    for chunk in _encode({"format_version": FORMAT_VERSION, **doc}, 0):
+        pieces.append(chunk)
+        size += len(chunk)
+        if size >= 1 << 16:
+            click.echo("".join(pieces), nl=False)
+            pieces.clear()
+            size = 0
+    pieces.append("\n")
+    click.echo("".join(pieces), nl=False)
+
+
+_OUTER_LEVELS = 2
+
+
+def _encode(value: Any, level: int) -> Iterator[str]:
+    """JSON text of ``value``: containers above :data:`_OUTER_LEVELS` indented, the rest compact."""
+    if level >= _OUTER_LEVELS or not isinstance(value, (dict, list, tuple)) or not value:
+        yield json.dumps(value, separators=(", ", ": "))
+        return
+    pad, inner = "  " * level, "  " * (level + 1)
+    is_dict = isinstance(value, dict)
+    yield "{" if is_dict else "["
+    items = value.items() if is_dict else ((None, v) for v in value)
+    for i, (key, item) in enumerate(items):
+        yield ("," if i else "") + "\n" + inner + (json.dumps(str(key)) + ": " if is_dict else "")
+        yield from _encode(item, level + 1)
+    yield "\n" + pad + ("}" if is_dict else "]")
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_right: Iterable[int] = ()) -> str:
