@@ -8,7 +8,7 @@
   plain ``name.endswith(entry)`` — :func:`peft_full_copy_matches` reproduces that so tools can
   report where the two differ (``classifier`` also catching ``pre_classifier``).
 
-Cost is linear in the number of names (FORMAT.md §5.6): a list is matched through a set of its
+Cost is linear in the number of names (BEHAVIOUR §1): a list is matched through a set of its
 entries, looking up each dotted suffix of the name; a regex is compiled once and matched at a
 bounded price (:mod:`adapterfmt.patterns`).
 """

@@ -1,4 +1,4 @@
-"""Regular expressions from untrusted configs, matched with bounded work (docs/FORMAT.md §5.6).
+"""Regular expressions from untrusted configs, matched with bounded work (docs/BEHAVIOUR.md §1).
 
 ``target_modules`` / ``exclude_modules`` strings, ``rank_pattern`` / ``alpha_pattern`` keys,
 ``layers_pattern`` entries and ``modules_to_save`` entries are regexes written by whoever made
