@@ -47,7 +47,7 @@ from .merge_plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor,
 from .parallel_write import PlacedFile, write_files
 from .pause import hooked, pause_point
 from .safetensors_stream import encode_header
-from .staging import StagedDirectory, check_free_space, check_output_path, clean_stale, format_bytes
+from .staging import StagedDirectory, check_free_space, check_output_path, clean_stale, format_bytes, no_free_inodes
 from .tensor_source import TensorSource
 from .torch_io import SAFETENSORS_DTYPES
 
@@ -80,6 +80,8 @@ class MergeSummary:
     applied: list[dict[str, list[int]]] = field(default_factory=list)  #: per adapter: part -> [applied, in the adapter]
     removed_stale: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    #: how the output was written where it differs from one atomic rename (a mount point as OUT)
+    notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -237,7 +239,7 @@ def merge_to_directory(
             files = sorted([plan.output.path(s.name) for s in plan.shards] + written)
             timings["files"] = time.perf_counter() - mark
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and not no_free_inodes(target):
                 raise DiskSpaceError(
                     f"ran out of space while writing the merged model (it needs {format_bytes(sum(sizes))})",
                     path=target,
@@ -265,6 +267,7 @@ def merge_to_directory(
         applied=plan.applied,
         removed_stale=removed,
         findings=plan.findings,
+        notes=[staging.note] if staging.note else [],
         timings={k: round(v, 3) for k, v in timings.items()},
     )
 

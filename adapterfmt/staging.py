@@ -16,12 +16,13 @@ so they survive the swap unchanged.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Optional, Sequence
 
 from . import os_calls
-from .errors import DiskSpaceError, OutputPathError
+from .errors import AdapterFormatError, DiskSpaceError, OutputPathError
 from .pause import pause_point
 
 TMP_TAG = "adapterfmt-tmp"
@@ -29,6 +30,21 @@ OLD_TAG = "adapterfmt-old"
 #: Free space asked for beyond the output's bytes (directory entries, filesystem metadata).
 _SPACE_MARGIN = 1 << 20
 _BLOCK = 4096
+
+
+#: longest file name most filesystems take (ext4, xfs, btrfs, tmpfs, APFS, NTFS in UTF-16 units)
+_NAME_MAX = 255
+
+
+def _prefix(name: str) -> str:
+    """``.OUT.`` — the start of the staging names beside ``OUT``; for a long ``OUT`` name, a digest
+    of it instead, so that ``.<prefix>adapterfmt-tmp-<pid>`` still fits in a file name."""
+    prefix = f".{name}."
+    if len(os.fsencode(prefix)) + len(TMP_TAG) + 12 > _NAME_MAX:
+        import hashlib
+
+        prefix = f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:24]}."
+    return prefix
 
 
 def _inside(path: str, root: str) -> bool:
@@ -61,6 +77,40 @@ def check_output_path(out: "str | os.PathLike[str]", inputs: Sequence[str], *, o
     return absolute
 
 
+#: errnos that mean the filesystem has no room for the output (space, inodes, quota, size limit)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def output_error(e: OSError, out: str, stage: Optional[str] = None) -> AdapterFormatError:
+    """One line for a failing filesystem step: the path, what the errno means, and its name.
+
+    A path inside the staging directory ``stage`` is named as the ``OUT`` path it was for.
+    ``ENOSPC`` on a filesystem with free blocks but no free inodes says so.
+    """
+    path = e.filename if isinstance(e.filename, str) else out
+    if stage and _inside(path, stage):
+        path = out + path[len(stage) :]
+    code = errno.errorcode.get(e.errno or 0, "")
+    meaning = os.strerror(e.errno) if e.errno else (e.strerror or str(e) or type(e).__name__)
+    if e.errno == errno.ENOSPC and no_free_inodes(path):
+        meaning = f"no free inodes left ({meaning})"
+    text = f"{meaning}{f' [{code}]' if code else ''}; the output was not written"
+    cls = DiskSpaceError if e.errno in _NO_ROOM else OutputPathError
+    return cls(text, path=path, hint="nothing was left behind")
+
+
+def no_free_inodes(path: str) -> bool:
+    """Whether the filesystem of ``path`` (or of its nearest existing folder) has no free inode."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe or os.sep)
+    except OSError:
+        return False
+    return st.f_files > 0 and st.f_favail == 0
+
+
 def check_free_space(out: str, file_sizes: Sequence[int]) -> None:
     """Raise before anything is written when the filesystem of ``out`` cannot hold the output files.
 
@@ -70,7 +120,7 @@ def check_free_space(out: str, file_sizes: Sequence[int]) -> None:
         DiskSpaceError: with the bytes needed and free.
     """
     needed = sum(-(-size // _BLOCK) * _BLOCK for size in file_sizes) + _SPACE_MARGIN
-    probe = os.path.dirname(out)
+    probe = out if os.path.ismount(out) else os.path.dirname(out)  # a mount point is written in place
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe or os.sep).free
@@ -104,10 +154,20 @@ def _release(lock: Optional[os_calls.Lock]) -> None:
 class StagedDirectory:
     """``OUT`` written all or nothing: a locked staging directory beside it, renamed in on commit.
 
-    Use as a context manager; leaving it without :meth:`commit` removes the staging directory.
-    Call :func:`clean_stale` first. Writers create new files in :attr:`path` (with
-    ``keep_existing``, :meth:`file` gives a path for one, never writing through a kept link).
-    Pause points: ``start`` once the stage exists, ``rename`` in :meth:`commit` after the fsyncs.
+    Use as a context manager; leaving it without :meth:`commit` removes the staging directory,
+    and the folders above ``OUT`` that it created. Every ``OSError`` inside the block (making the
+    stage, writing, fsync, rename) leaves as one line naming the path and the errno's meaning
+    (:func:`output_error`). Call :func:`clean_stale` first. Writers create new files in
+    :attr:`path` (with ``keep_existing``, :meth:`file` gives a path for one, never writing
+    through a kept link). Pause points: ``start`` once the stage exists, ``rename`` in
+    :meth:`commit` after the fsyncs.
+
+    **A mount point as ``OUT``** (a container volume) cannot be renamed over, and a stage beside
+    it would be on another filesystem. Then the stage is made inside ``OUT``
+    (``OUT/.adapterfmt-tmp-<pid>``) and :meth:`commit` moves its entries into ``OUT`` one by one,
+    JSON files (config, index) last; a failed move puts back what was moved. Each move is atomic;
+    the set of them is not: a crash during those renames can leave part of the files in ``OUT``
+    (:attr:`note` says so).
     """
 
     def __init__(self, out: str, *, overwrite: bool = False, keep_existing: bool = False) -> None:
@@ -115,31 +175,76 @@ class StagedDirectory:
         self.parent, self.name = os.path.split(self.out)
         self.overwrite = overwrite
         self.keep_existing = keep_existing
-        self.path = os.path.join(self.parent, f".{self.name}.{TMP_TAG}-{os.getpid()}")
+        self.in_place = os.path.isdir(self.out) and os.path.ismount(self.out)
+        self.path = (
+            os.path.join(self.out, f".{TMP_TAG}-{os.getpid()}")
+            if self.in_place
+            else os.path.join(self.parent, f"{_prefix(self.name)}{TMP_TAG}-{os.getpid()}")
+        )
+        #: what the user should know about how the output was written (``None``: nothing special)
+        self.note: Optional[str] = None
+        if self.in_place:
+            self.note = (
+                f"{self.out} is a mount point: the output was staged inside it and moved in file by file "
+                "(each move atomic, the whole not: an interruption during the moves can leave part of it)"
+            )
+        self._created: list[str] = []  #: folders above OUT this run created, outermost first
         self._lock: Optional[os_calls.Lock] = None
         self._committed = False
 
     def __enter__(self) -> "StagedDirectory":
-        os.makedirs(self.parent, exist_ok=True)
-        if not os_calls.directory_locks_follow_renames():  # a lock file: taken before the directory exists
-            self._lock = _try_lock(self.path)
-        os.mkdir(self.path, 0o755)
-        if self._lock is None:
-            self._lock = _try_lock(self.path)
         try:
-            if self.keep_existing and os.path.isdir(self.out):
+            self._make_parents()
+            if not os_calls.directory_locks_follow_renames():  # a lock file: taken before the directory exists
+                self._lock = _try_lock(self.path)
+            os.mkdir(self.path, 0o755)
+            if self._lock is None:
+                self._lock = _try_lock(self.path)
+            if self.keep_existing and os.path.isdir(self.out) and not self.in_place:
                 _link_tree(self.out, self.path)
-        except BaseException:
-            self.__exit__()
+            pause_point("start")
+        except BaseException as e:  # a signal at the start point included: the with block never ran
+            self.__exit__(type(e), e, None)
             raise
-        pause_point("start")
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def _make_parents(self) -> None:
+        if len(os.fsencode(self.name)) > _NAME_MAX:  # refuse before writing anything, not at the rename
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), self.out)
+        missing = []
+        folder = self.parent
+        while folder and not os.path.isdir(folder):
+            if os.path.lexists(folder):  # a file where a folder is needed
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+            missing.append(folder)
+            up = os.path.dirname(folder)
+            if up == folder:
+                break
+            folder = up
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder, 0o755)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
+                continue
+            self._created.append(folder)
+
+    def __exit__(self, exc_type: object = None, exc: Optional[BaseException] = None, tb: object = None) -> None:
+        converted = None
+        if isinstance(exc, OSError) and not isinstance(exc, AdapterFormatError):
+            converted = output_error(exc, self.out, stage=self.path)  # before clean-up frees inodes
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+            for folder in reversed(self._created):  # only folders this run made, and only if empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
         _release(self._lock)
         self._lock = None
+        if converted is not None:
+            raise converted from None
 
     def file(self, relative: str) -> str:
         """The staged path of ``relative`` (its folder created), free to be created anew."""
@@ -153,11 +258,14 @@ class StagedDirectory:
         """fsync everything staged and rename it to ``OUT`` (the old ``OUT`` aside first)."""
         fsync_tree(self.path)
         pause_point("rename")
+        if self.in_place:
+            self._commit_in_place()
+            return
         old = None
         if os.path.isdir(self.out) and os.listdir(self.out):
             if not self.overwrite:
                 raise OutputPathError("was created while the merge ran", path=self.out, hint="pass --overwrite or choose another path")
-            old = os.path.join(self.parent, f".{self.name}.{OLD_TAG}-{os.getpid()}")
+            old = os.path.join(self.parent, f"{_prefix(self.name)}{OLD_TAG}-{os.getpid()}")
             # held until the old output is gone, so that it is never taken for a stale leftover
             old_lock = _try_lock(self.out) if os_calls.directory_locks_follow_renames() else _try_lock(old)
             try:
@@ -178,6 +286,44 @@ class StagedDirectory:
             os_calls.sync_directory(self.parent)
         _release(self._lock)
         self._lock = None
+
+    def _commit_in_place(self) -> None:
+        stage = os.path.basename(self.path)
+        existing = [e for e in os.listdir(self.out) if e != stage]
+        if existing and not (self.overwrite or self.keep_existing):
+            raise OutputPathError("was written to while the merge ran", path=self.out, hint="pass --overwrite or choose another path")
+        old = os.path.join(self.out, f".{OLD_TAG}-{os.getpid()}")
+        moved: list[tuple[str, str]] = []
+        try:
+            if existing and not self.keep_existing:
+                os.mkdir(old)
+                for e in existing:
+                    os.rename(os.path.join(self.out, e), os.path.join(old, e))
+                    moved.append((os.path.join(self.out, e), os.path.join(old, e)))
+            for e in sorted(os.listdir(self.path), key=lambda n: (n.endswith(".json"), n)):
+                target = os.path.join(self.out, e)
+                if self.keep_existing and os.path.lexists(target) and not os.path.isdir(target):
+                    os.unlink(target)
+                os.rename(os.path.join(self.path, e), target)
+                moved.append((os.path.join(self.path, e), target))
+        except OSError:
+            for src, dst in reversed(moved):  # put everything back where it was
+                try:
+                    os.rename(dst, src)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(old)  # empty again once everything is back
+            except OSError:
+                pass
+            raise
+        os.rmdir(self.path)
+        self._committed = True
+        fsync_dir(self.out)
+        _release(self._lock)
+        self._lock = None
+        if os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -204,8 +350,10 @@ def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
     """
     out = os.path.abspath(os.fspath(out))
     parent, name = os.path.split(out)
-    prefix = f".{name}."
+    prefix = _prefix(name)
     removed: list[str] = []
+    if os.path.isdir(out) and os.path.ismount(out):
+        removed += _clean_stale_in_place(out)
     if not os.path.isdir(parent):
         return removed
     for entry in sorted(os.listdir(parent)):
@@ -237,6 +385,37 @@ def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
             lock = os_calls.try_lock(os.path.join(parent, entry))
             if lock is not None:
                 lock.release(remove=True)
+    return removed
+
+
+def _clean_stale_in_place(out: str) -> list[str]:
+    """:func:`clean_stale` inside a mount-point ``OUT`` (where such a run stages)."""
+    removed = []
+    for entry in sorted(os.listdir(out)):
+        tag, _, pid = entry[1:].rpartition("-")
+        if not entry.startswith(".") or tag not in (TMP_TAG, OLD_TAG) or not pid.isdigit():
+            continue
+        path = os.path.join(out, entry)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        lock = _try_lock(path)
+        if lock is None:
+            raise OutputPathError(
+                f"another adapterfmt run (pid {pid}) is writing this output now ({entry})",
+                path=out,
+                hint="wait for it to finish or choose another output path",
+            )
+        try:
+            others = [e for e in os.listdir(out) if e != entry and not e.startswith((f".{TMP_TAG}-", f".{OLD_TAG}-"))]
+            if tag == OLD_TAG and not others:
+                for e in os.listdir(path):  # a run died between moving the old output aside and the new one in
+                    os.rename(os.path.join(path, e), os.path.join(out, e))
+                os.rmdir(path)
+            else:
+                shutil.rmtree(path)
+        finally:
+            _release(lock)
+        removed.append(path)
     return removed
 
 

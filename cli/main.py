@@ -7,10 +7,13 @@ inspect`` never pays for torch. Every :class:`~adapterfmt.errors.AdapterFormatEr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from typing import Any, Optional
+import threading
+from typing import Any, Iterator, Optional
 
 import click
 
@@ -50,12 +53,55 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name, __package__), attr)
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except AdapterFormatError as e:
-            if DEBUG:
-                raise
-            raise AdapterFormatClickError(str(e)) from None
+        with _signals_interrupt():
+            try:
+                return super().invoke(ctx)
+            except AdapterFormatError as e:
+                if DEBUG:
+                    raise
+                raise AdapterFormatClickError(str(e)) from None
+            except KeyboardInterrupt as e:
+                # the stack has unwound: every staging directory is removed, nothing is left behind
+                signum = getattr(e, "signum", signal.SIGINT)
+                click.echo(f"Error: interrupted by {signal.Signals(signum).name}; nothing was written", err=True)
+                ctx.exit(128 + int(signum))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like SIGINT's KeyboardInterrupt so that staged output is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: What ``docker stop``, systemd, job schedulers (SIGTERM), a closed terminal (SIGHUP) and Ctrl-C send.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP behave like SIGINT: an exception that unwinds the
+    stack (and with it every staging directory). After the first one, further stop signals are
+    ignored so the clean-up itself is never cut short. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+
+    def stop(signum: int, frame: object) -> None:
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s in _STOP_SIGNALS:
+        if previous[s] is not signal.SIG_IGN:  # a signal ignored on purpose (nohup) stays ignored
+            signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -151,6 +151,8 @@ def merge_command(
     if not quiet:
         for path in summary.removed_stale:
             warn(f"removed the leftover of an interrupted merge: {path}")
+        for note in summary.notes:
+            warn(f"note: {note}")
         for name in summary.skipped:
             warn(f"skipped (matches nothing in the base model): {name}")
         for key in summary.untied:

@@ -780,6 +780,228 @@ def _pickle_garbage(a: Path, _: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# OUTPUT FILESYSTEM FAULTS: pristine inputs, a hostile place to write OUT (real filesystems)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputSetup:
+    """Where a fault case writes: ``out``, extra CLI args, a file-size limit, and what to undo."""
+
+    out: Path
+    args: tuple[str, ...] = ()
+    fsize_limit: Optional[int] = None  #: RLIMIT_FSIZE of the merge process (bytes)
+    created_parents: tuple[Path, ...] = ()  #: folders the run creates and must remove on failure
+    undo: list = field(default_factory=list)  #: callables run after the case (unmount, ...)
+
+
+@dataclass(frozen=True)
+class OutputFault:
+    """A merge into a broken place: the exit code and what the one error line must contain.
+
+    ``mounts``: the case mounts filesystems (root on Linux); skipped with the reason elsewhere.
+    ``ok_files``: on success, files OUT must hold.
+    """
+
+    name: str
+    fault: str
+    setup: Callable[[Path], OutputSetup]
+    exit_code: int = 2
+    line_has: tuple[str, ...] = ()
+    mounts: bool = True
+    ok_files: tuple[str, ...] = ()
+
+
+OUTPUT_FAULTS: dict[str, OutputFault] = {}
+
+
+def output_fault(name: str, fault: str, **kw: object) -> Callable[[Callable[[Path], OutputSetup]], Callable[[Path], OutputSetup]]:
+    def register(setup: Callable[[Path], OutputSetup]) -> Callable[[Path], OutputSetup]:
+        assert name not in OUTPUT_FAULTS, name
+        OUTPUT_FAULTS[name] = OutputFault(name, fault, setup, **kw)  # type: ignore[arg-type]
+        return setup
+
+    return register
+
+
+def _run(*cmd: str) -> None:
+    import subprocess
+
+    done = subprocess.run(list(cmd), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+
+
+def mount_tmpfs(path: Path, options: str, undo: list) -> Path:
+    """Mount a tmpfs at ``path`` (created); its unmount is appended to ``undo``."""
+    path.mkdir(parents=True, exist_ok=True)
+    _run("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path))
+    undo.append(lambda: _run("umount", "-l", str(path)))
+    return path
+
+
+def remount_read_only(path: Path, *, bind: bool = False) -> None:
+    _run("mount", "-o", "remount,bind,ro" if bind else "remount,ro", str(path))
+
+
+MERGED_FILES = ("config.json", INDEX, SHARD1, SHARD2, "model-00003-of-00003.safetensors")
+
+
+@output_fault("fs-readonly-fs", "OUT on a tmpfs remounted read-only", line_has=("Read-only file system", "EROFS", "ro"))
+def _fs_readonly(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "ro" / "OUT")
+    mount_tmpfs(folder / "ro", "size=64m", s.undo)
+    remount_read_only(folder / "ro")
+    return s
+
+
+@output_fault("fs-readonly-bind", "OUT inside a read-only bind mount of a writable folder", line_has=("Read-only file system", "EROFS"))
+def _fs_readonly_bind(folder: Path) -> OutputSetup:
+    real, view = folder / "real", folder / "view"
+    real.mkdir()
+    view.mkdir()
+    s = OutputSetup(view / "OUT")
+    _run("mount", "--bind", str(real), str(view))
+    s.undo.append(lambda: _run("umount", "-l", str(view)))
+    remount_read_only(view, bind=True)
+    return s
+
+
+@output_fault(
+    "fs-readonly-missing-parents",
+    "OUT's missing parents would be created on a read-only filesystem",
+    line_has=("Read-only file system", "EROFS"),
+)
+def _fs_readonly_missing_parents(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "ro" / "a" / "b" / "OUT")
+    mount_tmpfs(folder / "ro", "size=64m", s.undo)
+    remount_read_only(folder / "ro")
+    return s
+
+
+@output_fault("fs-no-space", "OUT on a 200 KiB tmpfs: refused before writing", line_has=("needs", "space"))
+def _fs_no_space(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "small" / "OUT")
+    mount_tmpfs(folder / "small", "size=200k", s.undo)
+    return s
+
+
+@output_fault("fs-no-inodes", "OUT on a tmpfs with room for one more inode (the staging folder)", line_has=("no free inodes", "ENOSPC"))
+def _fs_no_inodes(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "few" / "OUT")
+    mount_tmpfs(folder / "few", "size=64m,nr_inodes=2", s.undo)
+    return s
+
+
+@output_fault(
+    "fs-file-size-limit",
+    "a 64 KiB file-size limit (RLIMIT_FSIZE, like a quota per file): the first shard cannot be written",
+    line_has=("File too large", "EFBIG"),
+    mounts=False,
+)
+def _fs_file_size_limit(folder: Path) -> OutputSetup:
+    return OutputSetup(folder / "OUT", fsize_limit=64 << 10)
+
+
+@output_fault(
+    "fs-missing-parents-removed",
+    "OUT's parents a/b/c do not exist and the merge fails (file-size limit): the folders it made are removed",
+    line_has=("File too large", "EFBIG"),
+    mounts=False,
+)
+def _fs_missing_parents_removed(folder: Path) -> OutputSetup:
+    return OutputSetup(folder / "a" / "b" / "c" / "OUT", fsize_limit=64 << 10, created_parents=(folder / "a",))
+
+
+@output_fault(
+    "fs-missing-parents-created",
+    "OUT's parents a/b do not exist: created, and kept once the merge succeeds",
+    exit_code=0,
+    mounts=False,
+    ok_files=MERGED_FILES,
+)
+def _fs_missing_parents_created(folder: Path) -> OutputSetup:
+    return OutputSetup(folder / "a" / "b" / "OUT")
+
+
+@output_fault("fs-parent-is-file", "OUT's parent is a regular file", line_has=("Not a directory", "ENOTDIR", "afile"), mounts=False)
+def _fs_parent_is_file(folder: Path) -> OutputSetup:
+    (folder / "afile").write_text("x")
+    return OutputSetup(folder / "afile" / "sub" / "OUT")
+
+
+@output_fault(
+    "fs-name-too-long",
+    "OUT's own name is 300 bytes (longer than a file name may be): refused before writing",
+    line_has=("File name too long", "ENAMETOOLONG"),
+    mounts=False,
+)
+def _fs_name_too_long(folder: Path) -> OutputSetup:
+    return OutputSetup(folder / ("o" * 300))
+
+
+@output_fault(
+    "fs-name-250",
+    "OUT's name is 250 bytes: valid, though '.OUT.adapterfmt-tmp-PID' would not be (the stage name is shortened)",
+    exit_code=0,
+    mounts=False,
+    ok_files=MERGED_FILES,
+)
+def _fs_name_250(folder: Path) -> OutputSetup:
+    return OutputSetup(folder / ("o" * 250))
+
+
+@output_fault(
+    "fs-mount-point-out",
+    "OUT is an empty mount point (a container volume): written in place, file by file, and said so",
+    exit_code=0,
+    ok_files=MERGED_FILES,
+)
+def _fs_mount_point_out(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "volume")
+    mount_tmpfs(folder / "volume", "size=64m", s.undo)
+    return s
+
+
+@output_fault(
+    "fs-mount-point-out-overwrite",
+    "OUT is a mount point holding an older model, with --overwrite: replaced in place",
+    exit_code=0,
+    ok_files=MERGED_FILES,
+)
+def _fs_mount_point_out_overwrite(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "volume", args=("--overwrite",))
+    mount_tmpfs(folder / "volume", "size=64m", s.undo)
+    (folder / "volume" / "stale-weights.safetensors").write_bytes(b"old")
+    return s
+
+
+@output_fault(
+    "fs-mount-point-out-not-empty",
+    "OUT is a mount point holding files, without --overwrite: refused",
+    line_has=("not empty", "--overwrite"),
+)
+def _fs_mount_point_out_not_empty(folder: Path) -> OutputSetup:
+    s = OutputSetup(folder / "volume")
+    mount_tmpfs(folder / "volume", "size=64m", s.undo)
+    (folder / "volume" / "keep.txt").write_text("mine")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGNALS: a merge stopped at its pause points (tests/_pause_cli.py) the way process managers do
+# ---------------------------------------------------------------------------------------------
+
+#: case name -> (signal name, pause point): SIGTERM (docker stop, systemd, job schedulers) and
+#: SIGHUP (a closed terminal) at every step a merge goes through.
+SIGNAL_CASES: dict[str, tuple[str, str]] = {
+    f"signal-{sig.lower()[3:]}-{point.replace(':', '')}": (sig, point)
+    for sig in ("SIGTERM", "SIGHUP")
+    for point in ("start", "write:1", "write:2", "files", "rename")
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # BUILD
 # ---------------------------------------------------------------------------------------------
 

@@ -262,3 +262,159 @@ def test_hub_cache_snapshot_symlink_outside_blobs_is_refused(tmp_path: Path) -> 
     (snapshot / corpus.SHARD2).symlink_to(elsewhere)
     with pytest.raises(UnsafeFileError, match=corpus.SHARD2):
         read_base(snapshot)
+
+
+# ---------------------------------------------------------------------------------------------
+# OUTPUT FILESYSTEM FAULTS AND SIGNALS (make_bad_inputs.OUTPUT_FAULTS, SIGNAL_CASES)
+# ---------------------------------------------------------------------------------------------
+
+MERGE_BASE, MERGE_ADAPTER = corpus.TESTDATA / corpus.BASE, corpus.TESTDATA / corpus.ADAPTER
+
+
+def _listing(root: Path, skip: Path) -> set[str]:
+    """Every path under ``root`` (relative), not descending into ``skip``."""
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        if here == skip:
+            dirs[:] = []
+            continue
+        for name in dirs + files:
+            out.add(str((here / name).relative_to(root)))
+    return out
+
+
+def _merge_process(out: Path, extra: tuple[str, ...] = (), fsize_limit: Optional[int] = None) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "adapterfmt_cli.main", "merge", "--base", str(MERGE_BASE), "--adapter", str(MERGE_ADAPTER), "-o", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=HANG_SECONDS,
+        preexec_fn=limit if fsize_limit else None,
+    )
+
+
+@pytest.mark.parametrize("name", list(corpus.OUTPUT_FAULTS))
+def test_output_filesystem_fault(name: str, tmp_path: Path) -> None:
+    """A merge into a broken place: the documented exit, one line naming the path and the errno's
+    meaning, no traceback, inputs byte-identical, nothing beside OUT (nor folders the run made)."""
+    import sys
+
+    fault = corpus.OUTPUT_FAULTS[name]
+    if fault.mounts and (sys.platform != "linux" or os.geteuid() != 0):
+        pytest.skip(f"{name}: mounting filesystems needs root on Linux")
+    folder = tmp_path / "case"
+    folder.mkdir()
+    try:
+        setup = fault.setup(folder)
+    except OSError as e:
+        pytest.skip(f"{name}: this machine cannot set the fault up: {e}")
+    try:
+        inputs_before = tree_digest(MERGE_BASE, MERGE_ADAPTER)
+        before = _listing(folder, setup.out)
+        result = _merge_process(setup.out, setup.args, setup.fsize_limit)
+        after = _listing(folder, setup.out)
+        assert tree_digest(MERGE_BASE, MERGE_ADAPTER) == inputs_before, "an input changed"
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == fault.exit_code, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        out_rel = str(setup.out.relative_to(folder))
+        if fault.exit_code == 0:
+            made = {out_rel} | {str(p) for p in Path(out_rel).parents if str(p) != "."}
+            assert after - before <= made, f"left beside OUT: {sorted(after - before - made)}"
+            from adapterfmt.verify import verify_directory
+
+            assert all((setup.out / f).is_file() for f in fault.ok_files), sorted(os.listdir(setup.out))
+            assert verify_directory(setup.out) == []
+            assert not [e for e in os.listdir(setup.out) if "adapterfmt-" in e]
+            if os.path.ismount(setup.out):
+                assert any(line.startswith("note: ") and "mount point" in line for line in lines), lines
+        else:
+            assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+            assert all(text in lines[0] for text in fault.line_has), lines[0]
+            assert after == before, f"left behind: {sorted(after ^ before)}"
+            for created in setup.created_parents:
+                assert not created.exists(), f"the run left the folder it created: {created}"
+            if os.path.isdir(setup.out) and len(setup.out.name) < 256:
+                assert not [e for e in os.listdir(setup.out) if "adapterfmt-" in e]
+    finally:
+        for undo in reversed(setup.undo):
+            undo()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("name", list(corpus.SIGNAL_CASES))
+def test_signal_stops_a_merge_cleanly(name: str, tmp_path: Path) -> None:
+    """SIGTERM / SIGHUP at a pause point: one line, exit 128+signal, nothing beside OUT — not even
+    the folder above OUT that the run created — and the inputs unchanged."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from _hardening_helpers import PAUSE_CLI
+
+    sig_name, point = corpus.SIGNAL_CASES[name]
+    sig = getattr(signal, sig_name)
+    out = tmp_path / "made-by-the-run" / "OUT"
+    marker = tmp_path / "reached"
+    inputs_before = tree_digest(MERGE_BASE, MERGE_ADAPTER)
+    args = [sys.executable, str(PAUSE_CLI), point, str(marker), "60", "cli", "merge", "--base", str(MERGE_BASE), "--adapter", str(MERGE_ADAPTER), "-o", str(out), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + HANG_SECONDS
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the merge never reached {point}"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=HANG_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 128 + sig, stderr
+    assert len(lines) == 1 and lines[0] == f"Error: interrupted by {sig_name}; nothing was written", lines
+    assert sorted(os.listdir(tmp_path)) == ["reached"], sorted(os.listdir(tmp_path))
+    assert tree_digest(MERGE_BASE, MERGE_ADAPTER) == inputs_before
+
+
+def test_sigkill_leftover_is_cleaned_and_reported_by_the_next_run(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from _hardening_helpers import PAUSE_CLI
+
+    out, marker = tmp_path / "OUT", tmp_path / "reached"
+    args = [sys.executable, str(PAUSE_CLI), "write:2", str(marker), "60", "cli", "merge", "--base", str(MERGE_BASE), "--adapter", str(MERGE_ADAPTER), "-o", str(out), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + HANG_SECONDS
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftover = [e for e in os.listdir(tmp_path) if "adapterfmt-tmp" in e]
+    assert len(leftover) == 1
+    result = _merge_process(out)
+    assert result.returncode == 0, result.stderr
+    assert f"removed the leftover of an interrupted merge: {tmp_path / leftover[0]}" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["OUT", "reached"]
+
+
+def test_corpus_grows_across_the_hardening_classes() -> None:
+    """Issue 14's classes: filesystem faults, signals, typed configs, hostile patterns."""
+    assert len(corpus.OUTPUT_FAULTS) >= 12 and len(corpus.SIGNAL_CASES) >= 8
+    assert sum(n.startswith("config-type-") for n in corpus.CASES) >= 10
+    assert sum(n.startswith("pattern-") for n in corpus.CASES) >= 6
