@@ -78,7 +78,7 @@ def check_output_path(out: "str | os.PathLike[str]", inputs: Sequence[str], *, o
 
 
 #: errnos that mean the filesystem has no room for the output (space, inodes, quota, size limit)
-_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_ROOM = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}  # no EDQUOT on Windows
 
 
 def output_error(e: OSError, out: str, stage: Optional[str] = None) -> AdapterFormatError:
@@ -101,6 +101,8 @@ def output_error(e: OSError, out: str, stage: Optional[str] = None) -> AdapterFo
 
 def no_free_inodes(path: str) -> bool:
     """Whether the filesystem of ``path`` (or of its nearest existing folder) has no free inode."""
+    if not hasattr(os, "statvfs"):  # Windows: no inode counts to look at
+        return False
     probe = path
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
