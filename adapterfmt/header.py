@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from math import prod
 from operator import attrgetter
-from typing import Any, Mapping
+from json.decoder import scanstring
+from typing import Any, Iterator, Mapping
 
 from .constants import DTYPE_BITS, MAX_HEADER_BYTES
 from .errors import HeaderError
@@ -26,7 +28,7 @@ from .gc_pause import with_gc_paused
 class TensorInfo:
     """Where one tensor lives: file, dtype, shape and absolute byte range in the file.
 
-    Slotted: a 200k-tensor header holds 200k of these (FORMAT.md §1.1, memory bound).
+    Slotted: a 200k-tensor header holds 200k of these (BEHAVIOUR §1, memory on big headers).
     """
 
     __slots__ = ("key", "file", "dtype", "shape", "start", "end")
@@ -77,6 +79,45 @@ class _Object(list):
 class _Duplicate(Exception):
     def __init__(self, key: str) -> None:
         self.key = key
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder(object_pairs_hook=_Object)
+
+
+def _top_level_entries(text: str) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of the top-level JSON object in ``text``, one entry decoded at a time.
+
+    The object's own punctuation is walked here; every key and value is decoded by ``json``
+    itself (``scanstring``, ``raw_decode``), so what is accepted is what ``json.loads`` accepts.
+    Decoding one entry at a time keeps the peak near the records built, not the whole tree.
+
+    Raises:
+        ValueError: the text is not one JSON object (json's ``JSONDecodeError`` included).
+    """
+    end = _WS.match(text, 1).end()  # text[0] == "{"
+    if text.startswith("}", end):
+        if _WS.match(text, end + 1).end() != len(text):
+            raise ValueError("extra data after the header object")
+        return
+    while True:
+        if not text.startswith('"', end):
+            raise ValueError(f"expected a key at {end}")
+        key, end = scanstring(text, end + 1, True)
+        end = _WS.match(text, end).end()
+        if not text.startswith(":", end):
+            raise ValueError(f"expected ':' at {end}")
+        value, end = _DECODER.raw_decode(text, _WS.match(text, end + 1).end())
+        yield key, value
+        end = _WS.match(text, end).end()
+        if text.startswith(",", end):
+            end = _WS.match(text, end + 1).end()
+        elif text.startswith("}", end):
+            if _WS.match(text, end + 1).end() != len(text):
+                raise ValueError("extra data after the header object")
+            return
+        else:
+            raise ValueError(f"expected ',' or '}}' at {end}")
 
 
 def _fields(pairs: "_Object") -> dict[str, Any]:
@@ -150,22 +191,21 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
     del raw
     if not text.startswith("{"):
         raise HeaderError("header is not a JSON object", path=name, hint="the file is damaged or not safetensors")
-    try:
-        pairs = json.loads(text, object_pairs_hook=_Object)
-    except (ValueError, RecursionError):
-        raise HeaderError("header is not valid JSON", path=name, hint="the file is damaged or not safetensors") from None
-    del text
-    if type(pairs) is not _Object:
-        raise HeaderError("header is not a JSON object", path=name, hint="the file is damaged or not safetensors")
-
     data_start = 8 + n
     buffer_len = size - data_start
     metadata: Any = {}
     tensors: dict[str, TensorInfo] = {}
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
     seen_metadata = False
-    for i, (key, entry) in enumerate(pairs):
-        pairs[i] = None  # type: ignore[call-overload]  # free the parsed entry as it is converted
+    entries = _top_level_entries(text)
+    while True:
+        try:
+            item = next(entries, None)
+        except (ValueError, RecursionError):
+            raise HeaderError("header is not valid JSON", path=name, hint="the file is damaged or not safetensors") from None
+        if item is None:
+            break
+        key, entry = item
         if key in tensors or (key == "__metadata__" and seen_metadata):
             raise HeaderError("appears twice in the header", path=name, key=key, hint="the writer is broken; re-export the file")
         try:
@@ -176,7 +216,7 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
             tensors[key] = _tensor_info(name, key, entry, data_start, shapes)
         except _Duplicate as dup:
             raise HeaderError(f"field '{dup.key}' appears twice in the header entry", path=name, key=key, hint="the writer is broken; re-export the file") from None
-    del pairs
+    del text
     metadata = metadata or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise HeaderError("__metadata__ must map strings to strings", path=name, key="__metadata__")

@@ -21,7 +21,8 @@ def emit_json(doc: dict[str, Any]) -> None:
     The two outer levels are indented; anything deeper (one module row, one finding) is one
     line, encoded by ``json``'s C encoder. A 100k-module report is a 70 MB document: indenting it
     all goes through ``json``'s pure-Python encoder (40 s), and ``json.dumps`` would hold it,
-    plus the millions of fragments it joins, in memory at once. So it is streamed in 64 KiB pieces.
+    plus the millions of fragments it joins, in memory at once. So it is streamed in 64 KiB pieces,
+    and ``doc`` is consumed: each list item is dropped once written (callers build ``doc`` for this).
     """
     pieces: list[str] = []
     size = 0
@@ -39,6 +40,11 @@ def emit_json(doc: dict[str, Any]) -> None:
 _OUTER_LEVELS = 2
 
 
+def _key(key: Any) -> str:
+    """A dict key as ``json`` writes it (``True`` -> ``"true"``, ``1`` -> ``"1"``)."""
+    return json.dumps({key: None})[1:-7]
+
+
 def _encode(value: Any, level: int) -> Iterator[str]:
     """JSON text of ``value``: containers above :data:`_OUTER_LEVELS` indented, the rest compact."""
     if level >= _OUTER_LEVELS or not isinstance(value, (dict, list, tuple)) or not value:
@@ -49,8 +55,10 @@ def _encode(value: Any, level: int) -> Iterator[str]:
     yield "{" if is_dict else "["
     items = value.items() if is_dict else ((None, v) for v in value)
     for i, (key, item) in enumerate(items):
-        yield ("," if i else "") + "\n" + inner + (json.dumps(str(key)) + ": " if is_dict else "")
+        yield ("," if i else "") + "\n" + inner + (_key(key) + ": " if is_dict else "")
         yield from _encode(item, level + 1)
+        if type(value) is list:
+            value[i] = None  # the document is built for this output only: let each row go once written
     yield "\n" + pad + ("}" if is_dict else "]")
 
 

@@ -144,3 +144,43 @@ def test_bad_metadata(tmp_path):
     path = _file(tmp_path, {"__metadata__": {"format": 1}, "a": T}, b"\0" * 8)
     with pytest.raises(HeaderError, match="__metadata__"):
         read_header(path)
+
+
+_TRICKY_OBJECTS = [
+    "{}",
+    "{ }",
+    '{"a":1}',
+    '{ "a" : 1 , "b" :\t[1, 2] }\n  ',
+    '{"\\u00e9\\n\\"k":{"x":{"y":[]}}}',
+    '{"a":NaN,"b":-Infinity,"c":1e400}',
+    '{"a":1,"a":2}',
+    '{"a":1,}',
+    '{"a" 1}',
+    '{"a":1 "b":2}',
+    '{"a":1}}',
+    '{"a":1} x',
+    '{"a":"\x01"}',
+    '{a:1}',
+    '{"a":',
+    '{"a":[1,2}',
+    "{",
+    '{"a":1',
+]
+
+
+@pytest.mark.parametrize("text", _TRICKY_OBJECTS)
+def test_entry_by_entry_decoding_accepts_exactly_what_json_loads_accepts(text):
+    """The header is decoded one top-level entry at a time (bounded memory); same answers as json.loads."""
+    import json
+
+    from adapterfmt.header import _Object, _top_level_entries
+
+    try:
+        expected = json.loads(text, object_pairs_hook=list)
+    except ValueError:
+        with pytest.raises(ValueError):
+            list(_top_level_entries(text))
+        return
+    got = list(_top_level_entries(text))
+    assert [k for k, _ in got] == [k for k, _ in expected]
+    assert json.dumps([v for _, v in got]) == json.dumps([list(v) if isinstance(v, _Object) else v for _, v in expected])
