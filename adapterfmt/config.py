@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Union
 from .config_types import check_field_types
 from .errors import InvalidConfigError
 from .matching import PatternKeyIndex
-from .patterns import FULL, LAYERS, MODULES_TO_SAVE, PATTERN_KEY, bounded
+from .patterns import FULL, LAYERS, MODULES_TO_SAVE, bounded
 
 TargetSpec = Union[list[str], str, None]
 

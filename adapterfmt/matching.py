@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from .errors import AmbiguousMatchError, InvalidConfigError
-from .patterns import FULL, LAYERS, MODULES_TO_SAVE, bounded
+from .patterns import FULL, LAYERS, MODULES_TO_SAVE, PATTERN_KEY, bounded, literal_tail
 
 TargetSpec = Union[Sequence[str], str, None]
 
@@ -270,8 +270,6 @@ class PatternKeyIndex:
     """
 
     def __init__(self, keys: Sequence[str], field: str = "rank_pattern", path: Optional[str] = None) -> None:
-        from .patterns import PATTERN_KEY, literal_tail
-
         self.keys = list(keys)
         self.field, self.path = field, path
         self._exact: dict[str, int] = {}
@@ -291,8 +289,6 @@ class PatternKeyIndex:
             self._by_tail.setdefault(len(tail), {}).setdefault(tail, []).append(i)
 
     def _regex(self, i: int) -> Any:
-        from .patterns import PATTERN_KEY
-
         key = self.keys[i]
         return bounded(key, PATTERN_KEY, f"{self.field}.{key}", self.path)
 
