@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import AmbiguousMatchError, InvalidConfigError
 from .patterns import FULL, LAYERS, MODULES_TO_SAVE, PATTERN_KEY, bounded, literal_tail
@@ -25,29 +25,37 @@ from .patterns import FULL, LAYERS, MODULES_TO_SAVE, PATTERN_KEY, bounded, liter
 TargetSpec = Union[Sequence[str], str, None]
 
 
-def dotted_suffixes(name: str) -> Iterator[str]:
-    """``name`` and every tail of it that starts after a dot, longest first."""
-    yield name
-    i = name.find(".")
-    while i >= 0:
-        yield name[i + 1 :]
-        i = name.find(".", i + 1)
+def dotted_tail(name: str, segments: int) -> Optional[str]:
+    """The last ``segments`` dotted segments of ``name`` when a dot precedes them, else ``None``."""
+    parts = name.rsplit(".", segments)
+    return name[len(parts[0]) + 1 :] if len(parts) > segments else None
 
 
 class EntryIndex:
-    """A list of entries matched by set lookups: ``name == entry`` or ``name.endswith("." + entry)``."""
+    """A list of entries matched by set lookups: ``name == entry`` or ``name.endswith("." + entry)``.
 
-    __slots__ = ("entries",)
+    Only the tails with as many segments as some entry are looked up: one or two per name.
+    """
+
+    __slots__ = ("entries", "_segments")
 
     def __init__(self, entries: Iterable[str]) -> None:
         self.entries = frozenset(entries)
+        self._segments = sorted({e.count(".") + 1 for e in self.entries})
 
     def matches(self, name: str) -> bool:
-        return any(s in self.entries for s in dotted_suffixes(name))
+        if name in self.entries:
+            return True
+        return any(dotted_tail(name, k) in self.entries for k in self._segments)
 
     def hits(self, name: str) -> list[str]:
         """The entries ``name`` matches."""
-        return [s for s in dotted_suffixes(name) if s in self.entries]
+        out = [name] if name in self.entries else []
+        for k in self._segments:
+            tail = dotted_tail(name, k)
+            if tail is not None and tail in self.entries:
+                out.append(tail)
+        return out
 
 
 _INDEXES: dict[int, tuple[Any, int, EntryIndex]] = {}
@@ -274,6 +282,7 @@ class PatternKeyIndex:
         self.field, self.path = field, path
         self._exact: dict[str, int] = {}
         self._suffix: dict[str, int] = {}
+        self._suffix_segments: list[int] = []
         self._regex_keys: list[int] = []  #: key positions that are real regexes
         self._by_tail: dict[int, dict[str, list[int]]] = {}  #: tail length -> tail -> key positions
         literal = _literal_key()
@@ -287,6 +296,7 @@ class PatternKeyIndex:
             self._regex_keys.append(i)
             tail = literal_tail(key)
             self._by_tail.setdefault(len(tail), {}).setdefault(tail, []).append(i)
+        self._suffix_segments = sorted({k.count(".") + 1 for k in self._suffix})
 
     def _regex(self, i: int) -> Any:
         key = self.keys[i]
@@ -307,9 +317,12 @@ class PatternKeyIndex:
         hits = set()
         if name in self._exact:
             hits.add(self._exact[name])
-        for s in dotted_suffixes(name):
-            if s in self._suffix:
-                hits.add(self._suffix[s])
+        if name in self._suffix:
+            hits.add(self._suffix[name])
+        for k in self._suffix_segments:
+            tail = dotted_tail(name, k)
+            if tail is not None and tail in self._suffix:
+                hits.add(self._suffix[tail])
         candidates: set[int] = set()
         for length, tails in self._by_tail.items():
             if length <= len(name):

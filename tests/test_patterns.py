@@ -252,3 +252,24 @@ def test_targets_agree_with_peft_on_combinations():
         for n in names:
             theirs = check_target_module_exists(config, n)
             assert is_lora_target(n, target, exclude_modules=exclude) == (bool(theirs) and not isinstance(theirs, _ExcludedModule))
+
+
+def test_entry_index_equals_the_plain_rule_on_odd_names():
+    """Set lookups of dotted tails give exactly ``name == e or name.endswith("." + e)``."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from adapterfmt.matching import EntryIndex
+
+    part = st.sampled_from(["", "a", "q", "q_proj", "b.q", ".q", "a..b", "x."])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(part, max_size=5), st.lists(st.sampled_from(["", "a", "q", "b", "q_proj", "x"]), max_size=6))
+    def check(entries, segments):
+        name = ".".join(segments)
+        index = EntryIndex(entries)
+        expected = [e for e in set(entries) if name == e or name.endswith("." + e)]
+        assert index.matches(name) == bool(expected)
+        assert sorted(set(index.hits(name))) == sorted(expected)
+
+    check()
