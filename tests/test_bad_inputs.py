@@ -367,7 +367,8 @@ def test_signal_stops_a_merge_cleanly(name: str, tmp_path: Path) -> None:
     out = tmp_path / "made-by-the-run" / "OUT"
     marker = tmp_path / "reached"
     inputs_before = tree_digest(MERGE_BASE, MERGE_ADAPTER)
-    args = [sys.executable, str(PAUSE_CLI), point, str(marker), "60", "cli", "merge", "--base", str(MERGE_BASE), "--adapter", str(MERGE_ADAPTER), "-o", str(out), "--quiet"]
+    # write points pause in a writer thread, which the interrupted main thread waits for: a short pause
+    args = [sys.executable, str(PAUSE_CLI), point, str(marker), "8", "cli", "merge", "--base", str(MERGE_BASE), "--adapter", str(MERGE_ADAPTER), "-o", str(out), "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + HANG_SECONDS
