@@ -80,7 +80,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
     reports = {name: inspect_report(ckpt, source=path, scan_findings=scans.get(name)) for name, ckpt in wrapped.adapters.items()}
     warnings = list(wrapped.findings) + [w for r in reports.values() for w in r.warnings]
     if as_json:
-        emit_json({"source": path, **wrapped.as_dict(), "adapter_reports": {n: r.as_dict() for n, r in reports.items()},
+        emit_json({"format": "wrapped", "source": path, **wrapped.as_dict(), "adapter_reports": {n: r.as_dict() for n, r in reports.items()},
                    "warnings": [w.as_dict() for w in warnings]})
     else:
         click.echo("\n\n".join([wrapped.summary()] + [render_inspect(r) for r in reports.values()]))
@@ -99,6 +99,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @click.option("--subfolder", metavar="NAME", help="Inspect the sub-adapter stored in <PATH>/<NAME>/.")
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for.")
 @click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
 def inspect_command(
     adapter: str,
@@ -109,6 +110,7 @@ def inspect_command(
     base_subfolder: Optional[str],
     base_revision: Optional[str],
     allow_pickle: bool,
+    component: Optional[str],
     strict: bool,
 ) -> None:
     """Describe a LoRA adapter: one row per module (kind, rank, alpha, scaling, dtype, params).
@@ -118,15 +120,28 @@ def inspect_command(
     config-tensor-mismatch, target-and-full-copy, tied-full-copy with --base, non-finite with
     --scan) go to stderr, or into "warnings" with --json.
 
+    The format is detected (JSON "format"): a PEFT directory, a wrapped state dict, a kohya /
+    LyCORIS file (lora_unet_*, lora_te*_*) or a diffusers LoRA file (unet.*, transformer.*,
+    text_encoder*.*), see docs/FORMAT.md §10.
+
     Exit status: 0 when the adapter could be read, warnings or not; 1 with --strict when there
-    is a warning; 2 when the input cannot be read (one "Error:" line).
+    is a warning, or when --base does not resolve a kohya/diffusers file; 2 when the input cannot
+    be read (one "Error:" line).
     """
     # An adapter directory is never a wrapped state dict; only other paths pay for importing that reader.
-    if subfolder is None and not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_FILE)):
-        from adapterfmt.wrapped import is_wrapped_checkpoint
+    if subfolder is None and not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_FILE)) and os.path.exists(adapter):
+        from adapterfmt.formats.detect import detect_format
 
-        if is_wrapped_checkpoint(adapter):
+        fmt = detect_format(adapter)
+        if fmt == "wrapped":
             _inspect_wrapped(adapter, as_json=as_json, scan=scan, base=base, allow_pickle=allow_pickle, strict=strict)
+            return
+        if fmt in ("kohya", "diffusers"):
+            from .foreign_inspect import inspect_foreign
+
+            if scan:
+                raise click.UsageError("--scan is not supported for kohya/diffusers files yet")
+            inspect_foreign(adapter, as_json=as_json, base=base, component=component, strict=strict)
             return
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     check = None
@@ -142,7 +157,10 @@ def inspect_command(
 
         scan_findings = non_finite_findings(ckpt)
     report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)
-    emit_report(report, render_inspect, as_json=as_json)
+    if as_json:
+        emit_json({"format": "peft", **report.as_dict()})
+    else:
+        emit_report(report, render_inspect, as_json=False)
     if strict and report.warnings:
         warn(f"{len(report.warnings)} warning(s); failing because of --strict")
         raise click.exceptions.Exit(1)

@@ -1,0 +1,116 @@
+"""The base of each component a foreign file adapts, and the file checked against it (headers only).
+
+``--base`` is either one component directory (a diffusers model folder or a transformers text
+encoder folder) or a diffusers pipeline directory (``model_index.json`` with one sub-folder per
+component). Weights are read with :func:`adapterfmt.base.read_base` — the one base reader.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..base import BaseModel, read_base
+from ..errors import AmbiguousMatchError, CheckpointNotFoundError
+from .names import base_module_paths, resolve_names
+from .records import ForeignCheckpoint
+
+PIPELINE_INDEX = "model_index.json"
+#: diffusers' weight file name for a model folder (``SAFETENSORS_WEIGHTS_NAME``).
+DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def is_pipeline(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, PIPELINE_INDEX))
+
+
+def read_component(directory: str) -> BaseModel:
+    """A component folder's weights, from headers: transformers or diffusers naming."""
+    try:
+        return read_base(directory)
+    except CheckpointNotFoundError:
+        single = os.path.join(directory, DIFFUSERS_WEIGHTS_FILE)
+        if os.path.isfile(single):
+            return read_base(single)
+        raise
+
+
+def pick_component(ckpt: ForeignCheckpoint, component: Optional[str], base: str) -> str:
+    """The component of ``ckpt`` a single component directory ``base`` stands for.
+
+    Raises:
+        AmbiguousMatchError: the file adapts several components and ``component`` is not given.
+        CheckpointNotFoundError: ``component`` is not in the file.
+    """
+    present = ckpt.components
+    if component is not None:
+        if component not in present:
+            raise CheckpointNotFoundError(
+                f"has no modules for component {component!r}", path=ckpt.file, hint=f"it adapts {', '.join(present) or 'nothing'}"
+            )
+        return component
+    if len(present) == 1:
+        return present[0]
+    raise AmbiguousMatchError(
+        f"adapts {', '.join(present)}; {base} is one component directory",
+        path=ckpt.file,
+        hint="pass --component NAME, or give the pipeline directory as --base",
+    )
+
+
+def component_bases(ckpt: ForeignCheckpoint, base: str, component: Optional[str] = None) -> dict[str, BaseModel]:
+    """component -> its base, for a pipeline directory (every component of the file, or the one
+    named) or for a single component directory."""
+    if is_pipeline(base):
+        wanted = [component] if component else ckpt.components
+        out = {}
+        for c in wanted:
+            folder = os.path.join(base, c)
+            if not os.path.isdir(folder):
+                raise CheckpointNotFoundError(f"has no {c}/ folder, which the adapter needs", path=base, hint="is this the pipeline the adapter was trained on?")
+            out[c] = read_component(folder)
+        return out
+    return {pick_component(ckpt, component, base): read_component(base)}
+
+
+@dataclass
+class ComponentCheck:
+    """One component of a foreign file against its base: names resolved, shapes fitted."""
+
+    component: str
+    base: str
+    total: int
+    resolved: int
+    unresolved: list[str] = field(default_factory=list)
+    shape_errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unresolved and not self.shape_errors
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "component": self.component, "base": self.base, "ok": self.ok, "resolved": self.resolved, "total": self.total,
+            "unresolved": self.unresolved[:10], "unresolved_count": len(self.unresolved), "shape_errors": self.shape_errors[:10],
+        }
+
+
+def check_component(ckpt: ForeignCheckpoint, component: str, base: BaseModel) -> ComponentCheck:
+    """Resolve the component's names (sets each module's ``path``) and check every product fits its weight.
+
+    Raises:
+        AmbiguousMatchError: a flattened name fits two modules.
+    """
+    modules = ckpt.component_modules(component)
+    res = resolve_names(modules, base_module_paths(base.tensors), component=component, file=ckpt.file, flattened=ckpt.format == "kohya")
+    check = ComponentCheck(component, base.directory, len(modules), len(res.resolved), list(res.unresolved))
+    for m in modules:
+        if m.path is None:
+            continue
+        weight = base.tensors[f"{m.path}.weight"]
+        if not m.complete:
+            check.shape_errors.append(f"{m.path}: incomplete {m.kind} module (missing factors)")
+        elif not m.fits(weight.shape):
+            check.shape_errors.append(f"{m.path}: the {m.kind} product {list(m.product_shape() or ())} does not fit the weight {list(weight.shape)}")
+    return check

@@ -1,0 +1,216 @@
+"""Typed records of one foreign adapter file: a kohya / LyCORIS file or a diffusers LoRA file.
+
+One :class:`ForeignModule` per adapted module, grouped by pipeline component. The records keep
+each tensor's :class:`~adapterfmt.header.TensorInfo` (file and byte range) and its key in the
+file, so merge, load and convert read the bytes straight from the original file. LoRA modules
+become the checkpoint model's own :class:`~adapterfmt.describe.LoraModule` records per component
+(:mod:`adapterfmt.formats.peft_view`); LoHa and LoKr keep their factor tensors here.
+Nothing here reads tensor values except 0-d alpha scalars, and nothing imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..findings import Finding
+from ..header import TensorInfo
+
+#: Pipeline component names, as diffusers names the sub-folders of a pipeline.
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+#: Adapter kinds (the JSON ``kind``): LoRA (incl. LoCon), LoHa, LoKr.
+LORA, LOHA, LOKR = "lora", "loha", "lokr"
+
+#: Tensor slots per kind. ``down``/``up`` are LoRA's A/B under kohya's names.
+LORA_SLOTS = ("lora_down", "lora_up", "lora_mid")
+LOHA_SLOTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_SLOTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+_NDIM_KIND = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
+
+
+@dataclass
+class ForeignModule:
+    """One adapted module of a foreign file.
+
+    Attributes:
+        name: the module's name in the file, without the component prefix: kohya's flattened
+            ``down_blocks_0_attentions_0_proj_in`` or diffusers' dotted ``down_blocks.0.attentions.0.proj_in``.
+        component: ``unet``, ``transformer``, ``text_encoder`` or ``text_encoder_2``.
+        kind: ``lora``, ``loha`` or ``lokr``.
+        tensors: slot (``lora_down``, ``hada_w1_a``, ``lokr_w2``, ...) -> tensor.
+        keys: slot -> key in the file.
+        alpha: the module's alpha (its ``.alpha`` tensor, or the config's), ``None`` if it has none.
+        alpha_key: the key of the ``.alpha`` tensor, if any.
+        path: the real module path in the component: diffusers' name as written; for kohya names
+            set by :func:`adapterfmt.formats.names.resolve_names` (``None`` until resolved).
+        dora_scale: a LyCORIS ``dora_scale`` tensor (weight decomposition), if present.
+    """
+
+    name: str
+    component: str
+    kind: str
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    alpha: Optional[float] = None
+    alpha_key: Optional[str] = None
+    path: Optional[str] = None
+    dora_scale: Optional[TensorInfo] = None
+    config_scaling: Optional[float] = None  #: diffusers files with a LoraConfig in their metadata
+
+    @property
+    def rank(self) -> Optional[int]:
+        """LoRA: ``lora_down``'s first dim. LoHa: ``hada_w1_b``'s first dim. LoKr: the rank of
+        the factored half (``lokr_w1_b`` or ``lokr_w2_b``), ``None`` when both halves are full."""
+        t = self.tensors
+        if self.kind == LORA:
+            return t["lora_down"].shape[0] if "lora_down" in t and t["lora_down"].shape else None
+        if self.kind == LOHA:
+            return t["hada_w1_b"].shape[0] if "hada_w1_b" in t and t["hada_w1_b"].shape else None
+        for slot in ("lokr_w1_b", "lokr_w2_b"):
+            if slot in t and t[slot].shape:
+                return t[slot].shape[0]
+        return None
+
+    @property
+    def scaling(self) -> float:
+        """The factor on the module's product (docs/FORMAT.md §10.3): ``alpha / rank``; 1 when
+        the file has no alpha, and 1 for a LoKr module with no factored half (its alpha is unused)."""
+        if self.config_scaling is not None:
+            return self.config_scaling
+        rank = self.rank
+        if self.alpha is None or self.alpha == 0 or not rank:
+            return 1.0  # kohya and LyCORIS: alpha 0 or missing means alpha = rank
+        return self.alpha / rank
+
+    @property
+    def layer_kind(self) -> Optional[str]:
+        """``linear``, ``conv2d``, ... as far as the tensors tell; ``None`` when they do not (a
+        LoHa on a convolution without a Tucker core stores flattened 2-D factors)."""
+        ndim = max((len(i.shape) for i in self.tensors.values()), default=0)
+        if ndim > 2:
+            return _NDIM_KIND.get(ndim, f"{ndim}d")
+        if self.kind == LOHA:
+            return None
+        return "linear"
+
+    @property
+    def dtype(self) -> str:
+        return next(iter(self.tensors.values())).dtype if self.tensors else "-"
+
+    @property
+    def params(self) -> int:
+        return sum(i.numel for i in self.tensors.values())
+
+    def product_shape(self) -> Optional[tuple[int, ...]]:
+        """The shape of the module's product as its factors give it (LoHa without Tucker cores
+        and LoKr/LoRA on 1x1 convs may give a 2-D shape for a 4-D weight: see :func:`fits`)."""
+        if not self.complete:
+            return None
+        s = {k: i.shape for k, i in self.tensors.items()}
+        if self.kind == LORA:
+            down, up = s["lora_down"], s["lora_up"]
+            k = s["lora_mid"][2:] if "lora_mid" in s else down[2:]
+            return (up[0], down[1], *k)
+        if self.kind == LOHA:
+            if "hada_t1" in s:
+                return (s["hada_w1_a"][1], s["hada_w1_b"][1], *s["hada_t1"][2:])
+            return (s["hada_w1_a"][0], s["hada_w1_b"][1])
+        w1 = s.get("lokr_w1") or (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
+        else:
+            w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+
+    def fits(self, weight_shape: tuple[int, ...]) -> bool:
+        """Whether the product can be added to a weight of ``weight_shape``: the same shape, or
+        the same first dim and element count (a flattened conv product)."""
+        p = self.product_shape()
+        if p is None:
+            return False
+        return tuple(p) == tuple(weight_shape) or (p[0] == weight_shape[0] and _prod(p) == _prod(weight_shape))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every factor the kind needs is present (else it cannot be applied)."""
+        t = self.tensors
+        if self.kind == LORA:
+            return "lora_down" in t and "lora_up" in t
+        if self.kind == LOHA:
+            return all(s in t for s in LOHA_SLOTS[:4]) and (("hada_t1" in t) == ("hada_t2" in t))
+        w1 = "lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)
+        w2 = "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
+        return w1 and w2
+
+    def all_keys(self) -> list[str]:
+        """Every key of the file this module accounts for."""
+        out = list(self.keys.values())
+        if self.alpha_key:
+            out.append(self.alpha_key)
+        if self.dora_scale is not None:
+            out.append(self.dora_scale.key)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON record of ``inspect --json`` (docs/FORMAT.md §10.5)."""
+        return {
+            "module": self.path if self.path is not None else self.name,
+            "name_in_file": self.name,
+            "resolved": self.path is not None,
+            "component": self.component,
+            "kind": self.kind,
+            "layer_kind": self.layer_kind,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scaling": self.scaling,
+            "dtype": self.dtype,
+            "params": self.params,
+            "tensors": {s: {"key": self.keys[s], "dtype": i.dtype, "shape": list(i.shape)} for s, i in self.tensors.items()},
+        }
+
+
+def _prod(shape: "tuple[int, ...]") -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class ForeignCheckpoint:
+    """A kohya / LyCORIS or diffusers adapter file, read from its header.
+
+    Attributes:
+        format: ``kohya`` or ``diffusers``.
+        file: the ``.safetensors`` file.
+        modules: every adapted module, in the file's key order.
+        unknown_keys: keys that no rule of the format explains (never ignored: merge and convert refuse).
+        metadata: the file's ``__metadata__``.
+        configs: diffusers only: component -> its LoraConfig fields from ``lora_adapter_metadata``.
+        findings: warnings found while reading.
+    """
+
+    format: str
+    file: str
+    modules: list[ForeignModule] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def components(self) -> list[str]:
+        """The components the file adapts, in :data:`COMPONENTS` order."""
+        present = {m.component for m in self.modules}
+        return [c for c in COMPONENTS if c in present]
+
+    def component_modules(self, component: str) -> list[ForeignModule]:
+        return [m for m in self.modules if m.component == component]
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({m.kind for m in self.modules})

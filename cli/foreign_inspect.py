@@ -1,0 +1,81 @@
+"""``adapterfmt inspect`` for kohya / LyCORIS and diffusers LoRA files (docs/FORMAT.md §10.5)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import click
+
+from adapterfmt.formats import read_foreign
+from adapterfmt.formats.records import ForeignCheckpoint
+
+from .output import emit_json, table, warn
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def foreign_document(ckpt: ForeignCheckpoint, source: str, checks: list[Any]) -> dict[str, Any]:
+    """The ``--json`` document: ``format``, ``modules`` (one record per adapted module), totals, checks."""
+    modules = [m.as_dict() for m in ckpt.modules]
+    return {
+        "format": ckpt.format,
+        "source": source,
+        "file": ckpt.file,
+        "components": {c: len(ckpt.component_modules(c)) for c in ckpt.components},
+        "kinds": ckpt.kinds,
+        "modules": modules,
+        "totals": {
+            "modules": len(modules),
+            "params": sum(m.params for m in ckpt.modules),
+            "tensors": sum(len(m.all_keys()) for m in ckpt.modules) + len(ckpt.unknown_keys),
+        },
+        "unknown_keys": list(ckpt.unknown_keys),
+        "lora_adapter_metadata": ckpt.configs or None,
+        "check": [c.as_dict() for c in checks] if checks else None,
+        "warnings": [f.as_dict() for f in ckpt.findings],
+    }
+
+
+def render_foreign(doc: dict[str, Any]) -> str:
+    comps = ", ".join(f"{c} ({n})" for c, n in doc["components"].items())
+    lines = [f"adapter: {doc['source']} ({doc['format']} file {doc['file']})", f"components: {comps}; kinds: {', '.join(doc['kinds'])}", ""]
+    rows = [
+        (m["component"], m["module"], m["kind"] + ("" if m["layer_kind"] in (None, "linear") else f"/{m['layer_kind']}"),
+         "-" if m["rank"] is None else m["rank"], _num(m["alpha"]), _num(m["scaling"]), m["dtype"], f"{m['params']:,}")
+        for m in doc["modules"]
+    ]
+    lines.append(table(rows, ("component", "module", "kind", "rank", "alpha", "scaling", "dtype", "params"), align_right=(3, 4, 5, 7)))
+    t = doc["totals"]
+    lines += ["", f"totals: {t['modules']} modules; {t['params']:,} params"]
+    for c in doc["check"] or []:
+        state = "ok" if c["ok"] else "FAILED"
+        lines.append(f"base {c['component']}: {c['base']}: {c['resolved']}/{c['total']} modules resolved, {len(c['shape_errors'])} shape errors: {state}")
+        for name in c["unresolved"]:
+            lines.append(f"  unresolved: {name}")
+        for err in c["shape_errors"]:
+            lines.append(f"  shape: {err}")
+    return "\n".join(lines)
+
+
+def inspect_foreign(path: str, *, as_json: bool, base: Optional[str], component: Optional[str], strict: bool) -> None:
+    """Print the report of a foreign file; with ``base``, resolve it (exit 1 when that fails)."""
+    ckpt = read_foreign(path)
+    checks = []
+    if base is not None:
+        from adapterfmt.formats.components import check_component, component_bases
+
+        checks = [check_component(ckpt, c, b) for c, b in component_bases(ckpt, base, component).items()]
+    doc = foreign_document(ckpt, path, checks)
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(render_foreign(doc))
+        for w in ckpt.findings:
+            warn(f"warning[{w.code}]: {w.message}")
+    if any(not c.ok for c in checks):
+        raise click.exceptions.Exit(1)
+    if strict and ckpt.findings:
+        warn(f"{len(ckpt.findings)} warning(s); failing because of --strict")
+        raise click.exceptions.Exit(1)

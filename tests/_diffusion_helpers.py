@@ -1,0 +1,111 @@
+"""Tiny diffusion components and real foreign adapter files for the diffusion-format tests.
+
+Files are written by the oracles themselves: kohya / LyCORIS files by the ``lycoris-lora``
+package (its kohya network on a tiny diffusers UNet and CLIP text encoders built from configs),
+diffusers files by diffusers' own ``save_lora_weights`` from PEFT-injected models. Factors are
+filled with random values (LyCORIS initialises one factor to zero, which would hide every error).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+#: LyCORIS targets for the tiny UNet: attention blocks, resnets (3x3 conv: LoCon) and samplers.
+_PRESET = "adapterfmt-tiny"
+
+
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 16):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+
+
+def tiny_clip(seed: int = 1, *, projection: bool = False, hidden: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=24, num_attention_heads=2, num_hidden_layers=1,
+                         vocab_size=100, projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _preset() -> str:
+    from lycoris.config import PRESET
+
+    PRESET[_PRESET] = dict(
+        PRESET["full"], unet_target_module=["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], unet_target_name=[]
+    )
+    return _PRESET
+
+
+def lycoris_network(text_encoders: Any, unet: Any, *, algo: str, dim: int = 4, alpha: float = 2, seed: int = 3, **kwargs: Any):
+    """A LyCORIS kohya network applied to ``unet`` and ``text_encoders`` (a model or a list for SDXL),
+    with every factor random. Returns the network; its forward is the oracle."""
+    import logging
+
+    from lycoris.kohya import create_network
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    net = create_network(1.0, dim, alpha, None, text_encoders, unet, algo=algo, preset=_preset(), warn_on_unmatched=False, **kwargs)
+    net.apply_to(text_encoders, unet, True, unet is not None)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net
+
+
+def save_lycoris(net: Any, path: str, dtype: Optional[torch.dtype] = None) -> str:
+    net.save_weights(path, dtype, None)
+    return path
+
+
+def unet_inputs(seed: int = 5, cross: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 3, cross, generator=g)
+
+
+def unet_out(unet: Any, seed: int = 5, cross: int = 16) -> torch.Tensor:
+    sample, t, ctx = unet_inputs(seed, cross)
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=ctx).sample
+
+
+def te_out(te: Any) -> torch.Tensor:
+    ids = torch.tensor([[0, 5, 17, 42, 1]])
+    with torch.no_grad():
+        return te(ids).last_hidden_state
+
+
+def save_component(model: Any, directory: str) -> str:
+    """``save_pretrained`` into ``directory`` (diffusers: diffusion_pytorch_model.safetensors; transformers: model.safetensors)."""
+    model.save_pretrained(directory)
+    return directory
+
+
+def merged_copy(model: Any, state: dict[str, torch.Tensor]) -> Any:
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    return m
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|a - b|`` relative to the effect of the adapter ``|b - ref|``."""
+    return float((a - b).abs().max() / (b - ref).abs().max().clamp_min(1e-12))
+
+
+def state_path(directory: str) -> str:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise FileNotFoundError(directory)
