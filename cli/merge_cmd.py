@@ -21,6 +21,32 @@ Examples:
 """
 
 
+def _foreign_adapter(adapters: tuple[str, ...]) -> Optional[str]:
+    """The one --adapter when it is a kohya / diffusers file (several adapters: none may be)."""
+    import os
+
+    from adapterfmt.formats.detect import detect_format
+
+    foreign = [a for a in adapters if os.path.exists(a) and detect_format(a) in ("kohya", "diffusers")]
+    if foreign and len(adapters) > 1:
+        raise click.UsageError("a kohya/diffusers adapter file merges alone: give one --adapter")
+    return foreign[0] if foreign else None
+
+
+def _report_foreign(result: Any, *, quiet: bool, as_json: bool) -> None:
+    if not quiet:
+        for s in result.components.values():
+            for f in s.findings:
+                warn(f"warning [{f.code}]: {f.message}")
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    for c, s in result.components.items():
+        click.echo(f"{c}: {s.output}: {s.tensors_merged} tensors merged, {s.tensors_copied + s.tensors_converted} copied")
+    if result.copied:
+        click.echo(f"{result.output}: copied {', '.join(result.copied)}")
+
+
 class _Bar:
     """A tqdm bar over bytes on stderr, created on the first report (when the total is known)."""
 
@@ -68,6 +94,7 @@ class _Bar:
     help="Rewrite adapter module paths starting with OLD to start with NEW before matching (repeatable; the first match wins).",
 )
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several.")
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
@@ -88,6 +115,7 @@ def merge_command(
     base_revision: Optional[str],
     prefix_map: dict[str, str],
     allow_pickle: bool,
+    component: Optional[str],
     verify: bool,
     quiet: bool,
     as_json: bool,
@@ -106,6 +134,10 @@ def merge_command(
 
     With --wrapped (or a wrapped checkpoint as --base and no --adapter) the base and the adapter
     both come from one PeftModel.state_dict() save; --alpha or --config is then required.
+
+    A kohya / LyCORIS or diffusers LoRA file as --adapter merges into a diffusers pipeline
+    directory (every component the file adapts; the rest copied) or into one component
+    directory (--component picks that part of the file), see docs/FORMAT.md §10.
     """
     from adapterfmt import merge_to_directory
     from adapterfmt.wrapped import is_wrapped_checkpoint
@@ -131,6 +163,18 @@ def merge_command(
             verify=verify,
             progress=bar,
         )
+        foreign = _foreign_adapter(adapters) if wrapped is None else None
+        if foreign is not None:
+            if weights:
+                raise click.UsageError("--weight does not apply to a kohya/diffusers adapter file")
+            from adapterfmt.formats.foreign_merge import merge_foreign
+
+            options.pop("allow_pickle")
+            result = merge_foreign(base, foreign, output, component=component, **options)
+            _report_foreign(result, quiet=quiet, as_json=as_json)
+            return
+        if component is not None:
+            raise click.UsageError("--component applies to kohya/diffusers adapter files only")
         if wrapped is not None:
             from adapterfmt.convert import merge_wrapped
 

@@ -109,3 +109,58 @@ def state_path(directory: str) -> str:
         if os.path.isfile(os.path.join(directory, name)):
             return os.path.join(directory, name)
     raise FileNotFoundError(directory)
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def sd_lora_case(root: Any) -> dict[str, Any]:
+    """Built once per session (under ``root`` the first time): an SD-style kohya LoRA/LoCon file by
+    LyCORIS (UNet incl. 3x3 convs + one CLIP text encoder; linear rank 4 alpha 2, conv rank 2
+    alpha 3), the base components saved as a pipeline directory, and the LyCORIS outputs."""
+    if "sd_lora" in _CACHE:
+        return _CACHE["sd_lora"]
+    import copy
+    import json
+
+    d = root
+    unet, te = tiny_unet(), tiny_clip()
+    base = {"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(te)}
+    ref = {"unet": unet_out(unet), "text_encoder": te_out(te)}
+    net = lycoris_network(te, unet, algo="lora", dim=4, alpha=2, conv_dim=2, conv_alpha=3)
+    out = {"unet": unet_out(unet), "text_encoder": te_out(te)}
+    f = save_lycoris(net, os.path.join(d, "sd_lora.safetensors"))
+    pipe = os.path.join(d, "pipe")
+    save_component(base["unet"], os.path.join(pipe, "unet"))
+    save_component(base["text_encoder"], os.path.join(pipe, "text_encoder"))
+    os.makedirs(os.path.join(pipe, "scheduler"))
+    with open(os.path.join(pipe, "scheduler", "scheduler_config.json"), "w") as fh:
+        json.dump({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}, fh)
+    with open(os.path.join(pipe, "model_index.json"), "w") as fh:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "DDIMScheduler"]}, fh)
+    _CACHE["sd_lora"] = {"file": f, "dir": d, "pipe": pipe, "base": base, "ref": ref, "out": out}
+    return _CACHE["sd_lora"]
+
+
+def diffusers_fused(file: str, base: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' ``load_lora_weights`` + ``fuse_lora`` path on copies of the base components
+    (the pipeline's loaders, called per component: ``lora_state_dict`` with its kohya conversion,
+    ``load_lora_into_unet`` / ``load_lora_into_text_encoder``, then fuse)."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+
+    sd, alphas = StableDiffusionXLPipeline.lora_state_dict(file)
+    out = {}
+    for c, model in base.items():
+        m = copy.deepcopy(model)
+        if c == "unet":
+            StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet=m)
+            m.fuse_lora()
+        else:
+            StableDiffusionXLPipeline.load_lora_into_text_encoder(sd, alphas, text_encoder=m, prefix=c)
+            fuse_text_encoder_lora(m)
+        out[c] = m
+    return out

@@ -22,6 +22,7 @@ from adapterfmt.lycoris_math import module_delta
 
 from _diffusion_helpers import (
     lycoris_network,
+    sd_lora_case,
     merged_copy,
     rel_err,
     save_component,
@@ -40,16 +41,8 @@ TOL = 1e-4
 def sd_lora(tmp_path_factory):
     """An SD-style kohya LoRA/LoCon file (UNet incl. 3x3 convs + one text encoder), alpha 2 != rank 4,
     conv rank 2 with alpha 3, and the LyCORIS forward outputs as the oracle."""
-    d = tmp_path_factory.mktemp("sd_lora")
-    unet, te = tiny_unet(), tiny_clip()
-    base = {"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(te)}
-    ref = {"unet": unet_out(unet), "text_encoder": te_out(te)}
-    net = lycoris_network(te, unet, algo="lora", dim=4, alpha=2, conv_dim=2, conv_alpha=3)
-    out = {"unet": unet_out(unet), "text_encoder": te_out(te)}
-    f = save_lycoris(net, str(d / "sd_lora.safetensors"))
-    save_component(base["unet"], str(d / "unet"))
-    save_component(base["text_encoder"], str(d / "text_encoder"))
-    return {"file": f, "dir": d, "base": base, "ref": ref, "out": out}
+    case = sd_lora_case(str(tmp_path_factory.mktemp("sd_lora")))
+    return {**case, "dir": __import__("pathlib").Path(case["pipe"])}
 
 
 def _merge_in_memory(ckpt, component, model):

@@ -1,0 +1,80 @@
+"""Merging kohya / diffusers LoRA files into component and pipeline directories, against diffusers'
+``load_lora_weights`` + ``fuse_lora`` (and LyCORIS's forward)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _diffusion_helpers import diffusers_fused, rel_err, sd_lora_case, state_path, te_out, unet_out
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return sd_lora_case(str(tmp_path_factory.mktemp("sd_lora")))
+
+
+@pytest.fixture(scope="module")
+def fused(case):
+    return diffusers_fused(case["file"], case["base"])
+
+
+def _weights_close(merged_dir: str, fused_model, base_model) -> None:
+    """Every merged weight equals diffusers' fused weight, relative to the LoRA's effect on it."""
+    ours = load_file(state_path(merged_dir))
+    theirs = {k.replace(".base_layer.", "."): v for k, v in fused_model.state_dict().items() if "lora_" not in k}
+    base = base_model.state_dict()
+    changed = 0
+    for k, v in ours.items():
+        effect = (theirs[k] - base[k]).abs().max()
+        if effect > 0:
+            changed += 1
+            assert (v - theirs[k]).abs().max() <= TOL * effect, k
+        else:
+            assert torch.equal(v, base[k]), k
+    assert changed > 0
+
+
+def test_merge_component_directory_equals_diffusers_fuse(case, fused, run_cli, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "unet-merged"
+    r = run_cli("merge", "--base", os.path.join(case["pipe"], "unet"), "--adapter", case["file"], "--component", "unet", "-o", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    _weights_close(str(out), fused["unet"], case["base"]["unet"])
+    merged = UNet2DConditionModel.from_pretrained(out).eval()
+    assert rel_err(unet_out(merged), unet_out(fused["unet"]), case["ref"]["unet"]) < TOL
+    assert rel_err(unet_out(merged), case["out"]["unet"], case["ref"]["unet"]) < TOL  # LyCORIS forward too
+
+
+def test_merge_pipeline_merges_every_component_and_copies_the_rest(case, fused, run_cli, tmp_path):
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "pipe-merged"
+    r = run_cli("merge", "--base", case["pipe"], "--adapter", case["file"], "-o", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert sorted(doc["components"]) == ["text_encoder", "unet"] and doc["copied"] == ["model_index.json", "scheduler"]
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "unet"]
+    _weights_close(str(out / "unet"), fused["unet"], case["base"]["unet"])
+    _weights_close(str(out / "text_encoder"), fused["text_encoder"], case["base"]["text_encoder"])
+    te = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    assert rel_err(te_out(te), case["out"]["text_encoder"], case["ref"]["text_encoder"]) < TOL
+
+
+def test_merge_refusals_write_nothing(case, run_cli, tmp_path):
+    out = tmp_path / "x"
+    # several components, one component directory, no --component
+    r = run_cli("merge", "--base", os.path.join(case["pipe"], "unet"), "--adapter", case["file"], "-o", out)
+    assert r.exit_code == 2 and "--component" in r.stderr
+    # the wrong component: nothing resolves
+    r = run_cli("merge", "--base", os.path.join(case["pipe"], "text_encoder"), "--adapter", case["file"], "--component", "unet", "-o", out)
+    assert r.exit_code == 2 and "match no module" in r.stderr
+    assert not out.exists()
