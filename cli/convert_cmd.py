@@ -14,6 +14,8 @@ Examples:
   adapterfmt convert run/model.safetensors -o my-adapter --alpha 16
   adapterfmt convert run/ -o my-adapter --config train/adapter_config.json --base-out my-base
   adapterfmt convert run/pytorch_model.bin -o my-adapter --alpha 16 --adapter-name other --allow-pickle
+  adapterfmt convert lora.safetensors --to peft -o unet-adapter --base sd/unet --component unet
+  adapterfmt convert unet-adapter --to kohya -o lora.safetensors --base sd/unet --component unet
 """
 
 
@@ -26,6 +28,9 @@ Examples:
 @click.option("--base-out", metavar="BASE_DIR", help="Also write the plain base model the checkpoint carries.")
 @click.option("--overwrite", is_flag=True, help="Replace non-empty output directories (only once the new ones are complete).")
 @click.option("--allow-pickle", is_flag=True, help="Permit a .bin/.pt/.pth pickle (read with torch.load(weights_only=True)).")
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), help="Convert a kohya/diffusers file to a PEFT adapter (peft), or a PEFT adapter to a kohya or diffusers file.")
+@click.option("--base", "base", metavar="COMPONENT_DIR", help="With --to: the component directory (or pipeline directory) the adapter belongs to; names are resolved against it.")
+@click.option("--component", metavar="NAME", help="With --to: unet, text_encoder, text_encoder_2 or transformer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary instead of text.")
 def convert_command(
     wrapped: str,
@@ -36,6 +41,9 @@ def convert_command(
     base_out: Optional[str],
     overwrite: bool,
     allow_pickle: bool,
+    to: Optional[str],
+    base: Optional[str],
+    component: Optional[str],
     as_json: bool,
 ) -> None:
     """Convert a wrapped PeftModel.state_dict() checkpoint into the adapter layout PEFT saves.
@@ -49,9 +57,20 @@ def convert_command(
     the top and any other in ADAPTER_DIR/<name>/. The output appears only when complete; a
     non-empty one is refused unless --overwrite.
 
+    With --to (docs/FORMAT.md §10.7): `--to peft` writes one component of a kohya / LyCORIS or
+    diffusers LoRA file as a PEFT adapter directory; `--to kohya|diffusers` writes a PEFT LoRA
+    adapter of one component as a single .safetensors file that diffusers and LyCORIS load.
+    Both need --base (the component directory) and, where ambiguous, --component.
+
     Exit status: 0 on success; 2 when the input cannot be converted (one "Error:" line), e.g.
     without --alpha or --config, since guessing the scale would change the model.
     """
+    if to is not None:
+        _convert_foreign(wrapped, output, to=to, base=base, component=component, overwrite=overwrite, as_json=as_json,
+                         wrapped_only=bool(adapter_name or alpha is not None or config or base_out or allow_pickle))
+        return
+    if base is not None or component is not None:
+        raise click.UsageError("--base and --component apply with --to only")
     if alpha is not None and config is not None:
         raise click.UsageError("give --alpha or --config, not both")
     from adapterfmt.convert import convert_wrapped
@@ -70,3 +89,27 @@ def convert_command(
         click.echo(f"{result.tensors} tensors, {result.nbytes:,} bytes written")
         for w in result.findings:
             warn(f"warning[{w.code}]: {w.message}")
+
+
+def _convert_foreign(source: str, output: str, *, to: str, base: Optional[str], component: Optional[str], overwrite: bool,
+                     as_json: bool, wrapped_only: bool) -> None:
+    if wrapped_only:
+        raise click.UsageError("--adapter-name, --alpha, --config, --base-out and --allow-pickle apply to wrapped checkpoints, not with --to")
+    if base is None:
+        raise click.UsageError("--to needs --base COMPONENT_DIR: names are resolved against the real modules")
+    from adapterfmt.formats import foreign_convert
+
+    if to == "peft":
+        result = foreign_convert.to_peft(source, output, base=base, component=component, overwrite=overwrite)
+    else:
+        if component is None:
+            raise click.UsageError(f"--to {to} needs --component (the file's key prefix names it)")
+        result = foreign_convert.from_peft(source, output, to=to, base=base, component=component, overwrite=overwrite)
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    click.echo(f"{result.component}: {result.modules} modules, {result.tensors} tensors -> {result.output} ({result.to})")
+    if result.folded:
+        click.echo(f"folded the scale of {len(result.folded)} module(s) into lora_up (one alpha for the file)")
+    for w in result.findings:
+        warn(f"warning[{w.code}]: {w.message}")

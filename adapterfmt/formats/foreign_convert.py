@@ -1,0 +1,262 @@
+"""Convert between PEFT adapter directories and kohya / diffusers LoRA files (docs/FORMAT.md §10.7).
+
+* ``to_peft``: one component of a kohya / diffusers file -> a PEFT adapter directory for that
+  component: names resolved against the base (:mod:`.names`), bytes copied unchanged
+  (``lora_down`` -> ``lora_A``, ``lora_up`` -> ``lora_B``), config rebuilt (:mod:`.peft_view`).
+* ``from_peft``: a PEFT LoRA adapter of one component -> a kohya file (``lora_<component>_<flattened
+  path>.lora_down/lora_up/alpha``) or a diffusers file (``<component>.<path>.lora_A/lora_B``
+  plus the LoraConfig in ``lora_adapter_metadata``). A kohya file gets ONE alpha for every
+  module — diffusers 0.42 drops an attention layer's ``.alpha`` that differs from the file's
+  most common one — and each module's own scale is folded into ``lora_up``
+  (``up · s·r/α``, in float32, rounded once to ``lora_up``'s dtype); a module whose scale is
+  already ``α/r`` keeps its bytes.
+Outputs are written beside their final path and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..base import BaseModel
+from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
+from ..convert import write_safetensors
+from ..describe import AdapterCheckpoint, read_adapter
+from ..errors import InvalidConfigError, OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
+from ..findings import Finding
+from ..header import TensorInfo
+from ..writer import StagedDirectory, TensorSpec, check_output_path, clean_stale
+from .components import component_bases, is_pipeline, read_component
+from .detect import read_foreign
+from .diffusers_lora import METADATA_KEY
+from .kohya import WRITE_PREFIX
+from .names import base_module_paths, flatten, resolve_names
+from .peft_view import component_adapter
+from .records import COMPONENTS, LORA, ForeignModule
+
+KOHYA, DIFFUSERS = "kohya", "diffusers"
+
+
+@dataclass
+class ForeignConvertResult:
+    """What a conversion wrote."""
+
+    source: str
+    output: str
+    to: str
+    component: str
+    modules: int
+    tensors: int
+    folded: list[str] = field(default_factory=list)  #: modules whose scale went into lora_up
+    findings: list[Finding] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "output": self.output, "to": self.to, "component": self.component, "modules": self.modules,
+            "tensors": self.tensors, "folded": self.folded, "warnings": [f.as_dict() for f in self.findings],
+        }
+
+
+def _one_base(ckpt_components: list[str], bases: dict[str, BaseModel], source: str) -> tuple[str, BaseModel]:
+    if len(bases) != 1:
+        raise InvalidConfigError(
+            f"adapts {', '.join(ckpt_components)}; a PEFT adapter holds one component", path=source, hint="pass --component NAME"
+        )
+    return next(iter(bases.items()))
+
+
+def to_peft(
+    source: "str | os.PathLike[str]", output: "str | os.PathLike[str]", *, base: str, component: Optional[str] = None, overwrite: bool = False
+) -> ForeignConvertResult:
+    """Write one component of a kohya / diffusers LoRA file as a PEFT adapter directory.
+
+    Raises:
+        InvalidConfigError: a pipeline base, several components and no ``component``.
+        AmbiguousMatchError, UnresolvedModulesError, UnknownKeyError, UnsupportedFeatureError
+        (LoHa, LoKr, LoCon Tucker cores, DoRA), InconsistentAdapterError: nothing is written.
+    """
+    src = os.fspath(source)
+    ckpt = read_foreign(src)
+    bases = component_bases(ckpt, base, component)
+    name, model = _one_base(ckpt.components, bases, src)
+    from .components import check_component
+
+    check_component(ckpt, name, model)
+    adapter = component_adapter(ckpt, name, base_modules=base_module_paths(model.tensors))
+    out = check_output_path(output, [src, model.directory], overwrite=overwrite)
+    clean_stale(out)
+    items = sorted(
+        (f"{PEFT_PREFIX}{path}.{slot}.weight", m.tensors[slot]) for path, m in adapter.lora.items() for slot in ("lora_A", "lora_B")
+    )
+    with StagedDirectory(out, overwrite=overwrite) as staged:
+        write_safetensors(os.path.join(staged.path, ADAPTER_SAFETENSORS_FILE), items)
+        with open(os.path.join(staged.path, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(dict(adapter.config.raw), f, indent=2, sort_keys=True)
+        staged.commit()
+    return ForeignConvertResult(src, out, "peft", name, len(adapter.lora), len(items), findings=list(ckpt.findings))
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT -> kohya / diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def _refuse_for_export(adapter: AdapterCheckpoint, source: str) -> None:
+    """Only plain LoRA on Linear / Conv layers has a kohya and a diffusers form."""
+    cfg = adapter.config
+    reasons = []
+    if adapter.full_copies or adapter.token_deltas or adapter.base_overrides:
+        reasons.append("full copies, trainable tokens and saved base tensors have no kohya/diffusers form")
+    if adapter.unknown_keys:
+        reasons.append(f"unknown tensor {adapter.unknown_keys[0]!r}")
+    if cfg.unsupported:
+        reasons.append(f"config field {next(iter(cfg.unsupported))!r}")
+    for path, m in adapter.lora.items():
+        if m.use_dora or m.lora_bias or m.layer_kind == "embedding" or "lora_A" not in m.tensors or "lora_B" not in m.tensors:
+            reasons.append(f"module {path!r} ({'DoRA' if m.use_dora else 'lora_B bias' if m.lora_bias else m.layer_kind})")
+            break
+    if cfg.fan_in_fan_out:
+        reasons.append("fan_in_fan_out (transformers Conv1D) layers")
+    if reasons:
+        raise UnsupportedFeatureError(f"cannot be written as a kohya/diffusers file: {reasons[0]}", path=source, hint="only LoRA on Linear and Conv layers converts")
+
+
+def _atomic_file(out: str, overwrite: bool, inputs: list[str]) -> str:
+    absolute = os.path.abspath(out)
+    for src in inputs:
+        real = os.path.realpath(src)
+        if os.path.realpath(absolute) == real or os.path.realpath(absolute).startswith(real.rstrip(os.sep) + os.sep):
+            raise OutputPathError(f"is inside the input {src}", path=absolute, hint="write the file somewhere else; inputs are never modified")
+    if os.path.isdir(absolute):
+        raise OutputPathError("is a directory", path=absolute, hint="give a .safetensors file path")
+    if os.path.exists(absolute) and not overwrite:
+        raise OutputPathError("exists", path=absolute, hint="pass --overwrite to replace it, or choose another path")
+    return absolute
+
+
+def from_peft(
+    source: "str | os.PathLike[str]",
+    output: "str | os.PathLike[str]",
+    *,
+    to: str,
+    base: str,
+    component: str,
+    overwrite: bool = False,
+) -> ForeignConvertResult:
+    """Write a PEFT LoRA adapter of one component as a kohya or diffusers ``.safetensors`` file.
+
+    Args:
+        to: ``kohya`` or ``diffusers``.
+        base: the component directory (or the pipeline directory holding ``component``).
+        component: ``unet``, ``transformer``, ``text_encoder`` or ``text_encoder_2``.
+
+    Raises:
+        UnsupportedFeatureError: DoRA, ``lora_bias``, embeddings, full copies, Conv1D layers.
+        UnresolvedModulesError: adapter modules with no weight in the base.
+        AmbiguousMatchError: a kohya name that would fit two modules of the base.
+    """
+    if to not in (KOHYA, DIFFUSERS):
+        raise InvalidConfigError(f"unknown target format {to!r}", key="to", hint="use kohya or diffusers")
+    if component not in COMPONENTS:
+        raise InvalidConfigError(f"unknown component {component!r}", key="component", hint=f"use one of {', '.join(COMPONENTS)}")
+    src = os.fspath(source)
+    adapter = read_adapter(src)
+    _refuse_for_export(adapter, src)
+    model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
+    from ..resolution import resolve
+
+    res = resolve(adapter, model)
+    if res.unresolved or res.shape_errors:
+        raise UnresolvedModulesError(
+            f"{len(res.unresolved)} module(s) match no weight of the base, {len(res.shape_errors)} do not fit it",
+            path=src, key=(res.unresolved or res.shape_errors)[0], hint="is this the component the adapter was trained on?",
+        )
+    out = _atomic_file(os.fspath(output), overwrite, [src, model.directory])
+    modules = sorted(adapter.lora.items())
+    if to == KOHYA:
+        entries, folded = _kohya_entries(modules, component, model, src)
+        metadata = {"format": "pt"}
+    else:
+        entries = [(f"{component}.{p}.lora_{s}.weight", m.tensors[f"lora_{s}"], None) for p, m in modules for s in ("A", "B")]
+        folded = []
+        doc = {f"{component}.{k}": v for k, v in dict(adapter.config.raw).items()}
+        metadata = {"format": "pt", METADATA_KEY: json.dumps(doc, sort_keys=True)}
+    _write_file(out, entries, metadata)
+    return ForeignConvertResult(src, out, to, component, len(modules), len(entries), folded, list(adapter.findings))
+
+
+def _kohya_entries(modules: list, component: str, model: BaseModel, src: str) -> tuple[list, list[str]]:
+    """(key, source tensor, replacement value or None) for every tensor of the kohya file."""
+    prefix = WRITE_PREFIX[component]
+    effective = {p: m.scaling * m.rank for p, m in modules}
+    counts = Counter(effective.values())
+    alpha = min(counts, key=lambda a: (-counts[a], a))
+    # every flattened name must resolve back to its own module, or a reader would bind it elsewhere
+    probes = [ForeignModule(name=flatten(p), component=component, kind=LORA) for p, _ in modules]
+    back = resolve_names(probes, base_module_paths(model.tensors), component=component, file=src)
+    wrong = [p for (p, _), probe in zip(modules, probes) if probe.path != p]
+    if wrong or not back.ok:
+        raise UnresolvedModulesError("a kohya name would not resolve back to its module", path=src, key=(wrong or back.unresolved)[0])
+    entries: list = []
+    folded = []
+    for p, m in modules:
+        name = prefix + flatten(p)
+        factor = m.scaling * m.rank / alpha
+        entries.append((f"{name}.alpha", None, ("scalar", alpha)))
+        entries.append((f"{name}.lora_down.weight", m.tensors["lora_A"], None))
+        if factor == 1.0:
+            entries.append((f"{name}.lora_up.weight", m.tensors["lora_B"], None))
+        else:
+            entries.append((f"{name}.lora_up.weight", m.tensors["lora_B"], ("scale", factor)))
+            folded.append(p)
+    return entries, folded
+
+
+def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
+    """One safetensors file: tensors copied byte for byte, or computed (alpha scalars, folded ups)."""
+    import torch
+
+    from ..torch_io import TORCH_DTYPES, TensorReader
+
+    values: dict[str, Any] = {}
+    with TensorReader() as reader:
+        for key, info, change in entries:
+            if change is None:
+                continue
+            if change[0] == "scalar":
+                values[key] = torch.tensor(float(change[1]), dtype=torch.float32)
+            else:
+                t = reader.get(info)
+                values[key] = (t.float() * change[1]).to(TORCH_DTYPES[info.dtype]).contiguous()
+    from ..torch_io import SAFETENSORS_DTYPES
+
+    ordered = sorted(entries, key=lambda e: e[0])
+    specs = [TensorSpec(k, SAFETENSORS_DTYPES[values[k].dtype] if k in values else i.dtype, tuple(values[k].shape) if k in values else tuple(i.shape)) for k, i, _ in ordered]
+    tmp = os.path.join(os.path.dirname(out) or ".", f".{os.path.basename(out)}.adapterfmt-tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    from ..writer import ShardWriter
+
+    writer = ShardWriter(tmp, specs, metadata=metadata)
+    fds: dict[str, int] = {}
+    try:
+        for key, info, _ in ordered:
+            if key in values:
+                writer.write(key, memoryview(values[key].reshape(-1).view(torch.uint8).numpy()))
+            else:
+                if info.file not in fds:
+                    fds[info.file] = os.open(info.file, os.O_RDONLY)
+                writer.copy([key], fds[info.file], info.start)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.abort()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)

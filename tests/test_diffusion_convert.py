@@ -1,0 +1,109 @@
+"""convert --to peft|kohya|diffusers: PEFT, diffusers and LyCORIS load the results with the same outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from _diffusion_helpers import diffusers_fused, rel_err, sd_lora_case, te_out, tiny_unet, unet_out
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return sd_lora_case(str(tmp_path_factory.mktemp("sd_lora")))
+
+
+def test_kohya_to_peft_loads_in_peft_like_diffusers(case, run_cli, tmp_path):
+    from peft import PeftModel
+
+    fused = diffusers_fused(case["file"], case["base"])
+    for comp, run in (("unet", unet_out), ("text_encoder", te_out)):
+        out = tmp_path / comp
+        r = run_cli("convert", case["file"], "--to", "peft", "-o", out, "--base", case["pipe"], "--component", comp, "--json")
+        assert r.exit_code == 0, r.stderr
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA"
+        if comp == "unet":  # linear rank 4 / alpha 2, convs rank 2 / alpha 3
+            assert (cfg["r"], cfg["lora_alpha"]) == (4, 2.0) and set(cfg["rank_pattern"].values()) == {2}
+            assert set(cfg["alpha_pattern"].values()) == {3.0}
+        model = PeftModel.from_pretrained(copy.deepcopy(case["base"][comp]), str(out)).eval()
+        assert rel_err(run(model), run(fused[comp]), case["ref"][comp]) < TOL
+    # several components in the file, no --component
+    r = run_cli("convert", case["file"], "--to", "peft", "-o", tmp_path / "x", "--base", case["pipe"])
+    assert r.exit_code == 2 and "--component" in r.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def peft_unet(tmp_path_factory):
+    """A PEFT LoRA adapter on the tiny UNet: alpha != r, an attention layer with its own alpha and
+    rank (the case diffusers 0.42 loads wrong from a per-module-alpha kohya file), and 3x3 convs."""
+    from peft import LoraConfig, get_peft_model
+
+    d = tmp_path_factory.mktemp("peft_unet")
+    unet = tiny_unet()
+    base = copy.deepcopy(unet)
+    base.save_pretrained(d / "unet")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+                     rank_pattern={"^down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 2},
+                     alpha_pattern={"^down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 3, "^up_blocks.1.resnets.0.conv1": 1})
+    model = get_peft_model(unet, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.eval()
+    model.save_pretrained(d / "adapter")
+    return {"dir": d, "base": base, "ref": unet_out(base), "out": unet_out(model)}
+
+
+def test_peft_to_kohya_loads_in_diffusers_and_lycoris(peft_unet, run_cli):
+    from diffusers import StableDiffusionPipeline
+    from lycoris.kohya import create_network_from_weights
+
+    d = peft_unet["dir"]
+    out = d / "lora.safetensors"
+    r = run_cli("convert", d / "adapter", "--to", "kohya", "-o", out, "--base", d / "unet", "--component", "unet", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["folded"] == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.1.resnets.0.conv1"]
+    with safe_open(str(out), "pt") as f:
+        alphas = {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}
+        assert alphas == {8.0} and all(k.startswith("lora_unet_") for k in f.keys())
+    # diffusers: lora_state_dict (its kohya conversion) + load into the UNet
+    sd, network_alphas = StableDiffusionPipeline.lora_state_dict(str(out))
+    unet = copy.deepcopy(peft_unet["base"])
+    StableDiffusionPipeline.load_lora_into_unet(sd, network_alphas, unet=unet)
+    assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
+    # LyCORIS: its kohya loader and forward
+    unet = copy.deepcopy(peft_unet["base"])
+    net, _ = create_network_from_weights(1.0, str(out), None, None, unet)
+    net.apply_to(None, unet, False, True)
+    assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
+
+
+def test_peft_to_diffusers_file_loads_in_diffusers(peft_unet, run_cli):
+    d = peft_unet["dir"]
+    out = d / "pytorch_lora_weights.safetensors"
+    r = run_cli("convert", d / "adapter", "--to", "diffusers", "-o", out, "--base", d / "unet", "--component", "unet")
+    assert r.exit_code == 0, r.stderr
+    from diffusers import StableDiffusionPipeline
+
+    # what load_lora_weights does for the UNet: read the file with its LoraConfig metadata, load it
+    sd, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(out), return_lora_metadata=True)
+    unet = copy.deepcopy(peft_unet["base"])
+    StableDiffusionPipeline.load_lora_into_unet(sd, network_alphas, unet=unet, metadata=metadata)
+    assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
+    # and adapterfmt reads its own file back
+    doc = json.loads(run_cli("inspect", out, "--json", "--base", d / "unet").stdout)
+    assert doc["format"] == "diffusers" and doc["check"][0]["ok"]
+    # an existing output is refused without --overwrite
+    r = run_cli("convert", d / "adapter", "--to", "diffusers", "-o", out, "--base", d / "unet", "--component", "unet")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    assert os.path.isfile(out)
