@@ -229,3 +229,12 @@ def test_inspect_cli_json_detects_each_format(sd_lora, sd3_diffusers, run_cli, t
     assert json.loads(run_cli("inspect", testdata / "tiny-llama-lora", "--json").stdout)["format"] == "peft"
     text = run_cli("inspect", sd_lora["file"]).stdout
     assert "kohya" in text and "down_blocks_0_resnets_0_conv1" in text
+
+
+def test_inspect_of_a_foreign_file_is_header_only(sd_lora):
+    """kohya inspect, with and without a pipeline base, imports neither torch nor the other heavy packages."""
+    from test_no_torch import run_and_report
+
+    for args in (("inspect", sd_lora["file"], "--json"), ("inspect", sd_lora["file"], "--base", str(sd_lora["dir"]))):
+        code, loaded, stdout = run_and_report(*args)
+        assert code == 0 and stdout and loaded == [], (args, loaded)

@@ -41,6 +41,7 @@ SECTIONS = {
     7: "Warning codes",
     8: "Errors",
     9: "Wrapped checkpoints",
+    10: "Diffusion ecosystem files",
 }
 
 
