@@ -10,7 +10,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _diffusion_helpers import diffusers_fused, rel_err, sd_lora_case, te_out, tiny_unet, unet_out
+from _diffusion_helpers import (
+    diffusers_fused,
+    lycoris_network,
+    rel_err,
+    save_component,
+    save_lycoris,
+    sd_lora_case,
+    te_out,
+    tiny_clip,
+    tiny_unet,
+    unet_out,
+)
 
 TOL = 1e-4
 
@@ -107,3 +118,23 @@ def test_peft_to_diffusers_file_loads_in_diffusers(peft_unet, run_cli):
     r = run_cli("convert", d / "adapter", "--to", "diffusers", "-o", out, "--base", d / "unet", "--component", "unet")
     assert r.exit_code == 2 and "--overwrite" in r.stderr
     assert os.path.isfile(out)
+
+
+def test_kohya_loha_to_peft_loha_matches_lycoris_forward(tmp_path, run_cli):
+    """A LyCORIS LoHa file (with Tucker cores on the 3x3 convs) converts to PEFT's LOHA; PEFT's
+    forward equals LyCORIS's."""
+    from peft import PeftModel
+
+    unet, te = tiny_unet(), tiny_clip()
+    base = copy.deepcopy(unet)
+    ref = unet_out(unet)
+    net = lycoris_network(te, unet, algo="loha", dim=4, alpha=3, use_tucker=True)
+    out = unet_out(unet)
+    file = save_lycoris(net, str(tmp_path / "loha.safetensors"))
+    save_component(base, str(tmp_path / "unet"))
+    r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["alpha"], cfg["use_effective_conv2d"]) == ("LOHA", 4, 3.0, True)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert rel_err(unet_out(model), out, ref) < TOL

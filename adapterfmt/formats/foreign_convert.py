@@ -34,8 +34,8 @@ from .detect import read_foreign
 from .diffusers_lora import METADATA_KEY
 from .kohya import WRITE_PREFIX
 from .names import base_module_paths, flatten, resolve_names
-from .peft_view import component_adapter
-from .records import COMPONENTS, LORA, ForeignModule
+from .peft_view import component_adapter, peft_config_document, refuse_unusable
+from .records import COMPONENTS, LOHA, LORA, ForeignModule
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 
@@ -85,18 +85,51 @@ def to_peft(
     from .components import check_component
 
     check_component(ckpt, name, model)
-    adapter = component_adapter(ckpt, name, base_modules=base_module_paths(model.tensors))
+    modules = ckpt.component_modules(name)
+    if {m.kind for m in modules} == {LOHA}:
+        doc, items = _loha_adapter(ckpt, modules, model)
+    else:
+        adapter = component_adapter(ckpt, name, base_modules=base_module_paths(model.tensors))
+        doc = dict(adapter.config.raw)
+        items = sorted(
+            (f"{PEFT_PREFIX}{path}.{slot}.weight", m.tensors[slot]) for path, m in adapter.lora.items() for slot in ("lora_A", "lora_B")
+        )
     out = check_output_path(output, [src, model.directory], overwrite=overwrite)
     clean_stale(out)
-    items = sorted(
-        (f"{PEFT_PREFIX}{path}.{slot}.weight", m.tensors[slot]) for path, m in adapter.lora.items() for slot in ("lora_A", "lora_B")
-    )
     with StagedDirectory(out, overwrite=overwrite) as staged:
         write_safetensors(os.path.join(staged.path, ADAPTER_SAFETENSORS_FILE), items)
         with open(os.path.join(staged.path, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(dict(adapter.config.raw), f, indent=2, sort_keys=True)
+            json.dump(doc, f, indent=2, sort_keys=True)
         staged.commit()
-    return ForeignConvertResult(src, out, "peft", name, len(adapter.lora), len(items), findings=list(ckpt.findings))
+    return ForeignConvertResult(src, out, "peft", name, len(modules), len(items), findings=list(ckpt.findings))
+
+
+#: PEFT's LoHaConfig fields that a kohya / LyCORIS file does not carry (PEFT's defaults; no dropout).
+_LOHA_DEFAULTS: dict[str, Any] = {
+    "peft_type": "LOHA", "task_type": None, "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+    "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True, "exclude_modules": None, "layers_to_transform": None,
+    "layers_pattern": None, "modules_to_save": None,
+}
+
+
+def _loha_adapter(ckpt: Any, modules: list[ForeignModule], model: BaseModel) -> tuple[dict[str, Any], list]:
+    """PEFT LOHA config and tensors: the same factor names and shapes as LyCORIS (``hada_*``).
+
+    PEFT decides Tucker cores per layer from one flag (``use_effective_conv2d``, on every conv
+    with a kernel larger than 1x1), so a file that uses cores on some such convs only is refused."""
+    refuse_unusable(ckpt, modules, lora_only=False)
+    cored = {m.path for m in modules if "hada_t1" in m.tensors}
+    big_convs = {m.path for m in modules if len(model.tensors[f"{m.path}.weight"].shape) > 2 and any(k != 1 for k in model.tensors[f"{m.path}.weight"].shape[2:])}
+    if cored and cored != big_convs:
+        raise UnsupportedFeatureError(
+            "LoHa Tucker cores on some convolutions only; PEFT's use_effective_conv2d applies to all of them", path=ckpt.file,
+            key=sorted(big_convs ^ cored)[0],
+        )
+    doc = peft_config_document(modules, base_modules=base_module_paths(model.tensors), peft_type="LOHA")
+    lycoris = {**_LOHA_DEFAULTS, "r": doc["r"], "alpha": doc["lora_alpha"], "rank_pattern": doc["rank_pattern"],
+               "alpha_pattern": doc["alpha_pattern"], "target_modules": doc["target_modules"], "use_effective_conv2d": bool(cored)}
+    items = sorted((f"{PEFT_PREFIX}{m.path}.{slot}", info) for m in modules for slot, info in m.tensors.items())
+    return lycoris, items
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,10 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
             )
         if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
             what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
-            raise UnsupportedFeatureError(f"{what} has no PEFT LoRA form", path=ckpt.file, key=key, hint="merge it instead, or convert to PEFT's own LOHA/LOKR")
+            raise UnsupportedFeatureError(
+                f"{what} is not supported here yet (only LoRA/LoCon modules merge, and only LoRA and LoHa convert to PEFT)",
+                path=ckpt.file, key=key, hint="see docs/FORMAT.md §10.8",
+            )
 
 
 def component_adapter(
