@@ -24,6 +24,7 @@ def foreign_document(ckpt: ForeignCheckpoint, source: str, checks: list[Any]) ->
         "source": source,
         "file": ckpt.file,
         "components": {c: len(ckpt.component_modules(c)) for c in ckpt.components},
+        "peft_type": ckpt.configs[""].get("peft_type") if ckpt.format == "peft" else None,
         "kinds": ckpt.kinds,
         "modules": modules,
         "totals": {
@@ -39,10 +40,10 @@ def foreign_document(ckpt: ForeignCheckpoint, source: str, checks: list[Any]) ->
 
 
 def render_foreign(doc: dict[str, Any]) -> str:
-    comps = ", ".join(f"{c} ({n})" for c, n in doc["components"].items())
+    comps = ", ".join(f"{c} ({n})" for c, n in doc["components"].items()) or "the model"
     lines = [f"adapter: {doc['source']} ({doc['format']} file {doc['file']})", f"components: {comps}; kinds: {', '.join(doc['kinds'])}", ""]
     rows = [
-        (m["component"], m["module"], m["kind"] + ("" if m["layer_kind"] in (None, "linear") else f"/{m['layer_kind']}"),
+        (m["component"] or "-", m["module"], m["kind"] + ("" if m["layer_kind"] in (None, "linear") else f"/{m['layer_kind']}"),
          "-" if m["rank"] is None else m["rank"], _num(m["alpha"]), _num(m["scaling"]), m["dtype"], f"{m['params']:,}")
         for m in doc["modules"]
     ]
@@ -61,7 +62,9 @@ def render_foreign(doc: dict[str, Any]) -> str:
 
 def inspect_foreign(path: str, *, as_json: bool, base: Optional[str], component: Optional[str], strict: bool) -> None:
     """Print the report of a foreign file; with ``base``, resolve it (exit 1 when that fails)."""
-    ckpt = read_foreign(path)
+    from adapterfmt.formats.peft_lycoris import peft_lycoris_type, read_peft_lycoris
+
+    ckpt = read_peft_lycoris(path) if peft_lycoris_type(path) else read_foreign(path)
     checks = []
     if base is not None:
         from adapterfmt.formats.components import check_component, component_bases

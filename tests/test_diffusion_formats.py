@@ -238,3 +238,38 @@ def test_inspect_of_a_foreign_file_is_header_only(sd_lora):
     for args in (("inspect", sd_lora["file"], "--json"), ("inspect", sd_lora["file"], "--base", str(sd_lora["dir"]))):
         code, loaded, stdout = run_and_report(*args)
         assert code == 0 and stdout and loaded == [], (args, loaded)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_peft_loha_lokr_inspect_and_math_match_peft(kind, tmp_path, run_cli):
+    """PEFT's own LOHA / LOKR adapters: inspect reads them (format peft, kind loha/lokr), and the
+    shared delta math with PEFT's scale reproduces PEFT's merge_and_unload weight for weight."""
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    unet = tiny_unet()
+    base = copy.deepcopy(unet)
+    targets = ["to_q", "to_k", "conv1", "proj_in"]
+    if kind == "loha":
+        cfg = LoHaConfig(r=4, alpha=6, target_modules=targets, use_effective_conv2d=True, rank_pattern={"^down_blocks.0.resnets.0.conv1": 2})
+    else:
+        cfg = LoKrConfig(r=4, alpha=6, target_modules=targets, decompose_both=True, decompose_factor=2, alpha_pattern={"to_k": 3})
+    model = get_peft_model(unet, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".hada_" in n or ".lokr_" in n:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "a")
+    expected = model.merge_and_unload().state_dict()
+    doc = json.loads(run_cli("inspect", tmp_path / "a", "--json").stdout)
+    assert doc["format"] == "peft" and doc["kinds"] == [kind] and doc["peft_type"] == kind.upper()
+    from adapterfmt.formats.peft_lycoris import read_peft_lycoris
+
+    ckpt = read_peft_lycoris(tmp_path / "a")
+    assert not ckpt.findings and len(ckpt.modules) == len(doc["modules"]) > 0
+    tensors = load_file(ckpt.file)
+    sd = base.state_dict()
+    for m in ckpt.modules:
+        w = sd[f"{m.path}.weight"]
+        merged = w + module_delta(m.kind, {s: tensors[k] for s, k in m.keys.items()}, m.scaling, w.shape)
+        effect = (expected[f"{m.path}.weight"] - w).abs().max()
+        assert effect > 0 and (merged - expected[f"{m.path}.weight"]).abs().max() <= TOL * effect, m.path

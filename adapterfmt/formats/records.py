@@ -37,7 +37,7 @@ class ForeignModule:
     Attributes:
         name: the module's name in the file, without the component prefix: kohya's flattened
             ``down_blocks_0_attentions_0_proj_in`` or diffusers' dotted ``down_blocks.0.attentions.0.proj_in``.
-        component: ``unet``, ``transformer``, ``text_encoder`` or ``text_encoder_2``.
+        component: ``unet``, ``transformer``, ``text_encoder`` or ``text_encoder_2`` (``None``: a PEFT adapter).
         kind: ``lora``, ``loha`` or ``lokr``.
         tensors: slot (``lora_down``, ``hada_w1_a``, ``lokr_w2``, ...) -> tensor.
         keys: slot -> key in the file.
@@ -49,7 +49,7 @@ class ForeignModule:
     """
 
     name: str
-    component: str
+    component: Optional[str]  #: ``None`` for a PEFT LoHa / LoKr adapter (one model, no pipeline)
     kind: str
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
@@ -185,7 +185,7 @@ class ForeignCheckpoint:
     """A kohya / LyCORIS or diffusers adapter file, read from its header.
 
     Attributes:
-        format: ``kohya`` or ``diffusers``.
+        format: ``kohya``, ``diffusers``, or ``peft`` (a PEFT LoHa / LoKr adapter).
         file: the ``.safetensors`` file.
         modules: every adapted module, in the file's key order.
         unknown_keys: keys that no rule of the format explains (never ignored: merge and convert refuse).

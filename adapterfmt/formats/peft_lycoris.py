@@ -1,0 +1,88 @@
+"""PEFT's own LoHa and LoKr adapters (``peft_type`` ``LOHA`` / ``LOKR``), read into foreign records.
+
+A PEFT LoHa / LoKr directory is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<path>.<factor>``, the factors named and shaped as LyCORIS names them
+(``hada_w1_a`` …, ``lokr_w1`` …; docs/FORMAT.md §10.1), so the records and the delta math
+(§10.3) are shared. The scale differs in one place: PEFT's is ``alpha / r`` with ``r`` the
+configured rank (``r`` / ``rank_pattern``) for every module, a LoKr module with no factored half
+included, where LyCORIS uses 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+from ..config import pattern_key
+from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
+from ..errors import CheckpointNotFoundError, InvalidConfigError
+from ..header import read_header
+from .kohya import foreign_findings
+from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, ForeignCheckpoint, ForeignModule
+
+PEFT_LYCORIS_TYPES = {"LOHA": LOHA, "LOKR": LOKR}
+
+
+def peft_lycoris_type(directory: str) -> Optional[str]:
+    """``loha`` / ``lokr`` when ``directory`` holds a PEFT LoHa / LoKr adapter, else ``None``."""
+    path = os.path.join(directory, ADAPTER_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return PEFT_LYCORIS_TYPES.get(str(doc.get("peft_type", "")).upper()) if isinstance(doc, dict) else None
+
+
+def _number(doc: dict[str, Any], name: str, default: float, path: str) -> float:
+    v = doc.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise InvalidConfigError(f"must be a finite number >= 0, got {v!r}", path=path, key=name)
+    return float(v)
+
+
+def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
+    """Read a PEFT LoHa / LoKr adapter directory from its config and header.
+
+    Raises:
+        CheckpointNotFoundError: no config or no ``adapter_model.safetensors``.
+        InvalidConfigError: not a LOHA / LOKR config, or bad ``r`` / ``alpha`` / patterns.
+    """
+    d = os.fspath(directory)
+    kind = peft_lycoris_type(d)
+    config_path = os.path.join(d, ADAPTER_CONFIG_FILE)
+    if kind is None:
+        raise InvalidConfigError("is not a PEFT LOHA or LOKR config", path=config_path, key="peft_type")
+    with open(config_path, encoding="utf-8") as f:
+        doc = json.load(f)
+    weights = os.path.join(d, ADAPTER_SAFETENSORS_FILE)
+    if not os.path.isfile(weights):
+        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint="the adapter weights are missing")
+    r, alpha = _number(doc, "r", 8, config_path), _number(doc, "alpha", 8, config_path)
+    ranks, alphas = doc.get("rank_pattern") or {}, doc.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not isinstance(alphas, dict):
+        raise InvalidConfigError("rank_pattern and alpha_pattern must be objects", path=config_path, key="rank_pattern")
+    header = read_header(weights)
+    ckpt = ForeignCheckpoint(format="peft", file=weights, metadata=dict(header.metadata), configs={"": doc})
+    slots = set(LOHA_SLOTS if kind == LOHA else LOKR_SLOTS)
+    modules: dict[str, ForeignModule] = {}
+    for key, info in header.tensors.items():
+        rest = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        path, _, slot = rest.rpartition(".")
+        if not path or slot not in slots:
+            ckpt.unknown_keys.append(key)
+            continue
+        m = modules.setdefault(path, ForeignModule(name=path, component=None, kind=kind, path=path))
+        m.tensors[slot], m.keys[slot] = info, key
+    for path, m in modules.items():
+        rk, ak = pattern_key(ranks, path), pattern_key(alphas, path)
+        module_r = float(ranks[rk]) if rk is not None else r
+        m.alpha = float(alphas[ak]) if ak is not None else alpha
+        m.config_scaling = m.alpha / module_r if module_r else 1.0
+    ckpt.modules = list(modules.values())
+    ckpt.findings.extend(foreign_findings(ckpt))
+    return ckpt
