@@ -273,3 +273,26 @@ def test_peft_loha_lokr_inspect_and_math_match_peft(kind, tmp_path, run_cli):
         merged = w + module_delta(m.kind, {s: tensors[k] for s, k in m.keys.items()}, m.scaling, w.shape)
         effect = (expected[f"{m.path}.weight"] - w).abs().max()
         assert effect > 0 and (merged - expected[f"{m.path}.weight"]).abs().max() <= TOL * effect, m.path
+
+
+def test_diffusers_transformer_file_merges_like_diffusers_fuse(sd3_diffusers, run_cli, tmp_path):
+    """The SD3-style diffusers file merged into its transformer directory equals diffusers'
+    load_lora_adapter (with the file's LoraConfig metadata) + fuse_lora."""
+    from diffusers import SD3Transformer2DModel
+
+    out = tmp_path / "merged"
+    r = run_cli("merge", "--base", sd3_diffusers / "transformer", "--adapter", sd3_diffusers / "lora", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    base = SD3Transformer2DModel.from_pretrained(sd3_diffusers / "transformer")
+    fused = SD3Transformer2DModel.from_pretrained(sd3_diffusers / "transformer")
+    fused.load_lora_adapter(str(sd3_diffusers / "lora"), prefix="transformer", use_safetensors=True)
+    fused.fuse_lora()
+    theirs = {k.replace(".base_layer.", "."): v for k, v in fused.state_dict().items() if "lora_" not in k}
+    ours = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    before = base.state_dict()
+    changed = 0
+    for k, v in ours.items():
+        effect = (theirs[k] - before[k]).abs().max()
+        changed += bool(effect > 0)
+        assert (v - theirs[k]).abs().max() <= TOL * max(float(effect), 1e-30), k
+    assert changed == len(read_foreign(sd3_diffusers / "lora").modules)
