@@ -138,3 +138,33 @@ def test_kohya_loha_to_peft_loha_matches_lycoris_forward(tmp_path, run_cli):
     assert (cfg["peft_type"], cfg["r"], cfg["alpha"], cfg["use_effective_conv2d"]) == ("LOHA", 4, 3.0, True)
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
     assert rel_err(unet_out(model), out, ref) < TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs,convertible",
+    [(dict(factor=4), False), (dict(factor=-1, decompose_both=True), True), (dict(factor=2, decompose_both=True, use_tucker=True), True),
+     (dict(full_matrix=True), True)],
+    ids=["factor4-refused", "both", "both-tucker", "full"],
+)
+def test_kohya_lokr_to_peft_lokr_matches_lycoris_forward(kwargs, convertible, tmp_path, run_cli):
+    """LyCORIS LoKr files (full or factored halves, Tucker cores, full matrices with rank null)
+    convert to PEFT LOKR with a decompose_factor and per-module r that rebuild the same shapes,
+    or are refused; converted ones give LyCORIS's outputs. (factor=4 on 8/16-wide layers: LyCORIS
+    splits 8 as 2x4 and 16 as 4x4, which no single PEFT decompose_factor reproduces.)"""
+    from peft import PeftModel
+
+    unet, te = tiny_unet(), tiny_clip()
+    base = copy.deepcopy(unet)
+    ref = unet_out(unet)
+    net = lycoris_network(te, unet, algo="lokr", dim=4, alpha=3, **kwargs)
+    out = unet_out(unet)
+    file = save_lycoris(net, str(tmp_path / "lokr.safetensors"))
+    save_component(base, str(tmp_path / "unet"))
+    r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
+    if not convertible:
+        assert r.exit_code == 2 and "decompose_factor" in r.stderr and not (tmp_path / "peft").exists()
+        return
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LOKR"
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert rel_err(unet_out(model), out, ref) < TOL

@@ -35,7 +35,7 @@ from .diffusers_lora import METADATA_KEY
 from .kohya import WRITE_PREFIX
 from .names import base_module_paths, flatten, resolve_names
 from .peft_view import component_adapter, peft_config_document, refuse_unusable
-from .records import COMPONENTS, LOHA, LORA, ForeignModule
+from .records import COMPONENTS, LOHA, LOKR, LORA, ForeignModule
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 
@@ -88,6 +88,13 @@ def to_peft(
     modules = ckpt.component_modules(name)
     if {m.kind for m in modules} == {LOHA}:
         doc, items = _loha_adapter(ckpt, modules, model)
+    elif {m.kind for m in modules} == {LOKR}:
+        from .lokr_peft import lokr_config
+
+        refuse_unusable(ckpt, modules, lora_only=False)
+        targets = peft_config_document(modules, base_modules=base_module_paths(model.tensors))["target_modules"]
+        doc = lokr_config(modules, model, targets, ckpt.file)
+        items = sorted((f"{PEFT_PREFIX}{m.path}.{slot}", info) for m in modules for slot, info in m.tensors.items())
     else:
         adapter = component_adapter(ckpt, name, base_modules=base_module_paths(model.tensors))
         doc = dict(adapter.config.raw)
