@@ -78,3 +78,26 @@ def test_merge_refusals_write_nothing(case, run_cli, tmp_path):
     r = run_cli("merge", "--base", os.path.join(case["pipe"], "text_encoder"), "--adapter", case["file"], "--component", "unet", "-o", out)
     assert r.exit_code == 2 and "match no module" in r.stderr
     assert not out.exists()
+
+
+def test_sdxl_style_file_merges_unet_and_both_text_encoders(tmp_path, run_cli):
+    """lora_unet_ / lora_te1_ / lora_te2_ (LyCORIS on a UNet and two CLIP encoders, the second with
+    projection) merged into a pipeline equals diffusers' SDXL loaders + fuse, component by component."""
+    import copy
+
+    from _diffusion_helpers import lycoris_network, save_component, save_lycoris, tiny_clip, tiny_unet
+
+    unet, te1, te2 = tiny_unet(), tiny_clip(1), tiny_clip(2, projection=True)
+    base = {"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(te1), "text_encoder_2": copy.deepcopy(te2)}
+    net = lycoris_network([te1, te2], unet, algo="lora", dim=4, alpha=1, conv_dim=2, conv_alpha=2)
+    file = save_lycoris(net, str(tmp_path / "sdxl.safetensors"))
+    pipe = tmp_path / "pipe"
+    for c, m in base.items():
+        save_component(m, str(pipe / c))
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    r = run_cli("merge", "--base", pipe, "--adapter", file, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(json.loads(r.stdout)["components"]) == ["text_encoder", "text_encoder_2", "unet"]
+    fused = diffusers_fused(file, base)
+    for c in base:
+        _weights_close(str(tmp_path / "out" / c), fused[c], base[c])
