@@ -131,16 +131,30 @@ def sd_lora_case(root: Any) -> dict[str, Any]:
     out = {"unet": unet_out(unet), "text_encoder": te_out(te)}
     f = save_lycoris(net, os.path.join(d, "sd_lora.safetensors"))
     pipe = os.path.join(d, "pipe")
-    save_component(base["unet"], os.path.join(pipe, "unet"))
-    save_component(base["text_encoder"], os.path.join(pipe, "text_encoder"))
-    os.makedirs(os.path.join(pipe, "scheduler"))
-    with open(os.path.join(pipe, "scheduler", "scheduler_config.json"), "w") as fh:
-        json.dump({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}, fh)
-    with open(os.path.join(pipe, "model_index.json"), "w") as fh:
-        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-                   "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "DDIMScheduler"]}, fh)
+    save_pipeline(pipe, base["unet"], base["text_encoder"], d)
     _CACHE["sd_lora"] = {"file": f, "dir": d, "pipe": pipe, "base": base, "ref": ref, "out": out}
     return _CACHE["sd_lora"]
+
+
+def save_pipeline(directory: str, unet: Any, text_encoder: Any, scratch: str) -> str:
+    """A complete tiny ``StableDiffusionPipeline`` saved by diffusers (VAE, tokenizer, scheduler too),
+    so that ``DiffusionPipeline.from_pretrained`` loads it."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    vocab, merges = os.path.join(scratch, "vocab.json"), os.path.join(scratch, "merges.txt")
+    with open(vocab, "w") as f:
+        json.dump({"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "b</w>": 4, "a": 5, "b": 6}, f)
+    with open(merges, "w") as f:
+        f.write("#version: 0.2\n")
+    torch.manual_seed(7)
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer(vocab, merges), unet=unet, scheduler=DDIMScheduler(),
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(directory)
+    return directory
 
 
 def diffusers_fused(file: str, base: dict[str, Any]) -> dict[str, Any]:

@@ -54,19 +54,27 @@ def test_merge_component_directory_equals_diffusers_fuse(case, fused, run_cli, t
     assert rel_err(unet_out(merged), case["out"]["unet"], case["ref"]["unet"]) < TOL  # LyCORIS forward too
 
 
-def test_merge_pipeline_merges_every_component_and_copies_the_rest(case, fused, run_cli, tmp_path):
-    from transformers import CLIPTextModel
+def test_merge_pipeline_equals_load_lora_weights_and_fuse(case, run_cli, tmp_path):
+    """The merged pipeline loads with DiffusionPipeline.from_pretrained and equals the base pipeline
+    after diffusers' own load_lora_weights + fuse_lora, weight by weight."""
+    from diffusers import DiffusionPipeline
 
     out = tmp_path / "pipe-merged"
     r = run_cli("merge", "--base", case["pipe"], "--adapter", case["file"], "-o", out, "--json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert sorted(doc["components"]) == ["text_encoder", "unet"] and doc["copied"] == ["model_index.json", "scheduler"]
-    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "unet"]
-    _weights_close(str(out / "unet"), fused["unet"], case["base"]["unet"])
-    _weights_close(str(out / "text_encoder"), fused["text_encoder"], case["base"]["text_encoder"])
-    te = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
-    assert rel_err(te_out(te), case["out"]["text_encoder"], case["ref"]["text_encoder"]) < TOL
+    assert sorted(doc["components"]) == ["text_encoder", "unet"]
+    assert doc["copied"] == ["model_index.json", "scheduler", "tokenizer", "vae"]
+    merged = DiffusionPipeline.from_pretrained(out)
+    oracle = DiffusionPipeline.from_pretrained(case["pipe"])
+    oracle.load_lora_weights(case["file"])
+    oracle.fuse_lora()
+    for c in ("unet", "text_encoder"):
+        _weights_close(str(out / c), getattr(oracle, c), case["base"][c])
+        assert rel_err(
+            (unet_out if c == "unet" else te_out)(getattr(merged, c)), case["out"][c], case["ref"][c]
+        ) < TOL  # and LyCORIS's forward
+    assert torch.equal(merged.vae.decoder.conv_out.weight, oracle.vae.decoder.conv_out.weight)
 
 
 def test_merge_refusals_write_nothing(case, run_cli, tmp_path):
