@@ -57,7 +57,7 @@ def convert_command(
     the top and any other in ADAPTER_DIR/<name>/. The output appears only when complete; a
     non-empty one is refused unless --overwrite.
 
-    With --to (docs/FORMAT.md §10.7): `--to peft` writes one component of a kohya / LyCORIS or
+    With --to (docs/BEHAVIOUR.md §7.4): `--to peft` writes one component of a kohya / LyCORIS or
     diffusers LoRA file as a PEFT adapter directory; `--to kohya|diffusers` writes a PEFT LoRA
     adapter of one component as a single .safetensors file that diffusers and LyCORIS load.
     Both need --base (the component directory) and, where ambiguous, --component.

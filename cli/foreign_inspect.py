@@ -1,4 +1,4 @@
-"""``adapterfmt inspect`` for kohya / LyCORIS and diffusers LoRA files (docs/FORMAT.md §10.5)."""
+"""``adapterfmt inspect`` for kohya / LyCORIS and diffusers LoRA files (docs/BEHAVIOUR.md §7.2)."""
 
 from __future__ import annotations
 

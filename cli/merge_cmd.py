@@ -137,7 +137,7 @@ def merge_command(
 
     A kohya / LyCORIS or diffusers LoRA file as --adapter merges into a diffusers pipeline
     directory (every component the file adapts; the rest copied) or into one component
-    directory (--component picks that part of the file), see docs/FORMAT.md §10.
+    directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3.
     """
     from adapterfmt import merge_to_directory
     from adapterfmt.wrapped import is_wrapped_checkpoint

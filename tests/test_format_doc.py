@@ -52,6 +52,7 @@ BEHAVIOUR_SECTIONS = {
     4: "Commands and JSON output",
     5: "Python API",
     6: "Wrapped checkpoints",
+    7: "Diffusion ecosystem files",
 }
 
 

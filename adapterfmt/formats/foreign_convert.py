@@ -1,4 +1,4 @@
-"""Convert between PEFT adapter directories and kohya / diffusers LoRA files (docs/FORMAT.md §10.7).
+"""Convert between PEFT adapter directories and kohya / diffusers LoRA files (docs/FORMAT.md §10.5, BEHAVIOUR §7.4).
 
 * ``to_peft``: one component of a kohya / diffusers file -> a PEFT adapter directory for that
   component: names resolved against the base (:mod:`.names`), bytes copied unchanged

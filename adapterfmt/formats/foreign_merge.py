@@ -4,7 +4,7 @@ Each component the file adapts becomes an :class:`~adapterfmt.describe.AdapterCh
 (:mod:`.peft_view`) and is merged by the one merge engine (:func:`adapterfmt.merging.merge_to_directory`):
 same streaming, same atomic output. For a pipeline directory (``model_index.json``) OUT is the
 whole pipeline: each adapted component merged into ``OUT/<component>``, every other file and
-folder copied, all staged beside OUT and renamed into place at the end (docs/FORMAT.md §10.6).
+folder copied, all staged beside OUT and renamed into place at the end (docs/BEHAVIOUR.md §7.3).
 """
 
 from __future__ import annotations

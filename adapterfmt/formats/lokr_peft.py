@@ -1,4 +1,4 @@
-"""A LyCORIS LoKr file as PEFT's ``peft_type: "LOKR"`` adapter (docs/FORMAT.md §10.7).
+"""A LyCORIS LoKr file as PEFT's ``peft_type: "LOKR"`` adapter (docs/FORMAT.md §10.5, BEHAVIOUR §7.4).
 
 PEFT builds each LoKr layer from the config, not from the file: the Kronecker split of ``out`` and
 ``in`` comes from ``factorization(dim, decompose_factor)`` (one factor for the whole adapter), and

@@ -64,7 +64,7 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
             what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
             raise UnsupportedFeatureError(
                 f"{what} is not supported here yet (only LoRA/LoCon modules merge, and only LoRA and LoHa convert to PEFT)",
-                path=ckpt.file, key=key, hint="see docs/FORMAT.md §10.9",
+                path=ckpt.file, key=key, hint="see docs/BEHAVIOUR.md §7.3",
             )
 
 

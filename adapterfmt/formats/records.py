@@ -156,7 +156,7 @@ class ForeignModule:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON record of ``inspect --json`` (docs/FORMAT.md §10.5)."""
+        """The JSON record of ``inspect --json`` (docs/BEHAVIOUR.md §7.2)."""
         return {
             "module": self.path if self.path is not None else self.name,
             "name_in_file": self.name,
