@@ -152,7 +152,7 @@ def save_pipeline(directory: str, unet: Any, text_encoder: Any, scratch: str) ->
     torch.manual_seed(7)
     vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer(vocab, merges), unet=unet, scheduler=DDIMScheduler(),
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer(vocab, merges), unet=unet, scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(directory)
     return directory
 

@@ -109,3 +109,18 @@ def test_sdxl_style_file_merges_unet_and_both_text_encoders(tmp_path, run_cli):
     fused = diffusers_fused(file, base)
     for c in base:
         _weights_close(str(tmp_path / "out" / c), fused[c], base[c])
+
+
+def test_load_foreign_gives_diffusers_outputs(case):
+    """adapterfmt.load of each component of the kohya file (through formats.load_foreign) gives
+    the outputs of the pipeline's load_lora_weights, unfused."""
+    import copy
+
+    from adapterfmt.formats.foreign_load import load_foreign
+
+    fused = diffusers_fused(case["file"], case["base"])
+    for c, run in (("unet", unet_out), ("text_encoder", te_out)):
+        model = copy.deepcopy(case["base"][c])
+        handle = load_foreign(model, case["file"], component=c)
+        assert handle.active == ["default"] and len(handle.adapters) == 1
+        assert rel_err(run(model), run(fused[c]), case["ref"][c]) < TOL

@@ -1,0 +1,52 @@
+"""Load one component of a kohya / diffusers LoRA file onto a model in memory (``adapterfmt.load``).
+
+The component's modules are resolved against the model's own module names (FORMAT §10.4), turned
+into PEFT's saved keys and config (FORMAT §10.5), and handed to :func:`adapterfmt.load` as a state
+dict with its config — the loader every other adapter goes through. The result has PEFT's names
+and gives the outputs of diffusers' ``load_lora_weights`` on that component.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from ..constants import DEFAULT_ADAPTER_NAME
+from .components import pick_component
+from .detect import read_foreign
+from .names import resolve_names
+from .peft_view import component_adapter
+
+
+def load_foreign(
+    model: Any, path: "str | os.PathLike[str]", *, component: Optional[str] = None, adapter_name: str = DEFAULT_ADAPTER_NAME,
+    is_trainable: bool = False,
+) -> Any:
+    """Wrap ``model`` (the component ``component`` of the file's pipeline) with the file's LoRA modules.
+
+    Args:
+        model: the component as a module (a diffusers UNet / transformer, a CLIP text encoder).
+        path: a kohya / LyCORIS or diffusers LoRA file.
+        component: which part of the file; optional when the file adapts one component.
+
+    Returns:
+        :func:`adapterfmt.load`'s handle.
+
+    Raises:
+        AmbiguousMatchError, UnresolvedModulesError, UnknownKeyError, UnsupportedFeatureError (LoHa,
+        LoKr and Tucker cores are not loadable yet), InconsistentAdapterError.
+    """
+    from ..loading import load
+    from ..torch_io import TensorReader
+
+    ckpt = read_foreign(path)
+    name = pick_component(ckpt, component, type(model).__name__)
+    paths = [n for n, _ in model.named_modules() if n]
+    resolve_names(ckpt.component_modules(name), paths, component=name, file=ckpt.file, flattened=ckpt.format == "kohya")
+    adapter = component_adapter(ckpt, name, base_modules=paths)
+    state = {}
+    with TensorReader() as reader:
+        for module_path, m in adapter.lora.items():
+            for slot in ("lora_A", "lora_B"):
+                state[f"{module_path}.{slot}.weight"] = reader.get(m.tensors[slot])
+    return load(model, state, adapter_name, is_trainable, config=dict(adapter.config.raw))
