@@ -296,3 +296,15 @@ def test_diffusers_transformer_file_merges_like_diffusers_fuse(sd3_diffusers, ru
         changed += bool(effect > 0)
         assert (v - theirs[k]).abs().max() <= TOL * max(float(effect), 1e-30), k
     assert changed == len(read_foreign(sd3_diffusers / "lora").modules)
+
+
+def test_bad_foreign_inputs_are_one_error_line(tmp_path, run_cli):
+    from conftest import assert_one_error_line
+
+    save_file({"model.layers.0.weight": torch.zeros(2, 2)}, str(tmp_path / "plain.safetensors"))
+    assert_one_error_line(run_cli("inspect", tmp_path / "plain.safetensors"), "plain.safetensors")
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "unet.b.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "mixed.safetensors"))
+    assert_one_error_line(run_cli("inspect", tmp_path / "mixed.safetensors"), "mixed.safetensors")
+    t = {"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "lora_unet_a.hada_w1_a": torch.zeros(4, 2)}
+    save_file(t, str(tmp_path / "kinds.safetensors"))
+    assert_one_error_line(run_cli("inspect", tmp_path / "kinds.safetensors", "--json"), "lora_unet_a.", "loha and lora")
