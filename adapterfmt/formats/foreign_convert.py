@@ -26,7 +26,7 @@ from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREF
 from ..convert import write_safetensors
 from ..describe import AdapterCheckpoint, read_adapter
 from ..errors import InvalidConfigError, OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
-from ..findings import Finding
+from ..finding import Finding
 from ..header import TensorInfo
 from ..writer import StagedDirectory, TensorSpec, check_output_path, clean_stale
 from .components import component_bases, is_pipeline, read_component

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import InconsistentAdapterError
-from ..findings import Finding
+from ..finding import Finding
 from ..header import SafetensorsHeader
 from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, LORA, ForeignCheckpoint, ForeignModule
 from .scalars import read_scalar

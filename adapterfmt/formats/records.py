@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..findings import Finding
+from ..factors import fits, product_shape
+from ..finding import Finding
 from ..header import TensorInfo
 
 #: Pipeline component names, as diffusers names the sub-folders of a pipeline.
@@ -104,35 +105,12 @@ class ForeignModule:
         return sum(i.numel for i in self.tensors.values())
 
     def product_shape(self) -> Optional[tuple[int, ...]]:
-        """The shape of the module's product as its factors give it (LoHa without Tucker cores
-        and LoKr/LoRA on 1x1 convs may give a 2-D shape for a 4-D weight: see :func:`fits`)."""
-        if not self.complete:
-            return None
-        s = {k: i.shape for k, i in self.tensors.items()}
-        if self.kind == LORA:
-            down, up = s["lora_down"], s["lora_up"]
-            k = s["lora_mid"][2:] if "lora_mid" in s else down[2:]
-            return (up[0], down[1], *k)
-        if self.kind == LOHA:
-            if "hada_t1" in s:
-                return (s["hada_w1_a"][1], s["hada_w1_b"][1], *s["hada_t1"][2:])
-            return (s["hada_w1_a"][0], s["hada_w1_b"][1])
-        w1 = s.get("lokr_w1") or (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
-        if "lokr_w2" in s:
-            w2 = s["lokr_w2"]
-        elif "lokr_t2" in s:
-            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
-        else:
-            w2 = (s["lokr_w2_a"][0], *s["lokr_w2_b"][1:])
-        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        """The shape of the module's product as its factors give it (:func:`adapterfmt.factors.product_shape`)."""
+        return product_shape(self.kind, {k: tuple(i.shape) for k, i in self.tensors.items()}) if self.complete else None
 
     def fits(self, weight_shape: tuple[int, ...]) -> bool:
-        """Whether the product can be added to a weight of ``weight_shape``: the same shape, or
-        the same first dim and element count (a flattened conv product)."""
-        p = self.product_shape()
-        if p is None:
-            return False
-        return tuple(p) == tuple(weight_shape) or (p[0] == weight_shape[0] and _prod(p) == _prod(weight_shape))
+        """Whether the product can be added to a weight of ``weight_shape`` (:func:`adapterfmt.factors.fits`)."""
+        return self.complete and fits(self.kind, {k: tuple(i.shape) for k, i in self.tensors.items()}, tuple(weight_shape))
 
     @property
     def complete(self) -> bool:
@@ -171,13 +149,6 @@ class ForeignModule:
             "params": self.params,
             "tensors": {s: {"key": self.keys[s], "dtype": i.dtype, "shape": list(i.shape)} for s, i in self.tensors.items()},
         }
-
-
-def _prod(shape: "tuple[int, ...]") -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass
