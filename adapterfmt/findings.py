@@ -106,6 +106,18 @@ def unknown_keys_finding(where: str, keys: Sequence[str], grammar: str) -> Findi
     return Finding("unknown-key", f"{where}: {len(keys)} key(s) fit no rule of {grammar}, e.g. '{keys[0]}'", list(keys[:_MAX_KEYS]))
 
 
+def incomplete_factors_finding(where: str, modules: Sequence[str]) -> Finding:
+    """``orphan-lora``: kohya / LyCORIS / diffusers modules of ``where`` lacking a factor their kind needs (FORMAT §10.1)."""
+    return Finding(
+        "orphan-lora", f"{where}: {len(modules)} module(s) lack a factor their kind needs; they cannot be merged or loaded", list(modules[:_MAX_KEYS])
+    )
+
+
+def foreign_unsupported_finding(where: str, what: str, modules: Sequence[str]) -> Finding:
+    """``unsupported-feature``: ``what`` (LyCORIS ``dora_scale``, diffusers DoRA / ``lora_B`` biases) in a foreign file."""
+    return Finding("unsupported-feature", f"{where}: {what} is not supported: merge, load and convert refuse it", list(modules[:_MAX_KEYS]))
+
+
 def wrapper_leftover_finding(key: str) -> Finding:
     """``wrapper-leftover``: a saved ``modules_to_save`` / ``original_module`` wrapper key, ignored."""
     return Finding(

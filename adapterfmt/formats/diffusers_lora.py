@@ -112,7 +112,7 @@ def describe_diffusers(header: SafetensorsHeader) -> ForeignCheckpoint:
     ckpt.findings.extend(foreign_findings(ckpt))
     unsupported = [m.name for m in ckpt.modules if "magnitude" in m.tensors or "lora_up.bias" in m.tensors]
     if unsupported:
-        from ..finding import Finding
+        from ..findings import foreign_unsupported_finding
 
-        ckpt.findings.append(Finding("unsupported-feature", "DoRA magnitudes and lora_B biases in a diffusers file are read but not merged or converted yet", unsupported[:20]))
+        ckpt.findings.append(foreign_unsupported_finding(header.path, "a DoRA magnitude or lora_B bias in a diffusers file", unsupported))
     return ckpt

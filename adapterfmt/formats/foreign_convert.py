@@ -28,7 +28,8 @@ from ..describe import AdapterCheckpoint, read_adapter
 from ..errors import InvalidConfigError, OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
 from ..finding import Finding
 from ..header import TensorInfo
-from ..writer import StagedDirectory, TensorSpec, check_output_path, clean_stale
+from ..safetensors_stream import ShardWriter, TensorSpec
+from ..staging import TMP_TAG, StagedDirectory, check_output_path, clean_stale, fsync_dir
 from .components import component_bases, is_pipeline, read_component
 from .detect import read_foreign
 from .diffusers_lora import METADATA_KEY
@@ -259,7 +260,8 @@ def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
     """One safetensors file: tensors copied byte for byte, or computed (alpha scalars, folded ups)."""
     import torch
 
-    from ..torch_io import TORCH_DTYPES, TensorReader
+    from ..tensor_source import TensorReader
+    from ..torch_io import TORCH_DTYPES, tensor_bytes
 
     values: dict[str, Any] = {}
     with TensorReader() as reader:
@@ -275,23 +277,23 @@ def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
 
     ordered = sorted(entries, key=lambda e: e[0])
     specs = [TensorSpec(k, SAFETENSORS_DTYPES[values[k].dtype] if k in values else i.dtype, tuple(values[k].shape) if k in values else tuple(i.shape)) for k, i, _ in ordered]
-    tmp = os.path.join(os.path.dirname(out) or ".", f".{os.path.basename(out)}.adapterfmt-tmp-{os.getpid()}")
+    parent = os.path.dirname(out) or "."
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.{TMP_TAG}-{os.getpid()}")
     if os.path.exists(tmp):
         os.remove(tmp)
-    from ..writer import ShardWriter
-
     writer = ShardWriter(tmp, specs, metadata=metadata)
     fds: dict[str, int] = {}
     try:
         for key, info, _ in ordered:
             if key in values:
-                writer.write(key, memoryview(values[key].reshape(-1).view(torch.uint8).numpy()))
+                writer.write(key, tensor_bytes(values[key]))
             else:
                 if info.file not in fds:
                     fds[info.file] = os.open(info.file, os.O_RDONLY)
                 writer.copy([key], fds[info.file], info.start)
-        writer.close()
+        writer.close()  # fsyncs the file
         os.replace(tmp, out)
+        fsync_dir(parent)
     except BaseException:
         writer.abort()
         if os.path.exists(tmp):

@@ -37,7 +37,7 @@ def load_foreign(
         LoKr and Tucker cores are not loadable yet), InconsistentAdapterError.
     """
     from ..loading import load
-    from ..torch_io import TensorReader
+    from ..tensor_source import TensorReader
 
     ckpt = read_foreign(path)
     name = pick_component(ckpt, component, type(model).__name__)

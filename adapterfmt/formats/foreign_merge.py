@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..errors import OutputPathError
 from ..merging import MergeSummary, merge_to_directory
-from ..writer import StagedDirectory, check_output_path, clean_stale
+from ..staging import StagedDirectory, check_output_path, clean_stale
 from .components import check_component, component_bases, is_pipeline
 from .detect import read_foreign
 from .names import base_module_paths

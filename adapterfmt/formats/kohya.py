@@ -111,14 +111,16 @@ def describe_kohya(header: SafetensorsHeader) -> ForeignCheckpoint:
 
 
 def foreign_findings(ckpt: ForeignCheckpoint) -> list[Finding]:
-    """Incomplete modules, unknown keys and LyCORIS weight decomposition, as warnings."""
+    """Incomplete modules, unknown keys and LyCORIS weight decomposition, as warnings (built in :mod:`adapterfmt.findings`)."""
+    from ..findings import foreign_unsupported_finding, incomplete_factors_finding, unknown_keys_finding
+
     out = []
     incomplete = [m.name for m in ckpt.modules if not m.complete]
     if incomplete:
-        out.append(Finding("orphan-lora", f"{len(incomplete)} module(s) lack a factor their kind needs; they cannot be merged or loaded", incomplete[:20]))
+        out.append(incomplete_factors_finding(ckpt.file, incomplete))
     if ckpt.unknown_keys:
-        out.append(Finding("unknown-key", f"{len(ckpt.unknown_keys)} tensor(s) that the {ckpt.format} grammar does not explain", ckpt.unknown_keys[:20]))
+        out.append(unknown_keys_finding(ckpt.file, ckpt.unknown_keys, f"the {ckpt.format} grammar (FORMAT §10)"))
     dora = [m.name for m in ckpt.modules if m.dora_scale is not None]
     if dora:
-        out.append(Finding("unsupported-feature", "LyCORIS weight decomposition (dora_scale) is not supported: merge, load and convert refuse it", dora[:20]))
+        out.append(foreign_unsupported_finding(ckpt.file, "LyCORIS weight decomposition (dora_scale)", dora))
     return out
