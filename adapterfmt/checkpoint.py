@@ -36,6 +36,11 @@ class LoraModule(_TensorGroup):
     ``tensors`` maps ``lora_A``, ``lora_B``, and where present ``lora_B.bias`` and
     ``magnitude`` (DoRA) to their :class:`TensorInfo`. ``rank`` is read from the tensors
     (what the layer was built with); ``config_rank`` is what the config says.
+
+    ``factors`` names a LyCORIS-style module instead (``loha``, ``lokr``, or ``lora`` for a LoCon
+    with a Tucker core; kohya / LyCORIS files and PEFT's LOHA / LOKR, FORMAT §10): ``tensors`` then
+    holds the factors under their file names (``hada_w1_a``, ``lokr_w1``, ``lora_down`` …) and the
+    delta is :func:`adapterfmt.lycoris_math.module_delta` (``rank`` may be ``None`` for LoKr).
     """
 
     path: str
@@ -48,6 +53,7 @@ class LoraModule(_TensorGroup):
     lora_bias: bool
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  #: slot -> saved key
+    factors: Optional[str] = None  #: ``loha`` / ``lokr`` / ``lora`` (Tucker LoCon): a factor module (FORMAT §10.3)
 
 
 @dataclass

@@ -90,6 +90,12 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
         )
     if not ckpt.lora and not ckpt.full_copies:
         raise InconsistentAdapterError("holds no LoRA tensors and no full copies", path=ckpt.weights_file)
+    factored = [p for p, m in ckpt.lora.items() if m.factors is not None]
+    if factored:
+        raise UnsupportedFeatureError(
+            "LoHa / LoKr / Tucker LoCon modules cannot be loaded by adapterfmt.load yet (merge them instead)",
+            path=ckpt.weights_file, key=factored[0], hint="see docs/BEHAVIOUR.md §7.3",
+        )
     for path, m in ckpt.lora.items():
         missing = [s for s in ("lora_A", "lora_B") if s not in m.tensors]
         if missing:

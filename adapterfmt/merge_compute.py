@@ -101,6 +101,10 @@ def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], w
     """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
+        if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the shared math of FORMAT §10.3, unscaled
+            from .lycoris_math import module_delta
+
+            return module_delta(m.factors, {slot: _finite(source, info) for slot, info in m.tensors.items()}, 1.0, shape), None
         a, b = _lora_factors(term, source)
         product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
         return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)

@@ -15,6 +15,7 @@ from typing import Optional
 from .architecture import checkpoint_key
 from .base import BaseModel
 from .checkpoint import AdapterCheckpoint, LoraModule
+from .factors import fits, product_shape
 from .finding import Finding
 from .findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
 from .gc_pause import with_gc_paused
@@ -25,13 +26,17 @@ from .param_targets import ExpertSlice, ParamTarget, bind, param_target
 __all__ = ["Resolution", "ResolvedLora", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
 
 
+#: The layout of a factor module (LoHa, LoKr, Tucker LoCon): its product is computed in the weight's shape.
+FACTORS = "factors"
+
+
 @dataclass
 class ResolvedLora:
     """A LoRA module bound to its base weight."""
 
     module: LoraModule
     base_key: str  #: ``X.weight``
-    layout: str  #: ``linear``, ``conv1d-transposed``, ``conv``, ``embedding``
+    layout: str  #: ``linear``, ``conv1d-transposed``, ``conv``, ``embedding``; ``factors`` for a factor module
     bias_key: Optional[str] = None  #: ``X.bias`` for ``lora_bias``
     scaling: Optional[float] = None  #: a parameter LoRA's own scaling (``target_parameters``), else the module's
     expert: Optional[ExpertSlice] = None  #: the slice of a fused-expert delta this tensor takes
@@ -101,6 +106,15 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
             if info is None:
                 res.unresolved.append(path)
                 continue
+        if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the product's shape decides (FORMAT §10.3)
+            shapes = {slot: tuple(t.shape) for slot, t in m.tensors.items()}
+            if fits(m.factors, shapes, tuple(info.shape)):
+                res.lora[path] = ResolvedLora(m, key, FACTORS)
+            else:
+                res.shape_errors.append(
+                    f"'{path}': the {m.factors} product {list(product_shape(m.factors, shapes) or ['?'])} does not fit base weight {list(info.shape)}"
+                )
+            continue
         a, b = m.tensors.get("lora_A"), m.tensors.get("lora_B")
         if a is None or b is None:
             res.shape_errors.append(f"'{path}': lora_A or lora_B is missing (orphan LoRA)")
@@ -306,5 +320,7 @@ def suggest_prefix(
 
 def delta_numel(m: LoraModule) -> int:
     """Elements of the dense delta a LoRA module produces (for cost estimates)."""
+    if m.factors is not None:
+        return prod(product_shape(m.factors, {s: tuple(t.shape) for s, t in m.tensors.items()}) or ())
     a, b = m.tensors["lora_A"], m.tensors["lora_B"]
     return b.shape[0] * prod(a.shape[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import click
@@ -22,15 +23,20 @@ Examples:
 
 
 def _foreign_adapter(adapters: tuple[str, ...]) -> Optional[str]:
-    """The one --adapter when it is a kohya / diffusers file (several adapters: none may be)."""
-    import os
-
+    """The one --adapter when it is a kohya / diffusers file or a PEFT LoHa / LoKr directory
+    (several adapters: none may be)."""
     from adapterfmt.formats.detect import detect_format
 
-    foreign = [a for a in adapters if os.path.exists(a) and detect_format(a) in ("kohya", "diffusers")]
+    foreign = [a for a in adapters if os.path.exists(a) and (_is_peft_lycoris(a) or detect_format(a) in ("kohya", "diffusers"))]
     if foreign and len(adapters) > 1:
         raise click.UsageError("a kohya/diffusers adapter file merges alone: give one --adapter")
     return foreign[0] if foreign else None
+
+
+def _is_peft_lycoris(path: str) -> bool:
+    from adapterfmt.formats.peft_lycoris import peft_lycoris_type
+
+    return peft_lycoris_type(path) is not None
 
 
 def _report_foreign(result: Any, *, quiet: bool, as_json: bool) -> None:
@@ -164,7 +170,14 @@ def merge_command(
             progress=bar,
         )
         foreign = _foreign_adapter(adapters) if wrapped is None else None
-        if foreign is not None:
+        if foreign is not None and os.path.isdir(foreign) and _is_peft_lycoris(foreign):
+            from adapterfmt.formats.foreign_merge import merge_peft_lycoris
+
+            if weights or component:
+                raise click.UsageError("--weight and --component do not apply to a PEFT LoHa/LoKr adapter")
+            options.pop("allow_pickle")
+            summary = merge_peft_lycoris(base, foreign, output, **options)
+        elif foreign is not None:
             if weights:
                 raise click.UsageError("--weight does not apply to a kohya/diffusers adapter file")
             from adapterfmt.formats.foreign_merge import merge_foreign
@@ -173,9 +186,9 @@ def merge_command(
             result = merge_foreign(base, foreign, output, component=component, **options)
             _report_foreign(result, quiet=quiet, as_json=as_json)
             return
-        if component is not None:
+        elif component is not None:
             raise click.UsageError("--component applies to kohya/diffusers adapter files only")
-        if wrapped is not None:
+        elif wrapped is not None:
             from adapterfmt.convert import merge_wrapped
 
             summary = merge_wrapped(wrapped, output, adapter_name=adapter_name, alpha=alpha, config=adapter_config, **options)

@@ -273,6 +273,14 @@ def test_peft_loha_lokr_inspect_and_math_match_peft(kind, tmp_path, run_cli):
         merged = w + module_delta(m.kind, {s: tensors[k] for s, k in m.keys.items()}, m.scaling, w.shape)
         effect = (expected[f"{m.path}.weight"] - w).abs().max()
         assert effect > 0 and (merged - expected[f"{m.path}.weight"]).abs().max() <= TOL * effect, m.path
+    # the merge command: the one merge engine on the factor records equals PEFT's merge_and_unload
+    base.save_pretrained(tmp_path / "unet")
+    r = run_cli("merge", "--base", tmp_path / "unet", "--adapter", tmp_path / "a", "-o", tmp_path / "merged")
+    assert r.exit_code == 0, r.stderr
+    ours = load_file(str(tmp_path / "merged" / "diffusion_pytorch_model.safetensors"))
+    for k, v in ours.items():
+        effect = (expected[k] - sd[k]).abs().max()
+        assert (v - expected[k]).abs().max() <= TOL * max(float(effect), 1e-30), k
 
 
 def test_diffusers_transformer_file_merges_like_diffusers_fuse(sd3_diffusers, run_cli, tmp_path):

@@ -73,7 +73,7 @@ def merge_foreign(
     adapters = {}
     for c, model in bases.items():
         check_component(ckpt, c, model)
-        adapters[c] = component_adapter(ckpt, c, base_modules=base_module_paths(model.tensors))
+        adapters[c] = component_adapter(ckpt, c, base_modules=base_module_paths(model.tensors), factors=True)
     summary = ForeignMergeSummary(output=os.path.abspath(os.fspath(out)), adapter=src, format=ckpt.format)
     if not is_pipeline(base_dir):
         (c, model), = bases.items()
@@ -98,3 +98,22 @@ def merge_foreign(
     for s in summary.components.values():
         s.output = os.path.join(target, os.path.basename(s.output))
     return summary
+
+
+def peft_lycoris_checkpoint(directory: "str | os.PathLike[str]") -> Any:
+    """A PEFT LOHA / LOKR adapter directory as an :class:`~adapterfmt.checkpoint.AdapterCheckpoint`
+    of factor modules (FORMAT §10.6), for the merge engine."""
+    from .peft_lycoris import read_peft_lycoris
+
+    ckpt = read_peft_lycoris(directory)
+    adapter = component_adapter(ckpt, None, factors=True)
+    adapter.directory = os.path.abspath(os.fspath(directory))
+    return adapter
+
+
+def merge_peft_lycoris(base: "str | os.PathLike[str]", adapter: "str | os.PathLike[str]", out: "str | os.PathLike[str]", **options: Any) -> MergeSummary:
+    """Merge a PEFT LOHA / LOKR adapter into a model directory (transformers or diffusers layout);
+    the result equals PEFT's ``merge_and_unload``."""
+    from .components import read_component
+
+    return merge_to_directory(read_component(os.fspath(base)), [peft_lycoris_checkpoint(adapter)], out, **options)

@@ -17,9 +17,9 @@ from collections import Counter
 from typing import Optional
 
 from ..config import parse_config
-from ..describe import AdapterCheckpoint, LoraModule
+from ..checkpoint import AdapterCheckpoint, LoraModule
 from ..errors import InconsistentAdapterError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
-from ..wrapped import exact_pattern, rebuild_config
+from ..config_rebuild import exact_pattern, rebuild_config
 from .records import LORA, ForeignCheckpoint, ForeignModule
 
 _LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
@@ -63,26 +63,33 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
         if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
             what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
             raise UnsupportedFeatureError(
-                f"{what} is not supported here yet (only LoRA/LoCon modules merge, and only LoRA and LoHa convert to PEFT)",
-                path=ckpt.file, key=key, hint="see docs/BEHAVIOUR.md §7.3",
+                f"{what} has no PEFT LoRA form (adapterfmt.load and convert to LoRA need one)",
+                path=ckpt.file, key=key, hint="merge it instead, or convert it to PEFT's own LOHA/LOKR (docs/BEHAVIOUR.md §7.4)",
             )
 
 
 def component_adapter(
-    ckpt: ForeignCheckpoint, component: str, *, base_modules: "list[str]" = (), name: str = "default"  # type: ignore[assignment]
+    ckpt: ForeignCheckpoint,
+    component: Optional[str],
+    *,
+    base_modules: "list[str]" = (),  # type: ignore[assignment]
+    name: str = "default",
+    factors: bool = False,
 ) -> AdapterCheckpoint:
-    """The LoRA modules of ``component`` as an :class:`AdapterCheckpoint` (names must be resolved).
+    """The modules of ``component`` as an :class:`AdapterCheckpoint` (names must be resolved).
 
     Args:
         base_modules: every module path of the component (keeps ``target_modules`` exact, §9.2).
+        factors: also take LoHa, LoKr and Tucker LoCon modules, as factor modules
+            (:attr:`LoraModule.factors`), which the merge engine merges and nothing else reads.
 
     Raises:
-        see :func:`refuse_unusable` (with ``lora_only``).
+        see :func:`refuse_unusable` (``lora_only`` unless ``factors``).
     """
     modules = ckpt.component_modules(component)
     if not modules:
         raise UnresolvedModulesError(f"has no modules for component {component!r}", path=ckpt.file, hint=f"it adapts {', '.join(ckpt.components)}")
-    refuse_unusable(ckpt, modules, lora_only=True)
+    refuse_unusable(ckpt, modules, lora_only=not factors)
     doc = peft_config_document(modules, base_modules=list(base_modules))
     config = parse_config(doc, path=f"{ckpt.file}[{component}]")
     adapter = AdapterCheckpoint(
@@ -91,6 +98,13 @@ def component_adapter(
     )
     for m in modules:
         assert m.path is not None
+        if m.kind != LORA or "lora_mid" in m.tensors:
+            adapter.lora[m.path] = LoraModule(
+                path=m.path, layer_kind=m.layer_kind or "unknown", rank=m.rank, config_rank=config.rank_for(m.path),
+                alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=False, lora_bias=False,
+                tensors=dict(m.tensors), keys=dict(m.keys), factors=m.kind,
+            )
+            continue
         down, up = m.tensors["lora_down"], m.tensors["lora_up"]
         adapter.lora[m.path] = LoraModule(
             path=m.path, layer_kind=_LAYER_KIND.get(len(down.shape), "unknown"), rank=m.rank, config_rank=config.rank_for(m.path),
@@ -102,7 +116,7 @@ def component_adapter(
 
 def peft_config_document(modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA") -> dict:
     """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas."""
-    ranks = {m.path: int(m.rank or 0) for m in modules if m.path is not None}
+    ranks = {m.path: int(m.rank or 1) for m in modules if m.path is not None}
     alphas = {m.path: effective_alpha(m) for m in modules if m.path is not None}
     counts = Counter(alphas.values())
     lora_alpha: Optional[float] = min(counts, key=lambda a: (-counts[a], a)) if counts else None
