@@ -63,6 +63,18 @@ def lycoris_network(text_encoders: Any, unet: Any, *, algo: str, dim: int = 4, a
     return net
 
 
+def lycoris_apply_file(file: str, unet: Any) -> Any:
+    """LyCORIS's own kohya loader (``create_network_from_weights``) applied to ``unet``: its forward
+    is then the oracle for the file."""
+    from lycoris.config import PRESET
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    LycorisNetworkKohya.apply_preset(PRESET[_preset()])  # the class-level default preset double-lists time_embedding
+    net, _ = create_network_from_weights(1.0, file, None, None, unet)
+    net.apply_to(None, unet, False, True)
+    return net
+
+
 def save_lycoris(net: Any, path: str, dtype: Optional[torch.dtype] = None) -> str:
     net.save_weights(path, dtype, None)
     return path

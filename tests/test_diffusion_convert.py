@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from _diffusion_helpers import (
     diffusers_fused,
+    lycoris_apply_file,
     lycoris_network,
     rel_err,
     save_component,
@@ -76,7 +77,6 @@ def peft_unet(tmp_path_factory):
 
 def test_peft_to_kohya_loads_in_diffusers_and_lycoris(peft_unet, run_cli):
     from diffusers import StableDiffusionPipeline
-    from lycoris.kohya import create_network_from_weights
 
     d = peft_unet["dir"]
     out = d / "lora.safetensors"
@@ -94,8 +94,7 @@ def test_peft_to_kohya_loads_in_diffusers_and_lycoris(peft_unet, run_cli):
     assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
     # LyCORIS: its kohya loader and forward
     unet = copy.deepcopy(peft_unet["base"])
-    net, _ = create_network_from_weights(1.0, str(out), None, None, unet)
-    net.apply_to(None, unet, False, True)
+    lycoris_apply_file(str(out), unet)
     assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
 
 
@@ -168,3 +167,35 @@ def test_kohya_lokr_to_peft_lokr_matches_lycoris_forward(kwargs, convertible, tm
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LOKR"
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
     assert rel_err(unet_out(model), out, ref) < TOL
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_peft_loha_lokr_to_kohya_loads_in_lycoris(kind, tmp_path, run_cli):
+    """PEFT LOHA / LOKR adapters (per-module alphas, a LoKr with full halves whose PEFT scale is
+    alpha/r where LyCORIS uses 1) written as a kohya file: LyCORIS's loader and forward give PEFT's outputs."""
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    unet = tiny_unet()
+    base = copy.deepcopy(unet)
+    ref = unet_out(base)
+    targets = ["to_q", "to_k", "conv1", "proj_in"]
+    if kind == "loha":
+        cfg = LoHaConfig(r=4, alpha=6, target_modules=targets, use_effective_conv2d=True, alpha_pattern={"to_k": 2})
+    else:
+        cfg = LoKrConfig(r=4, alpha=6, target_modules=targets, decompose_both=True, decompose_factor=2, alpha_pattern={"to_k": 3})
+    model = get_peft_model(unet, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".hada_" in n or ".lokr_" in n:
+                p.normal_(0, 0.3)
+    model.eval()
+    expected = unet_out(model)
+    model.save_pretrained(tmp_path / "a")
+    base.save_pretrained(tmp_path / "unet")
+    out = tmp_path / "lyco.safetensors"
+    r = run_cli("convert", tmp_path / "a", "--to", "kohya", "-o", out, "--base", tmp_path / "unet", "--component", "unet", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["folded"]  # the to_k modules' own alphas
+    lyco = copy.deepcopy(base)
+    lycoris_apply_file(str(out), lyco)
+    assert rel_err(unet_out(lyco), expected, ref) < TOL

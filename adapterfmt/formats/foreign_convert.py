@@ -204,6 +204,10 @@ def from_peft(
     if component not in COMPONENTS:
         raise InvalidConfigError(f"unknown component {component!r}", key="component", hint=f"use one of {', '.join(COMPONENTS)}")
     src = os.fspath(source)
+    from .peft_lycoris import peft_lycoris_type
+
+    if os.path.isdir(src) and peft_lycoris_type(src):
+        return _factors_to_kohya(src, os.fspath(output), to=to, base=base, component=component, overwrite=overwrite)
     adapter = read_adapter(src)
     _refuse_for_export(adapter, src)
     model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
@@ -229,18 +233,25 @@ def from_peft(
     return ForeignConvertResult(src, out, to, component, len(modules), len(entries), folded, list(adapter.findings))
 
 
+def _check_round_trip(paths: list[str], component: str, model: BaseModel, src: str) -> None:
+    """Every flattened name must resolve back to its own module, or a reader would bind it elsewhere."""
+    probes = [ForeignModule(name=flatten(p), component=component, kind=LORA) for p in paths]
+    back = resolve_names(probes, base_module_paths(model.tensors), component=component, file=src)
+    wrong = [p for p, probe in zip(paths, probes) if probe.path != p]
+    if wrong or not back.ok:
+        raise UnresolvedModulesError("a kohya name would not resolve back to its module", path=src, key=(wrong or back.unresolved)[0])
+
+
+def _most_common(values: list[float], default: float) -> float:
+    counts = Counter(values)
+    return min(counts, key=lambda a: (-counts[a], a)) if counts else default
+
+
 def _kohya_entries(modules: list, component: str, model: BaseModel, src: str) -> tuple[list, list[str]]:
     """(key, source tensor, replacement value or None) for every tensor of the kohya file."""
     prefix = WRITE_PREFIX[component]
-    effective = {p: m.scaling * m.rank for p, m in modules}
-    counts = Counter(effective.values())
-    alpha = min(counts, key=lambda a: (-counts[a], a))
-    # every flattened name must resolve back to its own module, or a reader would bind it elsewhere
-    probes = [ForeignModule(name=flatten(p), component=component, kind=LORA) for p, _ in modules]
-    back = resolve_names(probes, base_module_paths(model.tensors), component=component, file=src)
-    wrong = [p for (p, _), probe in zip(modules, probes) if probe.path != p]
-    if wrong or not back.ok:
-        raise UnresolvedModulesError("a kohya name would not resolve back to its module", path=src, key=(wrong or back.unresolved)[0])
+    alpha = _most_common([m.scaling * m.rank for _, m in modules], 1.0)
+    _check_round_trip([p for p, _ in modules], component, model, src)
     entries: list = []
     folded = []
     for p, m in modules:
@@ -254,6 +265,43 @@ def _kohya_entries(modules: list, component: str, model: BaseModel, src: str) ->
             entries.append((f"{name}.lora_up.weight", m.tensors["lora_B"], ("scale", factor)))
             folded.append(p)
     return entries, folded
+
+
+#: The factor a LoHa / LoKr module's scale is folded into (its product is linear in it).
+_FOLD_SLOT = {LOHA: ("hada_w1_a",), LOKR: ("lokr_w1", "lokr_w1_a")}
+
+
+def _factors_to_kohya(src: str, output: str, *, to: str, base: str, component: str, overwrite: bool) -> ForeignConvertResult:
+    """A PEFT LOHA / LOKR adapter as a kohya / LyCORIS file: the factors under their own names,
+    one alpha for every module, each module's PEFT scale folded into its first factor where the
+    LyCORIS scale (``alpha / r``; 1 for a LoKr module with no factored half) differs."""
+    from .peft_lycoris import read_peft_lycoris
+
+    if to != KOHYA:
+        raise UnsupportedFeatureError("a PEFT LoHa/LoKr adapter converts to a kohya / LyCORIS file only", path=src, hint="use --to kohya")
+    ckpt = read_peft_lycoris(src)
+    refuse_unusable(ckpt, ckpt.modules, lora_only=False)
+    model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
+    for m in ckpt.modules:
+        weight = model.tensors.get(f"{m.path}.weight")
+        if weight is None or not m.fits(tuple(weight.shape)):
+            raise UnresolvedModulesError("matches no weight of the base, or does not fit it", path=src, key=m.path, hint="is this the component the adapter was trained on?")
+    modules = sorted(ckpt.modules, key=lambda m: m.path or "")
+    _check_round_trip([m.path for m in modules], component, model, src)
+    alpha = _most_common([m.scaling * m.rank for m in modules if m.rank], 1.0)
+    prefix, entries, folded = WRITE_PREFIX[component], [], []
+    for m in modules:
+        name = prefix + flatten(m.path)
+        factor = m.scaling / (alpha / m.rank if m.rank else 1.0)
+        fold = next(s for s in _FOLD_SLOT[m.kind] if s in m.tensors)
+        entries.append((f"{name}.alpha", None, ("scalar", alpha)))
+        for slot, info in m.tensors.items():
+            entries.append((f"{name}.{slot}", info, ("scale", factor) if slot == fold and factor != 1.0 else None))
+        if factor != 1.0:
+            folded.append(m.path)
+    out = _atomic_file(output, overwrite, [src, model.directory])
+    _write_file(out, entries, {"format": "pt"})
+    return ForeignConvertResult(src, out, to, component, len(modules), len(entries), folded, list(ckpt.findings))
 
 
 def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
