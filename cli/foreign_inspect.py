@@ -52,7 +52,7 @@ def render_foreign(doc: dict[str, Any]) -> str:
     lines += ["", f"totals: {t['modules']} modules; {t['params']:,} params"]
     for c in doc["check"] or []:
         state = "ok" if c["ok"] else "FAILED"
-        lines.append(f"base {c['component']}: {c['base']}: {c['resolved']}/{c['total']} modules resolved, {len(c['shape_errors'])} shape errors: {state}")
+        lines.append(f"base {c['component'] or 'model'}: {c['base']}: {c['resolved']}/{c['total']} modules resolved, {len(c['shape_errors'])} shape errors: {state}")
         for name in c["unresolved"]:
             lines.append(f"  unresolved: {name}")
         for err in c["shape_errors"]:
@@ -67,9 +67,10 @@ def inspect_foreign(path: str, *, as_json: bool, base: Optional[str], component:
     ckpt = read_peft_lycoris(path) if peft_lycoris_type(path) else read_foreign(path)
     checks = []
     if base is not None:
-        from adapterfmt.formats.components import check_component, component_bases
+        from adapterfmt.formats.components import check_component, component_bases, read_component
 
-        checks = [check_component(ckpt, c, b) for c, b in component_bases(ckpt, base, component).items()]
+        bases = {None: read_component(base)} if ckpt.format == "peft" else component_bases(ckpt, base, component)
+        checks = [check_component(ckpt, c, b) for c, b in bases.items()]
     doc = foreign_document(ckpt, path, checks)
     if as_json:
         emit_json(doc)

@@ -149,9 +149,9 @@ def inspect_command(
         if peft_lycoris_type(adapter):  # PEFT's LoHa / LoKr: the factor records of docs/FORMAT.md §10
             from .foreign_inspect import inspect_foreign
 
-            if scan or base is not None:
-                raise click.UsageError("--scan and --base are not supported for PEFT LoHa/LoKr adapters yet")
-            inspect_foreign(adapter, as_json=as_json, base=None, component=None, strict=strict)
+            if scan:
+                raise click.UsageError("--scan is not supported for PEFT LoHa/LoKr adapters yet")
+            inspect_foreign(adapter, as_json=as_json, base=base, component=None, strict=strict)
             return
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     check = None

@@ -146,6 +146,12 @@ def test_legacy_clip_names_resolve_against_flattened_and_nested_encoders(tmp_pat
     # the alias is for text encoders only
     mods = read_foreign(legacy).modules
     assert resolve_names(mods, flat, component="unet").unresolved == [mods[0].name]
+    # diffusers files: dotted names, the same alias (old files say text_encoder.text_model.encoder...)
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(16, 2)}, str(tmp_path / "d.safetensors"))
+    mods = read_foreign(tmp_path / "d.safetensors").modules
+    res = resolve_names(mods, flat, component="text_encoder", flattened=False)
+    assert res.resolved == {"text_model.encoder.layers.0.self_attn.q_proj": "encoder.layers.0.self_attn.q_proj"}
 
 
 def test_flattened_name_that_fits_two_modules_is_an_error_naming_both(tmp_path):
@@ -262,6 +268,10 @@ def test_peft_loha_lokr_inspect_and_math_match_peft(kind, tmp_path, run_cli):
     expected = model.merge_and_unload().state_dict()
     doc = json.loads(run_cli("inspect", tmp_path / "a", "--json").stdout)
     assert doc["format"] == "peft" and doc["kinds"] == [kind] and doc["peft_type"] == kind.upper()
+    base.save_pretrained(tmp_path / "unet")
+    r = run_cli("inspect", tmp_path / "a", "--json", "--base", tmp_path / "unet")
+    check = json.loads(r.stdout)["check"][0]
+    assert r.exit_code == 0 and check["ok"] and check["resolved"] == check["total"] == len(doc["modules"])
     from adapterfmt.formats.peft_lycoris import read_peft_lycoris
 
     ckpt = read_peft_lycoris(tmp_path / "a")
@@ -274,7 +284,6 @@ def test_peft_loha_lokr_inspect_and_math_match_peft(kind, tmp_path, run_cli):
         effect = (expected[f"{m.path}.weight"] - w).abs().max()
         assert effect > 0 and (merged - expected[f"{m.path}.weight"]).abs().max() <= TOL * effect, m.path
     # the merge command: the one merge engine on the factor records equals PEFT's merge_and_unload
-    base.save_pretrained(tmp_path / "unet")
     r = run_cli("merge", "--base", tmp_path / "unet", "--adapter", tmp_path / "a", "-o", tmp_path / "merged")
     assert r.exit_code == 0, r.stderr
     ours = load_file(str(tmp_path / "merged" / "diffusion_pytorch_model.safetensors"))

@@ -78,7 +78,7 @@ def component_bases(ckpt: ForeignCheckpoint, base: str, component: Optional[str]
 class ComponentCheck:
     """One component of a foreign file against its base: names resolved, shapes fitted."""
 
-    component: str
+    component: Optional[str]  #: ``None`` for a PEFT LoHa / LoKr adapter
     base: str
     total: int
     resolved: int
@@ -96,7 +96,7 @@ class ComponentCheck:
         }
 
 
-def check_component(ckpt: ForeignCheckpoint, component: str, base: BaseModel) -> ComponentCheck:
+def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: BaseModel) -> ComponentCheck:
     """Resolve the component's names (sets each module's ``path``) and check every product fits its weight.
 
     Raises:

@@ -40,7 +40,7 @@ def base_module_paths(tensor_keys: Iterable[str]) -> list[str]:
 class NameResolution:
     """Where each module of one component went: ``resolved`` name in file -> module path."""
 
-    component: str
+    component: Optional[str]
     resolved: dict[str, str] = field(default_factory=dict)
     unresolved: list[str] = field(default_factory=list)
 
@@ -65,7 +65,7 @@ def _aliases(name: str, sep: str) -> list[str]:
 
 
 def resolve_names(
-    modules: list[ForeignModule], module_paths: Iterable[str], *, component: str, file: Optional[str] = None, flattened: bool = True
+    modules: list[ForeignModule], module_paths: Iterable[str], *, component: Optional[str], file: Optional[str] = None, flattened: bool = True
 ) -> NameResolution:
     """Bind each module's name in the file to exactly one module path of the component.
 
@@ -82,7 +82,7 @@ def resolve_names(
     paths = list(module_paths)
     index = _Index(paths, flatten if flattened else (lambda p: p))
     sep = "_" if flattened else "."
-    text_encoder = component.startswith("text_encoder")
+    text_encoder = bool(component) and component.startswith("text_encoder")
     res = NameResolution(component)
     for m in modules:
         candidates = index.get(m.name)

@@ -179,7 +179,7 @@ class ForeignCheckpoint:
         present = {m.component for m in self.modules}
         return [c for c in COMPONENTS if c in present]
 
-    def component_modules(self, component: str) -> list[ForeignModule]:
+    def component_modules(self, component: Optional[str]) -> list[ForeignModule]:
         return [m for m in self.modules if m.component == component]
 
     @property
