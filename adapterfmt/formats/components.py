@@ -109,6 +109,7 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
         if m.path is None:
             continue
         weight = base.tensors[f"{m.path}.weight"]
+        m.weight_shape = tuple(weight.shape)
         if not m.complete:
             check.shape_errors.append(f"{m.path}: incomplete {m.kind} module (missing factors)")
         elif not m.fits(weight.shape):

@@ -27,7 +27,6 @@ from ..convert import write_safetensors
 from ..describe import AdapterCheckpoint, read_adapter
 from ..errors import InvalidConfigError, OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
 from ..finding import Finding
-from ..header import TensorInfo
 from ..safetensors_stream import ShardWriter, TensorSpec
 from ..staging import TMP_TAG, StagedDirectory, check_output_path, clean_stale, fsync_dir
 from .components import component_bases, is_pipeline, read_component

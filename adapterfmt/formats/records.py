@@ -59,6 +59,7 @@ class ForeignModule:
     path: Optional[str] = None
     dora_scale: Optional[TensorInfo] = None
     config_scaling: Optional[float] = None  #: diffusers files with a LoraConfig in their metadata
+    weight_shape: Optional[tuple[int, ...]] = None  #: the base weight's shape, once resolved against a base
 
     @property
     def rank(self) -> Optional[int]:
@@ -87,12 +88,12 @@ class ForeignModule:
 
     @property
     def layer_kind(self) -> Optional[str]:
-        """``linear``, ``conv2d``, ... as far as the tensors tell; ``None`` when they do not (a
-        LoHa on a convolution without a Tucker core stores flattened 2-D factors)."""
-        ndim = max((len(i.shape) for i in self.tensors.values()), default=0)
+        """``linear``, ``conv2d``, ... from the base weight once resolved, else as far as the tensors
+        tell; ``None`` when they do not (LoHa / LoKr on a convolution may store flattened 2-D factors)."""
+        ndim = len(self.weight_shape) if self.weight_shape is not None else max((len(i.shape) for i in self.tensors.values()), default=0)
         if ndim > 2:
             return _NDIM_KIND.get(ndim, f"{ndim}d")
-        if self.kind == LOHA:
+        if self.kind != LORA and self.weight_shape is None:
             return None
         return "linear"
 
