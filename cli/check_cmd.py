@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import click
 
 from adapterfmt.base import read_base
+from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
 from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
@@ -31,6 +33,19 @@ def parse_prefix_map(ctx: click.Context, param: click.Parameter, values: tuple[s
             raise click.BadParameter(f"{v!r} is not OLD=NEW (e.g. model.=language_model.model.)", ctx=ctx, param=param)
         out[old] = new
     return out
+
+
+def _is_foreign(path: str) -> bool:
+    """A local kohya / diffusers file or PEFT LoHa / LoKr directory (read by adapterfmt.formats, not read_adapter)."""
+    if not os.path.exists(path):
+        return False
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE)):
+        from adapterfmt.formats.peft_lycoris import peft_lycoris_type
+
+        return peft_lycoris_type(path) is not None
+    from adapterfmt.formats.detect import detect_format
+
+    return detect_format(path) in ("kohya", "diffusers")
 
 
 def render_check(report: CheckReport) -> str:
@@ -69,6 +84,7 @@ def render_check(report: CheckReport) -> str:
 )
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
 def check_command(
@@ -79,6 +95,7 @@ def check_command(
     base_subfolder: Optional[str],
     base_revision: Optional[str],
     allow_pickle: bool,
+    component: Optional[str],
     as_json: bool,
     strict: bool,
 ) -> None:
@@ -92,7 +109,17 @@ def check_command(
     Exit status: 0 when everything resolves with matching shapes; 1 on zero or partial
     resolution, a shape error or a tensor the format does not explain (or, with --strict, any
     warning); 2 when an input cannot be read.
+
+    A kohya / LyCORIS or diffusers LoRA file (or a PEFT LoHa / LoKr directory) is checked per
+    component against a component or pipeline directory (docs/BEHAVIOUR.md §7.2).
     """
+    if subfolder is None and _is_foreign(adapter):
+        from .foreign_inspect import check_foreign
+
+        check_foreign(adapter, base=base, component=component, as_json=as_json, strict=strict)
+        return
+    if component is not None:
+        raise click.UsageError("--component applies to kohya/diffusers adapter files only")
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
     res = resolve(ckpt, model, prefix_map=prefix_map or None)

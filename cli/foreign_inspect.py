@@ -50,27 +50,53 @@ def render_foreign(doc: dict[str, Any]) -> str:
     lines.append(table(rows, ("component", "module", "kind", "rank", "alpha", "scaling", "dtype", "params"), align_right=(3, 4, 5, 7)))
     t = doc["totals"]
     lines += ["", f"totals: {t['modules']} modules; {t['params']:,} params"]
-    for c in doc["check"] or []:
+    return "\n".join(lines + render_checks(doc["check"] or []))
+
+
+def render_checks(checks: list[dict[str, Any]]) -> list[str]:
+    """One line per component checked against its base, then its unresolved names and shape errors."""
+    lines = []
+    for c in checks:
         state = "ok" if c["ok"] else "FAILED"
         lines.append(f"base {c['component'] or 'model'}: {c['base']}: {c['resolved']}/{c['total']} modules resolved, {len(c['shape_errors'])} shape errors: {state}")
-        for name in c["unresolved"]:
-            lines.append(f"  unresolved: {name}")
-        for err in c["shape_errors"]:
-            lines.append(f"  shape: {err}")
-    return "\n".join(lines)
+        lines += [f"  unresolved: {name}" for name in c["unresolved"]]
+        lines += [f"  shape: {err}" for err in c["shape_errors"]]
+    return lines
+
+
+def _checks(ckpt: ForeignCheckpoint, base: str, component: Optional[str]) -> list[Any]:
+    from adapterfmt.formats.components import check_component, component_bases, read_component
+
+    bases = {None: read_component(base)} if ckpt.format == "peft" else component_bases(ckpt, base, component)
+    return [check_component(ckpt, c, b) for c, b in bases.items()]
+
+
+def _read(path: str) -> ForeignCheckpoint:
+    from adapterfmt.formats.peft_lycoris import peft_lycoris_type, read_peft_lycoris
+
+    return read_peft_lycoris(path) if peft_lycoris_type(path) else read_foreign(path)
+
+
+def check_foreign(path: str, *, base: str, component: Optional[str], as_json: bool, strict: bool) -> None:
+    """``adapterfmt check`` for a foreign file: names resolved per component (exit 1 when one fails)."""
+    ckpt = _read(path)
+    checks = _checks(ckpt, base, component)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        emit_json({"format": ckpt.format, "adapter": path, "base": base, "ok": ok, "check": [c.as_dict() for c in checks],
+                   "warnings": [f.as_dict() for f in ckpt.findings]})
+    else:
+        click.echo("\n".join(render_checks([c.as_dict() for c in checks])))
+        for w in ckpt.findings:
+            warn(f"warning[{w.code}]: {w.message}")
+    if not ok or (strict and ckpt.findings):
+        raise click.exceptions.Exit(1)
 
 
 def inspect_foreign(path: str, *, as_json: bool, base: Optional[str], component: Optional[str], strict: bool) -> None:
     """Print the report of a foreign file; with ``base``, resolve it (exit 1 when that fails)."""
-    from adapterfmt.formats.peft_lycoris import peft_lycoris_type, read_peft_lycoris
-
-    ckpt = read_peft_lycoris(path) if peft_lycoris_type(path) else read_foreign(path)
-    checks = []
-    if base is not None:
-        from adapterfmt.formats.components import check_component, component_bases, read_component
-
-        bases = {None: read_component(base)} if ckpt.format == "peft" else component_bases(ckpt, base, component)
-        checks = [check_component(ckpt, c, b) for c, b in bases.items()]
+    ckpt = _read(path)
+    checks = _checks(ckpt, base, component) if base is not None else []
     doc = foreign_document(ckpt, path, checks)
     if as_json:
         emit_json(doc)

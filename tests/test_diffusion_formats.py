@@ -324,3 +324,11 @@ def test_bad_foreign_inputs_are_one_error_line(tmp_path, run_cli):
     t = {"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "lora_unet_a.hada_w1_a": torch.zeros(4, 2)}
     save_file(t, str(tmp_path / "kinds.safetensors"))
     assert_one_error_line(run_cli("inspect", tmp_path / "kinds.safetensors", "--json"), "lora_unet_a.", "loha and lora")
+
+
+def test_check_cli_on_a_foreign_file(sd_lora, run_cli):
+    r = run_cli("check", "--base", str(sd_lora["dir"]), "--adapter", sd_lora["file"], "--json")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["format"] == "kohya" and doc["ok"] and {c["component"] for c in doc["check"]} == {"unet", "text_encoder"}
+    r = run_cli("check", "--base", str(sd_lora["dir"] / "text_encoder"), "--adapter", sd_lora["file"], "--component", "unet")
+    assert r.exit_code == 1 and "FAILED" in r.stdout and "unresolved: down_blocks_0" in r.stdout
