@@ -163,3 +163,50 @@ def test_merge_lycoris_kinds_into_a_pipeline_equals_lycoris_forward(algo, kwargs
 
     with pytest.raises(UnsupportedFeatureError):
         load_foreign(copy.deepcopy(base["unet"]), file, component="unet")
+
+
+def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
+    """sd-scripts names SDXL modules after the SGM UNet (lora_unet_input_blocks_4_1_…): they resolve
+    exactly through the SGM names of the diffusers UNet's own modules, and the merge equals
+    diffusers' own SGM mapping (lora_state_dict with unet_config) + fuse_lora."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from adapterfmt.formats.names import base_module_paths
+    from adapterfmt.formats.sgm_names import sgm_aliases
+    from _diffusion_helpers import lycoris_network, save_lycoris, tiny_clip
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # SDXL's block layout, tiny: no attention in the first down / last up block
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+    base = copy.deepcopy(unet)
+    net = lycoris_network(tiny_clip(), unet, algo="lora", dim=4, alpha=2, conv_dim=2, conv_alpha=1)
+    diffusers_file = save_lycoris(net, str(tmp_path / "diffusers-names.safetensors"))
+    # the same tensors under SGM names, as sd-scripts writes them
+    to_sgm = {p.replace(".", "_"): s.replace(".", "_") for s, p in sgm_aliases(base_module_paths(base.state_dict()), base.config).items()}
+    tensors = load_file(diffusers_file)
+    renamed = {}
+    for k, v in tensors.items():
+        name, _, suffix = k[len("lora_unet_"):].partition(".")
+        if k.startswith("lora_unet_"):
+            renamed[f"lora_unet_{to_sgm[name]}.{suffix}"] = v
+    for part in ("input_blocks_4_1_transformer_blocks", "input_blocks_3_0_op.", "skip_connection.", "emb_layers_1.", "in_layers_2.",
+                 "out_layers_3.", "output_blocks_2_2_conv.", "middle_block_1_proj_in."):
+        assert any(part in k for k in renamed), part
+    sgm_file = str(tmp_path / "sgm.safetensors")
+    save_file(renamed, sgm_file)
+    base.save_pretrained(tmp_path / "unet")
+    r = run_cli("merge", "--base", tmp_path / "unet", "--adapter", sgm_file, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    sd, alphas = StableDiffusionXLPipeline.lora_state_dict(sgm_file, unet_config=base.config)
+    fused = copy.deepcopy(base)
+    StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet=fused)
+    fused.fuse_lora()
+    _weights_close(str(tmp_path / "out"), fused, base)
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "out")
+    assert rel_err(unet_out(merged), unet_out(unet), unet_out(base)) < TOL  # and LyCORIS's forward on the diffusers names

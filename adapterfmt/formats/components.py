@@ -103,7 +103,13 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
         AmbiguousMatchError: a flattened name fits two modules.
     """
     modules = ckpt.component_modules(component)
-    res = resolve_names(modules, base_module_paths(base.tensors), component=component, file=ckpt.file, flattened=ckpt.format == "kohya")
+    paths = base_module_paths(base.tensors)
+    aliases = None
+    if ckpt.format == "kohya" and component == "unet":
+        from .sgm_names import sgm_aliases
+
+        aliases = sgm_aliases(paths, base.config)
+    res = resolve_names(modules, paths, component=component, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
     check = ComponentCheck(component, base.directory, len(modules), len(res.resolved), list(res.unresolved))
     for m in modules:
         if m.path is None:

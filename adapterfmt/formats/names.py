@@ -7,7 +7,8 @@ is flattened the same way, and a file name resolves to the module whose flattene
 it. Two such modules: :class:`~adapterfmt.errors.AmbiguousMatchError` naming both; none: the
 name is unresolved, reported as ``check`` reports a module with no base tensor.
 
-The one alias (docs/FORMAT.md §10.4): CLIP text encoders. Old files name them
+Aliases (docs/FORMAT.md §10.4), tried only when no module matches: the SGM names of a
+diffusers UNet's modules (:mod:`.sgm_names`), and CLIP text encoders. Old files name them
 ``text_model.encoder.layers.…`` (``lora_te_text_model_encoder_…``) while transformers 5's
 ``CLIPTextModel`` has ``encoder.layers.…`` (``CLIPTextModelWithProjection`` keeps
 ``text_model.``). For a text-encoder component, when no module matches exactly, a name with a
@@ -65,7 +66,13 @@ def _aliases(name: str, sep: str) -> list[str]:
 
 
 def resolve_names(
-    modules: list[ForeignModule], module_paths: Iterable[str], *, component: Optional[str], file: Optional[str] = None, flattened: bool = True
+    modules: list[ForeignModule],
+    module_paths: Iterable[str],
+    *,
+    component: Optional[str],
+    file: Optional[str] = None,
+    flattened: bool = True,
+    aliases: Optional[dict[str, str]] = None,
 ) -> NameResolution:
     """Bind each module's name in the file to exactly one module path of the component.
 
@@ -75,6 +82,8 @@ def resolve_names(
         modules: the file's modules of ``component``.
         module_paths: the component's module paths (:func:`base_module_paths`).
         flattened: kohya names (compared flattened) or diffusers' dotted paths (compared as they are).
+        aliases: other names of the modules (name -> module path), tried when no module path
+            matches: the SGM names of a diffusers UNet (:mod:`.sgm_names`).
 
     Raises:
         AmbiguousMatchError: a name fits two modules; the message names both.
@@ -82,12 +91,15 @@ def resolve_names(
     paths = list(module_paths)
     index = _Index(paths, flatten if flattened else (lambda p: p))
     sep = "_" if flattened else "."
+    alias_index = _Index(aliases or {}, flatten if flattened else (lambda p: p))
     text_encoder = bool(component) and component.startswith("text_encoder")
     res = NameResolution(component)
     for m in modules:
         candidates = index.get(m.name)
         if not candidates and text_encoder:
             candidates = [c for alias in _aliases(m.name, sep) for c in index.get(alias)]
+        if not candidates and aliases:
+            candidates = [aliases[a] for a in alias_index.get(m.name)]
         if len(candidates) > 1:
             raise AmbiguousMatchError(
                 f"{component} module name {m.name!r} fits both {candidates[0]!r} and {candidates[1]!r}",
