@@ -210,3 +210,8 @@ def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
     _weights_close(str(tmp_path / "out"), fused, base)
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "out")
     assert rel_err(unet_out(merged), unet_out(unet), unet_out(base)) < TOL  # and LyCORIS's forward on the diffusers names
+    from adapterfmt.formats.foreign_load import load_foreign
+
+    loaded = copy.deepcopy(base)
+    load_foreign(loaded, sgm_file, component="unet")
+    assert rel_err(unet_out(loaded), unet_out(unet), unet_out(base)) < TOL

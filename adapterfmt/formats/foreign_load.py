@@ -42,7 +42,12 @@ def load_foreign(
     ckpt = read_foreign(path)
     name = pick_component(ckpt, component, type(model).__name__)
     paths = [n for n, _ in model.named_modules() if n]
-    resolve_names(ckpt.component_modules(name), paths, component=name, file=ckpt.file, flattened=ckpt.format == "kohya")
+    aliases = None
+    if ckpt.format == "kohya" and name == "unet":  # sd-scripts SDXL files name the SGM UNet's modules
+        from .sgm_names import sgm_aliases
+
+        aliases = sgm_aliases(paths, dict(getattr(model, "config", None) or {}))
+    resolve_names(ckpt.component_modules(name), paths, component=name, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
     adapter = component_adapter(ckpt, name, base_modules=paths)
     state = {}
     with TensorReader() as reader:
