@@ -175,15 +175,17 @@ def merge_command(
 
             if weights or component:
                 raise click.UsageError("--weight and --component do not apply to a PEFT LoHa/LoKr adapter")
-            options.pop("allow_pickle")
-            summary = merge_peft_lycoris(base, foreign, output, **options)
+            summary = merge_peft_lycoris(base, foreign, output, subfolder=base_subfolder, revision=base_revision, **options)
         elif foreign is not None:
-            if weights:
-                raise click.UsageError("--weight does not apply to a kohya/diffusers adapter file")
+            if weights or base_revision:
+                raise click.UsageError("--weight and --base-revision do not apply to a kohya/diffusers adapter file")
+            if component and base_subfolder and component != base_subfolder:
+                raise click.UsageError("--component and --subfolder name different components")
             from adapterfmt.formats.foreign_merge import merge_foreign
 
             options.pop("allow_pickle")
-            result = merge_foreign(base, foreign, output, component=component, **options)
+            # --subfolder C of a pipeline base: that component merged, the whole pipeline written
+            result = merge_foreign(base, foreign, output, component=component or base_subfolder, **options)
             _report_foreign(result, quiet=quiet, as_json=as_json)
             return
         elif component is not None:

@@ -215,3 +215,17 @@ def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
     loaded = copy.deepcopy(base)
     load_foreign(loaded, sgm_file, component="unet")
     assert rel_err(unet_out(loaded), unet_out(unet), unet_out(base)) < TOL
+
+
+def test_merge_subfolder_of_a_pipeline_merges_that_component_only(case, run_cli, tmp_path):
+    """--subfolder unet keeps its meaning for a kohya file: the pipeline is written whole, its UNet
+    merged and the text encoder copied unchanged (its LoRA part is not applied, as asked)."""
+    import filecmp
+
+    out = tmp_path / "pipe-unet"
+    r = run_cli("merge", "--base", case["pipe"], "--subfolder", "unet", "--adapter", case["file"], "-o", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert list(json.loads(r.stdout)["components"]) == ["unet"]
+    te = "text_encoder/model.safetensors"
+    assert filecmp.cmp(os.path.join(case["pipe"], te), out / te, shallow=False)
+    assert not filecmp.cmp(os.path.join(case["pipe"], "unet", "diffusion_pytorch_model.safetensors"), out / "unet" / "diffusion_pytorch_model.safetensors", shallow=False)

@@ -17,8 +17,6 @@ from .names import base_module_paths, resolve_names
 from .records import ForeignCheckpoint
 
 PIPELINE_INDEX = "model_index.json"
-#: diffusers' weight file name for a model folder (``SAFETENSORS_WEIGHTS_NAME``).
-DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def is_pipeline(path: str) -> bool:
@@ -26,14 +24,9 @@ def is_pipeline(path: str) -> bool:
 
 
 def read_component(directory: str) -> BaseModel:
-    """A component folder's weights, from headers: transformers or diffusers naming."""
-    try:
-        return read_base(directory)
-    except CheckpointNotFoundError:
-        single = os.path.join(directory, DIFFUSERS_WEIGHTS_FILE)
-        if os.path.isfile(single):
-            return read_base(single)
-        raise
+    """A component folder's weights, from headers (transformers or diffusers layout), read by the
+    one base reader, :func:`adapterfmt.base.read_base`: merged, it keeps that folder's own layout."""
+    return read_base(directory)
 
 
 def pick_component(ckpt: ForeignCheckpoint, component: Optional[str], base: str) -> str:

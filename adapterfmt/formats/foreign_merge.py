@@ -112,8 +112,7 @@ def peft_lycoris_checkpoint(directory: "str | os.PathLike[str]") -> Any:
 
 
 def merge_peft_lycoris(base: "str | os.PathLike[str]", adapter: "str | os.PathLike[str]", out: "str | os.PathLike[str]", **options: Any) -> MergeSummary:
-    """Merge a PEFT LOHA / LOKR adapter into a model directory (transformers or diffusers layout);
+    """Merge a PEFT LOHA / LOKR adapter into a base as :func:`~adapterfmt.merging.merge_to_directory`
+    merges any adapter (``subfolder``: one component of a pipeline, the whole pipeline written);
     the result equals PEFT's ``merge_and_unload``."""
-    from .components import read_component
-
-    return merge_to_directory(read_component(os.fspath(base)), [peft_lycoris_checkpoint(adapter)], out, **options)
+    return merge_to_directory(os.fspath(base), [peft_lycoris_checkpoint(adapter)], out, **options)
