@@ -165,8 +165,10 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
 
 def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
     """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
-    if not t.terms or not all(isinstance(term, LoraTerm) and not term.lora.module.use_dora for term in t.terms):
-        return None
+    if not t.terms or not all(
+        isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.module.factors is None for term in t.terms
+    ):
+        return None  # DoRA, LoHa / LoKr factor modules, biases and rows: tensor_blocks
     base_dtype, out_dtype = TORCH_DTYPES.get(t.source.dtype), TORCH_DTYPES.get(t.dtype)
     if not blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms]):  # type: ignore[union-attr]
         return None
