@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from . import os_calls
 from .errors import AdapterFormatError, DiskSpaceError, OutputPathError
@@ -358,27 +358,11 @@ def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
         removed += _clean_stale_in_place(out)
     if not os.path.isdir(parent):
         return removed
-    for entry in sorted(os.listdir(parent)):
-        tag, _, pid = entry[len(prefix) :].rpartition("-")
-        if not entry.startswith(prefix) or tag not in (TMP_TAG, OLD_TAG) or not pid.isdigit():
-            continue
-        path = os.path.join(parent, entry)
-        if not os.path.isdir(path) or os.path.islink(path):
-            continue
-        lock = _try_lock(path)
-        if lock is None:
-            raise OutputPathError(
-                f"another adapterfmt merge (pid {pid}) is writing this output now ({entry})",
-                path=out,
-                hint="wait for it to finish or choose another output path",
-            )
-        try:
-            if tag == OLD_TAG and not os.path.lexists(out):
-                os.rename(path, out)  # a run died between its two renames: put the old output back
-            else:
-                shutil.rmtree(path)
-        finally:
-            _release(lock)
+    for entry, tag, path in _dead_stages(parent, prefix, out, "merge"):
+        if tag == OLD_TAG and not os.path.lexists(out):
+            os.rename(path, out)  # a run died between its two renames: put the old output back
+        else:
+            shutil.rmtree(path)
         removed.append(path)
     for entry in sorted(os.listdir(parent)):  # lock files whose directory is gone (a run died after its rename)
         stem = entry[: -len(".lock")]
@@ -390,33 +374,44 @@ def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
     return removed
 
 
-def _clean_stale_in_place(out: str) -> list[str]:
-    """:func:`clean_stale` inside a mount-point ``OUT`` (where such a run stages)."""
-    removed = []
-    for entry in sorted(os.listdir(out)):
-        tag, _, pid = entry[1:].rpartition("-")
-        if not entry.startswith(".") or tag not in (TMP_TAG, OLD_TAG) or not pid.isdigit():
+def _dead_stages(directory: str, prefix: str, out: str, what: str) -> Iterator[tuple[str, str, str]]:
+    """``(entry, tag, path)`` of each stage directory ``<prefix><tag>-<pid>`` in ``directory`` left by
+    a dead run, held under its lock while the caller cleans it up.
+
+    Raises:
+        OutputPathError: a live run (its lock is held) is writing ``out`` now.
+    """
+    for entry in sorted(os.listdir(directory)):
+        tag, _, pid = entry[len(prefix) :].rpartition("-")
+        if not entry.startswith(prefix) or tag not in (TMP_TAG, OLD_TAG) or not pid.isdigit():
             continue
-        path = os.path.join(out, entry)
+        path = os.path.join(directory, entry)
         if not os.path.isdir(path) or os.path.islink(path):
             continue
         lock = _try_lock(path)
         if lock is None:
             raise OutputPathError(
-                f"another adapterfmt run (pid {pid}) is writing this output now ({entry})",
+                f"another adapterfmt {what} (pid {pid}) is writing this output now ({entry})",
                 path=out,
                 hint="wait for it to finish or choose another output path",
             )
         try:
-            others = [e for e in os.listdir(out) if e != entry and not e.startswith((f".{TMP_TAG}-", f".{OLD_TAG}-"))]
-            if tag == OLD_TAG and not others:
-                for e in os.listdir(path):  # a run died between moving the old output aside and the new one in
-                    os.rename(os.path.join(path, e), os.path.join(out, e))
-                os.rmdir(path)
-            else:
-                shutil.rmtree(path)
+            yield entry, tag, path
         finally:
             _release(lock)
+
+
+def _clean_stale_in_place(out: str) -> list[str]:
+    """:func:`clean_stale` inside a mount-point ``OUT`` (where such a run stages)."""
+    removed = []
+    for entry, tag, path in _dead_stages(out, ".", out, "run"):
+        others = [e for e in os.listdir(out) if e != entry and not e.startswith((f".{TMP_TAG}-", f".{OLD_TAG}-"))]
+        if tag == OLD_TAG and not others:
+            for e in os.listdir(path):  # a run died between moving the old output aside and the new one in
+                os.rename(os.path.join(path, e), os.path.join(out, e))
+            os.rmdir(path)
+        else:
+            shutil.rmtree(path)
         removed.append(path)
     return removed
 
