@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 #: Conversion rule kinds the reverse mapping understands (others, e.g. a PrefixChange, are skipped
 #: as transformers skips them when saving a model it did not load).
@@ -265,42 +265,42 @@ def architecture_of(config: dict[str, Any]) -> Optional[Architecture]:
         return None
 
 
+def _declared_weight_ties(config: dict[str, Any], tensor_keys: Iterable[str]) -> Iterator[tuple[str, str, bool, bool]]:
+    """``(target key, source key, target stored, source stored)`` on disk for every weight tie the
+    model class declares, when ``tie_word_embeddings`` is true (the config's value, else the config
+    class's default)."""
+    arch = architecture_of(config)
+    if arch is None or not arch.tie_word_embeddings:
+        return
+    keys = set(tensor_keys)
+    for target, source in arch.tied_params.items():
+        if target.endswith(".weight") and source.endswith(".weight"):
+            t_key, s_key = _on_disk(arch, target, keys), _on_disk(arch, source, keys)
+            yield t_key, s_key, t_key in keys, s_key in keys
+
+
 def tied_modules(config: dict[str, Any], tensor_keys: Iterable[str]) -> dict[str, str]:
     """On-disk module -> on-disk module whose weight it uses, for every tie with one side stored.
 
-    From the model class's ``_tied_weights_keys`` when ``tie_word_embeddings`` is true (the config's
-    value, else the config class's default). A pair whose two tensors are both stored is not tied
-    (transformers loads them apart when they differ); a pair with neither stored is not reported.
+    From the model class's ``_tied_weights_keys`` when ``tie_word_embeddings`` is true. A pair whose
+    two tensors are both stored is not tied (transformers loads them apart when they differ); a pair
+    with neither stored is not reported.
     """
-    arch = architecture_of(config)
-    if arch is None or not arch.tie_word_embeddings:
-        return {}
-    keys = set(tensor_keys)
-    out: dict[str, str] = {}
-    for target, source in arch.tied_params.items():
-        if not (target.endswith(".weight") and source.endswith(".weight")):
-            continue
-        t_key, s_key = _on_disk(arch, target, keys), _on_disk(arch, source, keys)
-        if t_key in keys or s_key not in keys:
-            continue
-        out[_memory_module(t_key)] = _memory_module(s_key)
-    return out
+    return {
+        _memory_module(t_key): _memory_module(s_key)
+        for t_key, s_key, t_stored, s_stored in _declared_weight_ties(config, tensor_keys)
+        if s_stored and not t_stored
+    }
 
 
 def stored_ties(config: dict[str, Any], tensor_keys: Iterable[str]) -> dict[str, str]:
     """Declared ties (as :func:`tied_modules`) whose two tensors are both stored: transformers ties
     them in memory when their values are equal, so whether they are one tensor depends on the bytes."""
-    arch = architecture_of(config)
-    if arch is None or not arch.tie_word_embeddings:
-        return {}
-    keys = set(tensor_keys)
-    out: dict[str, str] = {}
-    for target, source in arch.tied_params.items():
-        if target.endswith(".weight") and source.endswith(".weight"):
-            t_key, s_key = _on_disk(arch, target, keys), _on_disk(arch, source, keys)
-            if t_key in keys and s_key in keys:
-                out[_memory_module(t_key)] = _memory_module(s_key)
-    return out
+    return {
+        _memory_module(t_key): _memory_module(s_key)
+        for t_key, s_key, t_stored, s_stored in _declared_weight_ties(config, tensor_keys)
+        if t_stored and s_stored
+    }
 
 
 def _on_disk(arch: Architecture, memory_key: str, keys: set[str]) -> str:
