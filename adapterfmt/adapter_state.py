@@ -19,8 +19,9 @@ from torch import nn
 from .adalora_layers import AdaLoraLinear
 from .errors import MergeError
 from .findings import Finding
-from .full_copy import FullCopy, iter_wrappers
+from .full_copy import WEIGHT_WRAPPERS, FullCopy, iter_wrappers
 from .layers import LoraLayer, make_lora_layer
+from .lycoris_layers import FactorLayer
 from .module_tree import replace_module
 from .param_layers import ParamLora
 from .token_layers import TokenWrapper
@@ -110,7 +111,7 @@ def set_adapter(model: ModelLike, adapter_name: "str | Sequence[str]") -> None:
         adapter_info(registry, name)
     wrappers = list(iter_wrappers(model))
     for path, w in wrappers:
-        if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)) and w.merged:
+        if isinstance(w, WEIGHT_WRAPPERS) and w.merged:
             raise MergeError("adapters are merged into this layer", key=path, hint="call adapterfmt.unmerge(model) first")
         if isinstance(w, FullCopy) and sum(n in w.modules_to_save for n in names) > 1:
             raise ValueError(f"{path!r}: only one adapter's full copy can be active; {names} each have one")
@@ -131,7 +132,7 @@ def disable_adapters(model: ModelLike) -> Iterator[None]:
     """
     model = as_model(model)
     wrappers = [w for _, w in iter_wrappers(model)]
-    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)) and w.merged}
+    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, WEIGHT_WRAPPERS) and w.merged}
     before = {id(w): w.disabled for w in wrappers}
     for w in wrappers:
         if id(w) in merged:
@@ -171,7 +172,7 @@ def unmerge(model: ModelLike) -> None:
     """Take every merged adapter back out of the base weights."""
     model = as_model(model)
     for _, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)):
+        if isinstance(w, WEIGHT_WRAPPERS):
             w.unmerge()
 
 
@@ -192,7 +193,7 @@ def unload(model: ModelLike, merge: bool = False) -> nn.Module:
     if merge:
         _merge_lora_layers(model, registry.active)
     for path, w in wrappers:
-        if isinstance(w, (LoraLayer, AdaLoraLinear)):
+        if isinstance(w, (LoraLayer, AdaLoraLinear, FactorLayer)):
             if not merge:
                 w.unmerge()
             replace_module(model, path, w.base_layer)
@@ -209,7 +210,7 @@ def unload(model: ModelLike, merge: bool = False) -> nn.Module:
 
 def _merge_lora_layers(model: nn.Module, names: Sequence[str]) -> None:
     for path, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, ParamLora, AdaLoraLinear)):
+        if isinstance(w, WEIGHT_WRAPPERS):
             try:
                 w.merge(names)
             except ValueError as e:
@@ -247,7 +248,7 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
         return
     bias = get_registry(model).adapters[name].config.get("bias")
     for _, w in iter_wrappers(model):
-        if isinstance(w, (LoraLayer, TokenWrapper, ParamLora, AdaLoraLinear)):
+        if isinstance(w, (TokenWrapper,) + WEIGHT_WRAPPERS):
             for p in w.adapter_parameters(name):
                 p.requires_grad_(True)
             if bias == "lora_only" and w.base_layer.bias is not None:

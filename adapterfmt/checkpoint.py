@@ -94,6 +94,8 @@ class AdapterCheckpoint:
         findings: warnings found while reading (see :mod:`adapterfmt.findings`).
         sub_adapters: names of other adapters stored in ``<directory>/<name>/``.
         tensors_in_memory: only for ``.bin`` files: key -> tensor.
+        source_config: the directory's own ``adapter_config.json`` where ``config`` is a LoRA view
+            of it (a PEFT LOHA / LOKR adapter, FORMAT §10.6): what :func:`~adapterfmt.save` writes back.
     """
 
     name: str
@@ -111,6 +113,7 @@ class AdapterCheckpoint:
     sub_adapters: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     tensors_in_memory: Optional[dict[str, Any]] = None
+    source_config: Optional[dict[str, Any]] = None
 
     @property
     def lora_params(self) -> int:

@@ -9,6 +9,7 @@ rules in :mod:`adapterfmt.findings`. Nothing here reads tensor bytes or imports 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -43,6 +44,16 @@ _LORA_SLOT = {
 
 
 @with_gc_paused
+def _peft_type(config_path: str) -> Optional[str]:
+    """The config's ``peft_type`` in upper case, ``None`` when unreadable (:func:`read_config` then reports why)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return str(doc.get("peft_type", "")).upper() if isinstance(doc, dict) else None
+
+
 def read_adapter(
     path: "str | os.PathLike[str]",
     *,
@@ -72,6 +83,13 @@ def read_adapter(
         subs = _sub_adapters(directory)
         hint = f"it has sub-adapters {subs}; point at one of them" if subs else "is this an adapter directory?"
         raise CheckpointNotFoundError(f"has no {ADAPTER_CONFIG_FILE}", path=directory, hint=hint)
+    if _peft_type(config_path) in ("LOHA", "LOKR"):  # PEFT's LoHa / LoKr: factor modules (FORMAT §10.6)
+        from .formats.peft_lycoris import peft_lycoris_checkpoint
+
+        name = subfolder or (os.path.basename(os.path.normpath(directory)) if _is_sub_adapter(directory) else DEFAULT_ADAPTER_NAME)
+        lycoris = peft_lycoris_checkpoint(directory, name=name)
+        lycoris.sub_adapters = _sub_adapters(directory)
+        return lycoris
     config = read_config(config_path)
     st_path = os.path.join(directory, ADAPTER_SAFETENSORS_FILE)
     bin_path = os.path.join(directory, ADAPTER_BIN_FILE)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .adalora_layers import AdaLoraLinear
 from .layers import LoraLayer
+from .lycoris_layers import FactorLayer
 from .param_layers import ParamLora
 from .token_layers import TokenWrapper
 
@@ -76,10 +77,15 @@ class FullCopy(nn.Module):
             return getattr(self.active_module, name)
 
 
-def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, "LoraLayer | FullCopy | TokenWrapper | ParamLora | AdaLoraLinear"]]:
-    """``(path, wrapper)`` for every :class:`LoraLayer` and :class:`FullCopy` in ``model``."""
+#: Wrappers whose adapters change a base weight: they merge, unmerge and give way to ``base_layer`` on unload.
+WEIGHT_WRAPPERS = (LoraLayer, ParamLora, AdaLoraLinear, FactorLayer)
+
+
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """``(path, wrapper)`` for every adapter wrapper in ``model``: :data:`WEIGHT_WRAPPERS`,
+    :class:`FullCopy` and :class:`TokenWrapper`."""
     for path, module in model.named_modules():
-        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora, AdaLoraLinear)):
+        if isinstance(module, (FullCopy, TokenWrapper) + WEIGHT_WRAPPERS):
             yield path, module
 
 
@@ -89,7 +95,7 @@ def plain_module_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def walk(prefix: str, module: nn.Module) -> None:
         out.append((prefix, module))
-        if isinstance(module, (LoraLayer, FullCopy, TokenWrapper, ParamLora, AdaLoraLinear)):
+        if isinstance(module, (FullCopy, TokenWrapper) + WEIGHT_WRAPPERS):
             return
         for child_name, child in module.named_children():
             walk(f"{prefix}.{child_name}" if prefix else child_name, child)

@@ -30,6 +30,7 @@ from .errors import (
 from .full_copy import FullCopy
 from .layer_types import supported_layout
 from .layers import LoraLayer
+from .lycoris_loading import refuse_unloadable_factors
 from .matching import apply_prefix_map, is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .param_loading import is_param_lora
@@ -90,13 +91,10 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
         )
     if not ckpt.lora and not ckpt.full_copies:
         raise InconsistentAdapterError("holds no LoRA tensors and no full copies", path=ckpt.weights_file)
-    factored = [p for p, m in ckpt.lora.items() if m.factors is not None]
-    if factored:
-        raise UnsupportedFeatureError(
-            "LoHa / LoKr / Tucker LoCon modules cannot be loaded by adapterfmt.load yet (merge them instead)",
-            path=ckpt.weights_file, key=factored[0], hint="see docs/BEHAVIOUR.md §7.3",
-        )
+    refuse_unloadable_factors(ckpt)
     for path, m in ckpt.lora.items():
+        if m.factors is not None:
+            continue  # LoHa / LoKr: lycoris_loading.py
         missing = [s for s in ("lora_A", "lora_B") if s not in m.tensors]
         if missing:
             raise InconsistentAdapterError(
@@ -131,8 +129,8 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
     plan = LoadPlan()
     unresolved: list[str] = []
     for saved_path, m in ckpt.lora.items():
-        if is_param_lora(ckpt, saved_path) or is_adalora_checkpoint(ckpt):
-            continue  # LoRA on a parameter: param_loading.py; AdaLoRA: adalora_loading.py
+        if is_param_lora(ckpt, saved_path) or is_adalora_checkpoint(ckpt) or m.factors is not None:
+            continue  # LoRA on a parameter: param_loading.py; AdaLoRA: adalora_loading.py; LoHa / LoKr: lycoris_loading.py
         path = apply_prefix_map(saved_path, prefix_map)
         if path == "":
             raise UnsupportedFeatureError("LoRA on the root module itself cannot be wrapped in place", path=ckpt.weights_file, key=saved_path)

@@ -39,13 +39,14 @@ from .adapter_state import (
     set_trainable,
 )
 from .config import LoraConfig
-from .constants import DEFAULT_ADAPTER_NAME
+from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME
 from .describe import AdapterCheckpoint, read_adapter
 from .errors import InconsistentAdapterError, NonFiniteValuesError
 from .header import TensorInfo
 from .keys import parse_saved, render_wrapped, split_prefix
 from .layer_types import adapter_dtype
 from .load_plan import LoadPlan, listing, plan_load, refuse_unloadable
+from .lycoris_loading import load_factor_modules
 from .memory_adapter import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor
 from .param_loading import load_param_loras
@@ -65,6 +66,7 @@ def load(
     revision: Optional[str] = None,
     allow_pickle: bool = False,
     config: "LoraConfig | Mapping[str, Any] | None" = None,
+    component: Optional[str] = None,
 ) -> LoadedAdapters:
     """Wrap every module a LoRA adapter targets, in place, and load its tensors.
 
@@ -79,9 +81,11 @@ def load(
     Args:
         model (`torch.nn.Module`): any model; a transformers or diffusers model, or your own.
         path_or_hub_id (`str`, `os.PathLike` or `dict`): adapter directory (``<dir>/<name>`` for a
-            sub-adapter) or Hub repo id; or an in-memory state dict under PEFT's saved keys
-            (what ``get_peft_model_state_dict`` returns), which then needs ``config``. Its
-            tensors are copied, never shared with the caller's dict.
+            sub-adapter) or Hub repo id — PEFT LoRA, AdaLoRA, LoHa or LoKr; a kohya / LyCORIS or
+            diffusers LoRA ``.safetensors`` file (or a folder holding one, see ``component``);
+            or an in-memory state dict under PEFT's saved keys (what
+            ``get_peft_model_state_dict`` returns), which then needs ``config``. Its tensors
+            are copied, never shared with the caller's dict.
         adapter_name (`str`, *optional*, defaults to `"default"`): the name to load it under.
         is_trainable (`bool`, *optional*, defaults to `False`): `True`: this adapter's LoRA tensors
             and full copies require grad (and the biases its ``bias`` setting trains, as in PEFT)
@@ -94,6 +98,10 @@ def load(
         allow_pickle (`bool`, *optional*, defaults to `False`): permit an ``adapter_model.bin``.
         config (:class:`~adapterfmt.LoraConfig` or `dict`, *optional*): the adapter's config (a
             decoded ``adapter_config.json``); only, and required, with a state dict.
+        component (`str`, *optional*): for a kohya / LyCORIS or diffusers LoRA file (FORMAT §10),
+            which part of it ``model`` is (``unet``, ``transformer``, ``text_encoder``,
+            ``text_encoder_2``); optional when the file adapts one component. Its names are
+            resolved against ``model``'s own modules.
 
     Returns:
         A :class:`LoadedAdapters` handle (``.model``, ``.adapters``, ``.active``).
@@ -116,9 +124,31 @@ def load(
         ```
     """
     model = as_model(model)
+    check_new_name(get_registry(model, create=False), adapter_name)
+    if _is_foreign_file(path_or_hub_id, subfolder):
+        if prefix_map or revision or allow_pickle or config is not None:
+            raise TypeError("prefix_map / revision / allow_pickle / config do not apply to a kohya or diffusers LoRA file")
+        from .formats.foreign_load import component_checkpoint
+
+        return load_checkpoint(model, component_checkpoint(model, path_or_hub_id, component=component), adapter_name, is_trainable)  # type: ignore[arg-type]
+    if component is not None:
+        raise TypeError("component= applies to a kohya or diffusers LoRA file, not to a PEFT adapter")
+    ckpt = _read(path_or_hub_id, config, adapter_name, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
+    return load_checkpoint(model, ckpt, adapter_name, is_trainable, prefix_map)
+
+
+def load_checkpoint(
+    model: ModelLike,
+    ckpt: AdapterCheckpoint,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+    is_trainable: bool = False,
+    prefix_map: Optional[Mapping[str, str]] = None,
+) -> LoadedAdapters:
+    """:func:`load` of a checkpoint already read into records (a directory's, a state dict's, or a
+    foreign file's component view, :mod:`adapterfmt.formats.foreign_load`)."""
+    model = as_model(model)
     registry = get_registry(model, create=False)
     check_new_name(registry, adapter_name)
-    ckpt = _read(path_or_hub_id, config, adapter_name, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
     refuse_unloadable(ckpt)
     prefix_map = dict(prefix_map or {})
     plan = plan_load(model, ckpt, prefix_map)
@@ -133,13 +163,14 @@ def load(
         load_token_rows(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
         load_param_loras(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
         load_adalora(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
+        factor_paths = load_factor_modules(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
     except BaseException:
         remove_adapter(model, registry, adapter_name, created)
         raise
     info = AdapterInfo(
         name=adapter_name,
-        config=dict(ckpt.config.raw),
-        lora_modules=[t.path for t in plan.lora],
+        config=dict(ckpt.source_config or ckpt.config.raw),
+        lora_modules=[t.path for t in plan.lora] + factor_paths,
         full_copies=[c.path for c in plan.copies],
         prefix_map=prefix_map,
         overrides=overrides,
@@ -149,6 +180,17 @@ def load(
     register(registry, info)
     set_trainable(model, adapter_name, is_trainable)
     return LoadedAdapters(model)
+
+
+def _is_foreign_file(source: Any, subfolder: Optional[str]) -> bool:
+    """Whether ``source`` is a local kohya / LyCORIS or diffusers LoRA file (or a folder holding one)."""
+    if isinstance(source, Mapping) or subfolder is not None or not isinstance(source, (str, os.PathLike)):
+        return False
+    if not os.path.exists(source) or os.path.isfile(os.path.join(source, ADAPTER_CONFIG_FILE)):
+        return False
+    from .formats.detect import detect_format
+
+    return detect_format(source) in ("kohya", "diffusers")
 
 
 def _read(source: Any, config: Any, adapter_name: str, **read_options: Any) -> AdapterCheckpoint:
@@ -271,4 +313,4 @@ def _apply_overrides(model: nn.Module, plan: LoadPlan, ckpt: AdapterCheckpoint) 
     return out
 
 
-__all__ = ["load"]
+__all__ = ["load", "load_checkpoint"]

@@ -1,8 +1,8 @@
 """The dense delta of a LoRA / LoCon, LoHa or LoKr module: one implementation for merge and load.
 
 Shared by kohya / LyCORIS files and PEFT's own LOHA / LOKR adapters, which use the same tensor
-names and shapes (docs/FORMAT.md §10.3). Every product is computed in float32 and shaped like
-the base weight; ``scaling`` is applied once, last (LyCORIS 4.1.3's ``merge_to`` applies it twice;
+names and shapes (docs/FORMAT.md §10.3). Every product is computed in float32 (float64 factors
+stay float64) and shaped like the base weight; ``scaling`` is applied once, last (LyCORIS 4.1.3's ``merge_to`` applies it twice;
 its forward pass, which these functions match, applies it once).
 
 * LoRA: ``up @ down``; with a Tucker core ``mid`` (LoCon): ``mid ×₀ up ×₁ down``.
@@ -21,18 +21,28 @@ import torch
 LORA, LOHA, LOKR = "lora", "loha", "lokr"
 
 
-def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """``core`` (r, r, *k) contracted with ``wa`` (r, p) on dim 0 and ``wb`` (r, q) on dim 1 -> (p, q, *k)."""
+def _f(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 when it is float64 (a float64 model keeps its precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, *, b_first: bool = False) -> torch.Tensor:
+    """``core`` (r, r, *k) contracted with ``wa`` (r, p) on dim 0 and ``wb`` (r, q) on dim 1 -> (p, q, *k).
+
+    The contraction order is PEFT's (``wb`` first for LoHa, ``wa`` first for LoKr), so a loaded
+    PEFT adapter computes PEFT's bits, not just its values."""
+    if b_first:
+        return torch.einsum("i j ..., j q, i p -> p q ...", core, wb, wa)
     return torch.einsum("i j ..., i p, j q -> p q ...", core, wa, wb)
 
 
 def lora_product(down: torch.Tensor, up: torch.Tensor, mid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``up @ down`` (kohya's names for B and A), ``(out, in, *k)``, unscaled."""
-    down, up = down.float(), up.float()
+    down, up = _f(down), _f(up)
     if mid is None:
         k = down.shape[2:]
         return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(up.shape[0], down.shape[1], *k)
-    mid = mid.float()
+    mid = _f(mid)
     return _tucker(mid, up.reshape(up.shape[0], -1).T, down.reshape(down.shape[0], -1))
 
 
@@ -41,9 +51,9 @@ def loha_product(
     t1: Optional[torch.Tensor] = None, t2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Hadamard product of the two low-rank factors, unscaled (flattened for conv without cores)."""
-    w1_a, w1_b, w2_a, w2_b = (t.float() for t in (w1_a, w1_b, w2_a, w2_b))
+    w1_a, w1_b, w2_a, w2_b = (_f(t) for t in (w1_a, w1_b, w2_a, w2_b))
     if t1 is not None and t2 is not None:
-        return _tucker(t1.float(), w1_a, w1_b) * _tucker(t2.float(), w2_a, w2_b)
+        return _tucker(_f(t1), w1_a, w1_b, b_first=True) * _tucker(_f(t2), w2_a, w2_b, b_first=True)
     return (w1_a @ w1_b) * (w2_a @ w2_b)
 
 
@@ -56,16 +66,16 @@ def lokr_product(
     if w1 is None:
         if w1_a is None or w1_b is None:
             raise ValueError("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
-        w1 = w1_a.float() @ w1_b.float()
+        w1 = _f(w1_a) @ _f(w1_b)
     if w2 is None:
         if w2_a is None or w2_b is None:
             raise ValueError("LoKr needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
         if t2 is not None:
-            w2 = _tucker(t2.float(), w2_a.float(), w2_b.float())
+            w2 = _tucker(_f(t2), _f(w2_a), _f(w2_b))
         else:
             r, d, *k = w2_b.shape
-            w2 = (w2_a.float() @ w2_b.float().reshape(r, -1)).reshape(-1, d, *k)
-    w1, w2 = w1.float(), w2.float()
+            w2 = (_f(w2_a) @ _f(w2_b).reshape(r, -1)).reshape(-1, d, *k)
+    w1, w2 = _f(w1), _f(w2)
     for _ in range(w2.dim() - w1.dim()):
         w1 = w1.unsqueeze(-1)
     return torch.kron(w1, w2.contiguous())

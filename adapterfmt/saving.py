@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from .adalora_layers import AdaLoraLinear
 from .adapter_state import ModelLike, adapter_info, as_model, get_registry
 from .constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
-from .errors import OutputPathError
+from .errors import OutputPathError, UnsupportedFeatureError
 from .full_copy import iter_wrappers
+from .lycoris_layers import FactorLayer
 from .keys import LORA_ROLES, Role, parse_saved, render_saved
 from .matching import undo_prefix_map
 from .module_tree import find_module, parse_model_key
@@ -60,7 +61,8 @@ def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optiona
         if os.path.exists(target) and not os.path.isdir(target):
             raise OutputPathError("exists and is not a directory", path=target, hint="choose another output path")
         config = dict(info.config)
-        config["peft_type"] = "LORA"
+        config["peft_type"] = str(config.get("peft_type") or "LORA").upper()  # LORA, ADALORA, LOHA or LOKR as loaded
+        _refuse_lora_config_for_factors(model, name, config["peft_type"])
         config["inference_mode"] = True
         files[sub] = (_unshare(adapter_state_dict(model, name)), json.dumps(config, indent=2, sort_keys=True))
     _write_adapters(root, files)
@@ -100,12 +102,27 @@ def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAM
         out[render_saved(saved, prefix=PEFT_PREFIX)] = value
     for saved_key, model_key in info.overrides.items():
         out[render_saved(parse_saved(saved_key), prefix=PEFT_PREFIX)] = state[model_key]
-    for path, w in iter_wrappers(model):  # AdaLoRA: ParameterDict entries, saved as X.lora_A / X.lora_B / X.lora_E
+    for path, w in iter_wrappers(model):  # ParameterDict entries, saved as X.<slot> (adapter name dropped)
+        module = undo_prefix_map(path, info.prefix_map)
         if isinstance(w, AdaLoraLinear) and adapter_name in w.lora_A:
-            module = undo_prefix_map(path, info.prefix_map)
             for slot in ("lora_A", "lora_B", "lora_E"):
                 out[f"{PEFT_PREFIX}{module}.{slot}"] = getattr(w, slot)[adapter_name]
+        elif isinstance(w, FactorLayer):  # LoHa / LoKr: X.hada_w1_a, X.lokr_w1, ...
+            for slot, tensor in w.factors(adapter_name).items():
+                out[f"{PEFT_PREFIX}{module}.{slot}"] = tensor
     return out
+
+
+def _refuse_lora_config_for_factors(model: torch.nn.Module, name: str, peft_type: str) -> None:
+    """A LoHa / LoKr adapter loaded from a kohya / LyCORIS file has no PEFT config to write back."""
+    if peft_type in ("LOHA", "LOKR"):
+        return
+    for path, w in iter_wrappers(model):
+        if isinstance(w, FactorLayer) and name in w.scaling:
+            raise UnsupportedFeatureError(
+                f"adapter '{name}' has {w.kind} modules loaded from a kohya / LyCORIS file, which has no PEFT config to save",
+                key=path, hint="write it as a PEFT adapter with `adapterfmt convert FILE --to peft --base DIR`",
+            )
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

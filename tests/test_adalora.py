@@ -92,6 +92,12 @@ def test_load_equals_peft(pair: tuple[Path, Path], tmp_path: Path) -> None:
     adapterfmt.save(model, tmp_path / "resaved")
     saved, ours = load_file(str(adapter / "adapter_model.safetensors")), load_file(str(tmp_path / "resaved" / "adapter_model.safetensors"))
     assert set(saved) == set(ours) and all(torch.equal(saved[k], ours[k]) for k in saved)
+    import json
+
+    assert json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["peft_type"] == "ADALORA"  # not rewritten as LORA
+    again = PeftModel.from_pretrained(_llama(base), str(tmp_path / "resaved")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, expected)
     adapterfmt.unload(model, merge=True)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapterfmt
 from _diffusion_helpers import diffusers_fused, rel_err, sd_lora_case, state_path, te_out, unet_out
 
 TOL = 1e-4
@@ -112,16 +113,15 @@ def test_sdxl_style_file_merges_unet_and_both_text_encoders(tmp_path, run_cli):
 
 
 def test_load_foreign_gives_diffusers_outputs(case):
-    """adapterfmt.load of each component of the kohya file (through formats.load_foreign) gives
+    """adapterfmt.load of each component of the kohya file (adapterfmt.load(model, FILE, component=C)) gives
     the outputs of the pipeline's load_lora_weights, unfused."""
     import copy
 
-    from adapterfmt.formats.foreign_load import load_foreign
-
+    
     fused = diffusers_fused(case["file"], case["base"])
     for c, run in (("unet", unet_out), ("text_encoder", te_out)):
         model = copy.deepcopy(case["base"][c])
-        handle = load_foreign(model, case["file"], component=c)
+        handle = adapterfmt.load(model, case["file"], component=c)
         assert handle.active == ["default"] and len(handle.adapters) == 1
         assert rel_err(run(model), run(fused[c]), case["ref"][c]) < TOL
 
@@ -157,12 +157,24 @@ def test_merge_lycoris_kinds_into_a_pipeline_equals_lycoris_forward(algo, kwargs
     merged_te = CLIPTextModel.from_pretrained(tmp_path / "out" / "text_encoder").eval()
     assert rel_err(unet_out(merged_unet), out["unet"], ref["unet"]) < TOL
     assert rel_err(te_out(merged_te), out["text_encoder"], ref["text_encoder"]) < TOL
-    # adapterfmt.load has no form for them yet: refused in one line, the model untouched
+    # adapterfmt.load: LoHa / LoKr wrap the modules with PEFT's names and give LyCORIS's forward outputs;
+    # a LoCon Tucker core has no PEFT form: refused in one line, the model untouched
     from adapterfmt.errors import UnsupportedFeatureError
-    from adapterfmt.formats.foreign_load import load_foreign
-
-    with pytest.raises(UnsupportedFeatureError):
-        load_foreign(copy.deepcopy(base["unet"]), file, component="unet")
+    
+    if algo == "lora":
+        model = copy.deepcopy(base["unet"])
+        keys = list(model.state_dict())
+        with pytest.raises(UnsupportedFeatureError, match="Tucker"):
+            adapterfmt.load(model, file, component="unet")
+        assert list(model.state_dict()) == keys
+        return
+    loaded = {c: copy.deepcopy(m) for c, m in base.items()}
+    for c, m in loaded.items():
+        adapterfmt.load(m, file, component=c)
+    slot = "hada_w1_a" if algo == "loha" else "lokr_w1"
+    assert any(k.endswith(f".{slot}.default") for k in loaded["unet"].state_dict())
+    assert rel_err(unet_out(loaded["unet"]), out["unet"], ref["unet"]) < TOL
+    assert rel_err(te_out(loaded["text_encoder"]), out["text_encoder"], ref["text_encoder"]) < TOL
 
 
 def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
@@ -210,10 +222,9 @@ def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
     _weights_close(str(tmp_path / "out"), fused, base)
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "out")
     assert rel_err(unet_out(merged), unet_out(unet), unet_out(base)) < TOL  # and LyCORIS's forward on the diffusers names
-    from adapterfmt.formats.foreign_load import load_foreign
-
+    
     loaded = copy.deepcopy(base)
-    load_foreign(loaded, sgm_file, component="unet")
+    adapterfmt.load(loaded, sgm_file, component="unet")
     assert rel_err(unet_out(loaded), unet_out(unet), unet_out(base)) < TOL
 
 

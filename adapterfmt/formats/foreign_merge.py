@@ -20,6 +20,7 @@ from ..staging import StagedDirectory, check_output_path, clean_stale
 from .components import check_component, component_bases, is_pipeline
 from .detect import read_foreign
 from .names import base_module_paths
+from .peft_lycoris import peft_lycoris_checkpoint
 from .peft_view import component_adapter
 
 #: Never copied into a merged pipeline.
@@ -98,17 +99,6 @@ def merge_foreign(
     for s in summary.components.values():
         s.output = os.path.join(target, os.path.basename(s.output))
     return summary
-
-
-def peft_lycoris_checkpoint(directory: "str | os.PathLike[str]") -> Any:
-    """A PEFT LOHA / LOKR adapter directory as an :class:`~adapterfmt.checkpoint.AdapterCheckpoint`
-    of factor modules (FORMAT §10.6), for the merge engine."""
-    from .peft_lycoris import read_peft_lycoris
-
-    ckpt = read_peft_lycoris(directory)
-    adapter = component_adapter(ckpt, None, factors=True)
-    adapter.directory = os.path.abspath(os.fspath(directory))
-    return adapter
 
 
 def merge_peft_lycoris(base: "str | os.PathLike[str]", adapter: "str | os.PathLike[str]", out: "str | os.PathLike[str]", **options: Any) -> MergeSummary:

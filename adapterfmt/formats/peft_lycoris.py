@@ -20,6 +20,7 @@ from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREF
 from ..errors import CheckpointNotFoundError, InvalidConfigError
 from ..header import read_header
 from .kohya import foreign_findings
+from .peft_view import component_adapter
 from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, ForeignCheckpoint, ForeignModule
 
 PEFT_LYCORIS_TYPES = {"LOHA": LOHA, "LOKR": LOKR}
@@ -86,3 +87,14 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
     ckpt.modules = list(modules.values())
     ckpt.findings.extend(foreign_findings(ckpt))
     return ckpt
+
+
+def peft_lycoris_checkpoint(directory: "str | os.PathLike[str]", name: str = "default") -> Any:
+    """A PEFT LOHA / LOKR adapter directory as an :class:`~adapterfmt.checkpoint.AdapterCheckpoint`
+    of factor modules (FORMAT §10.6) for the merge engine and the loader; ``source_config`` keeps
+    the directory's own config."""
+    ckpt = read_peft_lycoris(directory)
+    adapter = component_adapter(ckpt, None, factors=True, name=name)
+    adapter.directory = os.path.abspath(os.fspath(directory))
+    adapter.source_config = dict(ckpt.configs[""])
+    return adapter
