@@ -12,6 +12,7 @@ import os
 from typing import Any, Optional
 
 from ..constants import DEFAULT_ADAPTER_NAME
+from ..errors import NonFiniteValuesError
 from .components import pick_component
 from .detect import read_foreign
 from .names import resolve_names
@@ -34,7 +35,8 @@ def load_foreign(
 
     Raises:
         AmbiguousMatchError, UnresolvedModulesError, UnknownKeyError, UnsupportedFeatureError (LoHa,
-        LoKr and Tucker cores are not loadable yet), InconsistentAdapterError.
+        LoKr and Tucker cores are not loadable yet), InconsistentAdapterError, NonFiniteValuesError
+        (a factor or ``alpha`` holds NaN or Inf).
     """
     from ..loading import load
     from ..tensor_source import TensorReader
@@ -49,9 +51,15 @@ def load_foreign(
         aliases = sgm_aliases(paths, dict(getattr(model, "config", None) or {}))
     resolve_names(ckpt.component_modules(name), paths, component=name, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
     adapter = component_adapter(ckpt, name, base_modules=paths)
-    state = {}
+    state, file_keys = {}, {}
     with TensorReader() as reader:
         for module_path, m in adapter.lora.items():
             for slot in ("lora_A", "lora_B"):
-                state[f"{module_path}.{slot}.weight"] = reader.get(m.tensors[slot])
-    return load(model, state, adapter_name, is_trainable, config=dict(adapter.config.raw))
+                key = f"{module_path}.{slot}.weight"
+                state[key], file_keys[key] = reader.get(m.tensors[slot]), m.keys[slot]
+    try:
+        return load(model, state, adapter_name, is_trainable, config=dict(adapter.config.raw))
+    except NonFiniteValuesError as e:  # name the file and its own key, not the rebuilt state dict's
+        if e.key not in file_keys:
+            raise
+        raise NonFiniteValuesError(e.message, path=ckpt.file, key=file_keys[e.key], hint=e.hint) from None
