@@ -7,13 +7,16 @@ small boolean buffer, even for a large full copy such as ``lm_head``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from .describe import AdapterCheckpoint
 from .findings import Finding, non_finite_finding
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from .formats.records import ForeignCheckpoint
+    from .header import TensorInfo
 
 #: Elements checked per step; bounds the temporary boolean masks.
 _CHUNK = 1 << 24
@@ -46,12 +49,29 @@ def non_finite_findings(ckpt: AdapterCheckpoint) -> list[Finding]:
     Raises:
         HeaderError: the file cannot be read by safetensors.
     """
+    return _scan(ckpt.weights_file, ckpt.tensor_infos(), ckpt.tensors_in_memory)
+
+
+def foreign_non_finite_findings(ckpt: "ForeignCheckpoint") -> list[Finding]:
+    """:func:`non_finite_findings` for a kohya / LyCORIS, diffusers or PEFT LoHa / LoKr file: every
+    tensor its header lists, ``alpha`` scalars, ``dora_scale`` and unknown keys included (a NaN
+    alpha poisons a module as surely as a NaN factor).
+
+    Raises:
+        HeaderError: the file is shorter than its header says.
+        UnsupportedFeatureError: a tensor has a dtype torch cannot read.
+    """
+    return _scan(ckpt.file, ckpt.file_tensors, None)
+
+
+def _scan(where: str, infos: "Mapping[str, TensorInfo]", in_memory: "Optional[Mapping[str, Any]]") -> list[Finding]:
+    """The findings of ``infos`` (key -> tensor of ``where``), read one at a time by the one offset reader."""
     from .tensor_source import TensorReader
 
     out = []
-    with TensorReader(ckpt.tensors_in_memory) as reader:
-        for key, info in sorted(ckpt.tensor_infos().items()):
+    with TensorReader(in_memory) as reader:
+        for key, info in sorted(infos.items()):
             nan, inf = count_non_finite(reader.get(info))
             if nan or inf:
-                out.append(non_finite_finding(ckpt.weights_file, key, nan, inf, info.numel))
+                out.append(non_finite_finding(where, key, nan, inf, info.numel))
     return out

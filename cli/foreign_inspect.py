@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import click
 
+from adapterfmt.finding import Finding
 from adapterfmt.formats import read_foreign
 from adapterfmt.formats.records import ForeignCheckpoint
 
@@ -16,8 +17,12 @@ def _num(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
-def foreign_document(ckpt: ForeignCheckpoint, source: str, checks: list[Any]) -> dict[str, Any]:
-    """The ``--json`` document: ``format``, ``modules`` (one record per adapted module), totals, checks."""
+def foreign_document(
+    ckpt: ForeignCheckpoint, source: str, checks: list[Any], scan_findings: Optional[Sequence[Finding]] = None
+) -> dict[str, Any]:
+    """The ``--json`` document: ``format``, ``modules`` (one record per adapted module), totals,
+    checks, and the warnings: the file's, then the ``non-finite`` ones of a value scan
+    (``scan_findings``; ``None`` when values were not read, JSON ``"scanned": false``)."""
     modules = [m.as_dict() for m in ckpt.modules]
     return {
         "format": ckpt.format,
@@ -35,7 +40,8 @@ def foreign_document(ckpt: ForeignCheckpoint, source: str, checks: list[Any]) ->
         "unknown_keys": list(ckpt.unknown_keys),
         "lora_adapter_metadata": ckpt.configs or None,
         "check": [c.as_dict() for c in checks] if checks else None,
-        "warnings": [f.as_dict() for f in ckpt.findings],
+        "scanned": scan_findings is not None,
+        "warnings": [f.as_dict() for f in [*ckpt.findings, *(scan_findings or ())]],
     }
 
 
@@ -50,7 +56,10 @@ def render_foreign(doc: dict[str, Any]) -> str:
     lines.append(table(rows, ("component", "module", "kind", "rank", "alpha", "scaling", "dtype", "params"), align_right=(3, 4, 5, 7)))
     t = doc["totals"]
     lines += ["", f"totals: {t['modules']} modules; {t['params']:,} params"]
-    return "\n".join(lines + render_checks(doc["check"] or []))
+    lines += render_checks(doc["check"] or [])
+    if doc["scanned"]:
+        lines.append("values: scanned for NaN/Inf")
+    return "\n".join(lines)
 
 
 def render_checks(checks: list[dict[str, Any]]) -> list[str]:
@@ -93,19 +102,26 @@ def check_foreign(path: str, *, base: str, component: Optional[str], as_json: bo
         raise click.exceptions.Exit(1)
 
 
-def inspect_foreign(path: str, *, as_json: bool, base: Optional[str], component: Optional[str], strict: bool) -> None:
-    """Print the report of a foreign file; with ``base``, resolve it (exit 1 when that fails)."""
+def inspect_foreign(path: str, *, as_json: bool, scan: bool, base: Optional[str], component: Optional[str], strict: bool) -> None:
+    """Print the report of a foreign file; with ``base``, resolve it (exit 1 when that fails); with
+    ``scan``, read every tensor of the file and report NaN / Inf (imports torch)."""
     ckpt = _read(path)
     checks = _checks(ckpt, base, component) if base is not None else []
-    doc = foreign_document(ckpt, path, checks)
+    scan_findings = None
+    if scan:
+        from adapterfmt.scan import foreign_non_finite_findings
+
+        scan_findings = foreign_non_finite_findings(ckpt)
+    warnings = [*ckpt.findings, *(scan_findings or ())]
+    doc = foreign_document(ckpt, path, checks, scan_findings)
     if as_json:
         emit_json(doc)
     else:
         click.echo(render_foreign(doc))
-        for w in ckpt.findings:
+        for w in warnings:
             warn(f"warning[{w.code}]: {w.message}")
     if any(not c.ok for c in checks):
         raise click.exceptions.Exit(1)
-    if strict and ckpt.findings:
-        warn(f"{len(ckpt.findings)} warning(s); failing because of --strict")
+    if strict and warnings:
+        warn(f"{len(warnings)} warning(s); failing because of --strict")
         raise click.exceptions.Exit(1)

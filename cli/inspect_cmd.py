@@ -21,6 +21,7 @@ Examples:
   adapterfmt inspect testdata/tiny-llama-multi --subfolder second --json
   adapterfmt inspect testdata/tiny-llama-tied-lora --base testdata/tiny-llama-tied --strict
   adapterfmt inspect user/my-adapter --scan
+  adapterfmt inspect my_lora.safetensors --scan --json
 """
 
 
@@ -94,7 +95,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @click.command("inspect", epilog=EXAMPLES)
 @click.argument("adapter", metavar="PATH_OR_HUB_ID")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (modules, totals, warnings) instead of a table.")
-@click.option("--scan", is_flag=True, help="Also read tensor values and report NaN/Inf (non-finite); loads torch.")
+@click.option("--scan", is_flag=True, help="Also read every tensor's values (kohya/diffusers alpha scalars included) and report NaN/Inf (non-finite); loads torch.")
 @click.option("--base", "base", metavar="MODEL", help="Also resolve against this base model (directory or Hub id), from headers.")
 @click.option("--subfolder", metavar="NAME", help="Inspect the sub-adapter stored in <PATH>/<NAME>/.")
 @base_options()
@@ -122,7 +123,7 @@ def inspect_command(
 
     The format is detected (JSON "format"): a PEFT directory, a wrapped state dict, a kohya /
     LyCORIS file (lora_unet_*, lora_te*_*) or a diffusers LoRA file (unet.*, transformer.*,
-    text_encoder*.*), see docs/FORMAT.md §10.
+    text_encoder*.*), see docs/FORMAT.md §10. --scan works for every format.
 
     Exit status: 0 when the adapter could be read, warnings or not; 1 with --strict when there
     is a warning, or when --base does not resolve a kohya/diffusers file; 2 when the input cannot
@@ -139,9 +140,7 @@ def inspect_command(
         if fmt in ("kohya", "diffusers"):
             from .foreign_inspect import inspect_foreign
 
-            if scan:
-                raise click.UsageError("--scan is not supported for kohya/diffusers files yet")
-            inspect_foreign(adapter, as_json=as_json, base=base, component=component, strict=strict)
+            inspect_foreign(adapter, as_json=as_json, scan=scan, base=base, component=component, strict=strict)
             return
     if subfolder is None and os.path.isdir(adapter):
         from adapterfmt.formats.peft_lycoris import peft_lycoris_type
@@ -149,9 +148,7 @@ def inspect_command(
         if peft_lycoris_type(adapter):  # PEFT's LoHa / LoKr: the factor records of docs/FORMAT.md §10
             from .foreign_inspect import inspect_foreign
 
-            if scan:
-                raise click.UsageError("--scan is not supported for PEFT LoHa/LoKr adapters yet")
-            inspect_foreign(adapter, as_json=as_json, base=base, component=None, strict=strict)
+            inspect_foreign(adapter, as_json=as_json, scan=scan, base=base, component=None, strict=strict)
             return
     ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
     check = None

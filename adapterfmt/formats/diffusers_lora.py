@@ -68,7 +68,7 @@ def component_configs(metadata: dict[str, str], path: str) -> dict[str, LoraConf
 
 def describe_diffusers(header: SafetensorsHeader) -> ForeignCheckpoint:
     """Sort every tensor of a diffusers LoRA file into :class:`ForeignModule` records."""
-    ckpt = ForeignCheckpoint(format="diffusers", file=header.path, metadata=dict(header.metadata))
+    ckpt = ForeignCheckpoint(format="diffusers", file=header.path, metadata=dict(header.metadata), file_tensors=dict(header.tensors))
     configs = component_configs(ckpt.metadata, header.path)
     ckpt.configs = {c: dict(cfg.raw) for c, cfg in configs.items()}
     modules: dict[tuple[str, str], ForeignModule] = {}

@@ -62,7 +62,7 @@ def describe_kohya(header: SafetensorsHeader) -> ForeignCheckpoint:
     Raises:
         InconsistentAdapterError: one module mixes the tensors of two kinds (LoRA and LoHa).
     """
-    ckpt = ForeignCheckpoint(format="kohya", file=header.path, metadata=dict(header.metadata))
+    ckpt = ForeignCheckpoint(format="kohya", file=header.path, metadata=dict(header.metadata), file_tensors=dict(header.tensors))
     modules: dict[tuple[str, str], ForeignModule] = {}
     alphas: dict[tuple[str, str], str] = {}
     doras: dict[tuple[str, str], str] = {}

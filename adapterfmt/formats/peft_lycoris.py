@@ -68,7 +68,9 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
     if not isinstance(ranks, dict) or not isinstance(alphas, dict):
         raise InvalidConfigError("rank_pattern and alpha_pattern must be objects", path=config_path, key="rank_pattern")
     header = read_header(weights)
-    ckpt = ForeignCheckpoint(format="peft", file=weights, metadata=dict(header.metadata), configs={"": doc})
+    ckpt = ForeignCheckpoint(
+        format="peft", file=weights, metadata=dict(header.metadata), configs={"": doc}, file_tensors=dict(header.tensors)
+    )
     slots = set(LOHA_SLOTS if kind == LOHA else LOKR_SLOTS)
     modules: dict[str, ForeignModule] = {}
     for key, info in header.tensors.items():

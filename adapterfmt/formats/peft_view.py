@@ -12,13 +12,14 @@ The merge engine, the loader and the converter then treat it like any PEFT adapt
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from typing import Optional
 
 from ..config import parse_config
 from ..checkpoint import AdapterCheckpoint, LoraModule
-from ..errors import InconsistentAdapterError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
+from ..errors import InconsistentAdapterError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from ..config_rebuild import exact_pattern, rebuild_config
 from .records import LORA, ForeignCheckpoint, ForeignModule
 
@@ -38,6 +39,8 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
         UnknownKeyError: the file has keys its grammar does not explain (never dropped silently).
         UnresolvedModulesError: a module name did not resolve against the base.
         InconsistentAdapterError: a module lacks a factor.
+        NonFiniteValuesError: a module's ``alpha`` scalar is NaN or infinite (its factors are
+            checked where they are read: merge and load refuse them the same way).
         UnsupportedFeatureError: LyCORIS ``dora_scale``, diffusers DoRA / ``lora_B`` biases; with
             ``lora_only`` also LoHa, LoKr and LoCon Tucker cores (PEFT's LoRA has no place for them).
     """
@@ -56,6 +59,11 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
         key = next(iter(m.keys.values()), m.name)
         if not m.complete:
             raise InconsistentAdapterError(f"the {m.kind} module lacks a factor", path=ckpt.file, key=key, hint="the file is incomplete; re-export it")
+        if m.alpha is not None and not math.isfinite(m.alpha):
+            raise NonFiniteValuesError(
+                f"alpha is {m.alpha}; applying the module would corrupt the model", path=ckpt.file, key=m.alpha_key or key,
+                hint="the adapter is broken (`adapterfmt inspect --scan` lists every such tensor)",
+            )
         if m.dora_scale is not None or "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
             raise UnsupportedFeatureError(
                 "weight decomposition (DoRA) and lora_B biases in kohya/diffusers files are not supported", path=ckpt.file, key=key

@@ -164,6 +164,8 @@ class ForeignCheckpoint:
         metadata: the file's ``__metadata__``.
         configs: diffusers only: component -> its LoraConfig fields from ``lora_adapter_metadata``.
         findings: warnings found while reading.
+        file_tensors: every tensor of the file by key, as its header lists it (module factors,
+            ``alpha`` scalars, ``dora_scale`` and unknown keys alike): what a value scan reads.
     """
 
     format: str
@@ -173,6 +175,7 @@ class ForeignCheckpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    file_tensors: dict[str, TensorInfo] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
