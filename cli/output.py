@@ -7,6 +7,7 @@ stdout carries data only (a table, or with ``--json`` one JSON document with
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -48,7 +49,10 @@ def _key(key: Any) -> str:
 def _encode(value: Any, level: int) -> Iterator[str]:
     """JSON text of ``value``: containers above :data:`_OUTER_LEVELS` indented, the rest compact."""
     if level >= _OUTER_LEVELS or not isinstance(value, (dict, list, tuple)) or not value:
-        yield json.dumps(value, separators=(", ", ": "))
+        try:
+            yield json.dumps(value, separators=(", ", ": "), allow_nan=False)
+        except ValueError:  # NaN / Infinity are not JSON: a NaN alpha read from a file is written as null
+            yield json.dumps(_finite_or_null(value), separators=(", ", ": "), allow_nan=False)
         return
     pad, inner = "  " * level, "  " * (level + 1)
     is_dict = isinstance(value, dict)
@@ -60,6 +64,17 @@ def _encode(value: Any, level: int) -> Iterator[str]:
         if type(value) is list:
             value[i] = None  # the document is built for this output only: let each row go once written
     yield "\n" + pad + ("}" if is_dict else "]")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN / infinite float replaced by ``None`` (strict JSON parsers reject them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_right: Iterable[int] = ()) -> str:

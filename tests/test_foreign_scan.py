@@ -73,6 +73,13 @@ def test_scan_of_a_kohya_file_reports_exactly_the_poisoned_tensors(sd_lora, tmp_
     assert doc["scanned"] and doc["warnings"] == _expected(bad, (up, 2, 0, numel), (alpha, 0, 1, 1))
     # without --scan nothing is read, so nothing is found
     assert _non_finite(json.loads(run_cli("inspect", bad, "--json").stdout)) == []
+    # the JSON stays strict JSON: the Inf alpha (and the scale made from it) are written as null
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    strict = json.loads(run_cli("inspect", bad, "--json").stdout, parse_constant=refuse)
+    row = next(m for m in strict["modules"] if m["name_in_file"] + ".alpha" in alpha or alpha.startswith(m["name_in_file"]))
+    assert row["alpha"] is None and row["scaling"] is None
     # the table: one warning line per tensor on stderr; --strict fails on them
     r = run_cli("inspect", bad, "--scan")
     assert r.exit_code == 0 and "values: scanned for NaN/Inf" in r.stdout
