@@ -277,7 +277,10 @@ def _factors_to_kohya(src: str, output: str, *, to: str, base: str, component: s
     from .peft_lycoris import read_peft_lycoris
 
     if to != KOHYA:
-        raise UnsupportedFeatureError("a PEFT LoHa/LoKr adapter converts to a kohya / LyCORIS file only", path=src, hint="use --to kohya")
+        raise UnsupportedFeatureError(
+            "a PEFT LoHa/LoKr adapter converts to a kohya / LyCORIS file only: diffusers' LoRA format has no LoHa/LoKr form "
+            "(load_lora_weights refuses them)", path=src, hint="use --to kohya",
+        )
     ckpt = read_peft_lycoris(src)
     refuse_unusable(ckpt, ckpt.modules, lora_only=False)
     model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
