@@ -229,7 +229,8 @@ def merge_to_directory(
     sizes = output_sizes(plan.shards, plan.output.root, plan.files, index)
     check_free_space(target, sizes)
     timings["plan"] = time.perf_counter() - started
-    report = None if progress is None else (lambda n: progress(n, plan.total_size))
+    total_size = plan.total_size  # once: the callback runs for every block written
+    report = None if progress is None else (lambda n: progress(n, total_size))
     with StagedDirectory(target, overwrite=overwrite) as staging:
         try:
             with _source(checkpoints, _base_memory(model)) as inputs, _one_thread_per_worker() as workers:
