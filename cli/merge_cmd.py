@@ -145,7 +145,10 @@ def merge_command(
     directory (every component the file adapts; the rest copied) or into one component
     directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3.
     """
-    from adapterfmt import merge_to_directory
+    from adapterfmt.gc_pause import gc_paused
+
+    with gc_paused():  # importing torch builds ~10^5 objects: the cyclic collector's passes over them cost ~0.2 s
+        from adapterfmt import merge_to_directory
     from adapterfmt.wrapped import is_wrapped_checkpoint
 
     if wrapped is None and base is not None and not adapters and is_wrapped_checkpoint(base):
