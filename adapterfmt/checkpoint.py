@@ -54,6 +54,7 @@ class LoraModule(_TensorGroup):
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  #: slot -> saved key
     factors: Optional[str] = None  #: ``loha`` / ``lokr`` / ``lora`` (Tucker LoCon): a factor module (FORMAT §10.3)
+    peft_kron: bool = False  #: a PEFT LOKR module: its Kronecker product as PEFT builds it (FORMAT §10.6)
 
 
 @dataclass

@@ -56,6 +56,7 @@ class FactorLayer(nn.Module):
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
+        self.peft_kron: dict[str, bool] = {}  #: LoKr: PEFT's Kronecker convention (a PEFT adapter) or LyCORIS's (a file)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -90,6 +91,7 @@ class FactorLayer(nn.Module):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         rank_dropout_scale: bool = True,
+        peft_kron: bool = False,
     ) -> None:
         """Adapter ``name`` with the given factor tensors (slot -> tensor, frozen until made trainable)."""
         unknown = set(factors) - set(FACTOR_SLOTS[self.kind])
@@ -100,11 +102,12 @@ class FactorLayer(nn.Module):
         self.r[name], self.alpha[name], self.scaling[name] = r, alpha, scaling
         self.rank_dropout[name], self.module_dropout[name] = rank_dropout, module_dropout
         self.rank_dropout_scale[name] = rank_dropout_scale
+        self.peft_kron[name] = peft_kron
 
     def delete_adapter(self, name: str) -> None:
         for d in self._slots():
             d.pop(name, None)
-        for d in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout, self.rank_dropout_scale):
+        for d in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout, self.rank_dropout_scale, self.peft_kron):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -117,7 +120,7 @@ class FactorLayer(nn.Module):
 
     def delta_weight(self, name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
         """``scaling · product`` shaped like the base weight (PEFT's ``get_delta_weight``)."""
-        weight = module_delta(self.kind, self.factors(name), self.scaling[name], self.weight.shape)
+        weight = module_delta(self.kind, self.factors(name), self.scaling[name], self.weight.shape, peft_kron=self.peft_kron[name])
         if apply_rank_dropout:  # training only: drop whole output rows, as PEFT does
             keep = (torch.rand(weight.size(0)) > self.rank_dropout[name]).to(weight.dtype)
             keep = keep.view(-1, *[1] * (weight.dim() - 1)).to(weight.device)

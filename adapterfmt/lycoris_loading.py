@@ -127,7 +127,7 @@ def load_factor_modules(
             replace_module(model, path, layer)
             created.append((path, base))
         r, alpha = _rank_and_alpha(ckpt.source_config, m)
-        layer.add_adapter(name, factors, r=r, alpha=alpha, scaling=m.scaling, **options)
+        layer.add_adapter(name, factors, r=r, alpha=alpha, scaling=m.scaling, peft_kron=m.peft_kron, **options)
     return [p for p, *_ in planned]
 
 

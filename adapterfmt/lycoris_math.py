@@ -61,8 +61,14 @@ def lokr_product(
     w1: Optional[torch.Tensor] = None, w1_a: Optional[torch.Tensor] = None, w1_b: Optional[torch.Tensor] = None,
     w2: Optional[torch.Tensor] = None, w2_a: Optional[torch.Tensor] = None, w2_b: Optional[torch.Tensor] = None,
     t2: Optional[torch.Tensor] = None,
+    *,
+    peft_kron: bool = False,
 ) -> torch.Tensor:
-    """``kron(w1, w2)``, each half rebuilt from its factors first, unscaled."""
+    """``kron(w1, w2)``, each half rebuilt from its factors first, unscaled.
+
+    ``peft_kron``: PEFT's convention (a PEFT LOKR adapter). It differs from LyCORIS's only for a
+    3-D ``w2`` (a Conv1d with a full ``lokr_w2``): PEFT's ``kron`` then pads ``w1`` in front, giving
+    another element order once reshaped to the weight, and PEFT's outputs are what that gives."""
     if w1 is None:
         if w1_a is None or w1_b is None:
             raise ValueError("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
@@ -76,18 +82,23 @@ def lokr_product(
             r, d, *k = w2_b.shape
             w2 = (_f(w2_a) @ _f(w2_b).reshape(r, -1)).reshape(-1, d, *k)
     w1, w2 = _f(w1), _f(w2)
-    for _ in range(w2.dim() - w1.dim()):
-        w1 = w1.unsqueeze(-1)
+    if peft_kron:  # PEFT's make_kron: w1 gains trailing axes for a 4-D w2 only (torch.kron pads a 3-D one in front)
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+    else:  # LyCORIS: w1 gains one trailing axis per extra axis of w2
+        for _ in range(w2.dim() - w1.dim()):
+            w1 = w1.unsqueeze(-1)
     return torch.kron(w1, w2.contiguous())
 
 
 def module_delta(
-    kind: str, tensors: Mapping[str, torch.Tensor], scaling: float, weight_shape: "tuple[int, ...] | torch.Size"
+    kind: str, tensors: Mapping[str, torch.Tensor], scaling: float, weight_shape: "tuple[int, ...] | torch.Size", *, peft_kron: bool = False
 ) -> torch.Tensor:
     """The float32 delta ``scaling · product`` of one module, shaped like the base weight.
 
     ``tensors`` uses the file's slot names: ``lora_down``/``lora_up``/``lora_mid``,
-    ``hada_w1_a``…``hada_t2``, ``lokr_w1``…``lokr_t2``.
+    ``hada_w1_a``…``hada_t2``, ``lokr_w1``…``lokr_t2``. ``peft_kron``: a PEFT LOKR module
+    (:func:`lokr_product`; the product is then reshaped to the weight as PEFT reshapes it).
 
     Raises:
         ValueError: an unknown kind, missing factors, or a product that does not fit ``weight_shape``.
@@ -99,7 +110,8 @@ def module_delta(
         product = loha_product(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t1"), t.get("hada_t2"))
     elif kind == LOKR:
         product = lokr_product(
-            t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2")
+            t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"),
+            peft_kron=peft_kron,
         )
     else:
         raise ValueError(f"unknown adapter kind {kind!r}")
@@ -107,7 +119,7 @@ def module_delta(
     if product.numel() != _numel(shape):
         raise ValueError(f"the {kind} product has shape {tuple(product.shape)}, which does not fit the weight {shape}")
     if tuple(product.shape) != shape:
-        if product.shape[0] != shape[0]:
+        if product.shape[0] != shape[0] and not peft_kron:
             raise ValueError(f"the {kind} product has shape {tuple(product.shape)}, which does not fit the weight {shape}")
         product = product.reshape(shape)  # a conv delta from 2-D factors, or a 1x1 conv from a linear-shaped product
     return product.mul_(scaling) if scaling != 1 else product

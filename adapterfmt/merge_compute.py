@@ -104,7 +104,7 @@ def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], w
         if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the shared math of FORMAT §10.3, unscaled
             from .lycoris_math import module_delta
 
-            return module_delta(m.factors, {slot: _finite(source, info) for slot, info in m.tensors.items()}, 1.0, shape), None
+            return module_delta(m.factors, {slot: _finite(source, info) for slot, info in m.tensors.items()}, 1.0, shape, peft_kron=m.peft_kron), None
         a, b = _lora_factors(term, source)
         product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
         return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)

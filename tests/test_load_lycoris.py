@@ -173,3 +173,62 @@ def test_load_takes_a_kohya_file_path_with_its_component(tmp_path):
     assert rel_err(te_out(loaded_te), expected["text_encoder"], ref["text_encoder"]) < 1e-4
     with pytest.raises(TypeError):
         adapterfmt.load(tiny_unet(), file, component="unet", prefix_map={"a": "b"})
+
+
+class _ConvNet(torch.nn.Module):
+    """Conv1d, 3x3 and 1x1 Conv2d and Linear: every layer type PEFT's LoHa / LoKr wrap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.pw = torch.nn.Conv2d(8, 8, 1)
+        self.lin = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x).unsqueeze(-1).expand(-1, -1, -1, 5)
+        return self.lin(self.pw(self.c2(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "kind,options",
+    [("loha", dict(use_effective_conv2d=True)), ("loha", {}), ("lokr", dict(use_effective_conv2d=True, decompose_both=True)), ("lokr", {}),
+     ("lokr", dict(decompose_factor=2, r=2))],
+    ids=["loha-cp", "loha", "lokr-cp-both", "lokr-full", "lokr-factor2"],
+)
+def test_conv1d_conv2d_linear_equal_peft_in_load_and_merge(kind, options, tmp_path, run_cli):
+    """Every layer type, PEFT's own way — including a Conv1d with a full 3-D lokr_w2, whose
+    Kronecker product PEFT builds differently from LyCORIS (FORMAT §10.6): load gives PEFT's outputs
+    and names, `adapterfmt merge` PEFT's merge_and_unload weights, bit for bit."""
+    from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    base = _ConvNet().eval()
+    options = dict(options)
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=options.pop("r", 4), alpha=3, target_modules=["c1", "c2", "pw", "lin"], **options)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".hada_" in n or ".lokr_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(str(tmp_path / "a"))
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    x = torch.randn(2, 4, 7, generator=g)
+    model = copy.deepcopy(base)
+    adapterfmt.load(model, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    assert list(model.state_dict()) == [k[len(PREFIX):] for k in ref.state_dict()]
+    expected = ref.merge_and_unload().state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in adapterfmt.unload(model, merge=True).state_dict().items())
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    r = run_cli("merge", "--base", tmp_path / "base.safetensors", "--adapter", tmp_path / "a", "-o", tmp_path / "merged")
+    assert r.exit_code == 0, r.stderr
+    merged = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
+    assert set(merged) == set(expected) and all(torch.equal(merged[k], expected[k]) for k in merged)
+    if kind == "lokr" and len(load_file(str(tmp_path / "a" / "adapter_model.safetensors")).get(f"{PREFIX}c1.lokr_w2", torch.empty(0)).shape) == 3:
+        # LyCORIS would build that module's product another way: no kohya form keeps the outputs
+        r = run_cli("convert", tmp_path / "a", "--to", "kohya", "-o", tmp_path / "k.safetensors", "--base", tmp_path / "base.safetensors", "--component", "unet")
+        assert r.exit_code == 2 and "3-D lokr_w2" in r.stderr and not (tmp_path / "k.safetensors").exists()

@@ -283,6 +283,9 @@ def _factors_to_kohya(src: str, output: str, *, to: str, base: str, component: s
         )
     ckpt = read_peft_lycoris(src)
     refuse_unusable(ckpt, ckpt.modules, lora_only=False)
+    from .lokr_peft import refuse_3d_kron
+
+    refuse_3d_kron(ckpt.modules, src)
     model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
     for m in ckpt.modules:
         weight = model.tensors.get(f"{m.path}.weight")

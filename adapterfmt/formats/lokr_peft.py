@@ -70,6 +70,18 @@ def _peft_rank(ac: tuple[int, int], bd: tuple[int, int], w1_full: bool, w2_full:
     return None
 
 
+def refuse_3d_kron(modules: list[ForeignModule], file: str) -> None:
+    """A full 3-D ``lokr_w2`` (a Conv1d) has another product in PEFT than in LyCORIS (FORMAT §10.6):
+    no conversion between the two keeps its outputs."""
+    for m in modules:
+        w2 = m.tensors.get("lokr_w2")
+        if m.kind == "lokr" and w2 is not None and len(w2.shape) == 3:
+            raise UnsupportedFeatureError(
+                "a full 3-D lokr_w2 (Conv1d) builds another product in PEFT than in LyCORIS", path=file, key=m.keys.get("lokr_w2", m.name),
+                hint="merge the adapter instead",
+            )
+
+
 def lokr_config(modules: list[ForeignModule], base: BaseModel, target_modules: Any, file: str) -> dict[str, Any]:
     """PEFT's LoKr config that rebuilds ``modules`` (resolved) exactly, with their scales.
 
@@ -78,6 +90,7 @@ def lokr_config(modules: list[ForeignModule], base: BaseModel, target_modules: A
             on some convolutions only, or a module whose halves PEFT cannot build for any ``r``.
     """
     shapes = {m.path: tuple(base.tensors[f"{m.path}.weight"].shape) for m in modules}
+    refuse_3d_kron(modules, file)
     parts = {m.path: _halves(m) for m in modules}
     both = any(not p[2] for p in parts.values())
     candidates = [-1] + sorted({x for p in parts.values() for x in (*p[0], *p[1])})

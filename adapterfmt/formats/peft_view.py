@@ -21,7 +21,7 @@ from ..config import parse_config
 from ..checkpoint import AdapterCheckpoint, LoraModule
 from ..errors import InconsistentAdapterError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from ..config_rebuild import exact_pattern, rebuild_config
-from .records import LORA, ForeignCheckpoint, ForeignModule
+from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
 
 _LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -110,7 +110,7 @@ def component_adapter(
             adapter.lora[m.path] = LoraModule(
                 path=m.path, layer_kind=m.layer_kind or "unknown", rank=m.rank, config_rank=config.rank_for(m.path),
                 alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=False, lora_bias=False,
-                tensors=dict(m.tensors), keys=dict(m.keys), factors=m.kind,
+                tensors=dict(m.tensors), keys=dict(m.keys), factors=m.kind, peft_kron=m.kind == LOKR and ckpt.format == "peft",
             )
             continue
         down, up = m.tensors["lora_down"], m.tensors["lora_up"]
