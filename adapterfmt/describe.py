@@ -44,7 +44,7 @@ _LORA_SLOT = {
 
 
 @with_gc_paused
-def _peft_type(config_path: str) -> Optional[str]:
+def peft_type_of(config_path: str) -> Optional[str]:
     """The config's ``peft_type`` in upper case, ``None`` when unreadable (:func:`read_config` then reports why)."""
     try:
         with open(config_path, encoding="utf-8") as f:
@@ -83,7 +83,7 @@ def read_adapter(
         subs = _sub_adapters(directory)
         hint = f"it has sub-adapters {subs}; point at one of them" if subs else "is this an adapter directory?"
         raise CheckpointNotFoundError(f"has no {ADAPTER_CONFIG_FILE}", path=directory, hint=hint)
-    if _peft_type(config_path) in ("LOHA", "LOKR"):  # PEFT's LoHa / LoKr: factor modules (FORMAT §10.6)
+    if peft_type_of(config_path) in ("LOHA", "LOKR"):  # PEFT's LoHa / LoKr: factor modules (FORMAT §10.6)
         from .formats.peft_lycoris import peft_lycoris_checkpoint
 
         name = subfolder or (os.path.basename(os.path.normpath(directory)) if _is_sub_adapter(directory) else DEFAULT_ADAPTER_NAME)

@@ -237,7 +237,7 @@ def _header_findings(
 
 
 def _verify_adapter(directory: str) -> list[Finding]:
-    from .describe import read_adapter  # describe imports matching/findings; keep verify's import light
+    from .describe import peft_type_of, read_adapter  # describe imports matching/findings; keep verify's import light
 
     out: list[Finding] = []
     config_path = os.path.join(directory, ADAPTER_CONFIG_FILE)
@@ -251,7 +251,8 @@ def _verify_adapter(directory: str) -> list[Finding]:
         out.append(Finding("missing-config", f"{directory}: has no {ADAPTER_CONFIG_FILE}", [ADAPTER_CONFIG_FILE]))
     else:
         try:
-            read_config(config_path)
+            if peft_type_of(config_path) not in ("LOHA", "LOKR"):  # PEFT's LoHa / LoKr: checked by their reader below
+                read_config(config_path)
         except AdapterFormatError as e:
             out.append(Finding("bad-config", str(e), [ADAPTER_CONFIG_FILE] + ([e.key] if e.key else [])))
     if os.path.isfile(st_path):

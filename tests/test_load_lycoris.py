@@ -232,3 +232,23 @@ def test_conv1d_conv2d_linear_equal_peft_in_load_and_merge(kind, options, tmp_pa
         # LyCORIS would build that module's product another way: no kohya form keeps the outputs
         r = run_cli("convert", tmp_path / "a", "--to", "kohya", "-o", tmp_path / "k.safetensors", "--base", tmp_path / "base.safetensors", "--component", "unet")
         assert r.exit_code == 2 and "3-D lokr_w2" in r.stderr and not (tmp_path / "k.safetensors").exists()
+
+
+def test_verify_reads_peft_loha_and_lokr(adapter, tmp_path, run_cli):
+    """`adapterfmt verify` checks a PEFT LoHa / LoKr directory with their reader (not refused as
+    a non-LoRA config) and reports a module missing a factor."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    kind, root = adapter
+    r = run_cli("verify", root / "a")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "a", broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    dropped = sorted(k for k in tensors if k.endswith((".hada_w2_b", ".lokr_w1", ".lokr_w1_a")))[0]
+    del tensors[dropped]
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    r = run_cli("verify", broken)
+    assert r.exit_code == 1 and dropped.rpartition(".")[0][len(PREFIX):] in r.stdout + r.stderr
