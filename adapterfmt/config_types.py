@@ -111,13 +111,32 @@ FIELD_TYPES: Mapping[str, Checker] = {
 }
 
 
-def check_field_types(doc: Mapping[str, Any], *, path: Optional[str] = None) -> None:
+#: The same for PEFT's LoHa / LoKr configs (``peft/tuners/lycoris_utils.py``, ``loha/config.py``,
+#: ``lokr/config.py``): every field adapterfmt reads or carries through a conversion.
+LYCORIS_FIELD_TYPES: Mapping[str, Checker] = {
+    **{k: FIELD_TYPES[k] for k in (
+        "peft_type", "task_type", "base_model_name_or_path", "peft_version", "r", "rank_pattern", "alpha_pattern", "target_modules",
+        "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+    )},
+    "alpha": _checker("a finite number", _is_number, nullable=False),  # float
+    "rank_dropout": _NUMBER,  # float
+    "module_dropout": _NUMBER,  # float
+    "use_effective_conv2d": _BOOL,  # bool
+    "decompose_both": _BOOL,  # bool (LoKr)
+    "decompose_factor": _INT,  # int (LoKr)
+    "rank_dropout_scale": _BOOL,  # bool (LoKr)
+    "init_weights": _INIT,  # Union[bool, Literal["lycoris"]]
+}
+
+
+def check_field_types(doc: Mapping[str, Any], *, path: Optional[str] = None, fields: Mapping[str, Checker] = FIELD_TYPES) -> None:
     """Raise :class:`InvalidConfigError` naming the first field whose JSON type is not PEFT's.
 
     Only fields present in ``doc`` are checked (a missing field takes PEFT's default); fields
-    adapterfmt does not read are not checked.
+    adapterfmt does not read are not checked. ``fields``: :data:`FIELD_TYPES` (LoRA, AdaLoRA) or
+    :data:`LYCORIS_FIELD_TYPES` (LoHa, LoKr).
     """
-    for name, check in FIELD_TYPES.items():
+    for name, check in fields.items():
         if name not in doc:
             continue
         expected = check(doc[name])

@@ -252,3 +252,29 @@ def test_verify_reads_peft_loha_and_lokr(adapter, tmp_path, run_cli):
     save_file(tensors, str(broken / "adapter_model.safetensors"))
     r = run_cli("verify", broken)
     assert r.exit_code == 1 and dropped.rpartition(".")[0][len(PREFIX):] in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "patch,key",
+    [({"rank_pattern": {"to_q": "x"}}, "rank_pattern.to_q"), ({"alpha_pattern": {"to_q": None}}, "alpha_pattern.to_q"), ({"r": "4"}, "'r'"),
+     ({"rank_pattern": {"to_q": 0}}, "rank_pattern.to_q"), ({"r": 0}, "'r'"), ({"rank_pattern": {"(": 2}}, "rank_pattern.("),
+     ({"alpha": float("nan")}, "'alpha'"), ({"module_dropout": "x"}, "module_dropout"), ({"rank_dropout_scale": "yes"}, "rank_dropout_scale")],
+    ids=["rank-str", "alpha-null", "r-str", "rank-0", "r-0", "bad-regex", "alpha-nan", "dropout-str", "scale-str"],
+)
+def test_broken_loha_lokr_configs_are_one_line_errors(adapter, patch, key, tmp_path, run_cli):
+    """Every field of a LoHa / LoKr config is type-checked as PEFT declares it (r > 0 as PEFT
+    requires): inspect, merge and load fail in one line naming the file and the field."""
+    import shutil
+
+    kind, root = adapter
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "a", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config.update(patch)
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    for args in (("inspect", bad), ("merge", "--base", bad, "--adapter", bad, "-o", tmp_path / "out")):
+        r = run_cli(*args)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "adapter_config.json" in r.stderr and key in r.stderr, r.stderr
+    with pytest.raises(adapterfmt.InvalidConfigError):
+        adapterfmt.load(tiny_unet(), bad)

@@ -15,7 +15,8 @@ import math
 import os
 from typing import Any, Optional
 
-from ..config import pattern_key
+from ..matching import PatternKeyIndex
+from ..config_types import LYCORIS_FIELD_TYPES, check_field_types
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ..errors import CheckpointNotFoundError, InvalidConfigError
 from ..header import read_header
@@ -63,10 +64,14 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
     weights = os.path.join(d, ADAPTER_SAFETENSORS_FILE)
     if not os.path.isfile(weights):
         raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint="the adapter weights are missing")
+    if not isinstance(doc, dict):
+        raise InvalidConfigError("is not a JSON object", path=config_path)
+    check_field_types(doc, path=config_path, fields=LYCORIS_FIELD_TYPES)
     r, alpha = _number(doc, "r", 8, config_path), _number(doc, "alpha", 8, config_path)
     ranks, alphas = doc.get("rank_pattern") or {}, doc.get("alpha_pattern") or {}
-    if not isinstance(ranks, dict) or not isinstance(alphas, dict):
-        raise InvalidConfigError("rank_pattern and alpha_pattern must be objects", path=config_path, key="rank_pattern")
+    for key, value in [("r", r)] + [(f"rank_pattern.{k}", v) for k, v in ranks.items()]:
+        if value <= 0:  # PEFT's update_layer: "`r` should be a positive integer"
+            raise InvalidConfigError(f"must be a positive integer, got {value:g}", path=config_path, key=key, hint="PEFT refuses r <= 0")
     header = read_header(weights)
     ckpt = ForeignCheckpoint(
         format="peft", file=weights, metadata=dict(header.metadata), configs={"": doc}, file_tensors=dict(header.tensors)
@@ -81,11 +86,15 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
             continue
         m = modules.setdefault(path, ForeignModule(name=path, component=None, kind=kind, path=path))
         m.tensors[slot], m.keys[slot] = info, key
+    try:
+        rank_keys, alpha_keys = PatternKeyIndex(list(ranks)), PatternKeyIndex(list(alphas))  # each pattern compiled once
+    except InvalidConfigError as e:  # a bad regex: name the file too
+        raise InvalidConfigError(e.message, path=config_path, key=e.key, hint=e.hint) from None
     for path, m in modules.items():
-        rk, ak = pattern_key(ranks, path), pattern_key(alphas, path)
+        rk, ak = rank_keys.first(path) if ranks else None, alpha_keys.first(path) if alphas else None
         module_r = float(ranks[rk]) if rk is not None else r
         m.alpha = float(alphas[ak]) if ak is not None else alpha
-        m.config_scaling = m.alpha / module_r if module_r else 1.0
+        m.config_scaling = m.alpha / module_r
     ckpt.modules = list(modules.values())
     ckpt.findings.extend(foreign_findings(ckpt))
     return ckpt
