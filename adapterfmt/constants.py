@@ -70,3 +70,8 @@ def _is_true(value: str | None) -> bool:
 
 #: ``ADAPTERFMT_DEBUG=1`` makes the CLI show tracebacks of AdapterFormatError too.
 DEBUG = _is_true(os.environ.get("ADAPTERFMT_DEBUG"))
+
+
+#: safetensors dtypes LoRA tensors are computed from, the base dtypes a delta can be added to, and
+#: those ``--dtype`` converts.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")

@@ -107,9 +107,12 @@ def unknown_keys_finding(where: str, keys: Sequence[str], grammar: str) -> Findi
 
 
 def incomplete_factors_finding(where: str, modules: Sequence[str]) -> Finding:
-    """``orphan-lora``: kohya / LyCORIS / diffusers modules of ``where`` lacking a factor their kind needs (FORMAT §10.1)."""
+    """``orphan-lora``: kohya / LyCORIS / diffusers modules of ``where`` whose factors do not form one product:
+    a factor missing, a LoKr half given both ways, an empty factor (FORMAT §10.1)."""
     return Finding(
-        "orphan-lora", f"{where}: {len(modules)} module(s) lack a factor their kind needs; they cannot be merged or loaded", list(modules[:_MAX_KEYS])
+        "orphan-lora",
+        f"{where}: {len(modules)} module(s) lack a factor their kind needs, hold one twice or hold an empty one; they cannot be merged or loaded",
+        list(modules[:_MAX_KEYS]),
     )
 
 

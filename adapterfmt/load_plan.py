@@ -31,6 +31,7 @@ from .full_copy import FullCopy
 from .layer_types import supported_layout
 from .layers import LoraLayer
 from .lycoris_loading import refuse_unloadable_factors
+from .merge_checks import refuse_non_float
 from .matching import apply_prefix_map, is_within
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .param_loading import is_param_lora
@@ -92,6 +93,9 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
     if not ckpt.lora and not ckpt.full_copies:
         raise InconsistentAdapterError("holds no LoRA tensors and no full copies", path=ckpt.weights_file)
     refuse_unloadable_factors(ckpt)
+    for m in ckpt.lora.values():  # an integer or float8 "LoRA" would be cast silently, or crash the finite check
+        for info in m.tensors.values():
+            refuse_non_float(info, info.key, ckpt.weights_file)
     for path, m in ckpt.lora.items():
         if m.factors is not None:
             continue  # LoHa / LoKr: lycoris_loading.py

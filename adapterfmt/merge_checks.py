@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from .constants import FLOAT_DTYPES
 from .describe import AdapterCheckpoint
 from .errors import InvalidConfigError, MergeError, ShapeMismatchError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from .header import TensorInfo
 from .resolution import Resolution
 
-#: Dtypes that ``--dtype`` converts and that LoRA can be merged into.
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _LISTED = 5
 
 
@@ -64,7 +63,7 @@ def refuse_bad_resolution(adapter: AdapterCheckpoint, res: Resolution, allow_unu
 def refuse_non_float(info: TensorInfo, key: str, where: str) -> None:
     if info.dtype not in FLOAT_DTYPES:
         raise UnsupportedFeatureError(
-            f"is stored as {info.dtype}; LoRA tensors are merged from {', '.join(FLOAT_DTYPES)} only",
+            f"is stored as {info.dtype}; LoRA tensors are merged and loaded from {', '.join(FLOAT_DTYPES)} only",
             path=where,
             key=key,
             hint="convert the adapter to a float dtype first",

@@ -70,6 +70,7 @@ def render_checks(checks: list[dict[str, Any]]) -> list[str]:
         lines.append(f"base {c['component'] or 'model'}: {c['base']}: {c['resolved']}/{c['total']} modules resolved, {len(c['shape_errors'])} shape errors: {state}")
         lines += [f"  unresolved: {name}" for name in c["unresolved"]]
         lines += [f"  shape: {err}" for err in c["shape_errors"]]
+        lines += [f"  cannot apply: {p}" for p in c.get("problems", [])]
     return lines
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..base import BaseModel, read_base
+from ..constants import FLOAT_DTYPES
 from ..errors import AmbiguousMatchError, CheckpointNotFoundError
 from .names import base_module_paths, resolve_names
 from .records import ForeignCheckpoint
@@ -77,15 +78,17 @@ class ComponentCheck:
     resolved: int
     unresolved: list[str] = field(default_factory=list)
     shape_errors: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  #: modules that fit but cannot be applied (a negative or non-finite alpha)
 
     @property
     def ok(self) -> bool:
-        return not self.unresolved and not self.shape_errors
+        return not self.unresolved and not self.shape_errors and not self.problems
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "component": self.component, "base": self.base, "ok": self.ok, "resolved": self.resolved, "total": self.total,
             "unresolved": self.unresolved[:10], "unresolved_count": len(self.unresolved), "shape_errors": self.shape_errors[:10],
+            "problems": self.problems[:10],
         }
 
 
@@ -109,8 +112,13 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
             continue
         weight = base.tensors[f"{m.path}.weight"]
         m.weight_shape = tuple(weight.shape)
+        if m.alpha is not None and not (m.alpha >= 0):  # merge and load refuse it (peft_view.refuse_unusable)
+            check.problems.append(f"{m.path}: alpha is {m.alpha:g}")
+        not_float = sorted(slot for slot, info in m.tensors.items() if info.dtype not in FLOAT_DTYPES)
+        if not_float:  # merge and load refuse it (merge_checks.refuse_non_float)
+            check.problems.append(f"{m.path}: {not_float[0]} is stored as {m.tensors[not_float[0]].dtype}, not a float dtype")
         if not m.complete:
-            check.shape_errors.append(f"{m.path}: incomplete {m.kind} module (missing factors)")
+            check.shape_errors.append(f"{m.path}: {m.problem}")
         elif not m.fits(weight.shape):
             check.shape_errors.append(f"{m.path}: the {m.kind} product {list(m.product_shape() or ())} does not fit the weight {list(weight.shape)}")
     return check

@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..config import parse_config
 from ..checkpoint import AdapterCheckpoint, LoraModule
-from ..errors import InconsistentAdapterError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
+from ..errors import InconsistentAdapterError, InvalidConfigError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from ..config_rebuild import exact_pattern, rebuild_config
 from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
 
@@ -57,12 +57,17 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
         )
     for m in modules:
         key = next(iter(m.keys.values()), m.name)
-        if not m.complete:
-            raise InconsistentAdapterError(f"the {m.kind} module lacks a factor", path=ckpt.file, key=key, hint="the file is incomplete; re-export it")
+        if m.problem is not None:
+            raise InconsistentAdapterError(m.problem, path=ckpt.file, key=key, hint="the file is damaged or incomplete; re-export it")
         if m.alpha is not None and not math.isfinite(m.alpha):
             raise NonFiniteValuesError(
                 f"alpha is {m.alpha}; applying the module would corrupt the model", path=ckpt.file, key=m.alpha_key or key,
                 hint="the adapter is broken (`adapterfmt inspect --scan` lists every such tensor)",
+            )
+        if m.alpha is not None and m.alpha < 0:
+            raise InvalidConfigError(
+                f"alpha is {m.alpha:g}; a negative alpha flips the adapter's sign, which adapterfmt does not apply", path=ckpt.file,
+                key=m.alpha_key or key, hint="the file is damaged, or was written with a sign convention adapterfmt does not know",
             )
         if m.dora_scale is not None or "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
             raise UnsupportedFeatureError(

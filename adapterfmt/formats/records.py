@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..factors import fits, product_shape
+from ..factors import fits, inner_mismatch, product_shape
 from ..finding import Finding
 from ..header import TensorInfo
 
@@ -115,15 +115,35 @@ class ForeignModule:
 
     @property
     def complete(self) -> bool:
-        """Whether every factor the kind needs is present (else it cannot be applied)."""
+        """Whether the factors form one applicable product: :attr:`problem` is ``None``."""
+        return self.problem is None
+
+    @property
+    def problem(self) -> Optional[str]:
+        """Why the factors cannot be applied as they are (a factor missing, two forms of one half,
+        an empty factor), or ``None``. Every tensor must be used exactly once, so a LoKr half
+        given both in full and factored is an error, never a choice."""
         t = self.tensors
         if self.kind == LORA:
-            return "lora_down" in t and "lora_up" in t
-        if self.kind == LOHA:
-            return all(s in t for s in LOHA_SLOTS[:4]) and (("hada_t1" in t) == ("hada_t2" in t))
-        w1 = "lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)
-        w2 = "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
-        return w1 and w2
+            missing = "lora_down" not in t or "lora_up" not in t
+        elif self.kind == LOHA:
+            missing = not all(s in t for s in LOHA_SLOTS[:4]) or (("hada_t1" in t) != ("hada_t2" in t))
+        else:
+            for half in ("w1", "w2"):
+                if f"lokr_{half}" in t and ({f"lokr_{half}_a", f"lokr_{half}_b"} & set(t) or (half == "w2" and "lokr_t2" in t)):
+                    return f"holds lokr_{half} and its factors (lokr_{half}_a / lokr_{half}_b / lokr_t2) both"
+            w1 = "lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)
+            w2 = "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
+            missing = not (w1 and w2) or ("lokr_t2" in t and "lokr_w2_a" not in t)
+        if missing:
+            return f"the {self.kind} module lacks a factor"
+        mismatch = inner_mismatch(self.kind, {slot: tuple(info.shape) for slot, info in t.items()})
+        if mismatch:
+            return mismatch
+        empty = sorted(slot for slot, info in t.items() if info.numel == 0)
+        if empty:
+            return f"{empty[0]} is empty (rank 0)"
+        return None
 
     def all_keys(self) -> list[str]:
         """Every key of the file this module accounts for."""
