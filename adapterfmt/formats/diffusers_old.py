@@ -51,6 +51,7 @@ def _convert(key: str, table: list[list[str]]) -> str:
 
 
 def rename(key: str, chain: Chain) -> str:
+    """``key`` as diffusers names it after applying each table of ``chain`` in turn."""
     for table in chain:
         key = _convert(key, table)
     return key
