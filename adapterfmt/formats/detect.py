@@ -4,7 +4,8 @@
 * a ``.safetensors`` file (or a directory holding ``pytorch_lora_weights.safetensors``, or exactly
   one ``.safetensors`` file): ``kohya`` when its keys carry kohya prefixes (``lora_unet_``,
   ``lora_te_``, ...), ``diffusers`` when they carry component prefixes with PEFT LoRA roles
-  (``unet.….lora_A.weight``), ``wrapped`` for a whole ``PeftModel.state_dict()`` (§9);
+  (``unet.….lora_A.weight``) or diffusers' older spellings (``unet.….processor.to_q_lora.down.weight``,
+  also with no prefix: the UNet's), ``wrapped`` for a whole ``PeftModel.state_dict()`` (§9);
   a file that mixes kohya and diffusers keys, or fits none, is refused.
 """
 
