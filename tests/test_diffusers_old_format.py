@@ -282,7 +282,7 @@ def test_unprefixed_unet_file_is_the_unets(case, run_cli, tmp_path):
 
 def _file(tmp_path, name, keys):
     path = tmp_path / f"{name}.safetensors"
-    save_file({k: (torch.ones(()) if k.endswith(".alpha") else torch.zeros(2, 8) if ".down" in k or "lora_A" in k else torch.zeros(8, 2)) for k in keys}, str(path))
+    save_file({k: (torch.ones(()) if k.endswith(".alpha") else torch.zeros(2, 8) if k.endswith((".down.weight", "lora_A.weight")) else torch.zeros(8, 2)) for k in keys}, str(path))
     return path
 
 
