@@ -155,6 +155,23 @@ def _is_finite_number(value: Any, kind: type) -> bool:
     return math.isfinite(as_float) and (kind is not int or as_float.is_integer())
 
 
+def modules_to_save_entries(doc: Mapping[str, Any], path: Optional[str] = None) -> Optional[list[str]]:
+    """The config's ``modules_to_save`` entries, vetted (``None`` when unset or empty).
+
+    Every PEFT config type that saves full copies (LoRA, AdaLoRA, LoHa, LoKr) spells the field
+    the same way, so every reader takes it from here.
+
+    Raises:
+        InvalidConfigError: not a list of non-empty strings, or an entry that cannot be matched.
+    """
+    entries = doc.get("modules_to_save")
+    if entries is not None and not (isinstance(entries, list) and all(isinstance(m, str) and m for m in entries)):
+        raise InvalidConfigError(f"must be a list of module names, got {entries!r}", path=path, key="modules_to_save")
+    for entry in entries or ():
+        _compile(entry, "modules_to_save", path, MODULES_TO_SAVE)
+    return list(entries) if entries else None
+
+
 def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
     """Validate a decoded ``adapter_config.json`` and return a :class:`LoraConfig`.
 
@@ -197,13 +214,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
                 raise InvalidConfigError(f"has an invalid value {v!r}", path=path, key=f"{name}.{k}")
         patterns[name] = {k: kind(v) for k, v in value.items()}
 
-    modules_to_save = doc.get("modules_to_save")
-    if modules_to_save is not None and not (
-        isinstance(modules_to_save, list) and all(isinstance(m, str) and m for m in modules_to_save)
-    ):
-        raise InvalidConfigError(f"must be a list of module names, got {modules_to_save!r}", path=path, key="modules_to_save")
-    for entry in modules_to_save or ():
-        _compile(entry, "modules_to_save", path, MODULES_TO_SAVE)
+    modules_to_save = modules_to_save_entries(doc, path)
     layers_pattern = doc.get("layers_pattern")
     if isinstance(layers_pattern, tuple):
         layers_pattern = list(layers_pattern)
@@ -224,7 +235,7 @@ def parse_config(doc: Any, *, path: Optional[str] = None) -> LoraConfig:
         alpha_pattern=patterns["alpha_pattern"],
         target_modules=_as_target_spec(doc.get("target_modules"), "target_modules", path),
         exclude_modules=_as_target_spec(doc.get("exclude_modules"), "exclude_modules", path),
-        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        modules_to_save=modules_to_save,
         layers_to_transform=layers_to_transform,
         layers_pattern=layers_pattern,
         use_dora=bool(doc.get("use_dora", False)),

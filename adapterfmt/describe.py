@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional
 
 from .checkpoint import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
+from .copy_keys import full_copies_of
 from .config import LoraConfig, read_config
 from .constants import (
     ADAPTER_BIN_FILE,
@@ -26,8 +27,8 @@ from .errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKe
 from .findings import adapter_findings, mixed_prefix_finding, wrapper_leftover_finding
 from .gc_pause import with_gc_paused
 from .header import SafetensorsHeader, TensorInfo, read_header
-from .keys import KeyParts, Role, bias_key, param_key, parse_saved, split_prefix
-from .matching import is_within, matches_entry
+from .keys import KeyParts, Role, bias_key, param_key, parse_saved
+from .matching import matches_entry
 from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
 
 __all__ = ["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "describe_tensors", "read_adapter"]
@@ -195,19 +196,12 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
         else:
             plain.append((key, parts))
 
-    # Plain keys: full copies (config.modules_to_save, exact rule), saved base biases, or unknown.
-    entries = cfg.modules_to_save or []
+    # Plain keys: full copies (config.modules_to_save), saved base biases, or unknown.
     lora_modules = set(lora_parts)
-    rest = [k for k, _ in plain]
-    full_modules = _full_copy_modules(rest, entries)
-    for key, parts in plain:
-        module = _owning(parts, full_modules)
-        if module is not None:
-            copy = ckpt.full_copies.setdefault(module, FullCopyModule(module))
-            param = key[len(parts.prefix) + len(module) + 1 :]
-            copy.tensors[param] = header.tensors[key]
-            copy.keys[param] = key
-        elif parts.param == "bias" and cfg.bias in ("all", "lora_only") and (cfg.bias == "all" or parts.module in lora_modules):
+    copies, rest = full_copies_of(plain, cfg.modules_to_save or [], header.tensors)
+    ckpt.full_copies.update(copies)
+    for key, parts in rest:
+        if parts.param == "bias" and cfg.bias in ("all", "lora_only") and (cfg.bias == "all" or parts.module in lora_modules):
             base_key = bias_key(parts.module)
             ckpt.base_overrides[base_key] = header.tensors[key]
             ckpt.base_override_keys[base_key] = key
@@ -221,33 +215,6 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
 
     adopt_tied_copies(ckpt, header)  # ensure_weight_tying saves the tied head's copy too
     ckpt.findings.extend(adapter_findings(ckpt))
-
-
-def _full_copy_modules(keys: list[str], entries: list[str]) -> list[str]:
-    """Module paths under which plain keys are full copies.
-
-    These are the module names (derived from the keys) that PEFT wrapped for an entry of
-    ``modules_to_save``: PEFT uses a plain ``name.endswith(entry)``, so a real checkpoint made
-    with ``["classifier"]`` also holds ``pre_classifier.*``. The file is described as PEFT wrote
-    it; ``full-copy-suffix`` findings then point out where exact matching would differ."""
-    names: set[str] = set()
-    for key in keys:
-        _, rest = split_prefix(key)
-        segs = rest.split(".")
-        for i in range(1, len(segs)):
-            names.add(".".join(segs[:i]))
-    out = [n for n in names if any(n.endswith(e) for e in entries)]
-    # keep outermost: a full copy of ``classifier`` owns ``classifier.dense.*``
-    return sorted(n for n in out if not any(n != o and is_within(n, o) for o in out))
-
-
-def _owning(parts: KeyParts, full_modules: list[str]) -> Optional[str]:
-    key = param_key(parts.module, parts.param or "")
-    best = None
-    for m in full_modules:
-        if key.startswith(m + ".") and (best is None or len(m) > len(best)):
-            best = m
-    return best
 
 
 def _token_indices(cfg: LoraConfig, module: str) -> Optional[list[int]]:

@@ -292,32 +292,7 @@ def adapter_findings(ckpt: "AdapterCheckpoint") -> list[Finding]:
                         unused[:_MAX_KEYS],
                     )
                 )
-    # PEFT adds every head name of the task type (SEQ_CLS: classifier *and* score); the model has one.
-    auto = _TASK_HEADS.get(str(cfg.task_type or "").upper(), ())
-    has_auto = any(matches_entry(c, e) for e in auto for c in ckpt.full_copies)
-    missing_copies = [
-        e
-        for e in entries
-        if not any(matches_entry(c, e) for c in ckpt.full_copies) and not (has_auto and e in auto)
-    ]
-    if missing_copies:
-        out.append(
-            Finding(
-                "config-tensor-mismatch",
-                f"modules_to_save entr{'y' if len(missing_copies) == 1 else 'ies'} "
-                f"{', '.join(repr(u) for u in missing_copies)} have no tensors in the file",
-                missing_copies,
-            )
-        )
-
-    # Where PEFT's plain endswith would bind modules_to_save differently from the exact rule.
-    module_names = set(ckpt.full_copies) | set(ckpt.lora)
-    for e in entries:
-        peft_binds = sorted(peft_full_copy_matches(module_names, e))
-        exact = sorted(n for n in module_names if matches_entry(n, e))
-        loose = sorted(set(peft_binds) - set(exact))
-        if loose:
-            out.append(full_copy_suffix_finding(e, peft_binds, exact, loose))
+    out.extend(full_copy_entry_findings(entries, cfg.task_type, list(ckpt.full_copies), list(ckpt.lora)))
 
     for fieldname, why in cfg.unsupported.items():
         out.append(Finding("unsupported-feature", f"config field '{fieldname}' is set: {why}; merge and load refuse it", [fieldname]))
@@ -334,6 +309,39 @@ def adapter_findings(ckpt: "AdapterCheckpoint") -> list[Finding]:
                     sorted({h[0] for h in hits})[:_MAX_KEYS],
                 )
             )
+    return out
+
+
+def full_copy_entry_findings(
+    entries: Sequence[str], task_type: Optional[str], copies: Sequence[str], adapted: Sequence[str]
+) -> list[Finding]:
+    """The ``modules_to_save`` entries against the full copies a file holds (every PEFT type):
+    ``config-tensor-mismatch`` for entries with no tensors, ``full-copy-suffix`` where PEFT's
+    plain ``endswith`` binds other modules of the file (``copies`` and the ``adapted`` ones) than
+    the exact rule."""
+    out: list[Finding] = []
+    # PEFT adds every head name of the task type (SEQ_CLS: classifier *and* score); the model has one.
+    auto = _TASK_HEADS.get(str(task_type or "").upper(), ())
+    has_auto = any(matches_entry(c, e) for e in auto for c in copies)
+    missing_copies = [e for e in entries if not any(matches_entry(c, e) for c in copies) and not (has_auto and e in auto)]
+    if missing_copies:
+        out.append(
+            Finding(
+                "config-tensor-mismatch",
+                f"modules_to_save entr{'y' if len(missing_copies) == 1 else 'ies'} "
+                f"{', '.join(repr(u) for u in missing_copies)} have no tensors in the file",
+                missing_copies,
+            )
+        )
+
+    # Where PEFT's plain endswith would bind modules_to_save differently from the exact rule.
+    module_names = set(copies) | set(adapted)
+    for e in entries:
+        peft_binds = sorted(peft_full_copy_matches(module_names, e))
+        exact = sorted(n for n in module_names if matches_entry(n, e))
+        loose = sorted(set(peft_binds) - set(exact))
+        if loose:
+            out.append(full_copy_suffix_finding(e, peft_binds, exact, loose))
     return out
 
 

@@ -14,16 +14,17 @@ from typing import Optional
 
 from .architecture import checkpoint_key
 from .base import BaseModel
-from .checkpoint import AdapterCheckpoint, LoraModule
+from .checkpoint import AdapterCheckpoint, FullCopyModule, LoraModule
 from .factors import fits, product_shape
 from .finding import Finding
 from .findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
 from .gc_pause import with_gc_paused
+from .header import TensorInfo
 from .keys import bias_key, param_key, split_param, weight_key
 from .matching import apply_prefix_map
 from .param_targets import ExpertSlice, ParamTarget, bind, param_target
 
-__all__ = ["Resolution", "ResolvedLora", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
+__all__ = ["Resolution", "ResolvedLora", "bind_base_tensor", "bind_full_copy", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
 
 
 #: The layout of a factor module (LoHa, LoKr, Tucker LoCon): its product is computed in the weight's shape.
@@ -136,22 +137,7 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
 
     for path, copy in adapter.full_copies.items():
         target = apply_prefix_map(path, prefix_map)
-        bound: dict[str, str] = {}
-        for param, info in copy.tensors.items():
-            key = checkpoint_key(base.config, param_key(target, param), tensors)
-            base_info = tensors.get(key)
-            module = key[: -len(param) - 1] if key.endswith(f".{param}") else target
-            if base_info is None and module in base.tied and param == "weight":
-                base_info = tensors.get(weight_key(base.tied[module]))
-            if base_info is None:
-                res.unresolved.append(param_key(path, param))
-                continue
-            if tuple(base_info.shape) != tuple(info.shape):
-                res.shape_errors.append(
-                    f"'{path}.{param}': full copy has shape {list(info.shape)} but the base tensor '{key}' has {list(base_info.shape)}"
-                )
-                continue
-            bound[param] = key
+        bound = bind_full_copy(copy, target, base, res.unresolved, res.shape_errors)
         if len(bound) == len(copy.tensors):
             res.full_copies[path] = bound
         missing = _missing_module_params(_disk_module(base, target), copy.tensors, tensors)
@@ -159,18 +145,9 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
             res.findings.append(full_copy_incomplete_finding(path, missing))
 
     for base_key, saved_key in adapter.base_override_keys.items():
-        key = checkpoint_key(base.config, apply_prefix_map(base_key, prefix_map), tensors)
-        info = tensors.get(key)
-        module, param = split_param(key)
-        if info is None and module in base.tied and param == "weight":
-            info = tensors.get(weight_key(base.tied[module]))  # a tied head saved in full
-        if info is None:
-            res.unresolved.append(base_key)
-        elif tuple(info.shape) != tuple(adapter.base_overrides[base_key].shape):
-            res.shape_errors.append(
-                f"'{saved_key}': has shape {list(adapter.base_overrides[base_key].shape)} but base '{key}' has {list(info.shape)}"
-            )
-        else:
+        target = apply_prefix_map(base_key, prefix_map)
+        key = bind_base_tensor(base_key, target, adapter.base_overrides[base_key], saved_key, base, res.unresolved, res.shape_errors)
+        if key is not None:
             res.overrides[key] = saved_key
 
     if res.unresolved:
@@ -180,6 +157,50 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
     res.findings.extend(endswith_findings(adapter, list(tensors)))
     res.findings.extend(base.findings)  # what the base reader saw (shadowed-weights)
     return res
+
+
+def bind_full_copy(copy: FullCopyModule, target: str, base: BaseModel, unresolved: list[str], shape_errors: list[str]) -> dict[str, str]:
+    """Bind each tensor of a full copy (module ``target`` in the base) to the base tensor it
+    replaces: param -> base key. A tensor with no base tensor goes to ``unresolved``
+    (``<copy path>.<param>``), one whose shape differs to ``shape_errors``."""
+    tensors = base.tensors
+    bound: dict[str, str] = {}
+    for param, info in copy.tensors.items():
+        key = checkpoint_key(base.config, param_key(target, param), tensors)
+        base_info = tensors.get(key)
+        module = key[: -len(param) - 1] if key.endswith(f".{param}") else target
+        if base_info is None and module in base.tied and param == "weight":
+            base_info = tensors.get(weight_key(base.tied[module]))
+        if base_info is None:
+            unresolved.append(param_key(copy.path, param))
+            continue
+        if tuple(base_info.shape) != tuple(info.shape):
+            shape_errors.append(
+                f"'{copy.path}.{param}': full copy has shape {list(info.shape)} but the base tensor '{key}' has {list(base_info.shape)}"
+            )
+            continue
+        bound[param] = key
+    return bound
+
+
+def bind_base_tensor(
+    base_key: str, target: str, info: TensorInfo, saved_key: str, base: BaseModel, unresolved: list[str], shape_errors: list[str]
+) -> Optional[str]:
+    """The base's on-disk key for a saved base tensor (``X.base_layer.weight``, FORMAT §3.5) that
+    replaces ``target``, or ``None`` with ``base_key`` in ``unresolved`` / a message in ``shape_errors``."""
+    tensors = base.tensors
+    key = checkpoint_key(base.config, target, tensors)
+    base_info = tensors.get(key)
+    module, param = split_param(key)
+    if base_info is None and module in base.tied and param == "weight":
+        base_info = tensors.get(weight_key(base.tied[module]))  # a tied head saved in full
+    if base_info is None:
+        unresolved.append(base_key)
+        return None
+    if tuple(base_info.shape) != tuple(info.shape):
+        shape_errors.append(f"'{saved_key}': has shape {list(info.shape)} but base '{key}' has {list(base_info.shape)}")
+        return None
+    return key
 
 
 def _bind_param_lora(res: Resolution, m: LoraModule, target: ParamTarget, base: BaseModel, owner: str) -> None:
