@@ -97,6 +97,14 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
         for info in m.tensors.values():
             refuse_non_float(info, info.key, ckpt.weights_file)
     for path, m in ckpt.lora.items():
+        for copy_path in ckpt.full_copies:
+            if is_within(path, copy_path):
+                raise AmbiguousMatchError(
+                    f"is both a {m.factors or 'LoRA'} target and inside the full copy '{copy_path}'",
+                    path=ckpt.weights_file,
+                    key=path,
+                    hint=f"PEFT keeps only the full copy; remove the {m.factors or 'LoRA'} tensors or the full copy",
+                )
         if m.factors is not None:
             continue  # LoHa / LoKr: lycoris_loading.py
         missing = [s for s in ("lora_A", "lora_B") if s not in m.tensors]
@@ -104,14 +112,6 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
             raise InconsistentAdapterError(
                 f"module '{path}' has no {missing[0]} (orphan LoRA tensor)", path=ckpt.weights_file, key=next(iter(m.keys.values()))
             )
-        for copy_path in ckpt.full_copies:
-            if is_within(path, copy_path):
-                raise AmbiguousMatchError(
-                    f"is both a LoRA target and inside the full copy '{copy_path}'",
-                    path=ckpt.weights_file,
-                    key=path,
-                    hint="PEFT keeps only the full copy; remove the LoRA tensors or the full copy",
-                )
         if m.use_dora != cfg.use_dora:
             raise InconsistentAdapterError(
                 f"module '{path}' {'has' if m.use_dora else 'lacks'} a DoRA magnitude but use_dora is {cfg.use_dora}",

@@ -159,11 +159,13 @@ def load_checkpoint(
     try:
         _build(model, plan, adapter_name, registry, created, dropout=_dropout(ckpt.config))
         _assign_all(model, plan, tensors, adapter_name, ckpt)
+        # LoHa / LoKr wrap before the saved base tensors are copied in: the override keys that
+        # save() reads back are then the wrapped ones (``lm_head.base_layer.weight``).
+        factor_paths = load_factor_modules(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
         overrides = _apply_overrides(model, plan, ckpt)
         load_token_rows(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
         load_param_loras(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
         load_adalora(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
-        factor_paths = load_factor_modules(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
     except BaseException:
         remove_adapter(model, registry, adapter_name, created)
         raise

@@ -8,7 +8,7 @@ import click
 
 from adapterfmt.finding import Finding
 from adapterfmt.formats import read_foreign
-from adapterfmt.formats.records import ForeignCheckpoint
+from adapterfmt.formats.records import ForeignCheckpoint, base_override_as_dict, full_copy_as_dict
 
 from .output import emit_json, table, warn
 
@@ -23,7 +23,8 @@ def foreign_document(
     """The ``--json`` document: ``format``, ``modules`` (one record per adapted module), totals,
     checks, and the warnings: the file's, then the ``non-finite`` ones of a value scan
     (``scan_findings``; ``None`` when values were not read, JSON ``"scanned": false``)."""
-    modules = [m.as_dict() for m in ckpt.modules]
+    modules = [m.as_dict() for m in ckpt.modules] + [full_copy_as_dict(c) for c in ckpt.full_copies.values()]
+    modules += [base_override_as_dict(k, info, ckpt.base_override_keys[k]) for k, info in ckpt.base_overrides.items()]
     return {
         "format": ckpt.format,
         "source": source,
@@ -34,8 +35,11 @@ def foreign_document(
         "modules": modules,
         "totals": {
             "modules": len(modules),
-            "params": sum(m.params for m in ckpt.modules),
-            "tensors": sum(len(m.all_keys()) for m in ckpt.modules) + len(ckpt.unknown_keys),
+            "full_copies": len(ckpt.full_copies),
+            "base_overrides": len(ckpt.base_overrides),
+            "params": sum(m["params"] for m in modules),
+            "tensors": sum(len(m.all_keys()) for m in ckpt.modules) + sum(len(c.tensors) for c in ckpt.full_copies.values())
+            + len(ckpt.base_overrides) + len(ckpt.unknown_keys),
         },
         "unknown_keys": list(ckpt.unknown_keys),
         "lora_adapter_metadata": ckpt.configs or None,
@@ -49,13 +53,15 @@ def render_foreign(doc: dict[str, Any]) -> str:
     comps = ", ".join(f"{c} ({n})" for c, n in doc["components"].items()) or "the model"
     lines = [f"adapter: {doc['source']} ({doc['format']} file {doc['file']})", f"components: {comps}; kinds: {', '.join(doc['kinds'])}", ""]
     rows = [
-        (m["component"] or "-", m["module"], m["kind"] + ("" if m["layer_kind"] in (None, "linear") else f"/{m['layer_kind']}"),
+        (m["component"] or "-", m["module"], m["kind"].replace("_", " ") + ("" if m["layer_kind"] in (None, "linear") else f"/{m['layer_kind']}"),
          "-" if m["rank"] is None else m["rank"], _num(m["alpha"]), _num(m["scaling"]), m["dtype"], f"{m['params']:,}")
         for m in doc["modules"]
     ]
     lines.append(table(rows, ("component", "module", "kind", "rank", "alpha", "scaling", "dtype", "params"), align_right=(3, 4, 5, 7)))
     t = doc["totals"]
-    lines += ["", f"totals: {t['modules']} modules; {t['params']:,} params"]
+    extra = [f"{t['full_copies']} full cop{'y' if t['full_copies'] == 1 else 'ies'}"] if t["full_copies"] else []
+    extra += [f"{t['base_overrides']} saved base tensor{'' if t['base_overrides'] == 1 else 's'}"] if t["base_overrides"] else []
+    lines += ["", f"totals: {t['modules']} modules{' (' + ', '.join(extra) + ')' if extra else ''}; {t['params']:,} params"]
     lines += render_checks(doc["check"] or [])
     if doc["scanned"]:
         lines.append("values: scanned for NaN/Inf")

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from ..base import BaseModel, read_base
 from ..constants import FLOAT_DTYPES
 from ..errors import AmbiguousMatchError, CheckpointNotFoundError
+from ..resolution import bind_base_tensor, bind_full_copy
 from .names import base_module_paths, resolve_names
 from .records import ForeignCheckpoint
 
@@ -93,7 +94,10 @@ class ComponentCheck:
 
 
 def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: BaseModel) -> ComponentCheck:
-    """Resolve the component's names (sets each module's ``path``) and check every product fits its weight.
+    """Resolve the component's names (sets each module's ``path``) and check every product fits its
+    weight; a PEFT LoHa / LoKr adapter's full copies and saved base tensors count as modules, each
+    tensor bound to the base tensor it replaces as for a PEFT LoRA adapter
+    (:func:`adapterfmt.resolution.bind_full_copy`, :func:`~adapterfmt.resolution.bind_base_tensor`).
 
     Raises:
         AmbiguousMatchError: a flattened name fits two modules.
@@ -121,4 +125,14 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
             check.shape_errors.append(f"{m.path}: {m.problem}")
         elif not m.fits(weight.shape):
             check.shape_errors.append(f"{m.path}: the {m.kind} product {list(m.product_shape() or ())} does not fit the weight {list(weight.shape)}")
+    for path, copy in ckpt.full_copies.items():  # PEFT LoHa / LoKr only
+        before = len(check.unresolved)
+        bind_full_copy(copy, path, base, check.unresolved, check.shape_errors)
+        check.total += 1
+        check.resolved += len(check.unresolved) == before
+    for base_key, saved_key in ckpt.base_override_keys.items():  # PEFT LoHa / LoKr only
+        before = len(check.unresolved)
+        bind_base_tensor(base_key, base_key, ckpt.base_overrides[base_key], saved_key, base, check.unresolved, check.shape_errors)
+        check.total += 1
+        check.resolved += len(check.unresolved) == before
     return check

@@ -286,6 +286,12 @@ def _factors_to_kohya(src: str, output: str, *, to: str, base: str, component: s
     from .lokr_peft import refuse_3d_kron
 
     refuse_3d_kron(ckpt.modules, src)
+    kept = [k for c in ckpt.full_copies.values() for k in c.keys.values()] + list(ckpt.base_override_keys.values())
+    if kept:
+        raise UnsupportedFeatureError(
+            "cannot be written as a kohya/diffusers file: full copies (modules_to_save) and saved base tensors have no kohya/diffusers form",
+            path=src, key=kept[0], hint="merge the adapter (adapterfmt merge) or load it (adapterfmt.load) instead",
+        )
     model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
     for m in ckpt.modules:
         weight = model.tensors.get(f"{m.path}.weight")

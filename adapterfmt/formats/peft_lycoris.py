@@ -5,7 +5,10 @@ A PEFT LoHa / LoKr directory is ``adapter_config.json`` + ``adapter_model.safete
 (``hada_w1_a`` …, ``lokr_w1`` …; docs/FORMAT.md §10.1), so the records and the delta math
 (§10.3) are shared. The scale differs in one place: PEFT's is ``alpha / r`` with ``r`` the
 configured rank (``r`` / ``rank_pattern``) for every module, a LoKr module with no factored half
-included, where LyCORIS uses 1.
+included, where LyCORIS uses 1. The other keys are sorted by the PEFT LoRA reader's rules: full
+copies of ``modules_to_save`` (:func:`adapterfmt.copy_keys.full_copies_of`, FORMAT §3.6), saved
+base tensors ``X.base_layer.*`` (§3.5), and anything else an unknown key (refused by merge, load
+and convert).
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import math
 import os
 from typing import Any, Optional
 
-from ..matching import PatternKeyIndex
+from ..config import modules_to_save_entries
 from ..config_types import LYCORIS_FIELD_TYPES, check_field_types
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
-from ..errors import CheckpointNotFoundError, InvalidConfigError
+from ..copy_keys import full_copies_of
+from ..errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError
+from ..findings import full_copy_entry_findings
 from ..header import read_header
+from ..keys import KeyParts, Role, parse_saved, render_base
+from ..matching import PatternKeyIndex
 from .kohya import foreign_findings
 from .peft_view import component_adapter
 from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, ForeignCheckpoint, ForeignModule
@@ -52,7 +59,8 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
 
     Raises:
         CheckpointNotFoundError: no config or no ``adapter_model.safetensors``.
-        InvalidConfigError: not a LOHA / LOKR config, or bad ``r`` / ``alpha`` / patterns.
+        InvalidConfigError: not a LOHA / LOKR config, or bad ``r`` / ``alpha`` / patterns /
+            ``modules_to_save``.
     """
     d = os.fspath(directory)
     kind = peft_lycoris_type(d)
@@ -72,20 +80,32 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
     for key, value in [("r", r)] + [(f"rank_pattern.{k}", v) for k, v in ranks.items()]:
         if value <= 0:  # PEFT's update_layer: "`r` should be a positive integer"
             raise InvalidConfigError(f"must be a positive integer, got {value:g}", path=config_path, key=key, hint="PEFT refuses r <= 0")
+    entries = modules_to_save_entries(doc, config_path) or []
     header = read_header(weights)
     ckpt = ForeignCheckpoint(
         format="peft", file=weights, metadata=dict(header.metadata), configs={"": doc}, file_tensors=dict(header.tensors)
     )
     slots = set(LOHA_SLOTS if kind == LOHA else LOKR_SLOTS)
     modules: dict[str, ForeignModule] = {}
+    plain: list[tuple[str, KeyParts]] = []
     for key, info in header.tensors.items():
         rest = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         path, _, slot = rest.rpartition(".")
-        if not path or slot not in slots:
-            ckpt.unknown_keys.append(key)
+        if path and slot in slots:
+            m = modules.setdefault(path, ForeignModule(name=path, component=None, kind=kind, path=path))
+            m.tensors[slot], m.keys[slot] = info, key
             continue
-        m = modules.setdefault(path, ForeignModule(name=path, component=None, kind=kind, path=path))
-        m.tensors[slot], m.keys[slot] = info, key
+        parts = _parsed(key)
+        if parts is not None and parts.role is Role.PLAIN:
+            plain.append((key, parts))
+        elif parts is not None and parts.role is Role.BASE_LAYER:  # a targeted lm_head / embedding saved in full (§3.5)
+            ckpt.base_overrides[render_base(parts)] = info
+            ckpt.base_override_keys[render_base(parts)] = key
+        else:
+            ckpt.unknown_keys.append(key)
+    ckpt.full_copies, leftover = full_copies_of(plain, entries, header.tensors)
+    unknown = set(ckpt.unknown_keys) | {k for k, _ in leftover}
+    ckpt.unknown_keys = [k for k in header.tensors if k in unknown]  # in the file's order
     try:
         rank_keys, alpha_keys = PatternKeyIndex(list(ranks)), PatternKeyIndex(list(alphas))  # each pattern compiled once
     except InvalidConfigError as e:  # a bad regex: name the file too
@@ -97,13 +117,22 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
         m.config_scaling = m.alpha / module_r
     ckpt.modules = list(modules.values())
     ckpt.findings.extend(foreign_findings(ckpt))
+    ckpt.findings.extend(full_copy_entry_findings(entries, doc.get("task_type"), list(ckpt.full_copies), list(modules)))
     return ckpt
+
+
+def _parsed(key: str) -> Optional[KeyParts]:
+    """The saved key parsed by the one key grammar (:mod:`adapterfmt.keys`); ``None`` when it is not a dotted name."""
+    try:
+        return parse_saved(key)
+    except UnknownKeyError:
+        return None
 
 
 def peft_lycoris_checkpoint(directory: "str | os.PathLike[str]", name: str = "default") -> Any:
     """A PEFT LOHA / LOKR adapter directory as an :class:`~adapterfmt.checkpoint.AdapterCheckpoint`
-    of factor modules (FORMAT §10.6) for the merge engine and the loader; ``source_config`` keeps
-    the directory's own config."""
+    of factor modules, full copies and saved base tensors (FORMAT §10.6) for the merge engine and
+    the loader; ``source_config`` keeps the directory's own config."""
     ckpt = read_peft_lycoris(directory)
     adapter = component_adapter(ckpt, None, factors=True, name=name)
     adapter.directory = os.path.abspath(os.fspath(directory))

@@ -103,11 +103,14 @@ def component_adapter(
     if not modules:
         raise UnresolvedModulesError(f"has no modules for component {component!r}", path=ckpt.file, hint=f"it adapts {', '.join(ckpt.components)}")
     refuse_unusable(ckpt, modules, lora_only=not factors)
-    doc = peft_config_document(modules, base_modules=list(base_modules))
+    entries = (ckpt.configs[""].get("modules_to_save") or []) if ckpt.format == "peft" else []  # PEFT LoHa / LoKr (vetted when read)
+    doc = peft_config_document(modules, base_modules=list(base_modules), modules_to_save=list(entries))
     config = parse_config(doc, path=f"{ckpt.file}[{component}]")
     adapter = AdapterCheckpoint(
         name=name, directory=os.path.abspath(ckpt.file), config=config, weights_file=ckpt.file, prefix="",
         metadata=dict(ckpt.metadata),
+        # PEFT LoHa / LoKr only (FORMAT §10.6): full copies and saved base tensors
+        full_copies=dict(ckpt.full_copies), base_overrides=dict(ckpt.base_overrides), base_override_keys=dict(ckpt.base_override_keys),
     )
     for m in modules:
         assert m.path is not None
@@ -127,13 +130,16 @@ def component_adapter(
     return adapter
 
 
-def peft_config_document(modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA") -> dict:
-    """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas."""
+def peft_config_document(
+    modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA", modules_to_save: "list[str]" = ()  # type: ignore[assignment]
+) -> dict:
+    """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas,
+    and the adapter's own ``modules_to_save`` entries (a PEFT LoHa / LoKr adapter's)."""
     ranks = {m.path: int(m.rank or 1) for m in modules if m.path is not None}
     alphas = {m.path: effective_alpha(m) for m in modules if m.path is not None}
     counts = Counter(alphas.values())
     lora_alpha: Optional[float] = min(counts, key=lambda a: (-counts[a], a)) if counts else None
-    doc = rebuild_config(ranks, full_copies=[], use_dora=False, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)
+    doc = rebuild_config(ranks, full_copies=list(modules_to_save), use_dora=False, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)
     doc["alpha_pattern"] = {exact_pattern(p): a for p, a in sorted(alphas.items()) if a != lora_alpha}
     doc["peft_type"] = peft_type
     return doc

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..checkpoint import FullCopyModule
 from ..factors import fits, inner_mismatch, product_shape
 from ..finding import Finding
 from ..header import TensorInfo
+from ..keys import split_prefix
 
 #: Pipeline component names, as diffusers names the sub-folders of a pipeline.
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -172,6 +174,36 @@ class ForeignModule:
         }
 
 
+#: The JSON ``kind`` of a full copy (``modules_to_save``) in ``inspect --json`` (PEFT LoHa / LoKr).
+FULL_COPY = "full_copy"
+
+
+def full_copy_as_dict(copy: FullCopyModule) -> dict[str, Any]:
+    """A full copy as an ``inspect --json`` module record (docs/BEHAVIOUR.md §7.2): the fields of
+    :meth:`ForeignModule.as_dict`, ``kind`` ``full_copy``, no rank, alpha or scaling; ``tensors``
+    by parameter (``weight``, ``dense.bias``)."""
+    return {
+        "module": copy.path, "name_in_file": copy.path, "resolved": True, "component": None, "kind": FULL_COPY,
+        "layer_kind": None, "rank": None, "alpha": None, "scaling": None, "dtype": copy.dtype, "params": copy.params,
+        "tensors": {p: {"key": copy.keys[p], "dtype": i.dtype, "shape": list(i.shape)} for p, i in copy.tensors.items()},
+    }
+
+
+#: The JSON ``kind`` of a saved base tensor (``X.base_layer.weight``) in ``inspect --json``.
+BASE_OVERRIDE = "base_override"
+
+
+def base_override_as_dict(base_key: str, info: TensorInfo, key: str) -> dict[str, Any]:
+    """A saved base tensor as an ``inspect --json`` module record: ``module`` is the base key it
+    replaces, ``name_in_file`` its key without ``base_model.model.``, ``kind`` ``base_override``,
+    ``tensors`` ``{"value": ...}`` (as the PEFT LoRA path lists it)."""
+    return {
+        "module": base_key, "name_in_file": split_prefix(key)[1], "resolved": True, "component": None, "kind": BASE_OVERRIDE,
+        "layer_kind": None, "rank": None, "alpha": None, "scaling": None, "dtype": info.dtype, "params": info.numel,
+        "tensors": {"value": {"key": key, "dtype": info.dtype, "shape": list(info.shape)}},
+    }
+
+
 @dataclass
 class ForeignCheckpoint:
     """A kohya / LyCORIS or diffusers adapter file, read from its header.
@@ -186,6 +218,11 @@ class ForeignCheckpoint:
         findings: warnings found while reading.
         file_tensors: every tensor of the file by key, as its header lists it (module factors,
             ``alpha`` scalars, ``dora_scale`` and unknown keys alike): what a value scan reads.
+        full_copies: PEFT LoHa / LoKr only: the ``modules_to_save`` copies (module path -> record),
+            which replace their base modules (FORMAT §3.6); kohya and diffusers files have none.
+        base_overrides: PEFT LoHa / LoKr only: base key -> a saved base tensor that replaces it
+            (``X.base_layer.weight``, written for a targeted ``lm_head`` / embedding, FORMAT §3.5);
+            ``base_override_keys``: base key -> its key in the file.
     """
 
     format: str
@@ -196,6 +233,9 @@ class ForeignCheckpoint:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     file_tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    full_copies: dict[str, FullCopyModule] = field(default_factory=dict)
+    base_overrides: dict[str, TensorInfo] = field(default_factory=dict)
+    base_override_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
