@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from math import prod
 from operator import attrgetter
 from json.decoder import scanstring
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .constants import DTYPE_BITS, MAX_HEADER_BYTES
 from .errors import HeaderError
@@ -150,40 +150,55 @@ def read_header(path: "str | os.PathLike[str]") -> SafetensorsHeader:
     from .errors import CheckpointNotFoundError
 
     path = os.fspath(path)
-    name = path
     try:
         size = os.path.getsize(path)
         if not os.path.isfile(path) and not os.path.isdir(path):
             # a FIFO would block open() forever, a device has no size: refuse before opening
-            raise HeaderError("is not a regular file (a pipe or a device)", path=name, hint="point at a .safetensors file")
+            raise HeaderError("is not a regular file (a pipe or a device)", path=path, hint="point at a .safetensors file")
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise HeaderError(
-                    f"file is {size} bytes, too short for a safetensors header",
-                    path=name,
-                    hint="the file is truncated or not safetensors; download it again",
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise HeaderError(
-                    f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit",
-                    path=name,
-                    hint="the file is damaged or not safetensors",
-                )
-            if 8 + n > size:
-                raise HeaderError(
-                    f"header length {n} runs past the end of the {size}-byte file",
-                    path=name,
-                    hint="the file is truncated; download it again",
-                )
-            raw = f.read(n)
+            return parse_header(path, size, f.read)
     except FileNotFoundError:
-        raise CheckpointNotFoundError("no such file", path=name) from None
+        raise CheckpointNotFoundError("no such file", path=path) from None
     except IsADirectoryError:
-        raise CheckpointNotFoundError("is a directory, expected a .safetensors file", path=name) from None
+        raise CheckpointNotFoundError("is a directory, expected a .safetensors file", path=path) from None
     except OSError as e:
-        raise HeaderError(f"cannot be read ({e.strerror or type(e).__name__})", path=name) from None
+        raise HeaderError(f"cannot be read ({e.strerror or type(e).__name__})", path=path) from None
+
+
+@with_gc_paused
+def parse_header(name: str, size: int, read: Callable[[int], bytes]) -> SafetensorsHeader:
+    """Parse and validate the header of a ``size``-byte safetensors file whose bytes ``read(n)``
+    returns in order from the start: a local file (:func:`read_header`) or a remote one read by
+    range request (:mod:`adapterfmt.hub_files`). ``name`` is what the records and errors call
+    the file (each :class:`TensorInfo`'s ``file``).
+
+    Raises:
+        HeaderError: as :func:`read_header`.
+        OSError: ``read`` failed.
+    """
+    head = read(8)
+    if len(head) < 8:
+        raise HeaderError(
+            f"file is {size} bytes, too short for a safetensors header",
+            path=name,
+            hint="the file is truncated or not safetensors; download it again",
+        )
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise HeaderError(
+            f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit",
+            path=name,
+            hint="the file is damaged or not safetensors",
+        )
+    if 8 + n > size:
+        raise HeaderError(
+            f"header length {n} runs past the end of the {size}-byte file",
+            path=name,
+            hint="the file is truncated; download it again",
+        )
+    raw = read(n)
+    if len(raw) != n:
+        raise HeaderError("the file is shorter than its header length says", path=name, hint="the file is truncated; download it again")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -31,10 +31,11 @@ def is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def remote_tree(repo_id: str, *, revision: Optional[str] = None) -> tuple[Tree, str]:
+def remote_tree(repo_id: str, *, revision: Optional[str] = None, what: str = "model directory") -> tuple[Tree, str]:
     """A :class:`Tree` over the repo's file listing at ``revision``, and the commit it resolved to.
 
-    Small files are read through the cache (``hf_hub_download`` at that commit).
+    Small files are read through the cache (``hf_hub_download`` at that commit). ``what`` names
+    what was looked for in errors (``model directory``, ``adapter path``).
 
     Raises:
         CheckpointNotFoundError: the repo or revision does not exist, or the Hub cannot be reached.
@@ -44,7 +45,7 @@ def remote_tree(repo_id: str, *, revision: Optional[str] = None) -> tuple[Tree, 
     try:
         info = HfApi().model_info(repo_id, revision=revision)
     except Exception as e:  # huggingface_hub raises many types (404, gated, network, validation)
-        raise _fetch_error(repo_id, e) from None
+        raise fetch_error(repo_id, e, what) from None
     sha = info.sha or revision or "main"
     files = [s.rfilename for s in info.siblings or []]
 
@@ -52,7 +53,7 @@ def remote_tree(repo_id: str, *, revision: Optional[str] = None) -> tuple[Tree, 
         try:
             path = hf_hub_download(repo_id, rel, revision=sha)
         except Exception as e:
-            raise _fetch_error(f"{repo_id}/{rel}", e) from None
+            raise fetch_error(f"{repo_id}/{rel}", e, what) from None
         with open(path, "rb") as f:
             return f.read()
 
@@ -81,7 +82,7 @@ def remote_headers(repo_id: str, sha: str, paths: Sequence[str]) -> dict[str, Sa
         except Exception as e:
             if type(e).__name__ == "SafetensorsParsingError":
                 raise HeaderError(f"header cannot be parsed ({e})", path=where) from None
-            raise _fetch_error(where, e) from None
+            raise fetch_error(where, e) from None
         tensors = {}
         for key, t in meta.tensors.items():
             begin, end = t.data_offsets
@@ -107,10 +108,10 @@ def download(repo_id: str, revision: Optional[str], files: Sequence[str]) -> str
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=list(files))
     except Exception as e:
-        raise _fetch_error(repo_id, e) from None
+        raise fetch_error(repo_id, e) from None
 
 
-def cached_snapshot(repo_id: str, *, revision: Optional[str] = None) -> str:
+def cached_snapshot(repo_id: str, *, revision: Optional[str] = None, what: str = "model directory") -> str:
     """The cached snapshot folder of ``repo_id`` (offline mode).
 
     A merge downloads only the files its output needs, so huggingface_hub may call the cached
@@ -128,24 +129,27 @@ def cached_snapshot(repo_id: str, *, revision: Optional[str] = None) -> str:
         partial = getattr(e, "snapshot_path", None)
         if type(e).__name__ == "IncompleteSnapshotError" and partial and os.path.isdir(partial):
             return str(partial)
-        raise _fetch_error(repo_id, e) from None
+        raise fetch_error(repo_id, e, what) from None
 
 
-def _fetch_error(where: str, e: Exception) -> CheckpointNotFoundError:
+def fetch_error(where: str, e: Exception, what: str = "model directory") -> CheckpointNotFoundError:
+    """One error for any failed Hub call (huggingface_hub raises many types), naming ``where``
+    (a repo id or a file's ``hf://`` location) and what to check; ``what`` is what was looked
+    for (``model directory``, ``adapter path``)."""
     name = type(e).__name__
     if name == "HFValidationError":
-        return CheckpointNotFoundError("no such model directory, and not a valid Hub id", path=where)
+        return CheckpointNotFoundError(f"no such {what}, and not a valid Hub id", path=where)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     hint = (
         "HF_HUB_OFFLINE is set and the repo is not in the local cache; download it once online or unset HF_HUB_OFFLINE"
         if offline
         else "check the repo id, the revision, your network and HF_TOKEN"
     )
-    what = {"RepositoryNotFoundError": "no such Hub repo", "RevisionNotFoundError": "no such revision",
+    reason = {"RepositoryNotFoundError": "no such Hub repo", "RevisionNotFoundError": "no such revision",
             "GatedRepoError": "the repo is gated", "EntryNotFoundError": "no such file in the repo"}.get(name)
     return CheckpointNotFoundError(
-        f"no such local model directory, and the Hub fetch failed ({what or name})", path=where, hint=hint
+        f"no such local {what}, and the Hub fetch failed ({reason or name})", path=where, hint=hint
     )
 
 
-__all__ = ["cached_snapshot", "download", "is_offline", "remote_headers", "remote_tree"]
+__all__ = ["cached_snapshot", "download", "fetch_error", "is_offline", "remote_headers", "remote_tree"]

@@ -39,7 +39,7 @@ from .adapter_state import (
     set_trainable,
 )
 from .config import LoraConfig
-from .constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME
+from .constants import DEFAULT_ADAPTER_NAME
 from .describe import AdapterCheckpoint, read_adapter
 from .errors import InconsistentAdapterError, NonFiniteValuesError
 from .header import TensorInfo
@@ -67,6 +67,7 @@ def load(
     allow_pickle: bool = False,
     config: "LoraConfig | Mapping[str, Any] | None" = None,
     component: Optional[str] = None,
+    weight_name: Optional[str] = None,
 ) -> LoadedAdapters:
     """Wrap every module a LoRA adapter targets, in place, and load its tensors.
 
@@ -82,7 +83,8 @@ def load(
         model (`torch.nn.Module`): any model; a transformers or diffusers model, or your own.
         path_or_hub_id (`str`, `os.PathLike` or `dict`): adapter directory (``<dir>/<name>`` for a
             sub-adapter) or Hub repo id — PEFT LoRA, AdaLoRA, LoHa or LoKr; a kohya / LyCORIS or
-            diffusers LoRA ``.safetensors`` file (or a folder holding one, see ``component``);
+            diffusers LoRA ``.safetensors`` file (or a folder or Hub repo holding one, see ``component``
+            and ``weight_name``);
             or an in-memory state dict under PEFT's saved keys (what
             ``get_peft_model_state_dict`` returns), which then needs ``config``. Its tensors
             are copied, never shared with the caller's dict.
@@ -94,7 +96,9 @@ def load(
         prefix_map (`dict`, *optional*): module-path prefix rewrites applied to the checkpoint's
             paths, e.g. ``{"model.": "language_model.model."}`` when the model nests the base
             differently from the one the adapter was trained on.
-        subfolder / revision: passed to :func:`~adapterfmt.read_adapter`.
+        subfolder / revision: a folder inside the directory or Hub repo, and the Hub revision
+            (branch, tag or commit), as :func:`~adapterfmt.read_adapter` takes them; for a foreign
+            file on the Hub the file is downloaded through huggingface_hub's cache at ``revision``.
         allow_pickle (`bool`, *optional*, defaults to `False`): permit an ``adapter_model.bin``.
         config (:class:`~adapterfmt.LoraConfig` or `dict`, *optional*): the adapter's config (a
             decoded ``adapter_config.json``); only, and required, with a state dict.
@@ -102,6 +106,10 @@ def load(
             which part of it ``model`` is (``unet``, ``transformer``, ``text_encoder``,
             ``text_encoder_2``); optional when the file adapts one component. Its names are
             resolved against ``model``'s own modules.
+        weight_name (`str`, *optional*): the foreign file inside the directory or Hub repo (as
+            diffusers' ``load_lora_weights(weight_name=)``); without it the file is
+            ``pytorch_lora_weights.safetensors``, else the only ``.safetensors`` file (several
+            are an error naming them).
 
     Returns:
         A :class:`LoadedAdapters` handle (``.model``, ``.adapters``, ``.active``).
@@ -125,12 +133,13 @@ def load(
     """
     model = as_model(model)
     check_new_name(get_registry(model, create=False), adapter_name)
-    if _is_foreign_file(path_or_hub_id, subfolder):
-        if prefix_map or revision or allow_pickle or config is not None:
-            raise TypeError("prefix_map / revision / allow_pickle / config do not apply to a kohya or diffusers LoRA file")
+    foreign = _foreign_file(path_or_hub_id, subfolder=subfolder, weight_name=weight_name, revision=revision)
+    if foreign is not None:
+        if prefix_map or allow_pickle or config is not None:
+            raise TypeError("prefix_map / allow_pickle / config do not apply to a kohya or diffusers LoRA file")
         from .formats.foreign_load import component_checkpoint
 
-        return load_checkpoint(model, component_checkpoint(model, path_or_hub_id, component=component), adapter_name, is_trainable)  # type: ignore[arg-type]
+        return load_checkpoint(model, component_checkpoint(model, foreign, component=component), adapter_name, is_trainable)
     if component is not None:
         raise TypeError("component= applies to a kohya or diffusers LoRA file, not to a PEFT adapter")
     ckpt = _read(path_or_hub_id, config, adapter_name, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
@@ -184,15 +193,17 @@ def load_checkpoint(
     return LoadedAdapters(model)
 
 
-def _is_foreign_file(source: Any, subfolder: Optional[str]) -> bool:
-    """Whether ``source`` is a local kohya / LyCORIS or diffusers LoRA file (or a folder holding one)."""
-    if isinstance(source, Mapping) or subfolder is not None or not isinstance(source, (str, os.PathLike)):
-        return False
-    if not os.path.exists(source) or os.path.isfile(os.path.join(source, ADAPTER_CONFIG_FILE)):
-        return False
-    from .formats.detect import detect_format
+def _foreign_file(source: Any, **where: Optional[str]) -> Optional[str]:
+    """The local kohya / LyCORIS or diffusers LoRA file ``source`` names (a file, a folder or Hub
+    repo holding one: downloaded through the cache), else ``None`` (:mod:`adapterfmt.formats.locate`)."""
+    if isinstance(source, Mapping) or not isinstance(source, (str, os.PathLike)):
+        if where.get("weight_name") is not None:
+            raise TypeError("weight_name= names a file in a directory or Hub repo, not in a state dict")
+        return None
+    from .formats.locate import locate_foreign
 
-    return detect_format(source) in ("kohya", "diffusers")
+    found = locate_foreign(source, download=True, **where)
+    return found.path if found is not None and found.format in ("kohya", "diffusers") else None
 
 
 def _read(source: Any, config: Any, adapter_name: str, **read_options: Any) -> AdapterCheckpoint:

@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 from .constants import ADAPTER_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
 from .errors import CheckpointNotFoundError, UnknownKeyError
-from .header import read_header
+from .header import SafetensorsHeader, read_header
 from .keys import LORA_ROLES, Role, parse_wrapped
 
-__all__ = ["ADAPTER_ROLES", "PICKLE_SUFFIXES", "PICKLE_WEIGHTS_FILE", "WrappedFiles", "is_wrapped_checkpoint", "locate_wrapped"]
+__all__ = ["ADAPTER_ROLES", "PICKLE_SUFFIXES", "PICKLE_WEIGHTS_FILE", "WrappedFiles", "is_wrapped_checkpoint", "is_wrapped_header", "locate_wrapped"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 #: The pickle a directory is read from when it holds several (trainer dirs add optimizer.pt ...).
@@ -96,6 +96,11 @@ def _pickle_key_names(path: str) -> list[str]:
         return []
 
 
+def is_wrapped_header(header: SafetensorsHeader) -> bool:
+    """Whether one safetensors header (a local file's or a Hub file's) is a wrapped state dict's."""
+    return _has_adapter_key(header.tensors)
+
+
 def _has_adapter_key(keys: "list[str] | Any") -> bool:
     for key in keys:
         try:
@@ -125,6 +130,6 @@ def is_wrapped_checkpoint(path: "str | os.PathLike[str]") -> bool:
             return isinstance(weight_map, dict) and _has_adapter_key(weight_map)
         if loc.storage == "pickle":
             return _has_adapter_key(_pickle_key_names(loc.files[0]))
-        return _has_adapter_key(read_header(loc.files[0]).tensors)
+        return is_wrapped_header(read_header(loc.files[0]))
     except (OSError, ValueError, AttributeError, CheckpointNotFoundError):
         return False

@@ -8,6 +8,11 @@ import click
 
 SUBFOLDER_HELP = "The base's component inside a diffusers pipeline or repo (e.g. unet, transformer, text_encoder)."
 REVISION_HELP = "Hub revision of --base (branch, tag or commit)."
+WEIGHT_NAME_HELP = (
+    "kohya/diffusers: the .safetensors file inside the adapter folder or Hub repo (as diffusers' weight_name); "
+    "default: pytorch_lora_weights.safetensors, else the only .safetensors file."
+)
+ADAPTER_REVISION_HELP = "Hub revision of the adapter (branch, tag or commit)."
 PICKLE_HELP = (
     "Permit pickle weights (adapter_model.bin, pytorch_model.bin, diffusion_pytorch_model.bin), "
     "read with torch.load(weights_only=True)."

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import click
 
 from adapterfmt.base import read_base
-from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
 from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
 
-from .base_options import PICKLE_HELP, base_options
+from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .output import emit_report
 
 EXAMPLES = """
@@ -33,19 +31,6 @@ def parse_prefix_map(ctx: click.Context, param: click.Parameter, values: tuple[s
             raise click.BadParameter(f"{v!r} is not OLD=NEW (e.g. model.=language_model.model.)", ctx=ctx, param=param)
         out[old] = new
     return out
-
-
-def _is_foreign(path: str) -> bool:
-    """A local kohya / diffusers file or PEFT LoHa / LoKr directory (read by adapterfmt.formats, not read_adapter)."""
-    if not os.path.exists(path):
-        return False
-    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE)):
-        from adapterfmt.formats.peft_lycoris import peft_lycoris_type
-
-        return peft_lycoris_type(path) is not None
-    from adapterfmt.formats.detect import detect_format
-
-    return detect_format(path) in ("kohya", "diffusers")
 
 
 def render_check(report: CheckReport) -> str:
@@ -73,8 +58,10 @@ def render_check(report: CheckReport) -> str:
 
 @click.command("check", epilog=EXAMPLES)
 @click.option("--base", required=True, metavar="MODEL", help="Base model: a model or pipeline directory, a weights file, or a Hub id (headers only).")
-@click.option("--adapter", required=True, metavar="ADAPTER", help="Adapter directory or Hub id.")
-@click.option("--subfolder", metavar="NAME", help="Check the sub-adapter stored in <ADAPTER>/<NAME>/.")
+@click.option("--adapter", required=True, metavar="ADAPTER", help="Adapter directory, kohya/diffusers file, or Hub id.")
+@click.option("--subfolder", metavar="NAME", help="Check the sub-adapter (or kohya/diffusers file) stored in <ADAPTER>/<NAME>/.")
+@click.option("--weight-name", metavar="FILE", help=WEIGHT_NAME_HELP)
+@click.option("--adapter-revision", metavar="REV", help=ADAPTER_REVISION_HELP)
 @click.option(
     "--prefix-map",
     multiple=True,
@@ -91,6 +78,8 @@ def check_command(
     base: str,
     adapter: str,
     subfolder: Optional[str],
+    weight_name: Optional[str],
+    adapter_revision: Optional[str],
     prefix_map: dict[str, str],
     base_subfolder: Optional[str],
     base_revision: Optional[str],
@@ -111,16 +100,20 @@ def check_command(
     warning); 2 when an input cannot be read.
 
     A kohya / LyCORIS or diffusers LoRA file (or a PEFT LoHa / LoKr directory) is checked per
-    component against a component or pipeline directory (docs/BEHAVIOUR.md §7.2).
+    component against a component or pipeline directory (docs/BEHAVIOUR.md §7.2); in a Hub repo
+    it is read by HTTP range requests (header and alpha scalars only).
     """
-    if subfolder is None and _is_foreign(adapter):
+    from adapterfmt.formats.locate import locate_foreign
+
+    source = locate_foreign(adapter, subfolder=subfolder, weight_name=weight_name, revision=adapter_revision)
+    if source is not None:
         from .foreign_inspect import check_foreign
 
-        check_foreign(adapter, base=base, component=component, as_json=as_json, strict=strict)
+        check_foreign(source, adapter, base=base, component=component, as_json=as_json, strict=strict)
         return
     if component is not None:
         raise click.UsageError("--component applies to kohya/diffusers adapter files only")
-    ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+    ckpt = read_adapter(adapter, subfolder=subfolder, revision=adapter_revision, allow_pickle=allow_pickle)
     model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
     res = resolve(ckpt, model, prefix_map=prefix_map or None)
     report = check_report(res, adapter=adapter, base=base, prefix_map=prefix_map)

@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from .base_options import WEIGHT_NAME_HELP
 from .output import emit_json, warn
 
 EXAMPLES = """
@@ -16,6 +17,7 @@ Examples:
   adapterfmt convert run/pytorch_model.bin -o my-adapter --alpha 16 --adapter-name other --allow-pickle
   adapterfmt convert lora.safetensors --to peft -o unet-adapter --base sd/unet --component unet
   adapterfmt convert unet-adapter --to kohya -o lora.safetensors --base sd/unet --component unet
+  adapterfmt convert user/sdxl-loras --weight-name style.safetensors --to peft -o unet-adapter --base sdxl/unet --component unet
 """
 
 
@@ -31,6 +33,8 @@ Examples:
 @click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), help="Convert a kohya/diffusers file to a PEFT adapter (peft), or a PEFT adapter to a kohya or diffusers file.")
 @click.option("--base", "base", metavar="COMPONENT_DIR", help="With --to: the component directory (or pipeline directory) the adapter belongs to; names are resolved against it.")
 @click.option("--component", metavar="NAME", help="With --to: unet, text_encoder, text_encoder_2 or transformer.")
+@click.option("--weight-name", metavar="FILE", help="With --to peft: " + WEIGHT_NAME_HELP)
+@click.option("--revision", metavar="REV", help="With --to peft: Hub revision of the source repo (branch, tag or commit).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary instead of text.")
 def convert_command(
     wrapped: str,
@@ -44,6 +48,8 @@ def convert_command(
     to: Optional[str],
     base: Optional[str],
     component: Optional[str],
+    weight_name: Optional[str],
+    revision: Optional[str],
     as_json: bool,
 ) -> None:
     """Convert a wrapped PeftModel.state_dict() checkpoint into the adapter layout PEFT saves.
@@ -58,16 +64,20 @@ def convert_command(
     non-empty one is refused unless --overwrite.
 
     With --to (docs/BEHAVIOUR.md §7.4): `--to peft` writes one component of a kohya / LyCORIS or
-    diffusers LoRA file as a PEFT adapter directory; `--to kohya|diffusers` writes a PEFT LoRA
+    diffusers LoRA file (a local file or folder, or a Hub repo: downloaded through the cache) as a
+    PEFT adapter directory; `--to kohya|diffusers` writes a PEFT LoRA
     adapter of one component as a single .safetensors file that diffusers and LyCORIS load.
     Both need --base (the component directory) and, where ambiguous, --component.
 
     Exit status: 0 on success; 2 when the input cannot be converted (one "Error:" line), e.g.
     without --alpha or --config, since guessing the scale would change the model.
     """
+    if to != "peft" and (weight_name is not None or revision is not None):
+        raise click.UsageError("--weight-name and --revision apply with --to peft only")
     if to is not None:
         _convert_foreign(wrapped, output, to=to, base=base, component=component, overwrite=overwrite, as_json=as_json,
-                         wrapped_only=bool(adapter_name or alpha is not None or config or base_out or allow_pickle))
+                         wrapped_only=bool(adapter_name or alpha is not None or config or base_out or allow_pickle),
+                         weight_name=weight_name, revision=revision)
         return
     if base is not None or component is not None:
         raise click.UsageError("--base and --component apply with --to only")
@@ -92,7 +102,7 @@ def convert_command(
 
 
 def _convert_foreign(source: str, output: str, *, to: str, base: Optional[str], component: Optional[str], overwrite: bool,
-                     as_json: bool, wrapped_only: bool) -> None:
+                     as_json: bool, wrapped_only: bool, weight_name: Optional[str] = None, revision: Optional[str] = None) -> None:
     if wrapped_only:
         raise click.UsageError("--adapter-name, --alpha, --config, --base-out and --allow-pickle apply to wrapped checkpoints, not with --to")
     if base is None:
@@ -100,7 +110,11 @@ def _convert_foreign(source: str, output: str, *, to: str, base: Optional[str], 
     from adapterfmt.formats import foreign_convert
 
     if to == "peft":
-        result = foreign_convert.to_peft(source, output, base=base, component=component, overwrite=overwrite)
+        from adapterfmt.formats.locate import locate_foreign
+
+        found = locate_foreign(source, weight_name=weight_name, revision=revision, download=True)
+        path = found.path if found is not None and found.format != "peft" else source  # else to_peft says what it is
+        result = foreign_convert.to_peft(path, output, base=base, component=component, overwrite=overwrite)
     else:
         if component is None:
             raise click.UsageError(f"--to {to} needs --component (the file's key prefix names it)")

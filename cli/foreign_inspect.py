@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import click
 
 from adapterfmt.finding import Finding
-from adapterfmt.formats import read_foreign
+from adapterfmt.formats.locate import ForeignSource
 from adapterfmt.formats.records import ForeignCheckpoint, base_override_as_dict, full_copy_as_dict
 
 from .output import emit_json, table, warn
@@ -87,15 +87,10 @@ def _checks(ckpt: ForeignCheckpoint, base: str, component: Optional[str]) -> lis
     return [check_component(ckpt, c, b) for c, b in bases.items()]
 
 
-def _read(path: str) -> ForeignCheckpoint:
-    from adapterfmt.formats.peft_lycoris import peft_lycoris_type, read_peft_lycoris
-
-    return read_peft_lycoris(path) if peft_lycoris_type(path) else read_foreign(path)
-
-
-def check_foreign(path: str, *, base: str, component: Optional[str], as_json: bool, strict: bool) -> None:
-    """``adapterfmt check`` for a foreign file: names resolved per component (exit 1 when one fails)."""
-    ckpt = _read(path)
+def check_foreign(source: ForeignSource, path: str, *, base: str, component: Optional[str], as_json: bool, strict: bool) -> None:
+    """``adapterfmt check`` for a foreign file (``path`` as the user named it): names resolved per
+    component (exit 1 when one fails)."""
+    ckpt = source.read()
     checks = _checks(ckpt, base, component)
     ok = all(c.ok for c in checks)
     if as_json:
@@ -109,10 +104,13 @@ def check_foreign(path: str, *, base: str, component: Optional[str], as_json: bo
         raise click.exceptions.Exit(1)
 
 
-def inspect_foreign(path: str, *, as_json: bool, scan: bool, base: Optional[str], component: Optional[str], strict: bool) -> None:
-    """Print the report of a foreign file; with ``base``, resolve it (exit 1 when that fails); with
-    ``scan``, read every tensor of the file and report NaN / Inf (imports torch)."""
-    ckpt = _read(path)
+def inspect_foreign(
+    source: ForeignSource, path: str, *, as_json: bool, scan: bool, base: Optional[str], component: Optional[str], strict: bool
+) -> None:
+    """Print the report of a foreign file (``path`` as the user named it); with ``base``, resolve it
+    (exit 1 when that fails); with ``scan``, read every tensor of the file and report NaN / Inf
+    (imports torch; a Hub file is then a downloaded one)."""
+    ckpt = source.read()
     checks = _checks(ckpt, base, component) if base is not None else []
     scan_findings = None
     if scan:

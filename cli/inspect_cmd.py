@@ -11,7 +11,7 @@ from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
 from adapterfmt.summary import InspectReport, check_report, inspect_report
 
-from .base_options import PICKLE_HELP, base_options
+from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .output import emit_json, emit_report, table, warn
 
 EXAMPLES = """
@@ -22,6 +22,7 @@ Examples:
   adapterfmt inspect testdata/tiny-llama-tied-lora --base testdata/tiny-llama-tied --strict
   adapterfmt inspect user/my-adapter --scan
   adapterfmt inspect my_lora.safetensors --scan --json
+  adapterfmt inspect user/sdxl-loras --weight-name style.safetensors --revision v1.0
 """
 
 
@@ -97,7 +98,9 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (modules, totals, warnings) instead of a table.")
 @click.option("--scan", is_flag=True, help="Also read every tensor's values (kohya/diffusers alpha scalars included) and report NaN/Inf (non-finite); loads torch.")
 @click.option("--base", "base", metavar="MODEL", help="Also resolve against this base model (directory or Hub id), from headers.")
-@click.option("--subfolder", metavar="NAME", help="Inspect the sub-adapter stored in <PATH>/<NAME>/.")
+@click.option("--subfolder", metavar="NAME", help="Inspect the sub-adapter (or kohya/diffusers file) stored in <PATH>/<NAME>/.")
+@click.option("--weight-name", metavar="FILE", help=WEIGHT_NAME_HELP)
+@click.option("--revision", metavar="REV", help=ADAPTER_REVISION_HELP)
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for.")
@@ -108,6 +111,8 @@ def inspect_command(
     scan: bool,
     base: Optional[str],
     subfolder: Optional[str],
+    weight_name: Optional[str],
+    revision: Optional[str],
     base_subfolder: Optional[str],
     base_revision: Optional[str],
     allow_pickle: bool,
@@ -123,34 +128,30 @@ def inspect_command(
 
     The format is detected (JSON "format"): a PEFT directory, a wrapped state dict, a kohya /
     LyCORIS file (lora_unet_*, lora_te*_*) or a diffusers LoRA file (unet.*, transformer.*,
-    text_encoder*.*), see docs/FORMAT.md §10. --scan works for every format.
+    text_encoder*.*), see docs/FORMAT.md §10. --scan works for every format. A Hub repo holding
+    such a file is read by HTTP range requests (header and alpha scalars; --scan downloads it).
 
     Exit status: 0 when the adapter could be read, warnings or not; 1 with --strict when there
     is a warning, or when --base does not resolve a kohya/diffusers file; 2 when the input cannot
     be read (one "Error:" line).
     """
     # An adapter directory is never a wrapped state dict; only other paths pay for importing that reader.
-    if subfolder is None and not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_FILE)) and os.path.exists(adapter):
+    if subfolder is None and weight_name is None and os.path.exists(adapter) and not os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG_FILE)):
         from adapterfmt.formats.detect import detect_format
 
-        fmt = detect_format(adapter)
-        if fmt == "wrapped":
+        if detect_format(adapter) == "wrapped":
             _inspect_wrapped(adapter, as_json=as_json, scan=scan, base=base, allow_pickle=allow_pickle, strict=strict)
             return
-        if fmt in ("kohya", "diffusers"):
-            from .foreign_inspect import inspect_foreign
+    from adapterfmt.formats.locate import locate_foreign
 
-            inspect_foreign(adapter, as_json=as_json, scan=scan, base=base, component=component, strict=strict)
-            return
-    if subfolder is None and os.path.isdir(adapter):
-        from adapterfmt.formats.peft_lycoris import peft_lycoris_type
+    # kohya / LyCORIS / diffusers files and PEFT's LoHa / LoKr: the factor records of docs/FORMAT.md §10
+    source = locate_foreign(adapter, subfolder=subfolder, weight_name=weight_name, revision=revision, download=scan)
+    if source is not None:
+        from .foreign_inspect import inspect_foreign
 
-        if peft_lycoris_type(adapter):  # PEFT's LoHa / LoKr: the factor records of docs/FORMAT.md §10
-            from .foreign_inspect import inspect_foreign
-
-            inspect_foreign(adapter, as_json=as_json, scan=scan, base=base, component=None, strict=strict)
-            return
-    ckpt = read_adapter(adapter, subfolder=subfolder, allow_pickle=allow_pickle)
+        inspect_foreign(source, adapter, as_json=as_json, scan=scan, base=base, component=None if source.format == "peft" else component, strict=strict)
+        return
+    ckpt = read_adapter(adapter, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
     check = None
     if base is not None:
         from adapterfmt.base import read_base  # only with --base: keeps the plain path's imports small

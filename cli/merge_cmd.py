@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import click
 
-from .base_options import PICKLE_HELP, base_options
+from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .check_cmd import parse_prefix_map
 from .output import emit_json, progress_enabled, warn
 
@@ -22,21 +21,17 @@ Examples:
 """
 
 
-def _foreign_adapter(adapters: tuple[str, ...]) -> Optional[str]:
-    """The one --adapter when it is a kohya / diffusers file or a PEFT LoHa / LoKr directory
-    (several adapters: none may be)."""
-    from adapterfmt.formats.detect import detect_format
+def _foreign_adapter(adapters: tuple[str, ...], *, weight_name: Optional[str], revision: Optional[str]) -> Any:
+    """The one --adapter when it is a kohya / diffusers file or a PEFT LoHa / LoKr directory, local
+    or on the Hub (downloaded through the cache), as a ``ForeignSource``; several adapters: none may be."""
+    from adapterfmt.formats.locate import locate_foreign
 
-    foreign = [a for a in adapters if os.path.exists(a) and (_is_peft_lycoris(a) or detect_format(a) in ("kohya", "diffusers"))]
-    if foreign and len(adapters) > 1:
+    if weight_name is not None and len(adapters) != 1:
+        raise click.UsageError("--weight-name names the file of one --adapter")
+    found = [s for s in (locate_foreign(a, weight_name=weight_name, revision=revision, download=True) for a in adapters) if s is not None]
+    if found and len(adapters) > 1:
         raise click.UsageError("a kohya/diffusers adapter file merges alone: give one --adapter")
-    return foreign[0] if foreign else None
-
-
-def _is_peft_lycoris(path: str) -> bool:
-    from adapterfmt.formats.peft_lycoris import peft_lycoris_type
-
-    return peft_lycoris_type(path) is not None
+    return found[0] if found else None
 
 
 def _report_foreign(result: Any, *, quiet: bool, as_json: bool) -> None:
@@ -76,7 +71,9 @@ class _Bar:
 
 @click.command("merge", epilog=EXAMPLES)
 @click.option("--base", metavar="MODEL", help="Base model: a model or pipeline directory, a weights file, or a Hub id; or a wrapped checkpoint (as --wrapped).")
-@click.option("--adapter", "adapters", multiple=True, metavar="ADAPTER", help="Adapter directory or Hub id (repeatable; merged in order).")
+@click.option("--adapter", "adapters", multiple=True, metavar="ADAPTER", help="Adapter directory, kohya/diffusers file, or Hub id (repeatable; merged in order).")
+@click.option("--weight-name", metavar="FILE", help=WEIGHT_NAME_HELP)
+@click.option("--adapter-revision", metavar="REV", help="Hub revision of every --adapter that is a Hub id (branch, tag or commit).")
 @click.option("--wrapped", metavar="WRAPPED", help="A wrapped PeftModel.state_dict() checkpoint: merge its adapter into the base it carries.")
 @click.option("--adapter-name", metavar="NAME", help="With --wrapped: the adapter to merge (default: 'default' or the only one).")
 @click.option("--alpha", type=float, metavar="A", help="With --wrapped: the lora_alpha used in training (a state dict does not store it).")
@@ -107,6 +104,8 @@ class _Bar:
 def merge_command(
     base: Optional[str],
     adapters: tuple[str, ...],
+    weight_name: Optional[str],
+    adapter_revision: Optional[str],
     wrapped: Optional[str],
     adapter_name: Optional[str],
     alpha: Optional[float],
@@ -161,6 +160,8 @@ def merge_command(
         raise click.UsageError("--subfolder and --base-revision apply to --base only")
     if wrapped is None and (adapter_name or alpha is not None or adapter_config):
         raise click.UsageError("--adapter-name, --alpha and --config apply to --wrapped only")
+    if wrapped is not None and (weight_name or adapter_revision):
+        raise click.UsageError("--weight-name and --adapter-revision apply to --adapter only")
     bar = _Bar(progress_enabled(quiet))
     try:
         options: dict[str, Any] = dict(
@@ -172,13 +173,13 @@ def merge_command(
             verify=verify,
             progress=bar,
         )
-        foreign = _foreign_adapter(adapters) if wrapped is None else None
-        if foreign is not None and os.path.isdir(foreign) and _is_peft_lycoris(foreign):
+        foreign = _foreign_adapter(adapters, weight_name=weight_name, revision=adapter_revision) if wrapped is None else None
+        if foreign is not None and foreign.format == "peft":  # PEFT's LoHa / LoKr
             from adapterfmt.formats.foreign_merge import merge_peft_lycoris
 
             if weights or component:
                 raise click.UsageError("--weight and --component do not apply to a PEFT LoHa/LoKr adapter")
-            summary = merge_peft_lycoris(base, foreign, output, subfolder=base_subfolder, revision=base_revision, **options)
+            summary = merge_peft_lycoris(base, foreign.path, output, subfolder=base_subfolder, revision=base_revision, **options)
         elif foreign is not None:
             if weights or base_revision:
                 raise click.UsageError("--weight and --base-revision do not apply to a kohya/diffusers adapter file")
@@ -188,7 +189,7 @@ def merge_command(
 
             options.pop("allow_pickle")
             # --subfolder C of a pipeline base: that component merged, the whole pipeline written
-            result = merge_foreign(base, foreign, output, component=component or base_subfolder, **options)
+            result = merge_foreign(base, foreign.path, output, component=component or base_subfolder, **options)
             _report_foreign(result, quiet=quiet, as_json=as_json)
             return
         elif component is not None:
@@ -200,7 +201,7 @@ def merge_command(
         else:
             summary = merge_to_directory(
                 base,
-                list(adapters),
+                _peft_adapters(adapters, adapter_revision, allow_pickle),
                 output,
                 weights=list(weights) or None,
                 subfolder=base_subfolder,
@@ -237,6 +238,15 @@ def merge_command(
     for n, applied in enumerate(summary.applied, 1):
         parts = [f"{done}/{total} {labels[k]}" for k, (done, total) in applied.items() if total or k == "lora_modules"]
         click.echo(f"adapter {n}: {', '.join(parts)} applied")
+
+
+def _peft_adapters(adapters: tuple[str, ...], revision: Optional[str], allow_pickle: bool) -> list[Any]:
+    """The --adapter specs for the merge engine; read here only when --adapter-revision applies."""
+    if revision is None:
+        return list(adapters)
+    from adapterfmt.describe import read_adapter
+
+    return [read_adapter(a, revision=revision, allow_pickle=allow_pickle) for a in adapters]
 
 
 def _done_without_teardown() -> None:

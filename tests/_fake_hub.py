@@ -6,18 +6,25 @@ Serves, per repo and commit: model info (``/api/models/<id>[/revision/<rev>]``, 
 for large files ``X-Linked-Size`` / ``X-Linked-Etag``; GET with HTTP ``Range``). A file may be
 virtual: a safetensors header followed by a data section of zeros that is never stored, so a
 1 GB model costs nothing to build. ``bytes_served`` counts every body byte sent.
+
+huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` when it is imported, so commands run
+in a fresh process (:func:`hub_env`, :func:`run_batch`) pointed at the fake Hub and a cache folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 _CHUNK = 1 << 20
@@ -207,3 +214,47 @@ class FakeHub:
             h.wfile.write(body)
             with self._lock:
                 self.bytes_served += len(body)
+
+
+def hub_env(hub: FakeHub, cache: Path, *, offline: bool = False) -> dict[str, str]:
+    """The environment of a process that talks to ``hub`` (and nothing else) with ``cache`` as its Hub cache."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    env.update(
+        HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "home"), HF_HUB_OFFLINE="1" if offline else "0",
+        HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="30",
+        NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+    )
+    env.pop("ADAPTERFMT_DEBUG", None)
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+_BATCH = """
+import json, sys
+from click.testing import CliRunner
+from adapterfmt_cli.main import cli
+out = []
+for step in json.loads(sys.argv[1]):
+    if "cli" in step:
+        r = CliRunner().invoke(cli, step["cli"])
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise r.exception
+        out.append({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr, "torch": "torch" in sys.modules})
+    else:
+        scope = {}
+        exec(step["code"], scope)
+        out.append({"result": scope.get("result"), "torch": "torch" in sys.modules})
+print("BATCH " + json.dumps(out))
+"""
+
+
+def run_batch(hub: FakeHub, cache: Path, steps: Sequence[Mapping[str, Any]], *, offline: bool = False) -> list[dict[str, Any]]:
+    """Run ``steps`` in order in ONE fresh process against ``hub``: ``{"cli": [args]}`` (the click app,
+    in-process: ``exit_code``, ``stdout``, ``stderr``) or ``{"code": "..."}`` (Python that sets
+    ``result``, JSON-able); each answer also says whether torch was imported by then (``torch``).
+    One process for many commands: the interpreter, huggingface_hub and torch start once."""
+    argv = [sys.executable, "-c", _BATCH, json.dumps(list(steps))]
+    done = subprocess.run(argv, env=hub_env(hub, cache, offline=offline), capture_output=True, text=True, timeout=300, cwd=cache.parent)
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0 and last.startswith("BATCH "), done.stderr[-4000:]
+    return json.loads(last[len("BATCH "):])

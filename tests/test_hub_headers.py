@@ -8,14 +8,13 @@ in a fresh process, because huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_O
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from _fake_hub import FakeHub, HubFile, safetensors_file
+from _fake_hub import FakeHub, HubFile, hub_env, safetensors_file
 from conftest import TESTDATA, write_adapter
 
 LAYERS, WIDTH, RANK = 32, 4096, 8
@@ -70,16 +69,8 @@ def big_adapter(tmp_path_factory) -> Path:
 
 
 def run(hub: FakeHub, cache: Path, *args: str, offline: bool = False, code: str = "") -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
-    env.update(
-        HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "home"), HF_HUB_OFFLINE="1" if offline else "0",
-        HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="30",
-        NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-    )
-    env.pop("ADAPTERFMT_DEBUG", None)
-    env.pop("HF_TOKEN", None)
     argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "adapterfmt_cli.main", *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=cache.parent)
+    return subprocess.run(argv, env=hub_env(hub, cache, offline=offline), capture_output=True, text=True, timeout=300, cwd=cache.parent)
 
 
 _NO_TORCH = """

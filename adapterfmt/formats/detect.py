@@ -12,41 +12,81 @@
 from __future__ import annotations
 
 import os
+from typing import Optional, Sequence
 
 from ..constants import ADAPTER_CONFIG_FILE
 from ..errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError
-from ..header import read_header
+from ..header import SafetensorsHeader, read_header
 from .diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
 from .kohya import describe_kohya, is_kohya_key
 from .records import ForeignCheckpoint
+from .scalars import ScalarReader, read_scalar
 
 PEFT, KOHYA, DIFFUSERS, WRAPPED = "peft", "kohya", "diffusers", "wrapped"
 
 
-def foreign_file(path: "str | os.PathLike[str]") -> str:
-    """The ``.safetensors`` file a foreign-format path names.
+def foreign_file(path: "str | os.PathLike[str]", *, weight_name: Optional[str] = None) -> str:
+    """The ``.safetensors`` file a foreign-format path names: the path itself, ``path/weight_name``,
+    or the file :func:`choose_foreign_file` picks from the folder's files.
 
     Raises:
         CheckpointNotFoundError: a directory with no such file, or with several and none named
             ``pytorch_lora_weights.safetensors``.
     """
     spec = os.fspath(path)
+    if weight_name is not None:
+        from ..sources import safe_join
+
+        file = safe_join(spec, weight_name, what="weight file")
+        if not os.path.isfile(file):
+            raise CheckpointNotFoundError("no such file", path=file, hint=f"the folder holds {_safetensors_in(spec)}")
+        return file
     if os.path.isfile(spec):
         return spec
     if not os.path.isdir(spec):
         raise CheckpointNotFoundError("does not exist", path=spec)
-    default = os.path.join(spec, DIFFUSERS_LORA_FILE)
-    if os.path.isfile(default):
-        return default
-    found = sorted(f for f in os.listdir(spec) if f.endswith(".safetensors"))
-    if len(found) == 1:
-        return os.path.join(spec, found[0])
-    hint = f"it holds {found}; name the file" if found else "is this an adapter?"
-    raise CheckpointNotFoundError(f"has no {ADAPTER_CONFIG_FILE} and no single LoRA .safetensors file", path=spec, hint=hint)
+    chosen = choose_foreign_file(_safetensors_in(spec), where=spec)
+    if chosen is None:
+        raise CheckpointNotFoundError(f"has no {ADAPTER_CONFIG_FILE} and no LoRA .safetensors file", path=spec, hint="is this an adapter?")
+    return os.path.join(spec, chosen)
 
 
-def _file_format(file: str) -> str:
-    keys = list(read_header(file).tensors)
+def _safetensors_in(directory: str) -> list[str]:
+    try:
+        return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors") and os.path.isfile(os.path.join(directory, f)))
+    except OSError:
+        return []
+
+
+def choose_foreign_file(names: Sequence[str], *, where: str) -> Optional[str]:
+    """Which of a folder's ``.safetensors`` file names (a local folder or a Hub repo's, FORMAT §10.4)
+    is its adapter file: ``pytorch_lora_weights.safetensors`` (diffusers' name), else the only one;
+    ``None`` when there is none.
+
+    Raises:
+        CheckpointNotFoundError: several, none of them diffusers' name; the message names them
+            and how to choose one.
+    """
+    found = sorted(n for n in names if n.endswith(".safetensors"))
+    if DIFFUSERS_LORA_FILE in found:
+        return DIFFUSERS_LORA_FILE
+    if len(found) <= 1:
+        return found[0] if found else None
+    raise CheckpointNotFoundError(
+        f"has no {ADAPTER_CONFIG_FILE} and {len(found)} .safetensors files ({', '.join(found)}), none named {DIFFUSERS_LORA_FILE}",
+        path=where,
+        hint=f"choose the LoRA file with --weight-name NAME (weight_name= in Python), e.g. --weight-name {found[0]}; a PEFT adapter has {ADAPTER_CONFIG_FILE}",
+    )
+
+
+def header_format(header: SafetensorsHeader) -> str:
+    """``kohya``, ``diffusers`` or ``wrapped`` from a safetensors header's keys (FORMAT §10.4).
+
+    Raises:
+        InconsistentAdapterError: kohya and diffusers keys mixed.
+        UnknownKeyError: the keys fit no format adapterfmt knows.
+    """
+    file, keys = header.path, list(header.tensors)
     kohya = sum(map(is_kohya_key, keys))
     diffusers = sum(map(is_diffusers_lora_key, keys))
     if kohya and diffusers:
@@ -57,9 +97,9 @@ def _file_format(file: str) -> str:
         return KOHYA
     if diffusers:
         return DIFFUSERS
-    from ..wrapped import is_wrapped_checkpoint
+    from ..wrapped_files import is_wrapped_header
 
-    if is_wrapped_checkpoint(file):
+    if is_wrapped_header(header):
         return WRAPPED
     raise UnknownKeyError(
         "is not an adapter file adapterfmt knows (PEFT, kohya/LyCORIS, diffusers LoRA, wrapped state dict)",
@@ -72,8 +112,13 @@ def _file_format(file: str) -> str:
 def detect_format(path: "str | os.PathLike[str]") -> str:
     """``peft``, ``kohya``, ``diffusers`` or ``wrapped`` for a local path (headers only).
 
-    A directory that holds neither ``adapter_config.json`` nor a foreign file is reported as
-    ``peft``, so that the PEFT reader gives its own, more specific error (sub-adapters, ``.bin``)."""
+    A directory that holds neither ``adapter_config.json`` nor a ``.safetensors`` file is reported
+    as ``peft``, so that the PEFT reader gives its own, more specific error (sub-adapters, ``.bin``).
+
+    Raises:
+        CheckpointNotFoundError: a directory with several ``.safetensors`` files and no rule to
+            choose one (:func:`choose_foreign_file`).
+    """
     spec = os.fspath(path)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, ADAPTER_CONFIG_FILE)):
@@ -82,19 +127,16 @@ def detect_format(path: "str | os.PathLike[str]") -> str:
 
         if not os.path.isfile(os.path.join(spec, DIFFUSERS_LORA_FILE)) and is_wrapped_checkpoint(spec):
             return WRAPPED
-        try:
-            file = foreign_file(spec)
-        except CheckpointNotFoundError:
-            return PEFT
-        return _file_format(file)
+        chosen = choose_foreign_file(_safetensors_in(spec), where=spec)
+        return PEFT if chosen is None else header_format(read_header(os.path.join(spec, chosen)))
     if not spec.endswith(".safetensors"):
         from ..wrapped import is_wrapped_checkpoint
 
         return WRAPPED if is_wrapped_checkpoint(spec) else PEFT  # pickles: the readers say what to do
-    return _file_format(spec)
+    return header_format(read_header(spec))
 
 
-def read_foreign(path: "str | os.PathLike[str]") -> ForeignCheckpoint:
+def read_foreign(path: "str | os.PathLike[str]", *, weight_name: Optional[str] = None) -> ForeignCheckpoint:
     """Read a kohya / LyCORIS or diffusers LoRA file (or a directory holding one), headers only.
 
     Raises:
@@ -102,11 +144,20 @@ def read_foreign(path: "str | os.PathLike[str]") -> ForeignCheckpoint:
         UnknownKeyError: the file is in neither format.
         InconsistentAdapterError: it mixes the two, or one module mixes two kinds.
     """
-    file = foreign_file(path)
-    fmt = _file_format(file)
-    header = read_header(file)
+    return describe_foreign(read_header(foreign_file(path, weight_name=weight_name)))
+
+
+def describe_foreign(header: SafetensorsHeader, scalar: ScalarReader = read_scalar) -> ForeignCheckpoint:
+    """The records of a kohya / LyCORIS or diffusers LoRA file from its header; ``scalar`` reads
+    each ``alpha`` (from the local file, or prefetched by range request for a Hub file).
+
+    Raises:
+        UnknownKeyError: the file is in neither format (a wrapped state dict included).
+        InconsistentAdapterError: it mixes the two, or one module mixes two kinds.
+    """
+    fmt = header_format(header)
     if fmt == KOHYA:
-        return describe_kohya(header)
+        return describe_kohya(header, scalar)
     if fmt == DIFFUSERS:
-        return describe_diffusers(header)
-    raise UnknownKeyError(f"is a {fmt} checkpoint, not a kohya or diffusers LoRA file", path=file, hint="use read_adapter / read_wrapped")
+        return describe_diffusers(header, scalar)
+    raise UnknownKeyError(f"is a {fmt} checkpoint, not a kohya or diffusers LoRA file", path=header.path, hint="use read_adapter / read_wrapped")

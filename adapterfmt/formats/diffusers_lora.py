@@ -24,7 +24,7 @@ from ..keys import Role, parse_saved
 from .diffusers_old import FAMILIES, candidate_renames, component_chain, rename
 from .kohya import foreign_findings
 from .records import COMPONENTS, LORA, ForeignCheckpoint, ForeignModule
-from .scalars import read_scalar
+from .scalars import ScalarReader, read_scalar
 
 #: diffusers' default file name (``LORA_WEIGHT_NAME_SAFE``) and metadata key (``LORA_ADAPTER_METADATA_KEY``).
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -162,7 +162,7 @@ def _component_names(
     return out, alphas
 
 
-def describe_diffusers(header: SafetensorsHeader) -> ForeignCheckpoint:
+def describe_diffusers(header: SafetensorsHeader, scalar: ScalarReader = read_scalar) -> ForeignCheckpoint:
     """Sort every tensor of a diffusers LoRA file into :class:`ForeignModule` records, each tensor
     keeping its own key in the file.
 
@@ -189,7 +189,7 @@ def describe_diffusers(header: SafetensorsHeader) -> ForeignCheckpoint:
         if m is None:
             ckpt.unknown_keys.append(key)
         else:
-            m.alpha, m.alpha_key = read_scalar(header.tensors[key]), key
+            m.alpha, m.alpha_key = scalar(header.tensors[key]), key
     for m in modules.values():
         cfg = configs.get(m.component)
         if cfg is not None and m.alpha is None:

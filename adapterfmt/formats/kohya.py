@@ -17,7 +17,7 @@ from ..errors import InconsistentAdapterError
 from ..finding import Finding
 from ..header import SafetensorsHeader
 from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, LORA, ForeignCheckpoint, ForeignModule
-from .scalars import read_scalar
+from .scalars import ScalarReader, read_scalar
 
 #: File prefix -> component. Longer prefixes first (``lora_te1_`` before ``lora_te_``).
 KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -56,7 +56,7 @@ def is_kohya_key(key: str) -> bool:
     return split_kohya_key(key) is not None
 
 
-def describe_kohya(header: SafetensorsHeader) -> ForeignCheckpoint:
+def describe_kohya(header: SafetensorsHeader, scalar: ScalarReader = read_scalar) -> ForeignCheckpoint:
     """Sort every tensor of a kohya / LyCORIS file into :class:`ForeignModule` records.
 
     Raises:
@@ -98,7 +98,7 @@ def describe_kohya(header: SafetensorsHeader) -> ForeignCheckpoint:
         if m is None:
             ckpt.unknown_keys.append(key)  # an alpha with no module
             continue
-        m.alpha, m.alpha_key = read_scalar(header.tensors[key]), key
+        m.alpha, m.alpha_key = scalar(header.tensors[key]), key
     for ident, key in doras.items():
         m = modules.get(ident)
         if m is None:
