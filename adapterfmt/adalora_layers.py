@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_layer_wrapper import BaseLayerWrapper
 
-class AdaLoraLinear(nn.Module):
+
+class AdaLoraLinear(BaseLayerWrapper):
     """An ``nn.Linear`` with AdaLoRA adapters."""
 
     def __init__(self, base_layer: nn.Linear) -> None:
@@ -31,14 +33,6 @@ class AdaLoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
 
     @property
     def merged(self) -> bool:
@@ -91,12 +85,6 @@ class AdaLoraLinear(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 self.weight.data -= self.delta_weight(self.merged_adapters.pop()).to(self.weight.dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_layer, name)
 
 
 __all__ = ["AdaLoraLinear"]

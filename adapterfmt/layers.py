@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_layer_wrapper import BaseLayerWrapper
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, dora_weight, lora_delta, merged_weight
 from .layer_types import adapter_dtype, base_layout, is_transformers_conv1d
 
@@ -32,7 +33,7 @@ class Magnitude(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(BaseLayerWrapper):
     """A base layer plus any number of named LoRA adapters (PEFT's ``LoraLayer`` structure).
 
     Attributes:
@@ -61,25 +62,6 @@ class LoraLayer(nn.Module):
         self.disabled = False
         #: DoRA merges keep the weight they replaced, so unmerge restores it exactly.
         self._weights_before_merge: dict[str, torch.Tensor] = {}
-
-    # -- attribute access falls through to the wrapped layer (``weight``, ``in_features``, ...) --
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if name == "base_layer" or "base_layer" not in modules:
-                raise
-            return getattr(modules["base_layer"], name)
 
     # -- adapters --
 

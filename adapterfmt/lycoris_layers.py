@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_layer_wrapper import BaseLayerWrapper
 from .lycoris_math import LOHA, LOKR, module_delta
 
 #: PEFT's ParameterDict names per kind, in PEFT's order (``adapter_layer_names``).
@@ -33,7 +34,7 @@ def can_wrap(module: nn.Module) -> bool:
     return type(module) is nn.Linear or type(module) in _CONV
 
 
-class FactorLayer(nn.Module):
+class FactorLayer(BaseLayerWrapper):
     """A base layer plus named LoHa or LoKr adapters (one kind per layer, as PEFT's layer classes).
 
     Attributes:
@@ -60,14 +61,6 @@ class FactorLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
 
     @property
     def merged(self) -> bool:
@@ -161,15 +154,6 @@ class FactorLayer(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 self.weight.data -= self.delta_weight(self.merged_adapters.pop())
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if name == "base_layer" or "base_layer" not in modules:
-                raise
-            return getattr(modules["base_layer"], name)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, adapters={self.adapter_names}"
