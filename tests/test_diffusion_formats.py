@@ -314,6 +314,30 @@ def test_diffusers_transformer_file_merges_like_diffusers_fuse(sd3_diffusers, ru
     assert changed == len(read_foreign(sd3_diffusers / "lora").modules)
 
 
+def test_diffusers_transformer_file_loads_like_diffusers(sd3_diffusers):
+    """adapterfmt.load of the SD3-style diffusers file (a folder holding pytorch_lora_weights.safetensors,
+    per-module rank and alpha from its LoraConfig metadata) gives the outputs of diffusers'
+    load_lora_adapter on the same transformer, with PEFT's names."""
+    import adapterfmt
+    from diffusers import SD3Transformer2DModel
+
+    theirs = SD3Transformer2DModel.from_pretrained(sd3_diffusers / "transformer").eval()
+    theirs.load_lora_adapter(str(sd3_diffusers / "lora"), prefix="transformer", use_safetensors=True)
+    ours = SD3Transformer2DModel.from_pretrained(sd3_diffusers / "transformer").eval()
+    plain = SD3Transformer2DModel.from_pretrained(sd3_diffusers / "transformer").eval()
+    adapterfmt.load(ours, sd3_diffusers / "lora")
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([3]))
+    with torch.no_grad():
+        expected, got, base = theirs(**inputs).sample, ours(**inputs).sample, plain(**inputs).sample
+    assert (expected - base).abs().max() > 0
+    assert (got - expected).abs().max() <= TOL * (expected - base).abs().max()
+    name = next(iter(theirs.peft_config))  # diffusers names its adapter default_0
+    lora_keys = {k for k in ours.state_dict() if ".lora_" in k}
+    assert lora_keys == {k.replace(f".{name}.", ".default.") for k in theirs.state_dict() if ".lora_" in k} and lora_keys
+
+
 def test_bad_foreign_inputs_are_one_error_line(tmp_path, run_cli):
     from conftest import assert_one_error_line
 
