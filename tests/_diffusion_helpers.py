@@ -116,6 +116,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b - ref).abs().max().clamp_min(1e-12))
 
 
+def assert_merged_like_fused(merged_dir: str, fused_model: Any, base_model: Any, n_modules: Optional[int] = None, tol: float = 1e-4) -> None:
+    """Every merged weight in ``merged_dir`` equals diffusers' fused one (``fuse_lora``) relative to
+    the LoRA's effect on it, and untouched weights are the base's; exactly ``n_modules`` weights
+    changed when given (every module applied), else at least one."""
+    from safetensors.torch import load_file
+
+    ours = load_file(state_path(merged_dir))
+    theirs = {k.replace(".base_layer.", "."): v for k, v in fused_model.state_dict().items() if "lora_" not in k}
+    base = base_model.state_dict()
+    changed = 0
+    for k, v in ours.items():
+        effect = (theirs[k] - base[k]).abs().max()
+        if effect > 0:
+            changed += 1
+            assert (v - theirs[k]).abs().max() <= tol * effect, k
+        else:
+            assert torch.equal(v, base[k]), k
+    assert changed == n_modules if n_modules is not None else changed > 0
+
+
 def state_path(directory: str) -> str:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if os.path.isfile(os.path.join(directory, name)):

@@ -25,7 +25,7 @@ import adapterfmt
 from adapterfmt.errors import InconsistentAdapterError
 from adapterfmt.formats import detect_format, read_foreign
 
-from _diffusion_helpers import rel_err, save_pipeline, state_path, te_out, tiny_clip, tiny_unet, unet_out
+from _diffusion_helpers import assert_merged_like_fused, rel_err, save_pipeline, te_out, tiny_clip, tiny_unet, unet_out
 from conftest import assert_one_error_line
 
 TOL = 1e-4
@@ -142,23 +142,6 @@ def oracle(case):
     return {"pipe": pipe, "out": out}
 
 
-def _weights_close(merged_dir: str, fused_model, base_model, n_modules: int) -> None:
-    """Every merged weight equals diffusers' fused one relative to the LoRA's effect; exactly
-    ``n_modules`` weights changed (diffusers applied every module, and so did the merge)."""
-    ours = load_file(state_path(merged_dir))
-    theirs = {k.replace(".base_layer.", "."): v for k, v in fused_model.state_dict().items() if "lora_" not in k}
-    base = base_model.state_dict()
-    changed = 0
-    for k, v in ours.items():
-        effect = (theirs[k] - base[k]).abs().max()
-        if effect > 0:
-            changed += 1
-            assert (v - theirs[k]).abs().max() <= TOL * effect, k
-        else:
-            assert torch.equal(v, base[k]), k
-    assert changed == n_modules
-
-
 def test_tables_match_the_pinned_diffusers() -> None:
     spec = importlib.util.spec_from_file_location("gen_diffusers_tables", REPO / "scripts" / "gen_diffusers_tables.py")
     module = importlib.util.module_from_spec(spec)
@@ -242,7 +225,7 @@ def test_merge_pipeline_equals_load_lora_weights_and_fuse(case, oracle, run_cli,
     assert r.exit_code == 0, r.stderr
     ckpt = read_foreign(case["file"])
     for c in ("unet", "text_encoder"):
-        _weights_close(str(out / c), getattr(oracle["pipe"], c), case["base"][c], len(ckpt.component_modules(c)))
+        assert_merged_like_fused(str(out / c), getattr(oracle["pipe"], c), case["base"][c], len(ckpt.component_modules(c)))
 
 
 def test_load_gives_diffusers_outputs(case, oracle):
@@ -274,7 +257,7 @@ def test_unprefixed_unet_file_is_the_unets(case, run_cli, tmp_path):
     out = tmp_path / "unet"
     r = run_cli("merge", "--base", os.path.join(case["pipe"], "unet"), "--adapter", case["bare"], "-o", out)
     assert r.exit_code == 0, r.stderr
-    _weights_close(str(out), unet, case["base"]["unet"], len(read_foreign(case["bare"]).modules))
+    assert_merged_like_fused(str(out), unet, case["base"]["unet"], len(read_foreign(case["bare"]).modules))
     model = copy.deepcopy(case["base"]["unet"])
     adapterfmt.load(model, case["bare"])
     assert rel_err(unet_out(model), lora_out, case["ref"]["unet"]) < TOL

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapterfmt
-from _diffusion_helpers import diffusers_fused, rel_err, sd_lora_case, state_path, te_out, unet_out
+from _diffusion_helpers import assert_merged_like_fused, diffusers_fused, rel_err, sd_lora_case, te_out, unet_out
 
 TOL = 1e-4
 
@@ -26,22 +26,6 @@ def fused(case):
     return diffusers_fused(case["file"], case["base"])
 
 
-def _weights_close(merged_dir: str, fused_model, base_model) -> None:
-    """Every merged weight equals diffusers' fused weight, relative to the LoRA's effect on it."""
-    ours = load_file(state_path(merged_dir))
-    theirs = {k.replace(".base_layer.", "."): v for k, v in fused_model.state_dict().items() if "lora_" not in k}
-    base = base_model.state_dict()
-    changed = 0
-    for k, v in ours.items():
-        effect = (theirs[k] - base[k]).abs().max()
-        if effect > 0:
-            changed += 1
-            assert (v - theirs[k]).abs().max() <= TOL * effect, k
-        else:
-            assert torch.equal(v, base[k]), k
-    assert changed > 0
-
-
 def test_merge_component_directory_equals_diffusers_fuse(case, fused, run_cli, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -49,7 +33,7 @@ def test_merge_component_directory_equals_diffusers_fuse(case, fused, run_cli, t
     r = run_cli("merge", "--base", os.path.join(case["pipe"], "unet"), "--adapter", case["file"], "--component", "unet", "-o", out, "--json")
     assert r.exit_code == 0, r.stderr
     assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    _weights_close(str(out), fused["unet"], case["base"]["unet"])
+    assert_merged_like_fused(str(out), fused["unet"], case["base"]["unet"])
     merged = UNet2DConditionModel.from_pretrained(out).eval()
     assert rel_err(unet_out(merged), unet_out(fused["unet"]), case["ref"]["unet"]) < TOL
     assert rel_err(unet_out(merged), case["out"]["unet"], case["ref"]["unet"]) < TOL  # LyCORIS forward too
@@ -71,7 +55,7 @@ def test_merge_pipeline_equals_load_lora_weights_and_fuse(case, run_cli, tmp_pat
     oracle.load_lora_weights(case["file"])
     oracle.fuse_lora()
     for c in ("unet", "text_encoder"):
-        _weights_close(str(out / c), getattr(oracle, c), case["base"][c])
+        assert_merged_like_fused(str(out / c), getattr(oracle, c), case["base"][c])
         assert rel_err(
             (unet_out if c == "unet" else te_out)(getattr(merged, c)), case["out"][c], case["ref"][c]
         ) < TOL  # and LyCORIS's forward
@@ -109,7 +93,7 @@ def test_sdxl_style_file_merges_unet_and_both_text_encoders(tmp_path, run_cli):
     assert sorted(json.loads(r.stdout)["components"]) == ["text_encoder", "text_encoder_2", "unet"]
     fused = diffusers_fused(file, base)
     for c in base:
-        _weights_close(str(tmp_path / "out" / c), fused[c], base[c])
+        assert_merged_like_fused(str(tmp_path / "out" / c), fused[c], base[c])
 
 
 def test_load_foreign_gives_diffusers_outputs(case):
@@ -219,7 +203,7 @@ def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
     fused = copy.deepcopy(base)
     StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, unet=fused)
     fused.fuse_lora()
-    _weights_close(str(tmp_path / "out"), fused, base)
+    assert_merged_like_fused(str(tmp_path / "out"), fused, base)
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "out")
     assert rel_err(unet_out(merged), unet_out(unet), unet_out(base)) < TOL  # and LyCORIS's forward on the diffusers names
     
