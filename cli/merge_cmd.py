@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import click
 
-from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
+from .base_options import PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .check_cmd import parse_prefix_map
 from .output import emit_json, progress_enabled, warn
 

@@ -153,7 +153,6 @@ def sd_lora_case(root: Any) -> dict[str, Any]:
     if "sd_lora" in _CACHE:
         return _CACHE["sd_lora"]
     import copy
-    import json
 
     d = root
     unet, te = tiny_unet(), tiny_clip()
