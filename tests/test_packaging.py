@@ -1,0 +1,33 @@
+"""What a built wheel holds: every package of the library and every data file it reads.
+
+An editable install (what the tests and CI use) reads the source tree, so a package or data file
+missing from pyproject.toml goes unnoticed there; a wheel built from it then lacks that code
+(this happened to ``adapterfmt/formats``)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setting(name: str) -> str:
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    match = re.search(rf"^{re.escape(name)}\s*=\s*(.+)$", text, flags=re.MULTILINE)
+    assert match, f"pyproject.toml has no {name} line"
+    return match.group(1)
+
+
+def test_every_library_package_is_listed() -> None:
+    listed = set(ast.literal_eval(_setting("packages")))
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "adapterfmt").rglob("__init__.py")}
+    assert found and found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"
+    assert "adapterfmt_cli" in listed
+
+
+def test_every_data_file_is_package_data() -> None:
+    listed = set(ast.literal_eval(_setting("adapterfmt")))
+    data = {p.name for p in (ROOT / "adapterfmt").glob("*.json")}
+    assert data and data <= listed, f"not in [tool.setuptools.package-data]: {sorted(data - listed)}"
