@@ -13,21 +13,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _setting(name: str) -> str:
+def _setting(section: str, name: str) -> str:
+    """The value text of ``name = ...`` in ``[section]`` of pyproject.toml (tomllib is 3.11+ only)."""
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    match = re.search(rf"^{re.escape(name)}\s*=\s*(.+)$", text, flags=re.MULTILINE)
-    assert match, f"pyproject.toml has no {name} line"
+    body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+    match = re.search(rf"^{re.escape(name)}\s*=\s*(.+)$", body, flags=re.MULTILINE)
+    assert match, f"pyproject.toml [{section}] has no {name} line"
     return match.group(1)
 
 
 def test_every_library_package_is_listed() -> None:
-    listed = set(ast.literal_eval(_setting("packages")))
+    listed = set(ast.literal_eval(_setting("tool.setuptools", "packages")))
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "adapterfmt").rglob("__init__.py")}
     assert found and found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"
     assert "adapterfmt_cli" in listed
 
 
 def test_every_data_file_is_package_data() -> None:
-    listed = set(ast.literal_eval(_setting("adapterfmt")))
+    listed = set(ast.literal_eval(_setting("tool.setuptools.package-data", "adapterfmt")))
     data = {p.name for p in (ROOT / "adapterfmt").glob("*.json")}
     assert data and data <= listed, f"not in [tool.setuptools.package-data]: {sorted(data - listed)}"
