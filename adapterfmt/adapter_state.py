@@ -274,6 +274,11 @@ def as_model(model: ModelLike) -> nn.Module:
     if isinstance(model, LoadedAdapters):
         return model.model
     if not isinstance(model, nn.Module):
+        if isinstance(getattr(model, "components", None), dict):  # a diffusers pipeline: its components are the modules
+            raise TypeError(
+                f"expected a torch.nn.Module, got the pipeline {type(model).__name__}; give one component, "
+                "e.g. adapterfmt.load(pipe.unet, FILE, component='unet')"
+            )
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     return model
 

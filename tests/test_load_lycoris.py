@@ -278,3 +278,16 @@ def test_broken_loha_lokr_configs_are_one_line_errors(adapter, patch, key, tmp_p
         assert "adapter_config.json" in r.stderr and key in r.stderr, r.stderr
     with pytest.raises(adapterfmt.InvalidConfigError):
         adapterfmt.load(tiny_unet(), bad)
+
+
+def test_a_pipeline_object_is_refused_with_the_component_to_give(tmp_path):
+    """load takes one component; a diffusers pipeline object is a TypeError that says how to call it."""
+    from diffusers import DiffusionPipeline
+
+    class Pipe(DiffusionPipeline):
+        def __init__(self, unet):
+            super().__init__()
+            self.register_modules(unet=unet)
+
+    with pytest.raises(TypeError, match=r"pipe\.unet"):
+        adapterfmt.load(Pipe(tiny_unet()), tmp_path / "any.safetensors", component="unet")
