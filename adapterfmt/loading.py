@@ -101,7 +101,8 @@ def load(
             file on the Hub the file is downloaded through huggingface_hub's cache at ``revision``.
         allow_pickle (`bool`, *optional*, defaults to `False`): permit an ``adapter_model.bin``.
         config (:class:`~adapterfmt.LoraConfig` or `dict`, *optional*): the adapter's config (a
-            decoded ``adapter_config.json``); only, and required, with a state dict.
+            decoded ``adapter_config.json``: LoRA, AdaLoRA, LoHa or LoKr); only, and required,
+            with a state dict.
         component (`str`, *optional*): for a kohya / LyCORIS or diffusers LoRA file (FORMAT §10),
             which part of it ``model`` is (``unet``, ``transformer``, ``text_encoder``,
             ``text_encoder_2``); optional when the file adapts one component. Its names are

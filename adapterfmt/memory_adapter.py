@@ -46,11 +46,30 @@ def read_state_dict(
 ) -> AdapterCheckpoint:
     """Describe ``state_dict`` (PEFT's saved keys, with or without ``base_model.model.``) as a checkpoint.
 
+    A LoRA / AdaLoRA config (a :class:`LoraConfig` or a dict) gives LoRA records; a LOHA / LOKR
+    config dict gives the factor records of PEFT's LoHa / LoKr (FORMAT §10.6).
+
     Raises:
         HeaderError: a value is not a tensor of a safetensors dtype.
         InvalidConfigError / UnknownKeyError / InconsistentAdapterError: as :func:`~adapterfmt.read_adapter`.
     """
-    cfg = as_lora_config(config)
+    header = _header(state_dict)
+    held = {k: v.detach().clone() for k, v in state_dict.items()}  # never shared with the caller's
+    if isinstance(config, Mapping) and str(config.get("peft_type", "")).upper() in ("LOHA", "LOKR"):
+        from .formats.peft_lycoris import describe_peft_lycoris, lycoris_adapter
+
+        adapter = lycoris_adapter(describe_peft_lycoris(dict(config), header, config_path=IN_MEMORY), name)
+        adapter.directory, adapter.tensors_in_memory = IN_MEMORY, held
+        return adapter
+    ckpt = AdapterCheckpoint(
+        name=name, directory=IN_MEMORY, config=as_lora_config(config), weights_file=IN_MEMORY, prefix="", tensors_in_memory=held
+    )
+    describe_tensors(ckpt, header)
+    return ckpt
+
+
+def _header(state_dict: Mapping[str, torch.Tensor]) -> SafetensorsHeader:
+    """The state dict described as a safetensors header would describe it (no byte offsets)."""
     tensors: dict[str, TensorInfo] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -59,16 +78,7 @@ def read_state_dict(
         if dtype is None:
             raise HeaderError(f"has unsupported dtype {value.dtype}", path=IN_MEMORY, key=key)
         tensors[key] = TensorInfo(key, IN_MEMORY, dtype, tuple(value.shape), -1, -1)
-    ckpt = AdapterCheckpoint(
-        name=name,
-        directory=IN_MEMORY,
-        config=cfg,
-        weights_file=IN_MEMORY,
-        prefix="",
-        tensors_in_memory={k: v.detach().clone() for k, v in state_dict.items()},  # never shared with the caller's
-    )
-    describe_tensors(ckpt, SafetensorsHeader(path=IN_MEMORY, tensors=tensors, metadata={}))
-    return ckpt
+    return SafetensorsHeader(path=IN_MEMORY, tensors=tensors, metadata={})
 
 
 __all__ = ["IN_MEMORY", "as_lora_config", "read_state_dict"]

@@ -291,3 +291,30 @@ def test_a_pipeline_object_is_refused_with_the_component_to_give(tmp_path):
 
     with pytest.raises(TypeError, match=r"pipe\.unet"):
         adapterfmt.load(Pipe(tiny_unet()), tmp_path / "any.safetensors", component="unet")
+
+
+def test_load_of_an_in_memory_loha_lokr_state_dict(adapter):
+    """load(model, state_dict, config=<LOHA/LOKR adapter_config.json dict>) — what
+    get_peft_model_state_dict returns — gives PEFT's outputs like the directory does; the caller's
+    tensors are copied, and save writes the LOHA / LOKR config back."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    kind, root = adapter
+    ref = PeftModel.from_pretrained(tiny_unet(), str(root / "a")).eval()
+    state = get_peft_model_state_dict(ref)
+    config = json.loads((root / "a" / "adapter_config.json").read_text())
+    model = tiny_unet()
+    handle = adapterfmt.load(model, state, config=config)
+    assert torch.equal(_out(model), _out(ref))
+    first = next(iter(state))
+    with torch.no_grad():
+        state[first].add_(1.0)  # the loaded adapter does not share the caller's tensors
+    assert torch.equal(_out(model), _out(tiny_unet_loaded(root)))
+    assert handle.adapters["default"].config["peft_type"] == kind.upper()
+
+
+def tiny_unet_loaded(root):
+    model = tiny_unet()
+    adapterfmt.load(model, root / "a")
+    return model

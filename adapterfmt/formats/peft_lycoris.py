@@ -24,7 +24,7 @@ from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREF
 from ..copy_keys import full_copies_of
 from ..errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError
 from ..findings import full_copy_entry_findings
-from ..header import read_header
+from ..header import SafetensorsHeader, read_header
 from ..keys import KeyParts, Role, parse_saved, render_base
 from ..matching import PatternKeyIndex
 from .kohya import foreign_findings
@@ -63,17 +63,30 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
             ``modules_to_save``.
     """
     d = os.fspath(directory)
-    kind = peft_lycoris_type(d)
     config_path = os.path.join(d, ADAPTER_CONFIG_FILE)
-    if kind is None:
+    if peft_lycoris_type(d) is None:
         raise InvalidConfigError("is not a PEFT LOHA or LOKR config", path=config_path, key="peft_type")
     with open(config_path, encoding="utf-8") as f:
         doc = json.load(f)
     weights = os.path.join(d, ADAPTER_SAFETENSORS_FILE)
     if not os.path.isfile(weights):
         raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint="the adapter weights are missing")
+    return describe_peft_lycoris(doc, read_header(weights), config_path=config_path)
+
+
+def describe_peft_lycoris(doc: Any, header: SafetensorsHeader, *, config_path: str) -> ForeignCheckpoint:
+    """A PEFT LoHa / LoKr config and the header of its weights (a file's, or an in-memory state
+    dict described like one) as foreign records.
+
+    Raises:
+        InvalidConfigError: not a LOHA / LOKR config, or bad ``r`` / ``alpha`` / patterns /
+            ``modules_to_save``.
+    """
     if not isinstance(doc, dict):
         raise InvalidConfigError("is not a JSON object", path=config_path)
+    kind = PEFT_LYCORIS_TYPES.get(str(doc.get("peft_type", "")).upper())
+    if kind is None:
+        raise InvalidConfigError("is not a PEFT LOHA or LOKR config", path=config_path, key="peft_type")
     check_field_types(doc, path=config_path, fields=LYCORIS_FIELD_TYPES)
     r, alpha = _number(doc, "r", 8, config_path), _number(doc, "alpha", 8, config_path)
     ranks, alphas = doc.get("rank_pattern") or {}, doc.get("alpha_pattern") or {}
@@ -81,9 +94,8 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
         if value <= 0:  # PEFT's update_layer: "`r` should be a positive integer"
             raise InvalidConfigError(f"must be a positive integer, got {value:g}", path=config_path, key=key, hint="PEFT refuses r <= 0")
     entries = modules_to_save_entries(doc, config_path) or []
-    header = read_header(weights)
     ckpt = ForeignCheckpoint(
-        format="peft", file=weights, metadata=dict(header.metadata), configs={"": doc}, file_tensors=dict(header.tensors)
+        format="peft", file=header.path, metadata=dict(header.metadata), configs={"": doc}, file_tensors=dict(header.tensors)
     )
     slots = set(LOHA_SLOTS if kind == LOHA else LOKR_SLOTS)
     modules: dict[str, ForeignModule] = {}
@@ -133,8 +145,14 @@ def peft_lycoris_checkpoint(directory: "str | os.PathLike[str]", name: str = "de
     """A PEFT LOHA / LOKR adapter directory as an :class:`~adapterfmt.checkpoint.AdapterCheckpoint`
     of factor modules, full copies and saved base tensors (FORMAT §10.6) for the merge engine and
     the loader; ``source_config`` keeps the directory's own config."""
-    ckpt = read_peft_lycoris(directory)
-    adapter = component_adapter(ckpt, None, factors=True, name=name)
+    adapter = lycoris_adapter(read_peft_lycoris(directory), name)
     adapter.directory = os.path.abspath(os.fspath(directory))
+    return adapter
+
+
+def lycoris_adapter(ckpt: ForeignCheckpoint, name: str) -> Any:
+    """PEFT LoHa / LoKr records as the checkpoint model's :class:`~adapterfmt.checkpoint.AdapterCheckpoint`
+    (factor modules, full copies), with the adapter's own config as ``source_config``."""
+    adapter = component_adapter(ckpt, None, factors=True, name=name)
     adapter.source_config = dict(ckpt.configs[""])
     return adapter
