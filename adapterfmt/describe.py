@@ -44,7 +44,6 @@ _LORA_SLOT = {
 }
 
 
-@with_gc_paused
 def peft_type_of(config_path: str) -> Optional[str]:
     """The config's ``peft_type`` in upper case, ``None`` when unreadable (:func:`read_config` then reports why)."""
     try:
@@ -55,6 +54,7 @@ def peft_type_of(config_path: str) -> Optional[str]:
     return str(doc.get("peft_type", "")).upper() if isinstance(doc, dict) else None
 
 
+@with_gc_paused
 def read_adapter(
     path: "str | os.PathLike[str]",
     *,
