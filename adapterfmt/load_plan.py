@@ -93,10 +93,9 @@ def refuse_unloadable(ckpt: AdapterCheckpoint) -> None:
     if not ckpt.lora and not ckpt.full_copies:
         raise InconsistentAdapterError("holds no LoRA tensors and no full copies", path=ckpt.weights_file)
     refuse_unloadable_factors(ckpt)
-    for m in ckpt.lora.values():  # an integer or float8 "LoRA" would be cast silently, or crash the finite check
-        for info in m.tensors.values():
-            refuse_non_float(info, info.key, ckpt.weights_file)
     for path, m in ckpt.lora.items():
+        for info in m.tensors.values():  # an integer or float8 "LoRA" would be cast silently, or crash the finite check
+            refuse_non_float(info, info.key, ckpt.weights_file)
         for copy_path in ckpt.full_copies:
             if is_within(path, copy_path):
                 raise AmbiguousMatchError(

@@ -20,8 +20,8 @@ from .adapter_state import ModelLike, adapter_info, as_model, get_registry
 from .constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from .errors import OutputPathError, UnsupportedFeatureError
 from .full_copy import iter_wrappers
-from .lycoris_layers import FactorLayer
 from .keys import LORA_ROLES, Role, parse_saved, render_saved
+from .lycoris_layers import FactorLayer
 from .matching import undo_prefix_map
 from .module_tree import find_module, parse_model_key
 from .pause import pause_point
