@@ -13,6 +13,9 @@ import json
 import os
 from typing import Any, Optional
 
+from .adalora import SLOTS as ADALORA_SLOTS
+from .adalora import is_adalora
+from .adalora import scaling as adalora_scaling
 from .checkpoint import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
 from .copy_keys import full_copies_of
 from .config import LoraConfig, read_config
@@ -33,6 +36,7 @@ from .sources import ADAPTER_PATTERNS, resolve_dir, safe_join
 
 __all__ = ["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "describe_tensors", "read_adapter"]
 
+_LAYER_KINDS = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}  #: a LoRA factor's ndim -> layer kind
 #: LoRA roles -> the tensor name used in :attr:`LoraModule.tensors`.
 _LORA_SLOT = {
     (Role.LORA_A, "weight"): "lora_A",
@@ -162,15 +166,11 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
     if len(prefixes) > 1:
         ckpt.findings.append(mixed_prefix_finding(header.path, [k for k in keys if not k.startswith(PEFT_PREFIX)]))
 
-    from .adalora import SLOTS as ADALORA_SLOTS
-    from .adalora import is_adalora
-
     adalora = is_adalora(cfg.raw)
     plain: list[tuple[str, KeyParts]] = []
     lora_parts: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     embedding_modules: set[str] = set()
-    for key in keys:
-        info = header.tensors[key]
+    for key, info in header.tensors.items():
         try:
             parts = parse_saved(key)
         except UnknownKeyError as e:
@@ -209,7 +209,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
             ckpt.unknown_keys.append(key)
 
     for module, slots in sorted(lora_parts.items()):
-        ckpt.lora[module] = _lora_module(ckpt, module, slots, embedding=module in embedding_modules)
+        ckpt.lora[module] = _lora_module(ckpt, module, slots, embedding=module in embedding_modules, adalora=adalora)
 
     from .weight_tying import adopt_tied_copies
 
@@ -229,7 +229,7 @@ def _token_indices(cfg: LoraConfig, module: str) -> Optional[list[int]]:
 
 
 def _lora_module(
-    ckpt: AdapterCheckpoint, module: str, slots: dict[str, tuple[str, TensorInfo]], *, embedding: bool
+    ckpt: AdapterCheckpoint, module: str, slots: dict[str, tuple[str, TensorInfo]], *, embedding: bool, adalora: bool
 ) -> LoraModule:
     cfg = ckpt.config
     a = slots.get("lora_A")
@@ -240,13 +240,11 @@ def _lora_module(
     elif b is not None and len(b[1].shape) >= 2:
         rank = b[1].shape[1]
     ndim = len(a[1].shape) if a else (len(b[1].shape) if b else 2)
-    kind = "embedding" if embedding else {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(ndim, "unknown")
+    kind = "embedding" if embedding else _LAYER_KINDS.get(ndim, "unknown")
+    tensors = {slot: info for slot, (_, info) in slots.items()}
+    keys = {slot: key for slot, (key, _) in slots.items()}
     config_rank = cfg.rank_for(module)
-    from .adalora import is_adalora
-    from .adalora import scaling as adalora_scaling
-    from .param_targets import param_target, rank_and_scaling
-
-    if is_adalora(cfg.raw):  # the tensors hold the (possibly budget-pruned) rank; scaling α/(r + 1e-5)
+    if adalora:  # the tensors hold the (possibly budget-pruned) rank; scaling α/(r + 1e-5)
         return LoraModule(
             path=module,
             layer_kind=kind,
@@ -256,30 +254,32 @@ def _lora_module(
             scaling=adalora_scaling(cfg.lora_alpha, rank or config_rank),
             use_dora=False,
             lora_bias="lora_B.bias" in slots,
-            tensors={slot: info for slot, (_, info) in slots.items()},
-            keys={slot: key for slot, (key, _) in slots.items()},
+            tensors=tensors,
+            keys=keys,
         )
+    if cfg.target_parameters:
+        from .param_targets import param_target, rank_and_scaling  # only for target_parameters: its tables load on import
 
-    ptarget = param_target(cfg, module)
-    found = {rank_and_scaling(cfg, f"{ptarget.owner}.{p}") for p in ptarget.candidates} if ptarget is not None else set()
-    if ptarget is not None and len(found) == 1:
-        # target_parameters: r and alpha are looked up on the parameter key; a fused-expert LoRA
-        # holds r·E rows (FORMAT.md §3.9), so the tensor rank is r when it divides evenly.
-        config_rank, scaling = next(iter(found))
-        if rank and rank % config_rank == 0:
-            rank = config_rank
-        return LoraModule(
-            path=module,
-            layer_kind=kind,
-            rank=rank,
-            config_rank=config_rank,
-            alpha=cfg.alpha_for(f"{ptarget.owner}.{ptarget.candidates[0]}"),
-            scaling=scaling,
-            use_dora="magnitude" in slots,
-            lora_bias="lora_B.bias" in slots,
-            tensors={slot: info for slot, (_, info) in slots.items()},
-            keys={slot: key for slot, (key, _) in slots.items()},
-        )
+        ptarget = param_target(cfg, module)
+        found = {rank_and_scaling(cfg, f"{ptarget.owner}.{p}") for p in ptarget.candidates} if ptarget is not None else set()
+        if ptarget is not None and len(found) == 1:
+            # target_parameters: r and alpha are looked up on the parameter key; a fused-expert LoRA
+            # holds r·E rows (FORMAT.md §3.9), so the tensor rank is r when it divides evenly.
+            config_rank, scaling = next(iter(found))
+            if rank and rank % config_rank == 0:
+                rank = config_rank
+            return LoraModule(
+                path=module,
+                layer_kind=kind,
+                rank=rank,
+                config_rank=config_rank,
+                alpha=cfg.alpha_for(f"{ptarget.owner}.{ptarget.candidates[0]}"),
+                scaling=scaling,
+                use_dora="magnitude" in slots,
+                lora_bias="lora_B.bias" in slots,
+                tensors=tensors,
+                keys=keys,
+            )
     return LoraModule(
         path=module,
         layer_kind=kind,
@@ -289,6 +289,7 @@ def _lora_module(
         scaling=cfg.scaling_for(module, rank or config_rank),
         use_dora="magnitude" in slots,
         lora_bias="lora_B.bias" in slots,
-        tensors={s: info for s, (_, info) in slots.items()},
-        keys={s: k for s, (k, _) in slots.items()},
+        tensors=tensors,
+        keys=keys,
     )
+

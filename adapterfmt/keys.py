@@ -153,17 +153,25 @@ def parse_saved(key: str, *, full_copy_modules: Iterable[str] = (), prefix: str 
         UnknownKeyError: the key is empty or has an empty segment.
     """
     pre, rest = split_prefix(key, prefix)
-    segs = rest.split(".")
-    if not rest or any(s == "" for s in segs):
+    if not rest or rest[0] == "." or rest[-1] == "." or ".." in rest:
         raise UnknownKeyError("is not a dotted tensor name", key=key)
-    if len(segs) >= 2 and segs[-1] in _SAVED_LAST_SEGMENT:
-        return KeyParts(".".join(segs[:-1]), _SAVED_LAST_SEGMENT[segs[-1]], prefix=pre)
-    if len(segs) >= 3 and segs[-2:] == ["token_adapter", "trainable_tokens_delta"]:
-        return KeyParts(".".join(segs[:-2]), Role.TOKENS_DELTA, prefix=pre)
-    if len(segs) >= 3 and segs[-2] in _SAVED_MODULE_ROLE:
-        return KeyParts(".".join(segs[:-2]), _SAVED_MODULE_ROLE[segs[-2]], segs[-1], prefix=pre)
-    if len(segs) >= 3 and segs[-2] == "base_layer":
-        return KeyParts(".".join(segs[:-2]), Role.BASE_LAYER, segs[-1], prefix=pre)
+    # The common shapes first, without splitting the whole key (a 200k-tensor adapter parses
+    # each of its keys here): ``M.lora_embedding_A``, ``M.lora_A.weight``, ``M.base_layer.weight``.
+    head, _, last = rest.rpartition(".")
+    if head:
+        role = _SAVED_LAST_SEGMENT.get(last)
+        if role is not None:
+            return KeyParts(head, role, prefix=pre)
+        module, _, second = head.rpartition(".")
+        if module:
+            role = _SAVED_MODULE_ROLE.get(second)
+            if role is not None:
+                return KeyParts(module, role, last, prefix=pre)
+            if second == "base_layer":
+                return KeyParts(module, Role.BASE_LAYER, last, prefix=pre)
+            if second == "token_adapter" and last == "trainable_tokens_delta":
+                return KeyParts(module, Role.TOKENS_DELTA, prefix=pre)
+    segs = rest.split(".")
     # ``bias="all"`` leftovers of modules_to_save wrappers (docs/FORMAT.md §3.5): keep them typed.
     for marker, role in (("original_module", Role.ORIGINAL), ("modules_to_save", Role.FULL_COPY)):
         if marker in segs[1:-1]:

@@ -181,21 +181,10 @@ class InspectReport(NamedTuple):
 def _module_rows(ckpt: AdapterCheckpoint) -> list[ModuleRow]:
     rows = []
     for path, m in ckpt.lora.items():
-        rows.append(
-            ModuleRow(
-                module=path,
-                type="lora",
-                layer_kind=m.layer_kind,
-                rank=m.rank,
-                config_rank=m.config_rank,
-                alpha=m.alpha,
-                scaling=m.scaling,
-                use_dora=m.use_dora,
-                lora_bias=m.lora_bias,
-                dtype=m.dtype,
-                params=m.params,
-                tensors={s: _tensor_dict(m.keys[s], t) for s, t in m.tensors.items()},
-            )
+        keys = m.keys
+        rows.append(  # positional: a 100k-module adapter builds 100k of these
+            ModuleRow(path, "lora", m.layer_kind, m.rank, m.config_rank, m.alpha, m.scaling, m.use_dora, m.lora_bias, m.dtype, m.params,
+                      {s: _tensor_dict(keys[s], t) for s, t in m.tensors.items()})
         )
     for path, c in ckpt.full_copies.items():
         rows.append(
@@ -261,8 +250,8 @@ def inspect_report(
         full_copies=len(ckpt.full_copies),
         token_deltas=len(ckpt.token_deltas),
         base_overrides=len(ckpt.base_overrides),
-        lora_params=ckpt.lora_params,
-        full_copy_params=ckpt.full_copy_params,
+        lora_params=sum(r.params for r in rows if r.type == "lora"),  # ckpt.lora_params, without summing every tensor again
+        full_copy_params=sum(r.params for r in rows if r.type == "full_copy"),
         params=sum(r.params for r in rows),
         tensors=len(infos) + len(ckpt.unknown_keys),
         nbytes=sum(max(t.nbytes, 0) for t in infos.values()),

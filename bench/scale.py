@@ -141,7 +141,7 @@ def bench_sizes(cache: str, sizes: list[int], runs: int) -> dict[int, dict[str, 
 
 
 _PEAK = """
-import atexit, resource, sys
+import atexit, os, resource, sys
 def _peak():
     kb = None
     try:  # VmHWM: this process's own peak (ru_maxrss would include the forking parent's pages)
@@ -150,7 +150,13 @@ def _peak():
     except (OSError, StopIteration):
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
     sys.stderr.write(f"\\nPEAK_RSS_KB {kb}\\n")
+    sys.stderr.flush()
 atexit.register(_peak)
+_os_exit = os._exit
+def _exit_after_peak(code):  # the console script may leave by os._exit, which skips atexit
+    _peak()
+    _os_exit(code)
+os._exit = _exit_after_peak
 """
 
 
@@ -167,7 +173,7 @@ def child_rss(args: list[str]) -> tuple[float, float, int]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from adapterfmt_cli.main import cli; cli(sys.argv[1:])", *args]
+    return [sys.executable, "-c", "import sys; from adapterfmt_cli.main import main; main(sys.argv[1:])", *args]
 
 
 def bench_header(cache: str, n: int, runs: int) -> dict[str, float]:

@@ -8,6 +8,7 @@ import click
 
 from adapterfmt.base import read_base
 from adapterfmt.describe import read_adapter
+from adapterfmt.gc_pause import with_gc_paused
 from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
 
@@ -74,6 +75,7 @@ def render_check(report: CheckReport) -> str:
 @click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
+@with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
 def check_command(
     base: str,
     adapter: str,

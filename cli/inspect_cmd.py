@@ -9,6 +9,7 @@ import click
 
 from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.describe import read_adapter
+from adapterfmt.gc_pause import with_gc_paused
 from adapterfmt.summary import InspectReport, check_report, inspect_report
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
@@ -105,6 +106,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for.")
 @click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
+@with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
 def inspect_command(
     adapter: str,
     as_json: bool,

@@ -8,6 +8,7 @@ from typing import Optional
 import click
 
 from adapterfmt.base import read_base
+from adapterfmt.gc_pause import with_gc_paused
 from adapterfmt.summary import TargetsReport, preview_targets
 
 from .base_options import PICKLE_HELP, base_options
@@ -95,6 +96,7 @@ def render_targets(report: TargetsReport) -> str:
     help="Show and match base modules starting with NEW as the adapter names them, starting with OLD (repeatable).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
 def targets_command(
     base: str,
     target_modules: Optional[list[str]],

@@ -184,3 +184,62 @@ def test_entry_by_entry_decoding_accepts_exactly_what_json_loads_accepts(text):
     got = list(_top_level_entries(text))
     assert [k for k, _ in got] == [k for k, _ in expected]
     assert json.dumps([v for _, v in got]) == json.dumps([list(v) if isinstance(v, _Object) else v for _, v in expected])
+
+
+# ---------------------------------------------------------------------------------------------
+# one json.loads for a valid header, the entry-by-entry reader for a defective one
+# ---------------------------------------------------------------------------------------------
+
+
+def test_duplicate_field_inside_an_entry_is_named(tmp_path):
+    """A repeated field makes the one-call decoder give up; the exact reader names entry and field."""
+    raw = b'{"a": {"dtype": "F32", "shape": [2], "shape": [2], "data_offsets": [0, 8]}}'
+    with pytest.raises(HeaderError) as e:
+        read_header(_file(tmp_path, raw, b"\0" * 8))
+    assert e.value.key == "a" and "field 'shape' appears twice" in str(e.value)
+
+
+def test_duplicate_metadata_key_is_refused(tmp_path):
+    raw = b'{"__metadata__": {"x": "1", "x": "2"}, "a": %s}' % json.dumps(T).encode()
+    with pytest.raises(HeaderError, match="field 'x' appears twice"):
+        read_header(_file(tmp_path, raw, b"\0" * 8))
+
+
+def test_repeated_key_deep_in_an_ignored_field_is_accepted_as_before(tmp_path):
+    """The fast decoder refuses a repeat at any depth; the exact reader (which ignores unknown
+    fields) then reads the header: the answer is the exact reader's, whichever path gave it."""
+    raw = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": {"k": 1, "k": 2}}}'
+    header = read_header(_file(tmp_path, raw, b"\0" * 8))
+    assert list(header.tensors) == ["a"] and header.tensors["a"].shape == (2,)
+
+
+def test_tensors_listed_out_of_byte_order(tmp_path):
+    """Writers may list tensors in any order: tiling is checked in byte order."""
+    header = read_header(_file(tmp_path, {"b": U, "a": T}, b"\0" * 12))
+    assert list(header.tensors) == ["b", "a"]
+    assert [(t.start, t.end) for t in header.tensors.values()] == [(header.data_start + 8, header.data_start + 12), (header.data_start, header.data_start + 8)]
+    with pytest.raises(HeaderError, match="overlap"):
+        read_header(_file(tmp_path, {"b": {**U, "data_offsets": [4, 8]}, "a": T}, b"\0" * 8))
+
+
+@pytest.mark.parametrize("text", _TRICKY_OBJECTS)
+def test_fast_and_exact_readers_give_the_same_entries(text):
+    """``_entries`` (one json.loads) yields what the entry-by-entry reader yields, or the same error."""
+    from adapterfmt.header import _Object, _entries, _top_level_entries
+
+    def plain(v):
+        if isinstance(v, _Object):
+            return {k: plain(x) for k, x in v}
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    try:
+        exact = [(k, plain(v)) for k, v in _top_level_entries(text)]
+    except ValueError:
+        with pytest.raises(HeaderError):
+            list(_entries(text, "x"))
+        return
+    if len({k for k, _ in exact}) != len(exact):
+        with pytest.raises(HeaderError, match="appears twice"):
+            list(_entries(text, "x"))
+        return
+    assert [(k, plain(v)) for k, v in _entries(text, "x")] == exact
