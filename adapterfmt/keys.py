@@ -15,8 +15,8 @@ name, prefix) and every namespace is rendered from that record through the one t
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Optional
 
 from .constants import DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from .errors import UnknownKeyError
@@ -107,9 +107,12 @@ _WRAPPED_ADAPTER_ROLE = {
 _MODULE_PARAMS = frozenset({"weight", "bias"})
 
 
-@dataclass(frozen=True)
-class KeyParts:
-    """One tensor key, parsed: ``prefix + render(role, module, param, adapter)``."""
+class KeyParts(NamedTuple):
+    """One tensor key, parsed: ``prefix + render(role, module, param, adapter)``.
+
+    A tuple, not a frozen dataclass: every key of an adapter is parsed into one (200k for a big
+    MoE adapter), and a tuple is built in a third of the time.
+    """
 
     module: str
     role: Role
@@ -118,7 +121,7 @@ class KeyParts:
     prefix: str = ""
 
     def with_adapter(self, adapter: str) -> "KeyParts":
-        return replace(self, adapter=adapter)
+        return self._replace(adapter=adapter)
 
 
 def split_prefix(key: str, prefix: str = PEFT_PREFIX) -> tuple[str, str]:

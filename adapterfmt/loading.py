@@ -17,7 +17,6 @@ This module imports torch and safetensors only.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any, Mapping, Optional
 
 import torch
@@ -256,7 +255,7 @@ def _finite(ckpt: AdapterCheckpoint, info: TensorInfo, tensor: torch.Tensor) -> 
 def _model_key(saved_key: str, model_path: str, name: str, full_copy_modules: list[str]) -> str:
     """The wrapped-model key a saved tensor loads into (keys.py's table; module path after prefix_map)."""
     parts = parse_saved(saved_key, full_copy_modules=full_copy_modules)
-    return render_wrapped(replace(parts, module=model_path, prefix=""), adapter=name, prefix="")
+    return render_wrapped(parts._replace(module=model_path, prefix=""), adapter=name, prefix="")
 
 
 def _build(

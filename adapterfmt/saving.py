@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -98,7 +97,7 @@ def adapter_state_dict(model: ModelLike, adapter_name: str = DEFAULT_ADAPTER_NAM
             continue
         if parts.role is Role.TOKENS_DELTA and getattr(find_module(model, parts.module), "tied", False):
             continue  # a tied head's rows are the embedding's (PEFT saves them once)
-        saved = replace(parts, module=undo_prefix_map(parts.module, info.prefix_map))
+        saved = parts._replace(module=undo_prefix_map(parts.module, info.prefix_map))
         out[render_saved(saved, prefix=PEFT_PREFIX)] = value
     for saved_key, model_key in info.overrides.items():
         out[render_saved(parse_saved(saved_key), prefix=PEFT_PREFIX)] = state[model_key]

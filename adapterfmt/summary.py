@@ -164,11 +164,14 @@ class InspectReport(NamedTuple):
     scanned: bool = False
     check: Optional[CheckReport] = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, *, rows_as_records: bool = False) -> dict[str, Any]:
+        """The JSON document. ``rows_as_records``: ``modules`` holds the :class:`ModuleRow` records
+        themselves, for a writer that turns each into its dict as it writes it (a 100k-module
+        report then never holds 100k row dicts at once)."""
         return {
             "source": self.source,
             "adapter": self.adapter,
-            "modules": [m.as_dict() for m in self.modules],
+            "modules": list(self.modules) if rows_as_records else [m.as_dict() for m in self.modules],
             "totals": self.totals.as_dict(),
             "sub_adapters": list(self.sub_adapters),
             "unknown_keys": list(self.unknown_keys),

@@ -13,6 +13,7 @@ from adapterfmt.resolution import resolve
 from adapterfmt.summary import CheckReport, check_report
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
+from .main import done_without_teardown
 from .output import emit_report
 
 EXAMPLES = """
@@ -120,5 +121,6 @@ def check_command(
     res = resolve(ckpt, model, prefix_map=prefix_map or None)
     report = check_report(res, adapter=adapter, base=base, prefix_map=prefix_map)
     emit_report(report, render_check, as_json=as_json)
+    done_without_teardown(ckpt, model, res, report)
     if not report.ok or (strict and report.warnings):
         raise click.exceptions.Exit(1)

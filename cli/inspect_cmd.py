@@ -13,6 +13,7 @@ from adapterfmt.gc_pause import with_gc_paused
 from adapterfmt.summary import InspectReport, check_report, inspect_report
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
+from .main import done_without_teardown
 from .output import emit_json, emit_report, table, warn
 
 EXAMPLES = """
@@ -168,9 +169,10 @@ def inspect_command(
         scan_findings = non_finite_findings(ckpt)
     report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)
     if as_json:
-        emit_json({"format": "peft", **report.as_dict()})
+        emit_json({"format": "peft", **report.as_dict(rows_as_records=True)})
     else:
         emit_report(report, render_inspect, as_json=False)
+    done_without_teardown(ckpt, report)
     if strict and report.warnings:
         warn(f"{len(report.warnings)} warning(s); failing because of --strict")
         raise click.exceptions.Exit(1)

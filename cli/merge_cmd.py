@@ -251,7 +251,7 @@ def _peft_adapters(adapters: tuple[str, ...], revision: Optional[str], allow_pic
 
 def _done_without_teardown() -> None:
     """The output is committed: the console script may leave without the interpreter's teardown."""
-    from . import main
+    from .main import done_without_teardown
 
-    main.skip_teardown = True
+    done_without_teardown()
 

@@ -69,7 +69,10 @@ def _encode(value: Any, level: int) -> Iterator[str]:
 
 
 def _compact(value: Any) -> str:
-    """``value`` as one line of strict JSON (``", "`` and ``": "`` separators; NaN / Infinity as null)."""
+    """``value`` as one line of strict JSON (``", "`` and ``": "`` separators; NaN / Infinity as
+    null). A record (a ``NamedTuple`` with ``as_dict()``, such as a report's row) is written as its dict."""
+    if isinstance(value, tuple) and hasattr(value, "as_dict"):
+        value = value.as_dict()
     try:
         return _ONE_LINE(value)
     except ValueError:  # NaN / Infinity are not JSON: a NaN alpha read from a file is written as null

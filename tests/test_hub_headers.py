@@ -74,13 +74,22 @@ def run(hub: FakeHub, cache: Path, *args: str, offline: bool = False, code: str 
 
 
 _NO_TORCH = """
-import sys
+import os, sys
+def report():
+    print("TORCH LOADED" if "torch" in sys.modules else "NO TORCH", flush=True)
+real_exit = os._exit
+def exit_after_report(code):  # the console script may end by os._exit once its output is printed
+    sys.stdout.flush()
+    assert not code, code
+    report()
+    real_exit(code)
+os._exit = exit_after_report
 from adapterfmt_cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit as e:
     assert not e.code, e.code
-print("TORCH LOADED" if "torch" in sys.modules else "NO TORCH")
+report()
 """
 
 

@@ -33,3 +33,26 @@ def test_merge_exits_without_teardown_after_committing(tmp_path: Path) -> None:
 
     failed = _run("merge", "--base", str(REPO / "testdata/tiny-llama"), "--adapter", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"))
     assert failed.returncode == 2 and "TEARDOWN" in failed.stderr
+
+
+def test_inspect_and_check_exit_without_teardown_with_their_output_complete() -> None:
+    """inspect and check print, then leave by os._exit (a 100k-module adapter's records are not
+    freed one by one); the JSON document is whole. --strict's exit 1 takes the normal way out."""
+    adapter, base = str(REPO / "testdata/tiny-llama-lora"), str(REPO / "testdata/tiny-llama")
+    inspected = _run("inspect", adapter, "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["totals"]["lora_modules"] > 0 and "TEARDOWN" not in inspected.stderr
+    checked = _run("check", "--base", base, "--adapter", adapter, "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout)["ok"] is True and "TEARDOWN" not in checked.stderr
+    table = _run("inspect", adapter)
+    assert table.returncode == 0 and "lora" in table.stdout and "TEARDOWN" not in table.stderr
+
+
+def test_in_process_commands_keep_nothing_alive() -> None:
+    """Called in-process (tests, other programs) a command ends normally: nothing is kept for an exit."""
+    from click.testing import CliRunner
+
+    from adapterfmt_cli import main
+
+    result = CliRunner().invoke(main.cli, ["inspect", str(REPO / "testdata/tiny-llama-lora"), "--json"])
+    assert result.exit_code == 0 and main._kept_until_exit == []

@@ -16,9 +16,19 @@ from conftest import TESTDATA
 
 HEAVY = ("torch", "huggingface_hub", "tqdm", "numpy", "safetensors")
 
-#: Runs the CLI, then prints the heavy packages that were imported as the last stderr line.
+#: Runs the CLI, then prints the heavy packages that were imported as the last stderr line. The
+#: console script may end by ``os._exit`` once its output is printed: the report is made there too.
 _WRAPPER = f"""
-import json, sys
+import json, os, sys
+def report():
+    sys.stdout.flush()
+    loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+    print("LOADED " + json.dumps(loaded), file=sys.stderr, flush=True)
+real_exit = os._exit
+def exit_after_report(code):
+    report()
+    real_exit(code)
+os._exit = exit_after_report
 from adapterfmt_cli.main import main
 try:
     main(sys.argv[1:])
@@ -26,9 +36,7 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-sys.stdout.flush()
-loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
-print("LOADED " + json.dumps(loaded), file=sys.stderr)
+report()
 sys.exit(code)
 """
 
