@@ -168,7 +168,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
 
     adalora = is_adalora(cfg.raw)
     plain: list[tuple[str, KeyParts]] = []
-    lora_parts: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
+    lora_parts: dict[str, tuple[dict[str, TensorInfo], dict[str, str]]] = {}  # module -> (slot -> info, slot -> key)
     embedding_modules: set[str] = set()
     for key, info in header.tensors.items():
         try:
@@ -177,7 +177,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
             raise UnknownKeyError(e.message, path=header.path, key=key, hint="the file is damaged; re-export the adapter") from None
         slot = _LORA_SLOT.get((parts.role, parts.param))
         if slot is not None:
-            lora_parts.setdefault(parts.module, {})[slot] = (key, info)
+            _add_slot(lora_parts, parts.module, slot, key, info)
             if parts.role in (Role.LORA_EMBEDDING_A, Role.LORA_EMBEDDING_B):
                 embedding_modules.add(parts.module)
         elif parts.role is Role.TOKENS_DELTA:
@@ -192,7 +192,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
         elif parts.role in (Role.LORA_A, Role.LORA_B):
             ckpt.unknown_keys.append(key)  # e.g. lora_A.bias: no such tensor in LoRA
         elif adalora and parts.role is Role.PLAIN and parts.param in ADALORA_SLOTS:
-            lora_parts.setdefault(parts.module, {})[ADALORA_SLOTS[parts.param]] = (key, info)  # X.lora_A, X.lora_E (AdaLoRA)
+            _add_slot(lora_parts, parts.module, ADALORA_SLOTS[parts.param], key, info)  # X.lora_A, X.lora_E (AdaLoRA)
         else:
             plain.append((key, parts))
 
@@ -208,13 +208,21 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
         else:
             ckpt.unknown_keys.append(key)
 
-    for module, slots in sorted(lora_parts.items()):
-        ckpt.lora[module] = _lora_module(ckpt, module, slots, embedding=module in embedding_modules, adalora=adalora)
+    for module, (tensors, saved_keys) in sorted(lora_parts.items()):
+        ckpt.lora[module] = _lora_module(ckpt, module, tensors, saved_keys, embedding=module in embedding_modules, adalora=adalora)
 
     from .weight_tying import adopt_tied_copies
 
     adopt_tied_copies(ckpt, header)  # ensure_weight_tying saves the tied head's copy too
     ckpt.findings.extend(adapter_findings(ckpt))
+
+
+def _add_slot(lora_parts: dict, module: str, slot: str, key: str, info: TensorInfo) -> None:
+    record = lora_parts.get(module)
+    if record is None:
+        record = lora_parts[module] = ({}, {})
+    record[0][slot] = info
+    record[1][slot] = key
 
 
 def _token_indices(cfg: LoraConfig, module: str) -> Optional[list[int]]:
@@ -229,20 +237,18 @@ def _token_indices(cfg: LoraConfig, module: str) -> Optional[list[int]]:
 
 
 def _lora_module(
-    ckpt: AdapterCheckpoint, module: str, slots: dict[str, tuple[str, TensorInfo]], *, embedding: bool, adalora: bool
+    ckpt: AdapterCheckpoint, module: str, tensors: dict[str, TensorInfo], keys: dict[str, str], *, embedding: bool, adalora: bool
 ) -> LoraModule:
     cfg = ckpt.config
-    a = slots.get("lora_A")
-    b = slots.get("lora_B")
+    a = tensors.get("lora_A")
+    b = tensors.get("lora_B")
     rank = None
     if a is not None:
-        rank = a[1].shape[0] if a[1].shape else None
-    elif b is not None and len(b[1].shape) >= 2:
-        rank = b[1].shape[1]
-    ndim = len(a[1].shape) if a else (len(b[1].shape) if b else 2)
+        rank = a.shape[0] if a.shape else None
+    elif b is not None and len(b.shape) >= 2:
+        rank = b.shape[1]
+    ndim = len(a.shape) if a else (len(b.shape) if b else 2)
     kind = "embedding" if embedding else _LAYER_KINDS.get(ndim, "unknown")
-    tensors = {slot: info for slot, (_, info) in slots.items()}
-    keys = {slot: key for slot, (key, _) in slots.items()}
     config_rank = cfg.rank_for(module)
     if adalora:  # the tensors hold the (possibly budget-pruned) rank; scaling α/(r + 1e-5)
         return LoraModule(
@@ -253,7 +259,7 @@ def _lora_module(
             alpha=cfg.lora_alpha,
             scaling=adalora_scaling(cfg.lora_alpha, rank or config_rank),
             use_dora=False,
-            lora_bias="lora_B.bias" in slots,
+            lora_bias="lora_B.bias" in tensors,
             tensors=tensors,
             keys=keys,
         )
@@ -275,8 +281,8 @@ def _lora_module(
                 config_rank=config_rank,
                 alpha=cfg.alpha_for(f"{ptarget.owner}.{ptarget.candidates[0]}"),
                 scaling=scaling,
-                use_dora="magnitude" in slots,
-                lora_bias="lora_B.bias" in slots,
+                use_dora="magnitude" in tensors,
+                lora_bias="lora_B.bias" in tensors,
                 tensors=tensors,
                 keys=keys,
             )
@@ -287,8 +293,8 @@ def _lora_module(
         config_rank=config_rank,
         alpha=cfg.alpha_for(module),
         scaling=cfg.scaling_for(module, rank or config_rank),
-        use_dora="magnitude" in slots,
-        lora_bias="lora_B.bias" in slots,
+        use_dora="magnitude" in tensors,
+        lora_bias="lora_B.bias" in tensors,
         tensors=tensors,
         keys=keys,
     )
