@@ -218,6 +218,7 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
 
 
 def _add_slot(lora_parts: dict, module: str, slot: str, key: str, info: TensorInfo) -> None:
+    """File one LoRA tensor under its module: ``lora_parts[module] = (slot -> info, slot -> key)``."""
     record = lora_parts.get(module)
     if record is None:
         record = lora_parts[module] = ({}, {})

@@ -129,7 +129,8 @@ def done_without_teardown(*records: Any) -> None:
 
     ``records`` (an adapter's description, a report) are kept alive until then: freeing the
     millions of objects of a 100k-module adapter one by one, or a last cyclic collection walking
-    them, costs 0.2-0.6 s, for a process that is about to end. Called in-process (tests, other programs), nothing is kept.
+    them, costs 0.2-0.6 s, for a process that is about to end. Called in-process (tests, other
+    programs), nothing is kept.
     """
     global skip_teardown
     skip_teardown = True
@@ -144,8 +145,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     After a successful merge, inspect or check (:func:`done_without_teardown`), stdout and stderr
     are flushed and the process leaves with ``os._exit``: what the command wrote is already
     printed, or durable and renamed into place, so the interpreter's teardown has nothing left to
-    do but cost time. Only this
-    entry point does it; the click group called in-process (tests, other programs) never exits.
+    do but cost time. Only this entry point does it; the click group called in-process (tests,
+    other programs) never exits.
     """
     global _in_console_script
     _in_console_script = True
