@@ -208,6 +208,64 @@ def test_read_header_is_never_laxer_than_safetensors(blob: bytes, scratch: Path)
             read_header(scratch)
 
 
+@st.composite
+def with_repeats(draw: st.DrawFn) -> bytes:
+    """VALID (or a mutation of it) with a key repeated somewhere: a top-level entry, an entry's
+    field, a metadata key, or a key inside an unknown field's object."""
+    blob = draw(st.one_of(st.just(VALID), mutated()))
+    (n,) = struct.unpack("<Q", blob[:8]) if len(blob) >= 8 else (0,)
+    header = blob[8 : 8 + n]
+    pattern = draw(st.sampled_from([b'"dtype":', b'"shape":', b'"data_offsets":', b'"__metadata__":', b'"format":', b'{"', b'{']))
+    count = header.count(pattern)
+    assume(count)
+    at = -1
+    for _ in range(draw(st.integers(0, count - 1)) + 1):
+        at = header.index(pattern, at + 1)
+    insert = draw(
+        st.sampled_from(
+            [
+                b'"dtype": "F32", ',
+                b'"shape": [1], ',
+                b'"data_offsets": [0, 0], ',
+                b'"format": "pt", ',
+                b'"x": {"k": 1, "k": 2}, ',
+                b'"base_model.model.q.lora_A.weight": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, ',
+            ]
+        )
+    )
+    cut = at + (len(pattern) if pattern.startswith(b"{") else 0)
+    header = header[:cut] + insert + header[cut:]
+    return struct.pack("<Q", len(header)) + header + blob[8 + n :]
+
+
+@PROPERTY_SETTINGS
+@given(blob=st.one_of(mutated(), with_repeats()))
+def test_the_fast_header_path_answers_as_the_exact_reader(blob: bytes, scratch: Path) -> None:
+    """A valid header is decoded by one json.loads (header._entries); anything else by the exact
+    entry-by-entry reader. Forcing every header through the exact reader gives the same records,
+    or the same one-line error."""
+    from unittest import mock
+
+    from adapterfmt import header as header_module
+
+    def outcome() -> object:
+        try:
+            h = read_header(scratch)
+        except AdapterFormatError as e:
+            return ("error", str(e))
+        return (list(h.tensors.items()), dict(h.metadata), h.data_start)
+
+    scratch.write_bytes(blob)
+    fast = outcome()
+
+    def refuse(pairs: list) -> dict:
+        raise header_module._Duplicate("")
+
+    with mock.patch.object(header_module, "_unique_dict", refuse):
+        exact = outcome()
+    assert fast == exact
+
+
 def test_the_valid_file_is_accepted_by_both(scratch: Path) -> None:
     from safetensors import safe_open
 
