@@ -8,6 +8,7 @@ import click
 
 from .base_options import PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .check_cmd import parse_prefix_map
+from .main import done_without_teardown
 from .output import emit_json, progress_enabled, warn
 
 EXAMPLES = """
@@ -222,7 +223,7 @@ def merge_command(
             warn(f"wrote the tied head '{key}' separately and set tie_word_embeddings to false")
         for f in summary.findings:
             warn(f"warning [{f.code}]: {f.message}")
-    _done_without_teardown()
+    done_without_teardown()  # the output is committed
     if as_json:
         emit_json(summary.as_dict())
         return
@@ -247,11 +248,3 @@ def _peft_adapters(adapters: tuple[str, ...], revision: Optional[str], allow_pic
     from adapterfmt.describe import read_adapter
 
     return [read_adapter(a, revision=revision, allow_pickle=allow_pickle) for a in adapters]
-
-
-def _done_without_teardown() -> None:
-    """The output is committed: the console script may leave without the interpreter's teardown."""
-    from .main import done_without_teardown
-
-    done_without_teardown()
-
