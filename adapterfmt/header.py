@@ -137,7 +137,8 @@ def _unique_dict(pairs: list) -> dict[str, Any]:
 
 
 def _entries(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    """The header's top-level ``(key, value)`` pairs, each value a dict (or :class:`_Object`).
+    """The header's top-level ``(key, value)`` pairs, each object value a dict (or, read by the
+    exact reader, an :class:`_Object` of its pairs).
 
     Fast path: one ``json.loads`` in C, with a hook that refuses a repeated key at any level;
     each entry is popped as it is handed out so the tree shrinks while records are built. A text
@@ -171,11 +172,6 @@ def _entries(text: str, name: str) -> Iterator[tuple[str, Any]]:
         if key in seen:
             raise HeaderError("appears twice in the header", path=name, key=key, hint="the writer is broken; re-export the file")
         seen.add(key)
-        if key == "__metadata__" and type(entry) is _Object:
-            try:
-                entry = _fields(entry)
-            except _Duplicate as dup:
-                raise HeaderError(f"field '{dup.key}' appears twice in the header entry", path=name, key=key, hint="the writer is broken; re-export the file") from None
         yield key, entry
 
 
@@ -262,7 +258,7 @@ def parse_header(name: str, size: int, read: Callable[[int], bytes]) -> Safetens
     for key, entry in _entries(text, name):
         try:
             if key == "__metadata__":
-                metadata = entry
+                metadata = _fields(entry) if type(entry) is _Object else entry
                 continue
             tensors[key] = _tensor_info(name, key, entry, data_start, shapes)
         except _Duplicate as dup:
@@ -310,7 +306,7 @@ def _tensor_info(path: str, key: str, entry: object, data_start: int, shapes: di
     offsets = fields.get("data_offsets")
     bits = DTYPE_BITS.get(dtype) if type(dtype) is str else None
     if bits is None:
-        raise HeaderError(f"unknown dtype {dtype!r}", path=path, key=key, hint=f"expected one of {', '.join(sorted(DTYPE_BITS))}")
+        raise HeaderError(f"unknown dtype {_plain(dtype)!r}", path=path, key=key, hint=f"expected one of {', '.join(sorted(DTYPE_BITS))}")
     if type(shape) is not list or (shape and (not _INTS.issuperset(map(type, shape)) or min(shape) < 0)):
         raise HeaderError(f"shape {_plain(shape)!r} is not a list of non-negative integers", path=path, key=key, hint="the file is damaged")
     if type(offsets) is not list or len(offsets) != 2 or not _INTS.issuperset(map(type, offsets)) or not 0 <= offsets[0] <= offsets[1]:
@@ -333,7 +329,9 @@ _DTYPE_NAMES = {name: name for name in DTYPE_BITS}
 
 
 def _plain(value: object) -> object:
-    """A parsed value as JSON would show it (objects back to dicts) for error messages."""
+    """A parsed value as JSON would show it (objects back to dicts, at any depth) for error messages."""
     if type(value) is _Object:
-        return dict(value)  # type: ignore[arg-type]
+        return {k: _plain(v) for k, v in value}  # type: ignore[misc]
+    if type(value) is list:
+        return [_plain(v) for v in value]
     return value
