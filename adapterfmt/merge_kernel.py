@@ -106,9 +106,13 @@ def power_of_two(x: float) -> bool:
 
 
 def _within_fold_bounds(t: torch.Tensor) -> bool:
+    """Every non-zero ``|x|`` of ``t`` lies in ``[_FOLD_MIN, _FOLD_MAX]`` (element-wise passes, no
+    gather of the non-zeros: this runs for every factor of every merged tensor)."""
+    if t.numel() == 0:
+        return True
     magnitude = t.abs()
-    nonzero = magnitude[magnitude != 0]
-    return nonzero.numel() == 0 or (float(nonzero.min()) >= _FOLD_MIN and float(nonzero.max()) <= _FOLD_MAX)
+    low, high = torch.aminmax(magnitude.masked_fill_(magnitude == 0, 1.0))  # a NaN fails both tests
+    return float(low) >= _FOLD_MIN and float(high) <= _FOLD_MAX
 
 
 def can_fold(a: torch.Tensor, b: torch.Tensor, scaling: float) -> bool:
@@ -138,14 +142,18 @@ class _Term:
             self.multiply = True
         self.a, self.b = a.contiguous(), b.contiguous()
 
-    def product(self, first: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``first:stop`` of ``s·P`` (rounded as PEFT rounds it), computed into ``out``."""
+    def factor_blocks(self, blocks: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """The factor each block multiplies: rows of ``B`` (or, transposed, columns of ``A``)."""
+        if self.transposed:
+            return [self.a[:, first:stop] for first, stop in blocks]
+        return [self.b[first:stop] for first, stop in blocks]
+
+    def product(self, factor: torch.Tensor, views: "_BlockViews") -> torch.Tensor:
+        """One block of ``s·P`` (rounded as PEFT rounds it), computed into the product buffer."""
         if self.transposed:  # rows of ΔW are columns of A: (B @ A[:, blk]).T
-            n = stop - first
-            p = torch.matmul(self.b, self.a[:, first:stop], out=out[: self.b.shape[0] * n].view(self.b.shape[0], n)).T
+            p = torch.mm(self.b, factor, out=views.product_t).T
         else:
-            n = stop - first
-            p = torch.matmul(self.b[first:stop], self.a, out=out[: n * self.a.shape[1]].view(n, self.a.shape[1]))
+            p = torch.mm(factor, self.a, out=views.product)
         return p.mul_(self.scaling) if self.multiply else p
 
 
@@ -199,27 +207,62 @@ class BlockedMerge:
             raise ValueError(f"the blocked kernel does not take a {tuple(shape)} {base_dtype} -> {out_dtype} tensor with these terms")
         rows, cols = shape[0], math.prod(shape[1:])
         prepared = [_Term(t, rows, cols) for t in terms]
+        blocks = list(row_blocks(rows, cols, self.block_elements))
+        factors = [term.factor_blocks(blocks) for term in prepared]
         in_size, out_size = torch.finfo(base_dtype).bits // 8, torch.finfo(out_dtype).bits // 8
-        largest = max(stop - first for first, stop in row_blocks(rows, cols, self.block_elements)) * cols
+        largest = max(stop - first for first, stop in blocks) * cols
         product = self._floats("_product", largest)
         convert = base_dtype != torch.float32
         acc_buffer = self._floats("_acc", largest) if convert else None
         raw_in, bytes_in = self._read.get(largest * in_size)
         raw_out, bytes_out = self._out.get(largest * out_size)
-        for first, stop in row_blocks(rows, cols, self.block_elements):
-            n = (stop - first) * cols
-            held = read_rows(first, stop, raw_in[: n * in_size])
-            base = (held if held is not None else bytes_in[: n * in_size].view(base_dtype)).reshape(stop - first, cols)
-            if not convert and held is None:
-                acc = base  # float32 rows read into our own buffer: add in place
+        in_place = not convert  # float32 rows read into our own buffer: added to in place
+        views: dict[int, _BlockViews] = {}  # by rows per block: built once per tensor, not per block
+        for (first, stop), *block_factors in zip(blocks, *factors):
+            n = stop - first
+            v = views.get(n)
+            if v is None:
+                v = views[n] = _BlockViews(n, shape, (base_dtype, raw_in, bytes_in), (out_dtype, raw_out, bytes_out), product, acc_buffer)
+            held = read_rows(first, stop, v.raw_in)
+            if held is None and in_place:
+                acc = v.base
             else:
-                acc = (acc_buffer if acc_buffer is not None else self._floats("_acc", largest))[:n].view(stop - first, cols)
-                acc.copy_(base)
-            for term in prepared:
-                acc.add_(term.product(first, stop, product))
-            if out_dtype == torch.float32 and acc.data_ptr() == bytes_in.data_ptr():
-                yield Block(first, stop, acc.view(stop - first, *shape[1:]), raw_in[: n * 4])
+                acc = v.acc if v.acc is not None else self._floats("_acc", largest)[: n * cols].view(n, cols)
+                acc.copy_(v.base if held is None else held.reshape(n, cols))
+            for term, factor in zip(prepared, block_factors):
+                acc.add_(term.product(factor, v))
+            if out_dtype == torch.float32 and acc is v.base:
+                yield Block(first, stop, v.base_shaped, v.raw_in)
                 continue
-            out = bytes_out[: n * out_size].view(out_dtype).view(stop - first, cols)
-            out.copy_(acc)
-            yield Block(first, stop, out.view(stop - first, *shape[1:]), raw_out[: n * out_size])
+            v.out.copy_(acc)
+            yield Block(first, stop, v.out_shaped, v.raw_out)
+
+
+class _BlockViews:
+    """Views of the reused buffers for a block of ``n`` rows, made once per tensor and block size
+    (each torch call is a GIL hand-off between the worker threads; per block there are only the
+    copies, the products and the sums)."""
+
+    __slots__ = ("raw_in", "base", "base_shaped", "acc", "product", "product_t", "out", "out_shaped", "raw_out")
+
+    def __init__(
+        self,
+        n: int,
+        shape: Sequence[int],
+        read: tuple[torch.dtype, memoryview, torch.Tensor],
+        write: tuple[torch.dtype, memoryview, torch.Tensor],
+        product: torch.Tensor,
+        acc: Optional[torch.Tensor],
+    ) -> None:
+        cols = math.prod(shape[1:])
+        elements = n * cols
+        (base_dtype, raw_in, bytes_in), (out_dtype, raw_out, bytes_out) = read, write
+        in_bytes, out_bytes = elements * (torch.finfo(base_dtype).bits // 8), elements * (torch.finfo(out_dtype).bits // 8)
+        self.raw_in, self.raw_out = raw_in[:in_bytes], raw_out[:out_bytes]
+        self.base = bytes_in[:in_bytes].view(base_dtype).view(n, cols)
+        self.base_shaped = self.base.view(n, *shape[1:])
+        self.acc = acc[:elements].view(n, cols) if acc is not None else None
+        self.product = product[:elements].view(n, cols)
+        self.product_t = product[:elements].view(cols, n)  # the transposed layouts' (B @ A[:, blk]), whose .T is the block
+        self.out = bytes_out[:out_bytes].view(out_dtype).view(n, cols)
+        self.out_shaped = self.out.view(n, *shape[1:])
