@@ -12,10 +12,11 @@ on the TinyLlama shapes at 1 and 2 threads, and pinned by ``tests/test_merge_ker
 PEFT itself).
 
 Per block: ``B_blk @ A`` into a reused float32 buffer of about :data:`BLOCK_ELEMENTS` elements
-(which stays in the core's cache), times ``s``, plus ``float32(W_blk)``, rounded into a reused
+(a few MiB: a small fraction of the tensor), times ``s``, plus ``float32(W_blk)``, rounded into a reused
 output buffer. The read buffer (base rows), product and output buffers are reused from block to
 block and tensor to tensor — no full-size float32 workspace, no zero-filled allocation per
-tensor. One :class:`BlockedMerge` per thread.
+tensor; the views of those buffers are made once per tensor, so a block costs only its copies,
+products and sums. One :class:`BlockedMerge` per thread.
 
 Folding the scale into the product (``B @ (s·A)`` instead of ``(B @ A) · s``) saves a pass, and
 is done only where it is provably bit-identical: ``s`` is a power of two and every non-zero
@@ -39,12 +40,12 @@ import torch
 
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 
-#: Elements per block of rows: 1 MiB of float32 for the product, which with the other buffers
-#: (3 MiB per thread) stays in a 2-4 MiB L2. Smaller blocks cost more than they save: each block is a
-#: handful of torch calls and two system calls, each of which takes the GIL back, and at 64K
-#: elements two worker threads spent a third of their time waiting for it (a 1.1B merge: 3.6 s
-#: -> 2.3 s at 256K). Larger blocks (1M) raised the kernel's time in pwrite.
-BLOCK_ELEMENTS = 1 << 18
+#: Elements per block of rows: 2 MiB of float32 for the product (8 MiB of buffers per thread).
+#: Each block is a handful of torch calls and two system calls, and each of them hands the GIL to
+#: the other worker thread, so fewer, larger blocks beat blocks that fit a core's L2. The whole
+#: 1.1B merge on 2 cores, runs of each size interleaved in the same minutes: 128K elements
+#: 3.65-4.66 s, 256K 3.43-3.81 s, 512K 3.17-3.73 s, 1M 3.20-3.64 s.
+BLOCK_ELEMENTS = 1 << 19
 #: dtypes the kernel reads and writes; float64 goes the whole-tensor way.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Bounds on |A|, |s·A| and |B| within which folding a power-of-two scale is exact (see above).
