@@ -12,11 +12,11 @@ on the TinyLlama shapes at 1 and 2 threads, and pinned by ``tests/test_merge_ker
 PEFT itself).
 
 Per block: ``B_blk @ A`` into a reused float32 buffer of about :data:`BLOCK_ELEMENTS` elements
-(a few MiB: a small fraction of the tensor), times ``s``, plus ``float32(W_blk)``, rounded into a reused
-output buffer. The read buffer (base rows), product and output buffers are reused from block to
-block and tensor to tensor — no full-size float32 workspace, no zero-filled allocation per
-tensor; the views of those buffers are made once per tensor, so a block costs only its copies,
-products and sums. One :class:`BlockedMerge` per thread.
+(a few MiB, a small part of a large tensor), times ``s``, plus ``float32(W_blk)``, rounded into a
+reused output buffer. The read buffer (base rows), product and output buffers are reused from
+block to block and tensor to tensor — no full-size float32 workspace, no zero-filled allocation
+per tensor; their views are made once per tensor, so a block costs only its copies, products and
+sums. One :class:`BlockedMerge` per thread.
 
 Folding the scale into the product (``B @ (s·A)`` instead of ``(B @ A) · s``) saves a pass, and
 is done only where it is provably bit-identical: ``s`` is a power of two and every non-zero
