@@ -223,7 +223,7 @@ class BlockedMerge:
             n = stop - first
             v = views.get(n)
             if v is None:
-                v = views[n] = _BlockViews(n, shape, (base_dtype, raw_in, bytes_in), (out_dtype, raw_out, bytes_out), product, acc_buffer)
+                v = views[n] = _BlockViews(n, shape, (base_dtype, in_size, raw_in, bytes_in), (out_dtype, out_size, raw_out, bytes_out), product, acc_buffer)
             held = read_rows(first, stop, v.raw_in)
             if held is None and in_place:
                 acc = v.base
@@ -242,7 +242,8 @@ class BlockedMerge:
 class _BlockViews:
     """Views of the reused buffers for a block of ``n`` rows, made once per tensor and block size
     (each torch call is a GIL hand-off between the worker threads; per block there are only the
-    copies, the products and the sums)."""
+    copies, the products and the sums). ``read`` / ``write``: dtype, bytes per element, and the
+    buffer as bytes and as a tensor."""
 
     __slots__ = ("raw_in", "base", "base_shaped", "acc", "product", "product_t", "out", "out_shaped", "raw_out")
 
@@ -250,15 +251,15 @@ class _BlockViews:
         self,
         n: int,
         shape: Sequence[int],
-        read: tuple[torch.dtype, memoryview, torch.Tensor],
-        write: tuple[torch.dtype, memoryview, torch.Tensor],
+        read: tuple[torch.dtype, int, memoryview, torch.Tensor],
+        write: tuple[torch.dtype, int, memoryview, torch.Tensor],
         product: torch.Tensor,
         acc: Optional[torch.Tensor],
     ) -> None:
         cols = math.prod(shape[1:])
         elements = n * cols
-        (base_dtype, raw_in, bytes_in), (out_dtype, raw_out, bytes_out) = read, write
-        in_bytes, out_bytes = elements * (torch.finfo(base_dtype).bits // 8), elements * (torch.finfo(out_dtype).bits // 8)
+        (base_dtype, in_size, raw_in, bytes_in), (out_dtype, out_size, raw_out, bytes_out) = read, write
+        in_bytes, out_bytes = elements * in_size, elements * out_size
         self.raw_in, self.raw_out = raw_in[:in_bytes], raw_out[:out_bytes]
         self.base = bytes_in[:in_bytes].view(base_dtype).view(n, cols)
         self.base_shaped = self.base.view(n, *shape[1:])
