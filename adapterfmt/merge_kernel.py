@@ -225,12 +225,13 @@ class BlockedMerge:
             if v is None:
                 v = views[n] = _BlockViews(n, shape, (base_dtype, in_size, raw_in, bytes_in), (out_dtype, out_size, raw_out, bytes_out), product, acc_buffer)
             held = read_rows(first, stop, v.raw_in)
+            first_product = prepared[0].product(block_factors[0], v)
             if held is None and in_place:
-                acc = v.base
-            else:
+                acc = v.base.add_(first_product)
+            else:  # widened and added in one call (s·P + W: addition commutes, so PEFT's bits)
                 acc = v.acc if v.acc is not None else self._floats("_acc", largest)[: n * cols].view(n, cols)
-                acc.copy_(v.base if held is None else held.reshape(n, cols))
-            for term, factor in zip(prepared, block_factors):
+                torch.add(first_product, v.base if held is None else held.reshape(n, cols), out=acc)
+            for term, factor in zip(prepared[1:], block_factors[1:]):
                 acc.add_(term.product(factor, v))
             if out_dtype == torch.float32 and acc is v.base:
                 yield Block(first, stop, v.base_shaped, v.raw_in)
