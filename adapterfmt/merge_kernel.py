@@ -213,11 +213,10 @@ class BlockedMerge:
         in_size, out_size = torch.finfo(base_dtype).bits // 8, torch.finfo(out_dtype).bits // 8
         largest = max(stop - first for first, stop in blocks) * cols
         product = self._floats("_product", largest)
-        convert = base_dtype != torch.float32
-        acc_buffer = self._floats("_acc", largest) if convert else None
+        acc_buffer = self._floats("_acc", largest)
         raw_in, bytes_in = self._read.get(largest * in_size)
         raw_out, bytes_out = self._out.get(largest * out_size)
-        in_place = not convert  # float32 rows read into our own buffer: added to in place
+        last = len(prepared) - 1
         views: dict[int, _BlockViews] = {}  # by rows per block: built once per tensor, not per block
         for (first, stop), *block_factors in zip(blocks, *factors):
             n = stop - first
@@ -225,19 +224,20 @@ class BlockedMerge:
             if v is None:
                 v = views[n] = _BlockViews(n, shape, (base_dtype, in_size, raw_in, bytes_in), (out_dtype, out_size, raw_out, bytes_out), product, acc_buffer)
             held = read_rows(first, stop, v.raw_in)
-            first_product = prepared[0].product(block_factors[0], v)
-            if held is None and in_place:
-                acc = v.base.add_(first_product)
-            else:  # widened and added in one call (s·P + W: addition commutes, so PEFT's bits)
-                acc = v.acc if v.acc is not None else self._floats("_acc", largest)[: n * cols].view(n, cols)
-                torch.add(first_product, v.base if held is None else held.reshape(n, cols), out=acc)
-            for term, factor in zip(prepared[1:], block_factors[1:]):
-                acc.add_(term.product(factor, v))
-            if out_dtype == torch.float32 and acc is v.base:
+            total = v.base if held is None else held.reshape(n, cols)  # W, in its own dtype
+            # float32 rows read into our own buffer are summed in place (and written from there
+            # when the output is float32 too); others are widened by the first add.
+            in_place = held is None and base_dtype == torch.float32
+            stays = in_place and out_dtype == torch.float32
+            partial = v.base if in_place else v.acc
+            for i, (term, factor) in enumerate(zip(prepared, block_factors)):
+                # total + s·P in float32 (addition commutes: PEFT's bits); the last sum is rounded
+                # once, straight into the output buffer
+                total = torch.add(term.product(factor, v), total, out=v.out if i == last and not stays else partial)
+            if stays:
                 yield Block(first, stop, v.base_shaped, v.raw_in)
-                continue
-            v.out.copy_(acc)
-            yield Block(first, stop, v.out_shaped, v.raw_out)
+            else:
+                yield Block(first, stop, v.out_shaped, v.raw_out)
 
 
 class _BlockViews:
@@ -255,7 +255,7 @@ class _BlockViews:
         read: tuple[torch.dtype, int, memoryview, torch.Tensor],
         write: tuple[torch.dtype, int, memoryview, torch.Tensor],
         product: torch.Tensor,
-        acc: Optional[torch.Tensor],
+        acc: torch.Tensor,
     ) -> None:
         cols = math.prod(shape[1:])
         elements = n * cols
@@ -264,7 +264,7 @@ class _BlockViews:
         self.raw_in, self.raw_out = raw_in[:in_bytes], raw_out[:out_bytes]
         self.base = bytes_in[:in_bytes].view(base_dtype).view(n, cols)
         self.base_shaped = self.base.view(n, *shape[1:])
-        self.acc = acc[:elements].view(n, cols) if acc is not None else None
+        self.acc = acc[:elements].view(n, cols)
         self.product = product[:elements].view(n, cols)
         self.product_t = product[:elements].view(cols, n)  # the transposed layouts' (B @ A[:, blk]), whose .T is the block
         self.out = bytes_out[:out_bytes].view(out_dtype).view(n, cols)
