@@ -8,7 +8,7 @@ import click
 
 from .base_options import PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .check_cmd import parse_prefix_map
-from .main import done_without_teardown
+from .main import done_without_teardown, freeze_imported_objects
 from .output import emit_json, progress_enabled, warn
 
 EXAMPLES = """
@@ -149,6 +149,8 @@ def merge_command(
 
     with gc_paused():  # importing torch builds ~10^5 objects: the cyclic collector's passes over them cost ~0.2 s
         from adapterfmt import merge_to_directory
+
+        freeze_imported_objects()  # or the first collection after the pause walks them all
     from adapterfmt.wrapped import is_wrapped_checkpoint
 
     if wrapped is None and base is not None and not adapters and is_wrapped_checkpoint(base):

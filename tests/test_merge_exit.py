@@ -3,6 +3,7 @@ complete: stdout flushed (even into a pipe), the merged directory committed. Err
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ def test_inspect_and_check_exit_without_teardown_with_their_output_complete() ->
     assert table.returncode == 0 and "lora" in table.stdout and "TEARDOWN" not in table.stderr
 
 
-def test_in_process_commands_keep_nothing_alive() -> None:
+def test_in_process_commands_keep_nothing_alive(tmp_path: Path) -> None:
     """Called in-process (tests, other programs) a command ends normally: nothing is kept for an exit."""
     from click.testing import CliRunner
 
@@ -56,3 +57,6 @@ def test_in_process_commands_keep_nothing_alive() -> None:
 
     result = CliRunner().invoke(main.cli, ["inspect", str(REPO / "testdata/tiny-llama-lora"), "--json"])
     assert result.exit_code == 0 and main._kept_until_exit == []
+    frozen = gc.get_freeze_count()
+    result = CliRunner().invoke(main.cli, ["merge", "--base", str(REPO / "testdata/tiny-llama"), "--adapter", str(REPO / "testdata/tiny-llama-lora"), "-o", str(tmp_path / "m"), "--quiet"])
+    assert result.exit_code == 0 and main._kept_until_exit == [] and gc.get_freeze_count() == frozen  # nothing frozen either
