@@ -12,11 +12,12 @@ on the TinyLlama shapes at 1 and 2 threads, and pinned by ``tests/test_merge_ker
 PEFT itself).
 
 Per block: ``B_blk @ A`` into a reused float32 buffer of about :data:`BLOCK_ELEMENTS` elements
-(a few MiB, a small part of a large tensor), times ``s``, plus ``float32(W_blk)``, rounded into a
-reused output buffer. The read buffer (base rows), product and output buffers are reused from
-block to block and tensor to tensor — no full-size float32 workspace, no zero-filled allocation
-per tensor; their views are made once per tensor, so a block costs only its copies, products and
-sums. One :class:`BlockedMerge` per thread.
+(a few MiB, a small part of a large tensor), times ``s``, added to the base rows by one
+``torch.add`` that widens them to float32 and, for the last term, rounds the sum once into a reused
+output buffer. The read buffer (base rows), product, partial-sum and output buffers are reused
+from block to block and tensor to tensor — no full-size float32 workspace, no zero-filled
+allocation per tensor; their views are made once per tensor, so a block costs only its products
+and sums (two torch calls for one LoRA term). One :class:`BlockedMerge` per thread.
 
 Folding the scale into the product (``B @ (s·A)`` instead of ``(B @ A) · s``) saves a pass, and
 is done only where it is provably bit-identical: ``s`` is a power of two and every non-zero
@@ -40,11 +41,12 @@ import torch
 
 from .delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 
-#: Elements per block of rows: 2 MiB of float32 for the product (8 MiB of buffers per thread).
-#: Each block is a handful of torch calls and two system calls, and each of them hands the GIL to
-#: the other worker thread, so fewer, larger blocks beat blocks that fit a core's L2. The whole
-#: 1.1B merge on 2 cores, runs of each size interleaved in the same minutes: 128K elements
-#: 3.65-4.66 s, 256K 3.43-3.81 s, 512K 3.17-3.73 s, 1M 3.20-3.64 s.
+#: Elements per block of rows: 2 MiB of float32 for the product (6-8 MiB of buffers per thread).
+#: Each block is a few torch calls (a product and a sum per LoRA term) and two system calls, and
+#: each of them hands the GIL to the other worker thread, so fewer, larger blocks beat blocks that
+#: fit a core's L2. The whole 1.1B merge on 2 cores (with 5 torch calls per block), runs of each
+#: size interleaved in the same minutes: 128K elements 3.65-4.66 s, 256K 3.43-3.81 s, 512K
+#: 3.17-3.73 s, 1M 3.20-3.64 s.
 BLOCK_ELEMENTS = 1 << 19
 #: dtypes the kernel reads and writes; float64 goes the whole-tensor way.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -243,8 +245,8 @@ class BlockedMerge:
 class _BlockViews:
     """Views of the reused buffers for a block of ``n`` rows, made once per tensor and block size
     (each torch call is a GIL hand-off between the worker threads; per block there are only the
-    copies, the products and the sums). ``read`` / ``write``: dtype, bytes per element, and the
-    buffer as bytes and as a tensor."""
+    products and the sums). ``read`` / ``write``: dtype, bytes per element, and the buffer as
+    bytes and as a tensor."""
 
     __slots__ = ("raw_in", "base", "base_shaped", "acc", "product", "product_t", "out", "out_shaped", "raw_out")
 
