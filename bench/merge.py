@@ -16,9 +16,10 @@ and followed by ``sync``), ``adapterfmt merge`` (which makes its output durable)
 ``M`` rounds (default 1) PEFT's ``merge_and_unload`` + ``save_pretrained``. Every output is
 removed, and the filesystem synced, before the next command is timed (deleting the last round's
 2.2 GB is not part of any of them). It prints the min and median wall time and peak RSS
-(``ru_maxrss`` of the child, read by a small wrapper process) of each, its CPU time (user + system: what other load on the machine cannot inflate), the ratios
-against the goals (adapterfmt <= 2x ``cp -r && sync``, >= 6x faster than PEFT,
-<= 0.5 GB peak RSS), computed from the same run, and adapterfmt's own split of its time.
+(``ru_maxrss`` of the child, read by a small wrapper process) of each, its CPU time (user +
+system: what other load on the machine cannot inflate), the ratios against the goals
+(adapterfmt <= 2x ``cp -r && sync``, >= 6x faster than PEFT, <= 0.5 GB peak RSS), computed from
+the same run, and adapterfmt's own split of its time.
 ``--check`` then compares every tensor of the two merged outputs, bit for bit.
 
 The machine may be shared: the load average is printed before and after, and the min over rounds
