@@ -6,6 +6,7 @@ math (:mod:`adapterfmt.delta`) where PEFT itself rounds differently (k×k conv, 
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -208,6 +209,25 @@ def test_output_dtype_and_reused_buffers() -> None:
     buffers = (merger._read._raw, merger._out._raw, merger._product.data_ptr())
     kernel(torch.randn(100, 300), [LoraFactors(a, b[:100], 0.5, LINEAR)], merger=merger)  # a smaller tensor: nothing allocated
     assert (merger._read._raw, merger._out._raw, merger._product.data_ptr()) == buffers
+
+
+def test_every_path_of_a_block_sums_as_the_whole_tensor_math() -> None:
+    """One, two and three terms; a base read as bytes or held; every dtype pair: the first add widens
+    the base, a middle one sums in float32, the last rounds into the output (or, float32 in and
+    out, the sum stays in the read buffer) — the same bits as delta.py's whole-tensor math."""
+    torch.manual_seed(6)
+    weight32 = torch.randn(90, 70)
+    terms = [
+        LoraFactors(torch.randn(3, 70), torch.randn(90, 3), 0.75, LINEAR),
+        LoraFactors(torch.randn(5, 90), torch.randn(70, 5), 2.0, EMBEDDING),
+        LoraFactors(torch.randn(2, 70), torch.randn(90, 2) * 1e-3, 1.0, LINEAR),
+    ]
+    merger = BlockedMerge(1 << 10)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    for base_dtype, out_dtype, count, from_bytes in itertools.product(dtypes, dtypes, (1, 2, 3), (True, False)):
+        weight, used = weight32.to(base_dtype), terms[:count]
+        got = kernel(weight, used, out_dtype=out_dtype, from_bytes=from_bytes, merger=merger)
+        assert torch.equal(got, whole_tensor(weight, used, out_dtype)), (base_dtype, out_dtype, count, from_bytes)
 
 
 def test_what_the_kernel_does_not_take() -> None:
