@@ -173,4 +173,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    # ``python -m adapterfmt_cli.main`` runs this file as a second copy of the module, named
+    # __main__; the commands import adapterfmt_cli.main and set its flags (done_without_teardown),
+    # so run that module's main, as the console script does, or the flags are set where nobody reads them.
+    importlib.import_module(__spec__.name if __spec__ is not None else "adapterfmt_cli.main").main(sys.argv[1:])

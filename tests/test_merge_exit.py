@@ -19,9 +19,18 @@ main(sys.argv[1:])
 """
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+#: ``python -m adapterfmt_cli.main``, with the same hook (runpy is what ``-m`` runs).
+SCRIPT_M = """
+import atexit, runpy, sys
+atexit.register(lambda: sys.stderr.write("TEARDOWN\\n"))
+sys.argv[0] = "adapterfmt_cli.main"
+runpy.run_module("adapterfmt_cli.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run(*args: str, script: str = SCRIPT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / ".shim"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_merge_exits_without_teardown_after_committing(tmp_path: Path) -> None:
@@ -33,6 +42,20 @@ def test_merge_exits_without_teardown_after_committing(tmp_path: Path) -> None:
     assert (out / "model.safetensors.index.json").is_file() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
     failed = _run("merge", "--base", str(REPO / "testdata/tiny-llama"), "--adapter", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"))
+    assert failed.returncode == 2 and "TEARDOWN" in failed.stderr
+
+
+def test_python_dash_m_exits_as_the_console_script_does(tmp_path: Path) -> None:
+    """``python -m adapterfmt_cli.main`` runs the module as __main__, a second copy: the flags a
+    command sets live in adapterfmt_cli.main, so __main__ must run that module's main, or the
+    merge would pay for torch's teardown there (0.2-0.4 s) while the console script does not."""
+    out = tmp_path / "merged"
+    done = _run("merge", "--base", str(REPO / "testdata/tiny-llama"), "--adapter", str(REPO / "testdata/tiny-llama-lora"), "-o", str(out), "--json", "--quiet", script=SCRIPT_M)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tensors_merged"] == 14 and "TEARDOWN" not in done.stderr
+    inspected = _run("inspect", str(REPO / "testdata/tiny-llama-lora"), "--json", script=SCRIPT_M)
+    assert inspected.returncode == 0 and json.loads(inspected.stdout)["totals"]["lora_modules"] > 0 and "TEARDOWN" not in inspected.stderr
+    failed = _run("merge", "--base", str(REPO / "testdata/tiny-llama"), "--adapter", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"), script=SCRIPT_M)
     assert failed.returncode == 2 and "TEARDOWN" in failed.stderr
 
 
