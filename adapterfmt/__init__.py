@@ -16,14 +16,13 @@ __version__ = "0.1.0"
 
 #: public name -> submodule. Everything is imported on first attribute access, so
 #: ``import adapterfmt`` stays cheap (the header-only CLI path pays only for what it uses) and
-#: never imports torch; ``merging`` and the loader (``loading``, ``saving``, ``wrapping``,
-#: ``adapter_state``) import torch when first used.
+#: never imports torch; ``merging`` and ``loading`` import torch when first used.
 _LAZY = {
-    **dict.fromkeys(["BaseModel", "read_base"], ".base"),
-    **dict.fromkeys(["LoraConfig", "parse_config", "read_config"], ".config"),
-    **dict.fromkeys(["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "read_adapter"], ".describe"),
-    "Finding": ".finding",
-    **dict.fromkeys(["SafetensorsHeader", "TensorInfo", "read_header"], ".header"),
+    **dict.fromkeys(["BaseModel", "read_base"], ".base.reading"),
+    **dict.fromkeys(["LoraConfig", "parse_config", "read_config"], ".checkpoint.config"),
+    **dict.fromkeys(["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "read_adapter"], ".formats.peft.reading"),
+    "Finding": ".checkpoint.finding",
+    **dict.fromkeys(["SafetensorsHeader", "TensorInfo", "read_header"], ".storage.header"),
     **dict.fromkeys(
         [
             "KeyParts",
@@ -35,15 +34,15 @@ _LAZY = {
             "wrapped_to_base",
             "wrapped_to_saved",
         ],
-        ".keys",
+        ".checkpoint.keys",
     ),
-    **dict.fromkeys(["Resolution", "resolve"], ".resolution"),
-    **dict.fromkeys(["WrappedCheckpoint", "is_wrapped_checkpoint", "read_wrapped"], ".wrapped"),
-    **dict.fromkeys(["convert_wrapped", "merge_wrapped", "wrapped_names"], ".convert"),
-    **dict.fromkeys(["merge_state_dict", "merge_to_directory"], ".merging"),
-    "load": ".loading",
-    "save": ".saving",
-    "wrap": ".wrapping",
+    **dict.fromkeys(["Resolution", "resolve"], ".base.resolution"),
+    **dict.fromkeys(["WrappedCheckpoint", "is_wrapped_checkpoint", "read_wrapped"], ".formats.wrapped.reading"),
+    **dict.fromkeys(["convert_wrapped", "merge_wrapped", "wrapped_names"], ".convert.wrapped"),
+    **dict.fromkeys(["merge_state_dict", "merge_to_directory"], ".merging.engine"),
+    "load": ".loading.loader",
+    "save": ".loading.saving",
+    "wrap": ".loading.wrapping",
     **dict.fromkeys(
         [
             "merge",
@@ -54,18 +53,18 @@ _LAZY = {
             "freeze_full_copies",
             "unfreeze_full_copies",
         ],
-        ".adapter_state",
+        ".loading.adapters",
     ),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
-    from .base import BaseModel, read_base  # noqa: F401
-    from .config import LoraConfig, parse_config, read_config  # noqa: F401
-    from .convert import convert_wrapped, merge_wrapped, wrapped_names  # noqa: F401
-    from .describe import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter  # noqa: F401
-    from .finding import Finding  # noqa: F401
-    from .header import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
-    from .keys import (  # noqa: F401
+    from .base.reading import BaseModel, read_base  # noqa: F401
+    from .checkpoint.config import LoraConfig, parse_config, read_config  # noqa: F401
+    from .convert.wrapped import convert_wrapped, merge_wrapped, wrapped_names  # noqa: F401
+    from .formats.peft.reading import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter  # noqa: F401
+    from .checkpoint.finding import Finding  # noqa: F401
+    from .storage.header import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
+    from .checkpoint.keys import (  # noqa: F401
         KeyParts,
         Role,
         parse_saved,
@@ -75,7 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
         wrapped_to_base,
         wrapped_to_saved,
     )
-    from .adapter_state import (  # noqa: F401
+    from .loading.adapters import (  # noqa: F401
         disable_adapters,
         freeze_full_copies,
         merge,
@@ -84,12 +83,12 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
         unload,
         unmerge,
     )
-    from .loading import load  # noqa: F401
-    from .merging import merge_state_dict, merge_to_directory  # noqa: F401
-    from .resolution import Resolution, resolve  # noqa: F401
-    from .saving import save  # noqa: F401
-    from .wrapped import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped  # noqa: F401
-    from .wrapping import wrap  # noqa: F401
+    from .loading.loader import load  # noqa: F401
+    from .merging.engine import merge_state_dict, merge_to_directory  # noqa: F401
+    from .base.resolution import Resolution, resolve  # noqa: F401
+    from .loading.saving import save  # noqa: F401
+    from .formats.wrapped.reading import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped  # noqa: F401
+    from .loading.wrapping import wrap  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

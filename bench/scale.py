@@ -116,11 +116,11 @@ def timed(fn, runs: int) -> float:
 
 
 def bench_sizes(cache: str, sizes: list[int], runs: int) -> dict[int, dict[str, float]]:
-    from adapterfmt.base import read_base
-    from adapterfmt.describe import read_adapter
-    from adapterfmt.merge_plan import plan_merge
-    from adapterfmt.resolution import resolve
-    from adapterfmt.summary import check_report, inspect_report
+    from adapterfmt.base.reading import read_base
+    from adapterfmt.formats.peft.reading import read_adapter
+    from adapterfmt.merging.plan import plan_merge
+    from adapterfmt.base.resolution import resolve
+    from adapterfmt.reports.summary import check_report, inspect_report
 
     out = {}
     for n in sizes:
@@ -177,7 +177,7 @@ def cli(*args: str) -> list[str]:
 
 
 def bench_header(cache: str, n: int, runs: int) -> dict[str, float]:
-    from adapterfmt.header import read_header
+    from adapterfmt.storage.header import read_header
 
     adapter = os.path.join(cache, f"header-{n}")
     path = os.path.join(adapter, "adapter_model.safetensors")

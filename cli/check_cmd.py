@@ -6,11 +6,11 @@ from typing import Optional
 
 import click
 
-from adapterfmt.base import read_base
-from adapterfmt.describe import read_adapter
-from adapterfmt.gc_pause import with_gc_paused
-from adapterfmt.resolution import resolve
-from adapterfmt.summary import CheckReport, check_report
+from adapterfmt.base.reading import read_base
+from adapterfmt.formats.peft.reading import read_adapter
+from adapterfmt.storage.gc_pause import with_gc_paused
+from adapterfmt.base.resolution import resolve
+from adapterfmt.reports.summary import CheckReport, check_report
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .main import done_without_teardown

@@ -83,7 +83,7 @@ def convert_command(
         raise click.UsageError("--base and --component apply with --to only")
     if alpha is not None and config is not None:
         raise click.UsageError("give --alpha or --config, not both")
-    from adapterfmt.convert import convert_wrapped
+    from adapterfmt.convert.wrapped import convert_wrapped
 
     result = convert_wrapped(
         wrapped, output, adapter_name=adapter_name, alpha=alpha, config=config, base_out=base_out, allow_pickle=allow_pickle,
@@ -107,7 +107,7 @@ def _convert_foreign(source: str, output: str, *, to: str, base: Optional[str], 
         raise click.UsageError("--adapter-name, --alpha, --config, --base-out and --allow-pickle apply to wrapped checkpoints, not with --to")
     if base is None:
         raise click.UsageError("--to needs --base COMPONENT_DIR: names are resolved against the real modules")
-    from adapterfmt.formats import foreign_convert
+    from adapterfmt.convert import foreign as foreign_convert
 
     if to == "peft":
         from adapterfmt.formats.locate import locate_foreign

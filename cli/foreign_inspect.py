@@ -6,9 +6,9 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from adapterfmt.finding import Finding
+from adapterfmt.checkpoint.finding import Finding
 from adapterfmt.formats.locate import ForeignSource
-from adapterfmt.formats.records import ForeignCheckpoint, base_override_as_dict, full_copy_as_dict
+from adapterfmt.formats.diffusion.records import ForeignCheckpoint, base_override_as_dict, full_copy_as_dict
 
 from .output import emit_json, table, warn
 
@@ -81,7 +81,7 @@ def render_checks(checks: list[dict[str, Any]]) -> list[str]:
 
 
 def _checks(ckpt: ForeignCheckpoint, base: str, component: Optional[str]) -> list[Any]:
-    from adapterfmt.formats.components import check_component, component_bases, read_component
+    from adapterfmt.formats.diffusion.components import check_component, component_bases, read_component
 
     bases = {None: read_component(base)} if ckpt.format == "peft" else component_bases(ckpt, base, component)
     return [check_component(ckpt, c, b) for c, b in bases.items()]
@@ -114,7 +114,7 @@ def inspect_foreign(
     checks = _checks(ckpt, base, component) if base is not None else []
     scan_findings = None
     if scan:
-        from adapterfmt.scan import foreign_non_finite_findings
+        from adapterfmt.reports.scan import foreign_non_finite_findings
 
         scan_findings = foreign_non_finite_findings(ckpt)
     warnings = [*ckpt.findings, *(scan_findings or ())]

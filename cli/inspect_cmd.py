@@ -8,9 +8,9 @@ from typing import Optional
 import click
 
 from adapterfmt.constants import ADAPTER_CONFIG_FILE
-from adapterfmt.describe import read_adapter
-from adapterfmt.gc_pause import with_gc_paused
-from adapterfmt.summary import InspectReport, check_report, inspect_report
+from adapterfmt.formats.peft.reading import read_adapter
+from adapterfmt.storage.gc_pause import with_gc_paused
+from adapterfmt.reports.summary import InspectReport, check_report, inspect_report
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .main import done_without_teardown
@@ -70,15 +70,15 @@ def render_inspect(report: InspectReport) -> str:
 
 def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str], allow_pickle: bool, strict: bool) -> None:
     """A wrapped ``PeftModel.state_dict()``: its layout and copy status, then each adapter in it
-    as an adapter (:mod:`adapterfmt.wrapped`)."""
-    from adapterfmt.wrapped import read_wrapped
+    as an adapter (:mod:`adapterfmt.formats.wrapped.reading`)."""
+    from adapterfmt.formats.wrapped.reading import read_wrapped
 
     if base is not None:
         raise click.UsageError("--base does not apply to a wrapped checkpoint: it carries its own base")
     wrapped = read_wrapped(path, allow_pickle=allow_pickle)
     scans = {}
     if scan:
-        from adapterfmt.scan import non_finite_findings
+        from adapterfmt.reports.scan import non_finite_findings
 
         scans = {name: non_finite_findings(ckpt) for name, ckpt in wrapped.adapters.items()}
     reports = {name: inspect_report(ckpt, source=path, scan_findings=scans.get(name)) for name, ckpt in wrapped.adapters.items()}
@@ -157,14 +157,14 @@ def inspect_command(
     ckpt = read_adapter(adapter, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
     check = None
     if base is not None:
-        from adapterfmt.base import read_base  # only with --base: keeps the plain path's imports small
-        from adapterfmt.resolution import resolve
+        from adapterfmt.base.reading import read_base  # only with --base: keeps the plain path's imports small
+        from adapterfmt.base.resolution import resolve
 
         model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
         check = check_report(resolve(ckpt, model), adapter=adapter, base=base)
     scan_findings = None
     if scan:
-        from adapterfmt.scan import non_finite_findings
+        from adapterfmt.reports.scan import non_finite_findings
 
         scan_findings = non_finite_findings(ckpt)
     report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)

@@ -145,13 +145,13 @@ def merge_command(
     directory (every component the file adapts; the rest copied) or into one component
     directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3.
     """
-    from adapterfmt.gc_pause import gc_paused
+    from adapterfmt.storage.gc_pause import gc_paused
 
     with gc_paused():  # importing torch builds ~10^5 objects: the cyclic collector's passes over them cost ~0.2 s
         from adapterfmt import merge_to_directory
 
         freeze_imported_objects()  # or the first collection after the pause walks them all
-    from adapterfmt.wrapped import is_wrapped_checkpoint
+    from adapterfmt.formats.wrapped.reading import is_wrapped_checkpoint
 
     if wrapped is None and base is not None and not adapters and is_wrapped_checkpoint(base):
         wrapped, base = base, None
@@ -178,7 +178,7 @@ def merge_command(
         )
         foreign = _foreign_adapter(adapters, weight_name=weight_name, revision=adapter_revision) if wrapped is None else None
         if foreign is not None and foreign.format == "peft":  # PEFT's LoHa / LoKr
-            from adapterfmt.formats.foreign_merge import merge_peft_lycoris
+            from adapterfmt.merging.foreign import merge_peft_lycoris
 
             if weights or component:
                 raise click.UsageError("--weight and --component do not apply to a PEFT LoHa/LoKr adapter")
@@ -188,7 +188,7 @@ def merge_command(
                 raise click.UsageError("--weight and --base-revision do not apply to a kohya/diffusers adapter file")
             if component and base_subfolder and component != base_subfolder:
                 raise click.UsageError("--component and --subfolder name different components")
-            from adapterfmt.formats.foreign_merge import merge_foreign
+            from adapterfmt.merging.foreign import merge_foreign
 
             options.pop("allow_pickle")
             # --subfolder C of a pipeline base: that component merged, the whole pipeline written
@@ -198,7 +198,7 @@ def merge_command(
         elif component is not None:
             raise click.UsageError("--component applies to kohya/diffusers adapter files only")
         elif wrapped is not None:
-            from adapterfmt.convert import merge_wrapped
+            from adapterfmt.convert.wrapped import merge_wrapped
 
             summary = merge_wrapped(wrapped, output, adapter_name=adapter_name, alpha=alpha, config=adapter_config, **options)
         else:
@@ -229,7 +229,7 @@ def merge_command(
     if as_json:
         emit_json(summary.as_dict())
         return
-    from adapterfmt.staging import format_bytes
+    from adapterfmt.storage.staging import format_bytes
 
     click.echo(
         f"{summary.output}: {summary.tensors_merged} tensors merged, {summary.tensors_replaced} replaced, "
@@ -247,6 +247,6 @@ def _peft_adapters(adapters: tuple[str, ...], revision: Optional[str], allow_pic
     """The --adapter specs for the merge engine; read here only when --adapter-revision applies."""
     if revision is None:
         return list(adapters)
-    from adapterfmt.describe import read_adapter
+    from adapterfmt.formats.peft.reading import read_adapter
 
     return [read_adapter(a, revision=revision, allow_pickle=allow_pickle) for a in adapters]

@@ -7,9 +7,9 @@ from typing import Optional
 
 import click
 
-from adapterfmt.base import read_base
-from adapterfmt.gc_pause import with_gc_paused
-from adapterfmt.summary import TargetsReport, preview_targets
+from adapterfmt.base.reading import read_base
+from adapterfmt.storage.gc_pause import with_gc_paused
+from adapterfmt.reports.summary import TargetsReport, preview_targets
 
 from .base_options import PICKLE_HELP, base_options
 from .check_cmd import parse_prefix_map

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adapterfmt.verify import verify_directory
+from adapterfmt.reports.verify import verify_directory
 
 from .output import emit_json, table, warn
 

@@ -1,4 +1,4 @@
-"""Generate ``adapterfmt/arch_tables.json`` from the pinned transformers: the facts the library needs
+"""Generate ``adapterfmt/tables/arch_tables.json`` from the pinned transformers: the facts the library needs
 about architectures, so that the library itself never imports transformers.
 
 Three tables, all keyed by names that appear in a model's ``config.json``:
@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any, Optional
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapterfmt", "arch_tables.json")
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapterfmt", "tables", "arch_tables.json")
 
 _OP_FIELDS = ("dim", "inverse", "dim0", "dim1", "stack_dim", "concat_dim")
 
@@ -170,7 +170,7 @@ def reinterpreted_tie_flag() -> list[str]:
 
 
 def build() -> str:
-    """The text of ``adapterfmt/arch_tables.json`` (JSON: loads in milliseconds, never compiled)."""
+    """The text of ``adapterfmt/tables/arch_tables.json`` (JSON: loads in milliseconds, never compiled)."""
     import transformers
 
     table, tie_default = class_tables()

@@ -1,4 +1,4 @@
-"""Generate ``adapterfmt/diffusers_tables.json`` from the pinned diffusers: how diffusers renames the
+"""Generate ``adapterfmt/tables/diffusers_tables.json`` from the pinned diffusers: how diffusers renames the
 older spellings of its LoRA keys to PEFT's, so that the library itself never imports diffusers.
 
 diffusers' training scripts wrote LoRA files before its PEFT backend (~2023) with other key
@@ -32,7 +32,7 @@ import json
 import os
 import sys
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapterfmt", "diffusers_tables.json")
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapterfmt", "tables", "diffusers_tables.json")
 
 #: The markers diffusers' ``convert_state_dict_to_peft`` / ``convert_state_dict_to_diffusers`` test
 #: (``any(MARKER in k for k in state_dict)``), with the state dict type each selects.
@@ -55,7 +55,7 @@ def _check_markers() -> None:
 
 
 def build() -> str:
-    """The text of ``adapterfmt/diffusers_tables.json``."""
+    """The text of ``adapterfmt/tables/diffusers_tables.json``."""
     import diffusers
     from diffusers.utils import state_dict_utils as u
 

@@ -3,7 +3,7 @@
     python tests/_pause_cli.py POINT MARKER SECONDS cli ARGS...    # adapterfmt ARGS...
     python tests/_pause_cli.py POINT MARKER SECONDS save OUT       # tiny-llama + its LoRA, adapterfmt.save(OUT)
 
-At pause point POINT (``adapterfmt.pause``) the hook writes POINT to MARKER (whole, then renamed:
+At pause point POINT (``adapterfmt.storage.pause``) the hook writes POINT to MARKER (whole, then renamed:
 a watcher never reads half a name) and sleeps SECONDS, so the test can kill the process there.
 Other points pass straight through. Only this test helper reads its arguments; the library reads
 no environment variable for it.
@@ -17,7 +17,7 @@ import time
 
 
 def install(point: str, marker: str, seconds: float) -> None:
-    import adapterfmt.pause
+    import adapterfmt.storage.pause
 
     def hook(name: str) -> None:
         if name != point:
@@ -27,7 +27,7 @@ def install(point: str, marker: str, seconds: float) -> None:
         os.replace(f"{marker}.tmp", marker)
         time.sleep(seconds)
 
-    adapterfmt.pause.pause_hook = hook
+    adapterfmt.storage.pause.pause_hook = hook
 
 
 def main(argv: list[str]) -> None:

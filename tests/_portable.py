@@ -1,4 +1,4 @@
-"""Removing the Linux-only calls, so the portable fallbacks of ``adapterfmt.os_calls`` run on Linux.
+"""Removing the Linux-only calls, so the portable fallbacks of ``adapterfmt.storage.os_calls`` run on Linux.
 
 ``remove_linux_calls(monkeypatch)`` in a test (in process); ``python tests/_portable.py -m MODULE
 ARGS...`` runs a module (the CLI) in a process that never had them, for subprocess tests.
@@ -17,7 +17,7 @@ LINUX_CALLS = ("copy_file_range", "sendfile", "preadv", "pread", "pwrite", "posi
 
 def remove_linux_calls(monkeypatch: Any = None) -> None:
     """Delete the calls from ``os``, hide ``fcntl`` and libc's ``sync_file_range``, detect again."""
-    from adapterfmt import os_calls
+    from adapterfmt.storage import os_calls
 
     for name in LINUX_CALLS:
         if hasattr(os, name):
@@ -40,7 +40,7 @@ def remove_linux_calls(monkeypatch: Any = None) -> None:
 def staging_leftovers(staging: str) -> list[str]:
     """What a killed writer leaves beside its output: the staging directory, and where directories
     cannot be locked themselves, its lock file."""
-    from adapterfmt import os_calls
+    from adapterfmt.storage import os_calls
 
     return [staging] if os_calls.directory_locks_follow_renames() else [staging, os_calls.lock_name(staging)]
 

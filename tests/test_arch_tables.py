@@ -1,4 +1,4 @@
-"""adapterfmt/arch_tables.json is exactly what scripts/gen_architecture_tables.py generates from the
+"""adapterfmt/tables/arch_tables.json is exactly what scripts/gen_architecture_tables.py generates from the
 pinned transformers (regenerate it with `python scripts/gen_architecture_tables.py`)."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ def _generator():
 
 
 def test_tables_match_the_pinned_transformers() -> None:
-    shipped = (REPO / "adapterfmt" / "arch_tables.json").read_text(encoding="utf-8")
-    assert _generator().build() == shipped, "adapterfmt/arch_tables.json is stale: run `python scripts/gen_architecture_tables.py`"
+    shipped = (REPO / "adapterfmt" / "tables" / "arch_tables.json").read_text(encoding="utf-8")
+    assert _generator().build() == shipped, "adapterfmt/tables/arch_tables.json is stale: run `python scripts/gen_architecture_tables.py`"
 
 
 def test_tables_hold_the_rules_the_issue_names() -> None:
-    from adapterfmt.architecture import tables
+    from adapterfmt.tables.architectures import tables
 
     t = tables()
     mixtral = t["conversions"]["mixtral"]

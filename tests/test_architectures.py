@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import adapterfmt
-from adapterfmt.architecture import architecture_of, checkpoint_key
+from adapterfmt.tables.architectures import architecture_of, checkpoint_key
 
 from _arch_cases import CASES, TARGET_PARAMETER_CASES, Built, build, load_base, output_of
 
@@ -139,7 +139,7 @@ def test_tied_head_lora_counts_and_untie(tmp_path: Path) -> None:
 
 def test_unplaceable_part_stops_the_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A resolved adapter part that no output tensor carries is an error, never a silent skip."""
-    from adapterfmt import merge_plan
+    from adapterfmt.merging import plan as merge_plan
     from adapterfmt.errors import MergeError
 
     case = next(c for c in CASES if c.name == "opt-tied-head")

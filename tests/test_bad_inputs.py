@@ -94,7 +94,7 @@ def _run(case: corpus.Case, command: str, outputs: Path) -> Outcome:
 
 
 def _cli(case: corpus.Case, command: str, parent: Path) -> Outcome:
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     parent.mkdir()
     out = parent / "OUT"
@@ -244,7 +244,7 @@ def _hub_cache(tmp_path: Path) -> Path:
 def test_hub_cache_snapshot_symlinks_are_followed(tmp_path: Path) -> None:
     """Shard symlinks into the cache's blobs/ are how huggingface_hub stores files: accepted."""
     from adapterfmt import read_base
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     snapshot = _hub_cache(tmp_path)
     base = read_base(snapshot)
@@ -330,7 +330,7 @@ def test_output_filesystem_fault(name: str, tmp_path: Path) -> None:
         if fault.exit_code == 0:
             made = {out_rel} | {str(p) for p in Path(out_rel).parents if str(p) != "."}
             assert after - before <= made, f"left beside OUT: {sorted(after - before - made)}"
-            from adapterfmt.verify import verify_directory
+            from adapterfmt.reports.verify import verify_directory
 
             assert all((setup.out / f).is_file() for f in fault.ok_files), sorted(os.listdir(setup.out))
             assert verify_directory(setup.out) == []

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _layout_helpers import minilm_dir, move_shards, save_llama, save_pipeline, save_unet
-from adapterfmt.base import read_base
-from adapterfmt.base_layouts import decide_layout
-from adapterfmt.file_tree import Tree
+from adapterfmt.base.reading import read_base
+from adapterfmt.base.layouts import decide_layout
+from adapterfmt.sources.file_tree import Tree
 from adapterfmt.errors import CheckpointNotFoundError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
 from conftest import write_base, write_header_only
 
@@ -275,7 +275,7 @@ def _sharded_layouts(built, tmp_path) -> dict[str, tuple[Path, Path]]:
 
 @pytest.mark.parametrize("layout", ["llama-sharded", "llama-subfolder", "unet-sharded", "pipeline", "sentence-transformers"])
 def test_verify_reports_a_broken_index_in_every_layout(built, tmp_path, layout):
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     directory, folder = _sharded_layouts(built, tmp_path)[layout]
     assert verify_directory(directory) == []
@@ -288,7 +288,7 @@ def test_verify_reports_a_broken_index_in_every_layout(built, tmp_path, layout):
 
 
 def test_verify_reports_shadowed_weights(built, tmp_path):
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     d = tmp_path / "m"
     shutil.copytree(built["llama"], d)
@@ -321,7 +321,7 @@ def test_loose_diffusers_file_is_named_by_its_config(built, tmp_path):
 
 
 def test_verify_checks_base_and_adapter_saved_into_one_folder(built, tmp_path, testdata):
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     d = tmp_path / "m"
     shutil.copytree(built["llama-sharded"], d)
@@ -334,7 +334,7 @@ def test_verify_checks_base_and_adapter_saved_into_one_folder(built, tmp_path, t
 
 
 def test_verify_stale_index_beside_single_file_is_shadowed_not_unindexed(built, tmp_path):
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     d = tmp_path / "m"
     shutil.copytree(built["llama"], d)

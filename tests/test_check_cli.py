@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterfmt.base import read_base
+from adapterfmt.base.reading import read_base
 from conftest import TESTDATA, assert_one_error_line, edit_adapter_weights, write_adapter, write_base
 
 

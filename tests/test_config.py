@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from adapterfmt.config import overlapping_pattern_keys, parse_config, pattern_key, read_config
+from adapterfmt.checkpoint.config import overlapping_pattern_keys, parse_config, pattern_key, read_config
 from adapterfmt.errors import CheckpointNotFoundError, InvalidConfigError
 from conftest import TESTDATA
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from peft import LoraConfig as PeftLoraConfig
 
-from adapterfmt.config import parse_config
-from adapterfmt.config_types import FIELD_TYPES, check_field_types
+from adapterfmt.checkpoint.config import parse_config
+from adapterfmt.checkpoint.config_types import FIELD_TYPES, check_field_types
 from adapterfmt.errors import InvalidConfigError
 
 #: PEFT's annotation (as written in its dataclass) for each field we check: the schema follows it.

@@ -1,7 +1,7 @@
 """``adapterfmt merge`` killed with SIGKILL never leaves a half-written OUT, and a rerun succeeds.
 
 The merge runs through ``tests/_pause_cli.py``, which installs a hook on the library's named
-pause points (``adapterfmt.pause``): at the chosen point it writes the point's name to a marker
+pause points (``adapterfmt.storage.pause``): at the chosen point it writes the point's name to a marker
 file and sleeps; the test waits for the marker and kills the process there. The killed merges run as real processes, all
 started together; the reruns run in-process.
 
@@ -129,7 +129,7 @@ def _relative_digest(out: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_merge_leaves_no_out_and_a_rerun_succeeds(point: str, killed: dict[str, Killed], reference: dict[str, str]) -> None:
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     run = killed[point]
     assert run.returncode == -signal.SIGKILL
@@ -184,9 +184,9 @@ def wrapped_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``PeftModel.state_dict()``-style file of tiny-llama + its LoRA, named by ``wrapped_names``."""
     from safetensors.torch import load_file, save_file
 
-    from adapterfmt.base import read_base
-    from adapterfmt.convert import wrapped_names
-    from adapterfmt.describe import read_adapter
+    from adapterfmt.base.reading import read_base
+    from adapterfmt.convert.wrapped import wrapped_names
+    from adapterfmt.formats.peft.reading import read_adapter
 
     base = {}
     for shard in sorted(BASE.glob("*.safetensors")):
@@ -227,7 +227,7 @@ def test_killed_convert_leaves_no_output(point: str, wrapped_checkpoint: Path, t
     rerun = invoke_cli(args)
     assert rerun.exit_code == 0, rerun.stderr
     assert sorted(os.listdir(tmp_path)) == ["BASE", "OUT"]
-    from adapterfmt.verify import verify_directory
+    from adapterfmt.reports.verify import verify_directory
 
     assert verify_directory(out) == [] and verify_directory(base_out) == []
 

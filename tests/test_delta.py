@@ -1,4 +1,4 @@
-"""Unit tests of adapterfmt.delta, the merge math shared by the merge engine and the loader.
+"""Unit tests of adapterfmt.deltas.lora, the merge math shared by the merge engine and the loader.
 
 Each function is checked against the formula written out independently (PEFT's order of
 operations, docs/FORMAT.md §6), on small random tensors, with exact equality where the library
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterfmt.delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, add_scaled, dora_weight, lora_delta, lora_product, merged_weight
+from adapterfmt.deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, add_scaled, dora_weight, lora_delta, lora_product, merged_weight
 
 G = torch.Generator().manual_seed(0)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapterfmt.describe import read_adapter
+from adapterfmt.formats.peft.reading import read_adapter
 from adapterfmt.errors import CheckpointNotFoundError, UnsafeFileError
-from adapterfmt.header import read_header
+from adapterfmt.storage.header import read_header
 from conftest import ADAPTERS, TESTDATA, TINY_PEFT_CONFIGS, tiny_peft_model, write_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*have invalid shape")  # PEFT's ZeRO-3 hint about lora_B.bias

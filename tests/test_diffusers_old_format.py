@@ -146,8 +146,8 @@ def test_tables_match_the_pinned_diffusers() -> None:
     spec = importlib.util.spec_from_file_location("gen_diffusers_tables", REPO / "scripts" / "gen_diffusers_tables.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    shipped = (REPO / "adapterfmt" / "diffusers_tables.json").read_text(encoding="utf-8")
-    assert module.build() == shipped, "adapterfmt/diffusers_tables.json is stale: run `python scripts/gen_diffusers_tables.py`"
+    shipped = (REPO / "adapterfmt" / "tables" / "diffusers_tables.json").read_text(encoding="utf-8")
+    assert module.build() == shipped, "adapterfmt/tables/diffusers_tables.json is stale: run `python scripts/gen_diffusers_tables.py`"
 
 
 def test_the_test_files_are_what_diffusers_renames_back_to_peft(case):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from adapterfmt.errors import AmbiguousMatchError, InconsistentAdapterError
 from adapterfmt.formats import detect_format, read_foreign
-from adapterfmt.formats.names import base_module_paths, resolve_names
-from adapterfmt.lycoris_math import module_delta
+from adapterfmt.formats.diffusion.names import base_module_paths, resolve_names
+from adapterfmt.deltas.lycoris import module_delta
 
 from _diffusion_helpers import (
     lycoris_network,
@@ -271,7 +271,7 @@ def test_peft_loha_lokr_inspect_and_math_match_peft(kind, tmp_path, run_cli):
     r = run_cli("inspect", tmp_path / "a", "--json", "--base", tmp_path / "unet")
     check = json.loads(r.stdout)["check"][0]
     assert r.exit_code == 0 and check["ok"] and check["resolved"] == check["total"] == len(doc["modules"])
-    from adapterfmt.formats.peft_lycoris import read_peft_lycoris
+    from adapterfmt.formats.peft.lycoris import read_peft_lycoris
 
     ckpt = read_peft_lycoris(tmp_path / "a")
     assert not ckpt.findings and len(ckpt.modules) == len(doc["modules"]) > 0

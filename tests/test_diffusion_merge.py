@@ -170,8 +170,8 @@ def test_sdxl_kohya_file_with_sgm_block_names(tmp_path, run_cli):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from adapterfmt.formats.names import base_module_paths
-    from adapterfmt.formats.sgm_names import sgm_aliases
+    from adapterfmt.formats.diffusion.names import base_module_paths
+    from adapterfmt.formats.diffusion.sgm_names import sgm_aliases
     from _diffusion_helpers import lycoris_network, save_lycoris, tiny_clip
 
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-from adapterfmt.finding import Finding
-from adapterfmt.findings import full_copy_suffix_finding
+from adapterfmt.checkpoint.finding import Finding
+from adapterfmt.checkpoint.findings import full_copy_suffix_finding
 
 PACKAGE = Path(__file__).resolve().parent.parent / "adapterfmt"
 #: ``verify`` checks a directory's files and has codes of its own (``bad-index``, ``missing-shard`` ...).
@@ -39,7 +39,7 @@ def test_every_code_is_built_in_one_module_the_rules_module():
 
 
 def test_finding_record_imports_nothing_from_the_package():
-    tree = ast.parse((PACKAGE / "finding.py").read_text(encoding="utf-8"))
+    tree = ast.parse((PACKAGE / "checkpoint" / "finding.py").read_text(encoding="utf-8"))
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
     assert Finding("x-y", "m").as_dict() == {"code": "x-y", "message": "m", "keys": []}
 

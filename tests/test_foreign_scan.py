@@ -4,7 +4,7 @@ refusal of their NaN / Inf values (docs/BEHAVIOUR.md §7.2, §7.3).
 The kohya file is written by LyCORIS (:func:`_diffusion_helpers.sd_lora_case`, shared with
 test_diffusion_formats.py), the LoHa directory by PEFT's ``save_pretrained``; values are then
 poisoned by rewriting the file with safetensors. Expected warnings are built by
-:func:`adapterfmt.findings.non_finite_finding`, the one place the PEFT path builds them too.
+:func:`adapterfmt.checkpoint.findings.non_finite_finding`, the one place the PEFT path builds them too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adapterfmt.errors import NonFiniteValuesError
-from adapterfmt.findings import non_finite_finding
+from adapterfmt.checkpoint.findings import non_finite_finding
 
 from _diffusion_helpers import sd_lora_case
 from conftest import assert_one_error_line, tiny_torch_model
@@ -137,7 +137,7 @@ def test_header_only_inspect_of_a_peft_loha_directory_imports_no_torch(tmp_path)
 
 def test_merge_and_load_refuse_a_nan_factor_and_an_infinite_alpha(sd_lora, tmp_path, run_cli):
     """A NaN adapter never merges silently: one error line naming the file and the key, exit 2, no output."""
-    from adapterfmt.formats.foreign_merge import merge_foreign
+    from adapterfmt.merging.foreign import merge_foreign
 
     bad, up, alpha = _poisoned_kohya(sd_lora, tmp_path)
     te, unet = os.path.join(sd_lora["pipe"], "text_encoder"), os.path.join(sd_lora["pipe"], "unet")

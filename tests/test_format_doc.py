@@ -6,7 +6,7 @@ classes are the code's. Every section citation, in every form the code and docs 
 section that exists in the document it names.
 
 The key table (§3.8) is checked twice: every template cell against ``keys.ROLE_TEMPLATES`` and
-every example row through ``adapterfmt.keys`` in both directions, and every example key against
+every example row through ``adapterfmt.checkpoint.keys`` in both directions, and every example key against
 the names real PEFT models produce (the oracle).
 """
 
@@ -21,10 +21,11 @@ from typing import Optional
 import pytest
 
 import adapterfmt
-from adapterfmt import errors, keys
-from adapterfmt.config import UNSUPPORTED_FIELDS
+from adapterfmt import errors
+from adapterfmt.checkpoint import keys
+from adapterfmt.checkpoint.config import UNSUPPORTED_FIELDS
 from adapterfmt.constants import PEFT_PREFIX
-from adapterfmt.keys import ROLE_TEMPLATES, Role
+from adapterfmt.checkpoint.keys import ROLE_TEMPLATES, Role
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "FORMAT.md").read_text(encoding="utf-8")
@@ -331,7 +332,7 @@ def _package_codes() -> tuple[set[str], set[str]]:
 
 
 def test_every_warning_code_is_documented():
-    from adapterfmt import findings
+    from adapterfmt.checkpoint import findings
 
     documented = {_first_code(row[0]) for row in _table_rows(_section(2, BEHAVIOUR))}
     in_spec = set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", _section(7)))

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from adapterfmt.errors import CheckpointNotFoundError, HeaderError
-from adapterfmt.header import read_header
+from adapterfmt.storage.header import read_header
 from conftest import TESTDATA
 
 NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
@@ -173,7 +173,7 @@ def test_entry_by_entry_decoding_accepts_exactly_what_json_loads_accepts(text):
     """The header is decoded one top-level entry at a time (bounded memory); same answers as json.loads."""
     import json
 
-    from adapterfmt.header import _Object, _top_level_entries
+    from adapterfmt.storage.header import _Object, _top_level_entries
 
     try:
         expected = json.loads(text, object_pairs_hook=list)
@@ -225,7 +225,7 @@ def test_tensors_listed_out_of_byte_order(tmp_path):
 @pytest.mark.parametrize("text", _TRICKY_OBJECTS)
 def test_fast_and_exact_readers_give_the_same_entries(text):
     """``_entries`` (one json.loads) yields what the entry-by-entry reader yields, or the same error."""
-    from adapterfmt.header import _Object, _entries, _top_level_entries
+    from adapterfmt.storage.header import _Object, _entries, _top_level_entries
 
     def plain(v):
         if isinstance(v, _Object):

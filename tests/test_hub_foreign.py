@@ -49,7 +49,7 @@ def files(tmp_path_factory) -> dict[str, Any]:
     file of its UNet part, a PEFT LoHa adapter of the same UNet, a big kohya file."""
     from peft import LoHaConfig, get_peft_model
 
-    from adapterfmt.formats.foreign_convert import from_peft, to_peft
+    from adapterfmt.convert.foreign import from_peft, to_peft
 
     d = tmp_path_factory.mktemp("hubfiles")
     case = sd_lora_case(str(tmp_path_factory.mktemp("sd_lora")))
@@ -245,7 +245,7 @@ def test_several_files_in_a_local_folder_are_an_error_naming_them(files, tmp_pat
 def test_scalar_ranges_are_read_from_the_head_or_in_few_requests():
     """Ranges inside the bytes the header request brought come from there; ranges less than 64 KiB
     apart share a request; each answer is its own slice (the fetch is counted, not networked)."""
-    from adapterfmt.hub_files import RemoteFile
+    from adapterfmt.sources.hub_files import RemoteFile
 
     data = bytes(range(256)) * 4096  # 1 MiB
     asked: list[tuple[int, int]] = []

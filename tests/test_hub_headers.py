@@ -123,7 +123,7 @@ def test_other_header_only_commands_stay_small(hub, big_adapter, tmp_path, args)
 
 _READ = """
 import json, sys
-from adapterfmt.base import read_base
+from adapterfmt.base.reading import read_base
 b = read_base(sys.argv[1], revision=sys.argv[2] or None, download=sys.argv[3] == "1")
 print(json.dumps({"remote": b.remote, "directory": b.directory, "config": b.config, "shards": b.shards,
                   "n": len(b.tensors), "local": all(__import__("os").path.isfile(t.file) for t in b.tensors.values())}))

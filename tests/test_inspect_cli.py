@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterfmt.keys import split_prefix
+from adapterfmt.checkpoint.keys import split_prefix
 from conftest import ADAPTERS, TESTDATA, assert_one_error_line, edit_adapter_config, edit_adapter_weights
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapterfmt.errors import UnknownKeyError
-from adapterfmt.keys import (
+from adapterfmt.checkpoint.keys import (
     ROLE_TEMPLATES,
     KeyParts,
     bias_key,

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import adapterfmt
-from adapterfmt.full_copy import FullCopy
-from adapterfmt.layers import LoraLayer
+from adapterfmt.layers.full_copy import FullCopy
+from adapterfmt.layers.lora import LoraLayer
 
 from _load_helpers import (
     TESTDATA,
@@ -206,7 +206,7 @@ def test_bf16_base_keeps_float32_adapters():
 
 def test_loading_imports_neither_peft_nor_transformers():
     code = (
-        "import sys, adapterfmt, adapterfmt.loading, adapterfmt.saving, adapterfmt.wrapping, adapterfmt.adapter_state; "
+        "import sys, adapterfmt, adapterfmt.loading.loader, adapterfmt.loading.saving, adapterfmt.loading.wrapping, adapterfmt.loading.adapters; "
         "adapterfmt.load; "
         "bad = [m for m in ('peft', 'transformers', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"

@@ -16,8 +16,8 @@ import torch
 
 import adapterfmt
 from adapterfmt.errors import MergeError
-from adapterfmt.full_copy import FullCopy
-from adapterfmt.layers import LoraLayer
+from adapterfmt.layers.full_copy import FullCopy
+from adapterfmt.layers.lora import LoraLayer
 
 from _load_helpers import (
     TESTDATA,

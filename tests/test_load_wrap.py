@@ -13,7 +13,7 @@ import torch
 
 import adapterfmt
 from adapterfmt.errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
-from adapterfmt.layers import LoraLayer
+from adapterfmt.layers.lora import LoraLayer
 
 from _load_helpers import assert_same_structure, conv_embed_net, mlp_stack, tiny_gpt2
 

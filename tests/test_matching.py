@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from adapterfmt.errors import AmbiguousMatchError, InvalidConfigError
-from adapterfmt.matching import (
+from adapterfmt.checkpoint.matching import (
     full_copy_matches,
     is_lora_target,
     layer_index,

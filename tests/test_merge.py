@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import adapterfmt
-from adapterfmt import os_calls
+from adapterfmt.storage import os_calls
 from adapterfmt.errors import (
     DiskSpaceError,
     MergeError,
@@ -31,8 +31,8 @@ from adapterfmt.errors import (
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
-from adapterfmt.findings import Finding
-from adapterfmt.header import read_header
+from adapterfmt.checkpoint.findings import Finding
+from adapterfmt.storage.header import read_header
 from adapterfmt_cli.main import cli
 
 from _hardening_helpers import PAUSE_CLI
@@ -190,7 +190,7 @@ def test_max_shard_size_replans_with_the_hub_planner(tmp_path: Path, base: Path)
 
 def test_free_space_is_checked_before_starting(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("adapterfmt.staging.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    monkeypatch.setattr("adapterfmt.storage.staging.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
     with pytest.raises(DiskSpaceError, match=r"needs 1.[0-9] MB but only 5.0 KB is free"):
         adapterfmt.merge_to_directory(base, LORA, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
@@ -199,7 +199,7 @@ def test_free_space_is_checked_before_starting(tmp_path: Path, base: Path, monke
 def test_running_out_of_space_mid_write_leaves_nothing(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from adapterfmt.parallel_write import PlacedFile
+    from adapterfmt.storage.parallel_write import PlacedFile
 
     def full(self: PlacedFile, offset: int, data: object) -> None:
         if offset:  # the header goes in; the first tensor does not
@@ -212,7 +212,7 @@ def test_running_out_of_space_mid_write_leaves_nothing(tmp_path: Path, base: Pat
 
 
 def test_failed_verification_leaves_nothing(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("adapterfmt.verify.verify_directory", lambda path: [Finding("total-size", "index: total_size is wrong")])
+    monkeypatch.setattr("adapterfmt.reports.verify.verify_directory", lambda path: [Finding("total-size", "index: total_size is wrong")])
     with pytest.raises(MergeError, match="failed verification: index: total_size is wrong"):
         adapterfmt.merge_to_directory(base, LORA, tmp_path / "merged", verify=True)
     assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
@@ -283,7 +283,7 @@ def test_planning_reads_headers_only() -> None:
     code = (
         "import sys\n"
         "from adapterfmt import read_base, read_adapter\n"
-        "from adapterfmt.merge_plan import plan_merge\n"
+        "from adapterfmt.merging.plan import plan_merge\n"
         f"plan = plan_merge(read_base({str(TESTDATA / 'tiny-llama')!r}), [read_adapter({str(LORA)!r})], max_shard_size='100KB')\n"
         "assert plan.count('merge') == 14 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
     )

@@ -1,7 +1,7 @@
 """The blocked merge kernel gives PEFT's bits: against PEFT's own ``merge_and_unload`` on the
 TinyLlama shapes (random bf16 / fp16 / fp32 bases), every layout, several terms, the scale folded
 or not, odd block sizes with a trailing one-row remainder, and against adapterfmt's whole-tensor
-math (:mod:`adapterfmt.delta`) where PEFT itself rounds differently (k×k conv, bf16 embeddings).
+math (:mod:`adapterfmt.deltas.lora`) where PEFT itself rounds differently (k×k conv, bf16 embeddings).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from adapterfmt import merge_kernel
-from adapterfmt.delta import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, add_scaled, lora_product
-from adapterfmt.merge_kernel import BlockedMerge, LoraFactors, blockable, can_fold, row_blocks
+from adapterfmt.merging import kernel as merge_kernel
+from adapterfmt.deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, add_scaled, lora_product
+from adapterfmt.merging.kernel import BlockedMerge, LoraFactors, blockable, can_fold, row_blocks
 
 #: The TinyLlama-1.1B projection shapes (out, in): q/o, gate/up, down, k/v.
 TINYLLAMA = {"q_proj": (2048, 2048), "up_proj": (5632, 2048), "down_proj": (2048, 5632), "k_proj": (256, 2048)}

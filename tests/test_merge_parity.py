@@ -24,7 +24,7 @@ from peft import LoraConfig  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import adapterfmt  # noqa: E402
-from adapterfmt.header import read_header  # noqa: E402
+from adapterfmt.storage.header import read_header  # noqa: E402
 
 from _merge_helpers import ConvEmbed, peft_merged, read_dir, save_adapter, save_module, seeded, tree_digest, unequal  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""Unit tests of the merge planner (adapterfmt.merge_plan) and the output layout it decides
-(adapterfmt.merge_output), from headers only, on the shipped tiny-llama checkpoints."""
+"""Unit tests of the merge planner (adapterfmt.merging.plan) and the output layout it decides
+(adapterfmt.merging.output), from headers only, on the shipped tiny-llama checkpoints."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import pytest
 
 import adapterfmt
-from adapterfmt.base import read_base
+from adapterfmt.base.reading import read_base
 from adapterfmt.errors import MergeError
-from adapterfmt.merge_output import changed_config, index_document, output_sizes, side_files
-from adapterfmt.merge_plan import COPY, CONVERT, MERGE, REPLACE, LoraTerm, normalize_dtype, plan_merge
+from adapterfmt.merging.output import changed_config, index_document, output_sizes, side_files
+from adapterfmt.merging.plan import COPY, CONVERT, MERGE, REPLACE, LoraTerm, normalize_dtype, plan_merge
 
 from _load_helpers import TESTDATA
 

@@ -10,10 +10,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import adapterfmt
-from adapterfmt import convert
-from adapterfmt.base import read_base
-from adapterfmt.convert import merge_wrapped, wrapped_names
-from adapterfmt.describe import read_adapter
+from adapterfmt.convert import wrapped as convert
+from adapterfmt.base.reading import read_base
+from adapterfmt.convert.wrapped import merge_wrapped, wrapped_names
+from adapterfmt.formats.peft.reading import read_adapter
 
 from _merge_helpers import read_dir, unequal
 

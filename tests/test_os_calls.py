@@ -1,4 +1,4 @@
-"""Every portable call of ``adapterfmt.os_calls`` with the Linux call and with its fallback."""
+"""Every portable call of ``adapterfmt.storage.os_calls`` with the Linux call and with its fallback."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from adapterfmt import os_calls
+from adapterfmt.storage import os_calls
 
 from _portable import remove_linux_calls
 
@@ -124,7 +124,7 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 if {portable!r}:
     import _portable
     _portable.remove_linux_calls()
-from adapterfmt import os_calls
+from adapterfmt.storage import os_calls
 lock = os_calls.try_lock(sys.argv[1])
 print("held" if lock else "refused", flush=True)
 time.sleep(60)
@@ -206,7 +206,7 @@ PLATFORM_CALLS = {"copy_file_range", "sendfile", "preadv", "pread", "pwrite", "p
 
 
 def test_no_platform_call_outside_os_calls() -> None:
-    """Every use of a Linux-only call goes through adapterfmt.os_calls, which has its fallback."""
+    """Every use of a Linux-only call goes through adapterfmt.storage.os_calls, which has its fallback."""
     import ast
 
     package = HERE.parent / "adapterfmt"

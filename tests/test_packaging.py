@@ -17,7 +17,7 @@ def _setting(section: str, name: str) -> str:
     """The value text of ``name = ...`` in ``[section]`` of pyproject.toml (tomllib is 3.11+ only)."""
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
-    match = re.search(rf"^{re.escape(name)}\s*=\s*(.+)$", body, flags=re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)}\s*=\s*(\[[^\]]*\]|.+)$", body, flags=re.MULTILINE)
     assert match, f"pyproject.toml [{section}] has no {name} line"
     return match.group(1)
 
@@ -30,6 +30,9 @@ def test_every_library_package_is_listed() -> None:
 
 
 def test_every_data_file_is_package_data() -> None:
-    listed = set(ast.literal_eval(_setting("tool.setuptools.package-data", "adapterfmt")))
-    data = {p.name for p in (ROOT / "adapterfmt").glob("*.json")}
-    assert data and data <= listed, f"not in [tool.setuptools.package-data]: {sorted(data - listed)}"
+    data = sorted((ROOT / "adapterfmt").rglob("*.json"))
+    assert data
+    for path in data:
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        listed = set(ast.literal_eval(_setting("tool.setuptools.package-data", f'"{package}"')))
+        assert path.name in listed, f"{path.relative_to(ROOT)} not in [tool.setuptools.package-data] \"{package}\""

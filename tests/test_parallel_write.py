@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from adapterfmt import os_calls
-from adapterfmt.parallel_write import PlacedFile, write_files
+from adapterfmt.storage import os_calls
+from adapterfmt.storage.parallel_write import PlacedFile, write_files
 
 from _portable import remove_linux_calls
 

@@ -13,11 +13,11 @@ import re
 import pytest
 
 from _hardening_helpers import HANG_SECONDS, deadline
-from adapterfmt import patterns
-from adapterfmt.config import parse_config
+from adapterfmt.checkpoint import patterns
+from adapterfmt.checkpoint.config import parse_config
 from adapterfmt.errors import InvalidConfigError
-from adapterfmt.matching import PatternKeyIndex, is_lora_target, layer_index, select_targets
-from adapterfmt.patterns import FULL, PATTERN_KEY, bounded, literal_tail
+from adapterfmt.checkpoint.matching import PatternKeyIndex, is_lora_target, layer_index, select_targets
+from adapterfmt.checkpoint.patterns import FULL, PATTERN_KEY, bounded, literal_tail
 
 UNSLOTH = (
     r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?"
@@ -259,7 +259,7 @@ def test_entry_index_equals_the_plain_rule_on_odd_names():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from adapterfmt.matching import EntryIndex
+    from adapterfmt.checkpoint.matching import EntryIndex
 
     part = st.sampled_from(["", "a", "q", "q_proj", "b.q", ".q", "a..b", "x."])
 

@@ -3,7 +3,7 @@
 ``copy_file_range``, ``sendfile``, ``preadv`` / ``pread`` / ``pwrite``, ``posix_fadvise``,
 ``fdatasync``, ``O_DIRECTORY``, ``fcntl`` and libc's ``sync_file_range`` are deleted for this module
 (and for the merges it runs in child processes, through ``tests/_pause_cli.py``), so
-:mod:`adapterfmt.os_calls` picks its portable fallbacks — what macOS and Windows get: read/write
+:mod:`adapterfmt.storage.os_calls` picks its portable fallbacks — what macOS and Windows get: read/write
 copies and positional I/O by seek, no advice, a final sync, and lock files beside the staging
 directory instead of ``flock`` on it. The imported tests run here unchanged.
 """
@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from adapterfmt import os_calls
+from adapterfmt.storage import os_calls
 
 from _portable import remove_linux_calls
 

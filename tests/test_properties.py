@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from adapterfmt import AdapterFormatError, read_header
-from adapterfmt.keys import (
+from adapterfmt.checkpoint.keys import (
     ROLE_TEMPLATES,
     KeyParts,
     Role,
@@ -246,7 +246,7 @@ def test_the_fast_header_path_answers_as_the_exact_reader(blob: bytes, scratch: 
     or the same one-line error."""
     from unittest import mock
 
-    from adapterfmt import header as header_module
+    from adapterfmt.storage import header as header_module
 
     def outcome() -> object:
         try:

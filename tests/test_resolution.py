@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapterfmt.base import read_base
-from adapterfmt.describe import read_adapter
-from adapterfmt.keys import weight_key
-from adapterfmt.resolution import Resolution, delta_numel, resolve, suggest_prefix
+from adapterfmt.base.reading import read_base
+from adapterfmt.formats.peft.reading import read_adapter
+from adapterfmt.checkpoint.keys import weight_key
+from adapterfmt.base.resolution import Resolution, delta_numel, resolve, suggest_prefix
 from conftest import TESTDATA, write_adapter, write_base
 
 P = "base_model.model."

@@ -1,4 +1,4 @@
-"""Unit tests of adapterfmt.staging, the one write rule every writer uses."""
+"""Unit tests of adapterfmt.storage.staging, the one write rule every writer uses."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from adapterfmt import os_calls
+from adapterfmt.storage import os_calls
 from adapterfmt.errors import OutputPathError
-from adapterfmt.staging import StagedDirectory, clean_stale, write_text
+from adapterfmt.storage.staging import StagedDirectory, clean_stale, write_text
 
 
 def test_commit_renames_the_stage_into_place_once(tmp_path: Path) -> None:

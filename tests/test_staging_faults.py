@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from adapterfmt import staging
+from adapterfmt.storage import staging
 from adapterfmt.errors import DiskSpaceError, OutputPathError
-from adapterfmt.staging import StagedDirectory, clean_stale, output_error
+from adapterfmt.storage.staging import StagedDirectory, clean_stale, output_error
 
 
 @pytest.mark.parametrize(

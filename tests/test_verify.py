@@ -16,7 +16,7 @@ import pytest
 
 from _hardening_helpers import TESTDATA, invoke_cli
 from make_bad_inputs import INDEX, SHARD1, SHARD2, edit_json, pack, tensors_of
-from adapterfmt.verify import verify_directory
+from adapterfmt.reports.verify import verify_directory
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in TESTDATA.iterdir() if p.is_dir()))

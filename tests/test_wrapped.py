@@ -1,4 +1,4 @@
-"""Wrapped checkpoints (``adapterfmt/wrapped.py``, ``adapterfmt/convert.py``) against real PEFT.
+"""Wrapped checkpoints (``adapterfmt/formats/wrapped/reading.py``, ``adapterfmt/convert/wrapped.py``) against real PEFT.
 
 We test:
 * recognition of every layout (one file, shards + index, no prefix, pickle) and of what is not wrapped;
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_PEFT_CONFIGS, tiny_peft_model, tiny_torch_model
 from _wrapped_helpers import custom_peft, llama_two_adapters, logits, save_wrapped, state_dict_of
 from adapterfmt import read_adapter
-from adapterfmt.convert import convert_wrapped, wrapped_names
+from adapterfmt.convert.wrapped import convert_wrapped, wrapped_names
 from adapterfmt.errors import (
     CheckpointNotFoundError,
     InconsistentAdapterError,
@@ -32,7 +32,7 @@ from adapterfmt.errors import (
     UnsafeFileError,
     UnsupportedFeatureError,
 )
-from adapterfmt.wrapped import exact_pattern, is_wrapped_checkpoint, read_wrapped, rebuild_config
+from adapterfmt.formats.wrapped.reading import exact_pattern, is_wrapped_checkpoint, read_wrapped, rebuild_config
 
 ALPHAS = {"default": 8, "other": 6}
 PREFIX = "base_model.model."
@@ -183,7 +183,7 @@ def test_wrapped_names_are_peft_state_dict_names(llama, custom):
 def test_rebuilt_config_resolves_exactly_under_peft_rules():
     from peft.utils.other import get_pattern_key
 
-    from adapterfmt.matching import matches_spec
+    from adapterfmt.checkpoint.matching import matches_spec
 
     ranks = {"layers.1.x": 2, "model.layers.1.x": 4, "model.layers.2.x": 4}
     base_modules = list(ranks) + ["model", "model.layers", "extra.model.layers.2.x", "prelayers.1.x"]
@@ -282,7 +282,7 @@ def test_convert_refuses_and_leaves_nothing(llama, tmp_path, monkeypatch):
     with pytest.raises(CheckpointNotFoundError, match="'default', 'other'"):
         convert_wrapped(root / "file", tmp_path / "out", adapter_name="nope", alpha=8)
 
-    import adapterfmt.convert as convert
+    import adapterfmt.convert.wrapped as convert
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -371,7 +371,7 @@ def test_conv1d_model_gets_fan_in_fan_out_from_the_base_shapes(tmp_path):
 
 @pytest.mark.parametrize("name", ["default", "other"])
 def test_merge_wrapped_equals_peft_merge_and_unload(llama, tmp_path, name):
-    from adapterfmt.convert import merge_wrapped
+    from adapterfmt.convert.wrapped import merge_wrapped
 
     _, _, root = llama
     summary = merge_wrapped(root / "sharded", tmp_path / "merged", adapter_name=name, alpha=ALPHAS)

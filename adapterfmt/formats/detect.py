@@ -16,11 +16,11 @@ from typing import Optional, Sequence
 
 from ..constants import ADAPTER_CONFIG_FILE
 from ..errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError
-from ..header import SafetensorsHeader, read_header
-from .diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
-from .kohya import describe_kohya, is_kohya_key
-from .records import ForeignCheckpoint
-from .scalars import ScalarReader, read_scalar
+from ..storage.header import SafetensorsHeader, read_header
+from .diffusion.diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
+from .diffusion.kohya import describe_kohya, is_kohya_key
+from .diffusion.records import ForeignCheckpoint
+from ..storage.scalars import ScalarReader, read_scalar
 
 PEFT, KOHYA, DIFFUSERS, WRAPPED = "peft", "kohya", "diffusers", "wrapped"
 
@@ -35,7 +35,7 @@ def foreign_file(path: "str | os.PathLike[str]", *, weight_name: Optional[str] =
     """
     spec = os.fspath(path)
     if weight_name is not None:
-        from ..sources import safe_join
+        from ..sources.paths import safe_join
 
         file = safe_join(spec, weight_name, what="weight file")
         if not os.path.isfile(file):
@@ -97,7 +97,7 @@ def header_format(header: SafetensorsHeader) -> str:
         return KOHYA
     if diffusers:
         return DIFFUSERS
-    from ..wrapped_files import is_wrapped_header
+    from .wrapped.files import is_wrapped_header
 
     if is_wrapped_header(header):
         return WRAPPED
@@ -123,14 +123,14 @@ def detect_format(path: "str | os.PathLike[str]") -> str:
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, ADAPTER_CONFIG_FILE)):
             return PEFT
-        from ..wrapped import is_wrapped_checkpoint
+        from .wrapped.reading import is_wrapped_checkpoint
 
         if not os.path.isfile(os.path.join(spec, DIFFUSERS_LORA_FILE)) and is_wrapped_checkpoint(spec):
             return WRAPPED
         chosen = choose_foreign_file(_safetensors_in(spec), where=spec)
         return PEFT if chosen is None else header_format(read_header(os.path.join(spec, chosen)))
     if not spec.endswith(".safetensors"):
-        from ..wrapped import is_wrapped_checkpoint
+        from .wrapped.reading import is_wrapped_checkpoint
 
         return WRAPPED if is_wrapped_checkpoint(spec) else PEFT  # pickles: the readers say what to do
     return header_format(read_header(spec))

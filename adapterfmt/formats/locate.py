@@ -11,7 +11,7 @@ error naming them). ``subfolder`` is a folder inside the path or repo, as in dif
 ``load_lora_weights(..., subfolder=, weight_name=)``.
 
 Header-only callers leave a Hub file where it is (:class:`ForeignSource.remote`: header and
-``alpha`` scalars by range request, :mod:`adapterfmt.hub_files`); callers that read tensors pass
+``alpha`` scalars by range request, :mod:`adapterfmt.sources.hub_files`); callers that read tensors pass
 ``download=True`` and get the file from huggingface_hub's cache. With ``HF_HUB_OFFLINE`` set, the
 repo's cached snapshot is read as a local folder (the rule then sees the files in the cache).
 """
@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Optional
 
 from ..constants import ADAPTER_CONFIG_FILE
 from ..errors import CheckpointNotFoundError, UnknownKeyError
-from ..header import SafetensorsHeader, read_header
-from ..sources import ADAPTER_PATTERNS, looks_like_hub_id, resolve_dir
+from ..storage.header import SafetensorsHeader, read_header
+from ..sources.paths import ADAPTER_PATTERNS, looks_like_hub_id, resolve_dir
 from .detect import DIFFUSERS, KOHYA, PEFT, WRAPPED, choose_foreign_file, describe_foreign, detect_format, foreign_file, header_format
-from .peft_lycoris import PEFT_LYCORIS_TYPES, peft_lycoris_type, read_peft_lycoris
-from .records import ForeignCheckpoint
+from .peft.lycoris import PEFT_LYCORIS_TYPES, peft_lycoris_type, read_peft_lycoris
+from .diffusion.records import ForeignCheckpoint
 
 if TYPE_CHECKING:
-    from ..hub_files import RemoteFile
+    from ..sources.hub_files import RemoteFile
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ForeignSource:
         header = self.header if self.header is not None else read_header(self.path)
         if self.remote is None:
             return describe_foreign(header)
-        from .scalars import prefetched_scalars
+        from ..storage.scalars import prefetched_scalars
 
         return describe_foreign(header, prefetched_scalars(header.tensors.values(), self.remote.read_ranges))
 
@@ -88,7 +88,7 @@ def locate_foreign(
         return _local(spec, subfolder, weight_name)
     if not looks_like_hub_id(spec):
         return None  # the caller's reader says what is missing
-    from ..hub_base import cached_snapshot, is_offline
+    from ..sources.hub_base import cached_snapshot, is_offline
 
     if is_offline():
         return _local(cached_snapshot(spec, revision=revision, what="adapter path"), subfolder, weight_name)
@@ -125,8 +125,8 @@ def _file_source(file: str, header: Optional[SafetensorsHeader] = None, remote: 
 
 
 def _hub(repo: str, subfolder: Optional[str], weight_name: Optional[str], revision: Optional[str], download: bool) -> Optional[ForeignSource]:
-    from .. import hub_files
-    from ..hub_base import remote_tree
+    from ..sources import hub_files
+    from ..sources.hub_base import remote_tree
 
     tree, sha = remote_tree(repo, revision=revision, what="adapter path")
     folder = (subfolder or "").strip("/")

@@ -1,0 +1,145 @@
+"""One component of a foreign file as the checkpoint model's own :class:`~adapterfmt.formats.peft.reading.AdapterCheckpoint`.
+
+A kohya / LyCORIS LoRA (LoCon) module is PEFT's LoRA under other names: ``lora_down`` is
+``lora_A`` and ``lora_up`` is ``lora_B``, with the same shapes for Linear and Conv layers, and
+its scale ``alpha / rank`` is PEFT's. So once its names are resolved (:mod:`.names`), a
+component's LoRA modules become :class:`~adapterfmt.formats.peft.reading.LoraModule` records whose tensors
+are the foreign file's byte ranges, under a config rebuilt like a wrapped checkpoint's (§9.2):
+``r`` / ``rank_pattern`` from the tensors, and each module's effective alpha
+(``scale · rank``; alpha = rank where the file has none) as ``lora_alpha`` / ``alpha_pattern``.
+The merge engine, the loader and the converter then treat it like any PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from typing import Optional
+
+from ...checkpoint.config import parse_config
+from ...checkpoint.records import AdapterCheckpoint, LoraModule
+from ...errors import InconsistentAdapterError, InvalidConfigError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
+from ..wrapped.config_rebuild import exact_pattern, rebuild_config
+from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
+
+_LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
+
+
+def effective_alpha(m: ForeignModule) -> float:
+    """The ``lora_alpha`` that gives PEFT's scale ``alpha / r`` the module's own scale."""
+    rank = m.rank or 1
+    return m.scaling * rank
+
+
+def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lora_only: bool) -> None:
+    """Raise for anything of ``modules`` (one component) that cannot be applied exactly.
+
+    Raises:
+        UnknownKeyError: the file has keys its grammar does not explain (never dropped silently).
+        UnresolvedModulesError: a module name did not resolve against the base.
+        InconsistentAdapterError: a module lacks a factor.
+        NonFiniteValuesError: a module's ``alpha`` scalar is NaN or infinite (its factors are
+            checked where they are read: merge and load refuse them the same way).
+        UnsupportedFeatureError: LyCORIS ``dora_scale``, diffusers DoRA / ``lora_B`` biases; with
+            ``lora_only`` also LoHa, LoKr and LoCon Tucker cores (PEFT's LoRA has no place for them).
+    """
+    if ckpt.unknown_keys:
+        raise UnknownKeyError(
+            f"{len(ckpt.unknown_keys)} tensor(s) fit no rule of the {ckpt.format} grammar", path=ckpt.file, key=ckpt.unknown_keys[0],
+            hint="adapterfmt applies every tensor of a file or none; remove them from the file",
+        )
+    unresolved = [m.name for m in modules if m.path is None]
+    if unresolved:
+        raise UnresolvedModulesError(
+            f"{len(unresolved)} of {len(modules)} {modules[0].component} module names match no module of the base",
+            path=ckpt.file, key=unresolved[0], hint="is this the base the adapter was trained on? `adapterfmt inspect FILE --base DIR` lists them",
+        )
+    for m in modules:
+        key = next(iter(m.keys.values()), m.name)
+        if m.problem is not None:
+            raise InconsistentAdapterError(m.problem, path=ckpt.file, key=key, hint="the file is damaged or incomplete; re-export it")
+        if m.alpha is not None and not math.isfinite(m.alpha):
+            raise NonFiniteValuesError(
+                f"alpha is {m.alpha}; applying the module would corrupt the model", path=ckpt.file, key=m.alpha_key or key,
+                hint="the adapter is broken (`adapterfmt inspect --scan` lists every such tensor)",
+            )
+        if m.alpha is not None and m.alpha < 0:
+            raise InvalidConfigError(
+                f"alpha is {m.alpha:g}; a negative alpha flips the adapter's sign, which adapterfmt does not apply", path=ckpt.file,
+                key=m.alpha_key or key, hint="the file is damaged, or was written with a sign convention adapterfmt does not know",
+            )
+        if m.dora_scale is not None or "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
+            raise UnsupportedFeatureError(
+                "weight decomposition (DoRA) and lora_B biases in kohya/diffusers files are not supported", path=ckpt.file, key=key
+            )
+        if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
+            what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
+            raise UnsupportedFeatureError(
+                f"{what} has no PEFT LoRA form (adapterfmt.load and convert to LoRA need one)",
+                path=ckpt.file, key=key, hint="merge it instead, or convert it to PEFT's own LOHA/LOKR (docs/BEHAVIOUR.md §7.4)",
+            )
+
+
+def component_adapter(
+    ckpt: ForeignCheckpoint,
+    component: Optional[str],
+    *,
+    base_modules: "list[str]" = (),  # type: ignore[assignment]
+    name: str = "default",
+    factors: bool = False,
+) -> AdapterCheckpoint:
+    """The modules of ``component`` as an :class:`AdapterCheckpoint` (names must be resolved).
+
+    Args:
+        base_modules: every module path of the component (keeps ``target_modules`` exact, §9.2).
+        factors: also take LoHa, LoKr and Tucker LoCon modules, as factor modules
+            (:attr:`LoraModule.factors`), which the merge engine merges and nothing else reads.
+
+    Raises:
+        see :func:`refuse_unusable` (``lora_only`` unless ``factors``).
+    """
+    modules = ckpt.component_modules(component)
+    if not modules:
+        raise UnresolvedModulesError(f"has no modules for component {component!r}", path=ckpt.file, hint=f"it adapts {', '.join(ckpt.components)}")
+    refuse_unusable(ckpt, modules, lora_only=not factors)
+    entries = (ckpt.configs[""].get("modules_to_save") or []) if ckpt.format == "peft" else []  # PEFT LoHa / LoKr (vetted when read)
+    doc = peft_config_document(modules, base_modules=list(base_modules), modules_to_save=list(entries))
+    config = parse_config(doc, path=f"{ckpt.file}[{component}]")
+    adapter = AdapterCheckpoint(
+        name=name, directory=os.path.abspath(ckpt.file), config=config, weights_file=ckpt.file, prefix="",
+        metadata=dict(ckpt.metadata),
+        # PEFT LoHa / LoKr only (FORMAT §10.6): full copies and saved base tensors
+        full_copies=dict(ckpt.full_copies), base_overrides=dict(ckpt.base_overrides), base_override_keys=dict(ckpt.base_override_keys),
+    )
+    for m in modules:
+        assert m.path is not None
+        if m.kind != LORA or "lora_mid" in m.tensors:
+            adapter.lora[m.path] = LoraModule(
+                path=m.path, layer_kind=m.layer_kind or "unknown", rank=m.rank, config_rank=config.rank_for(m.path),
+                alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=False, lora_bias=False,
+                tensors=dict(m.tensors), keys=dict(m.keys), factors=m.kind, peft_kron=m.kind == LOKR and ckpt.format == "peft",
+            )
+            continue
+        down, up = m.tensors["lora_down"], m.tensors["lora_up"]
+        adapter.lora[m.path] = LoraModule(
+            path=m.path, layer_kind=_LAYER_KIND.get(len(down.shape), "unknown"), rank=m.rank, config_rank=config.rank_for(m.path),
+            alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=False, lora_bias=False,
+            tensors={"lora_A": down, "lora_B": up}, keys={"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]},
+        )
+    return adapter
+
+
+def peft_config_document(
+    modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA", modules_to_save: "list[str]" = ()  # type: ignore[assignment]
+) -> dict:
+    """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas,
+    and the adapter's own ``modules_to_save`` entries (a PEFT LoHa / LoKr adapter's)."""
+    ranks = {m.path: int(m.rank or 1) for m in modules if m.path is not None}
+    alphas = {m.path: effective_alpha(m) for m in modules if m.path is not None}
+    counts = Counter(alphas.values())
+    lora_alpha: Optional[float] = min(counts, key=lambda a: (-counts[a], a)) if counts else None
+    doc = rebuild_config(ranks, full_copies=list(modules_to_save), use_dora=False, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)
+    doc["alpha_pattern"] = {exact_pattern(p): a for p, a in sorted(alphas.items()) if a != lora_alpha}
+    doc["peft_type"] = peft_type
+    return doc

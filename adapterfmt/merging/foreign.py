@@ -1,0 +1,108 @@
+"""Merge a kohya / LyCORIS or diffusers LoRA file into a component directory or a whole pipeline.
+
+Each component the file adapts becomes an :class:`~adapterfmt.formats.peft.reading.AdapterCheckpoint`
+(:mod:`.peft_view`) and is merged by the one merge engine (:func:`adapterfmt.merging.engine.merge_to_directory`):
+same streaming, same atomic output. For a pipeline directory (``model_index.json``) OUT is the
+whole pipeline: each adapted component merged into ``OUT/<component>``, every other file and
+folder copied, all staged beside OUT and renamed into place at the end (docs/BEHAVIOUR.md §7.3).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import OutputPathError
+from .engine import MergeSummary, merge_to_directory
+from ..storage.staging import StagedDirectory, check_output_path, clean_stale
+from ..formats.diffusion.components import check_component, component_bases, is_pipeline
+from ..formats.detect import read_foreign
+from ..formats.diffusion.names import base_module_paths
+from ..formats.peft.lycoris import peft_lycoris_checkpoint
+from ..formats.diffusion.peft_view import component_adapter
+
+#: Never copied into a merged pipeline.
+_SKIP = {".git", ".cache", "__pycache__"}
+
+
+@dataclass
+class ForeignMergeSummary:
+    """What :func:`merge_foreign` wrote: ``components`` -> the merge engine's summary of that part."""
+
+    output: str
+    adapter: str
+    format: str
+    components: dict[str, MergeSummary] = field(default_factory=dict)
+    copied: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "adapter": self.adapter, "format": self.format, "copied": self.copied,
+            "components": {c: s.as_dict() for c, s in self.components.items()},
+        }
+
+
+def merge_foreign(
+    base: "str | os.PathLike[str]",
+    adapter: "str | os.PathLike[str]",
+    out: "str | os.PathLike[str]",
+    *,
+    component: Optional[str] = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> ForeignMergeSummary:
+    """Merge the foreign adapter file ``adapter`` into ``base`` and write ``out``.
+
+    Args:
+        base: a pipeline directory (every component the file adapts is merged, or only ``component``)
+            or one component directory (``component`` picks that part of the file; optional when
+            the file adapts one component).
+        options: passed to :func:`~adapterfmt.merging.engine.merge_to_directory` (``dtype``, ``max_shard_size``,
+            ``verify``, ``progress``, ...).
+
+    Raises:
+        AmbiguousMatchError: several components in the file and no ``component`` for a component directory;
+            a flattened name that fits two modules.
+        UnresolvedModulesError, UnknownKeyError, UnsupportedFeatureError, InconsistentAdapterError:
+            see :func:`~adapterfmt.formats.diffusion.peft_view.refuse_unusable`; nothing is written.
+    """
+    base_dir, src = os.fspath(base), os.fspath(adapter)
+    ckpt = read_foreign(src)
+    bases = component_bases(ckpt, base_dir, component)
+    adapters = {}
+    for c, model in bases.items():
+        check_component(ckpt, c, model)
+        adapters[c] = component_adapter(ckpt, c, base_modules=base_module_paths(model.tensors), factors=True)
+    summary = ForeignMergeSummary(output=os.path.abspath(os.fspath(out)), adapter=src, format=ckpt.format)
+    if not is_pipeline(base_dir):
+        (c, model), = bases.items()
+        summary.components[c] = merge_to_directory(model, [adapters[c]], out, overwrite=overwrite, **options)
+        summary.output = summary.components[c].output
+        return summary
+    clean_stale(out)
+    target = check_output_path(out, [base_dir, src], overwrite=overwrite)
+    summary.output = target
+    with StagedDirectory(target, overwrite=overwrite) as staged:
+        for entry in sorted(os.listdir(base_dir)):
+            if entry in bases or entry in _SKIP:
+                continue
+            source, dest = os.path.join(base_dir, entry), os.path.join(staged.path, entry)
+            if os.path.islink(source):
+                raise OutputPathError("is a symbolic link; adapterfmt copies only plain files and folders", path=source)
+            (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, dest)
+            summary.copied.append(entry)
+        for c, model in bases.items():
+            summary.components[c] = merge_to_directory(model, [adapters[c]], os.path.join(staged.path, c), **options)
+        staged.commit()
+    for s in summary.components.values():
+        s.output = os.path.join(target, os.path.basename(s.output))
+    return summary
+
+
+def merge_peft_lycoris(base: "str | os.PathLike[str]", adapter: "str | os.PathLike[str]", out: "str | os.PathLike[str]", **options: Any) -> MergeSummary:
+    """Merge a PEFT LOHA / LOKR adapter into a base as :func:`~adapterfmt.merging.engine.merge_to_directory`
+    merges any adapter (``subfolder``: one component of a pipeline, the whole pipeline written);
+    the result equals PEFT's ``merge_and_unload``."""
+    return merge_to_directory(os.fspath(base), [peft_lycoris_checkpoint(adapter)], out, **options)
