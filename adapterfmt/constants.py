@@ -6,8 +6,8 @@ Sources: PEFT ``src/peft/utils/constants.py`` (adapter file names) and huggingfa
 The model file names are huggingface_hub's (``CONFIG_NAME``, ``SAFETENSORS_SINGLE_FILE``,
 ``SAFETENSORS_INDEX_FILE``, ``SAFETENSORS_WEIGHTS_FILE_PATTERN``). They are spelled here, not
 imported, because ``import huggingface_hub.constants`` costs the header-only commands about 15 ms
-(half their start-up) and tests/test_no_torch.py keeps huggingface_hub off that path;
-tests/test_constants.py fails if a value here differs from huggingface_hub's.
+(half their start-up) and tests/project/test_no_torch.py keeps huggingface_hub off that path;
+tests/project/test_constants.py fails if a value here differs from huggingface_hub's.
 """
 
 from __future__ import annotations

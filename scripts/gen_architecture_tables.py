@@ -16,7 +16,7 @@ Three tables, all keyed by names that appear in a model's ``config.json``:
   configuration sources), used when ``config.json`` does not say.
 
 Run ``python scripts/gen_architecture_tables.py`` after changing the pinned transformers;
-``tests/test_arch_tables.py`` regenerates the tables and fails on any difference. The file is
+``tests/tables/test_arch_tables.py`` regenerates the tables and fails on any difference. The file is
 JSON (package data), read once and only when a base model's facts are needed.
 """
 

@@ -22,7 +22,7 @@ of a mapping (in its order) that occurs in the key is replaced, every occurrence
 Per family (``unet``, ``text_encoder``) the file lists ``{marker, chain}`` entries in the order
 diffusers tries them (marker ``null``: always): a chain is the tables applied in turn, each an
 ordered list of ``[pattern, replacement]`` (the order decides which pattern wins). Run ``python scripts/gen_diffusers_tables.py`` after changing the pinned diffusers;
-``tests/test_diffusers_old_format.py`` regenerates the file and fails on any difference.
+``tests/formats/test_diffusers_old_format.py`` regenerates the file and fails on any difference.
 """
 
 from __future__ import annotations

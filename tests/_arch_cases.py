@@ -1,5 +1,5 @@
 """The architecture matrix: tiny transformers models of many model types, each with a PEFT adapter
-that changes its outputs (tests/test_architectures.py).
+that changes its outputs (tests/tables/test_architectures.py).
 
 Every model is built from a tiny seeded config (hidden size 16, one or two layers) and saved with
 ``save_pretrained``, so the base on disk has the checkpoint names transformers 5 writes (ViT's
@@ -105,7 +105,7 @@ CASES = [
 
 
 #: MoE models whose adapter uses ``target_parameters`` (LoRA on fused 3-D expert weights, and on the
-#: router's parameter): refused by merge and load with one clear error (tests/test_architectures.py).
+#: router's parameter): refused by merge and load with one clear error (tests/tables/test_architectures.py).
 TARGET_PARAMETER_CASES = [
     Case("qwen3-moe-experts", _dec("Qwen3MoeConfig", num_key_value_heads=1, moe_intermediate_size=8, num_experts=3, num_experts_per_tok=2),
          "AutoModelForCausalLM", dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),

@@ -8,7 +8,7 @@ time gives the same bits. The product is the same too when it is computed a bloc
 element is still one dot product over the rank, summed by the same sgemm kernel. That holds for
 blocks of **two or more** rows/columns; a one-row block becomes a matrix-vector product that sums
 in another order, so a trailing one-row remainder is folded into the block before it (measured
-on the TinyLlama shapes at 1 and 2 threads, and pinned by ``tests/test_merge_kernel.py`` against
+on the TinyLlama shapes at 1 and 2 threads, and pinned by ``tests/merging/test_merge_kernel.py`` against
 PEFT itself).
 
 Per block: ``B_blk @ A`` into a reused float32 buffer of about :data:`BLOCK_ELEMENTS` elements

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import atexit, sys
 atexit.register(lambda: sys.stderr.write("TEARDOWN\\n"))

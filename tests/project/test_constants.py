@@ -1,7 +1,7 @@
 """adapterfmt's file names are the ones PEFT and huggingface_hub use (the sources they are copied from).
 
 They are spelled in adapterfmt/constants.py rather than imported so that the header-only commands
-never import huggingface_hub (tests/test_no_torch.py); this test keeps the copies honest.
+never import huggingface_hub (tests/project/test_no_torch.py); this test keeps the copies honest.
 """
 
 from __future__ import annotations

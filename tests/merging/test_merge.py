@@ -39,7 +39,7 @@ from _hardening_helpers import PAUSE_CLI
 from _portable import staging_leftovers
 from _merge_helpers import lora_pair, read_dir, tree_digest, unequal, write_adapter
 
-TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
+TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 LORA = TESTDATA / "tiny-llama-lora"
 
 

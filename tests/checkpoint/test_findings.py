@@ -10,7 +10,7 @@ from pathlib import Path
 from adapterfmt.checkpoint.finding import Finding
 from adapterfmt.checkpoint.findings import full_copy_suffix_finding
 
-PACKAGE = Path(__file__).resolve().parent.parent / "adapterfmt"
+PACKAGE = Path(__file__).resolve().parents[2] / "adapterfmt"
 #: ``verify`` checks a directory's files and has codes of its own (``bad-index``, ``missing-shard`` ...).
 OWN_CODES = {"verify.py"}
 

@@ -17,7 +17,7 @@ from adapterfmt.formats.peft.reading import read_adapter
 
 from _merge_helpers import read_dir, unequal
 
-TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
+TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 BASE, ADAPTER = TESTDATA / "tiny-llama", TESTDATA / "tiny-llama-lora"
 
 

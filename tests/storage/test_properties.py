@@ -37,7 +37,7 @@ from adapterfmt.checkpoint.keys import (
     wrapped_to_saved,
 )
 
-TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
+TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 VALID = (TESTDATA / "tiny-llama-lora" / "adapter_model.safetensors").read_bytes()
 (HEADER_LEN,) = struct.unpack("<Q", VALID[:8])
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

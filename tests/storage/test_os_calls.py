@@ -17,7 +17,7 @@ from adapterfmt.storage import os_calls
 
 from _portable import remove_linux_calls
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 
 
 @pytest.fixture(params=["linux", "portable"])

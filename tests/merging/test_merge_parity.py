@@ -28,7 +28,7 @@ from adapterfmt.storage.header import read_header  # noqa: E402
 
 from _merge_helpers import ConvEmbed, peft_merged, read_dir, save_adapter, save_module, seeded, tree_digest, unequal  # noqa: E402
 
-TESTDATA = Path(__file__).resolve().parent.parent / "testdata"
+TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3]])
 
 

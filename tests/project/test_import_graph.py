@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "adapterfmt"
+PACKAGE = Path(__file__).resolve().parents[2] / "adapterfmt"
 NAME = "adapterfmt"
 
 

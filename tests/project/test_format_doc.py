@@ -27,7 +27,7 @@ from adapterfmt.checkpoint.config import UNSUPPORTED_FIELDS
 from adapterfmt.constants import PEFT_PREFIX
 from adapterfmt.checkpoint.keys import ROLE_TEMPLATES, Role
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "FORMAT.md").read_text(encoding="utf-8")
 BEHAVIOUR = (ROOT / "docs" / "BEHAVIOUR.md").read_text(encoding="utf-8")
 PACKAGE = Path(adapterfmt.__file__).resolve().parent

@@ -29,7 +29,7 @@ from _diffusion_helpers import assert_merged_like_fused, rel_err, save_pipeline,
 from conftest import assert_one_error_line
 
 TOL = 1e-4
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "ff.net.2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
