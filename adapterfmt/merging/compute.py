@@ -4,7 +4,8 @@ The math is :mod:`adapterfmt.deltas.lora`'s (PEFT's order of operations: ``ΔW =
 added to the base weight in float32, rounded once). Tensors made of LoRA terms only go through
 the blocked kernel, :mod:`adapterfmt.merging.kernel`: the product of a block of rows of ``B`` with
 ``A`` into a reused cache-sized buffer, scaled, added and rounded into reused buffers — the same
-bits as PEFT's whole-tensor product (blocks of two rows or more; see that module). The rest (DoRA,
+bits as PEFT's whole-tensor product (blocks of hundreds of rows; a tensor too small for two is
+one call on the whole tensor, see that module and :func:`on_callers_threads`). The rest (DoRA,
 whose norm spans every row; trainable-token rows; ``lora_bias``; full copies and dtype
 conversions; float64) gets its full ``B @ A`` product in one matmul, the call PEFT makes, and is
 then scaled, added and rounded in blocks of rows (:func:`tensor_blocks`). Inputs come from the one
@@ -23,7 +24,7 @@ import torch
 from ..deltas.lora import add_scaled, dora_weight, lora_product
 from ..errors import NonFiniteValuesError
 from ..storage.header import TensorInfo
-from .kernel import Block, BlockedMerge, LoraFactors, blockable
+from .kernel import Block, BlockedMerge, LoraFactors, blockable, whole_call
 from .plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
 from ..storage.parallel_write import PlacedFile
 from ..storage.tensor_source import TensorSource
@@ -163,15 +164,33 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
         yield acc.to(dtype, copy=True)
 
 
-def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
-    """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
+def _kernel_takes(t: PlannedTensor) -> bool:
+    """Whether the blocked kernel computes ``t``: LoRA terms only (no DoRA, no LoHa / LoKr factor
+    modules, biases or rows: those go to :func:`tensor_blocks`), of dtypes and layouts it takes."""
     if not t.terms or not all(
         isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.module.factors is None for term in t.terms
     ):
-        return None  # DoRA, LoHa / LoKr factor modules, biases and rows: tensor_blocks
+        return False
     base_dtype, out_dtype = TORCH_DTYPES.get(t.source.dtype), TORCH_DTYPES.get(t.dtype)
-    if not blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms]):  # type: ignore[union-attr]
-        return None
+    return blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms])  # type: ignore[union-attr, arg-type]
+
+
+def on_callers_threads(t: PlannedTensor) -> bool:
+    """Whether ``t``'s products are whole-tensor calls that must run with the process's intra-op
+    threads, as PEFT's do: it has a LoRA / LyCORIS term, and the blocked kernel does not split it
+    into blocks (a small tensor, or one the kernel does not take). MKL may sum a small product
+    differently with another thread count (:mod:`adapterfmt.merging.kernel`); the blocked tensors
+    run with one intra-op thread per worker."""
+    if not any(isinstance(term, LoraTerm) for term in t.terms):
+        return False
+    return not _kernel_takes(t) or whole_call(t.shape)
+
+
+def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
+    """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
+    if not _kernel_takes(t):
+        return None  # DoRA, LoHa / LoKr factor modules, biases and rows: tensor_blocks
+    base_dtype, out_dtype = TORCH_DTYPES[t.source.dtype], TORCH_DTYPES[t.dtype]
     factors = []
     for term in t.terms:
         a, b = _lora_factors(term, source)  # type: ignore[arg-type]
