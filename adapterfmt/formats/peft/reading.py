@@ -18,6 +18,7 @@ from ...checkpoint.adalora import is_adalora
 from ...checkpoint.adalora import scaling as adalora_scaling
 from ...checkpoint.records import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
 from ...checkpoint.copy_keys import full_copies_of
+from ...checkpoint.methods import check_method_tensors
 from ...checkpoint.config import LoraConfig, read_config
 from ...constants import (
     ADAPTER_BIN_FILE,
@@ -161,6 +162,8 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
     keys = list(header.tensors)
     if not keys:
         raise InconsistentAdapterError("holds no tensors", path=header.path, hint="the adapter is empty; re-export it")
+    config_file = os.path.join(ckpt.directory, ADAPTER_CONFIG_FILE) if ckpt.directory else ""
+    check_method_tensors(str(cfg.raw.get("peft_type", "LORA")), keys, path=header.path, config_path=config_file if os.path.isfile(config_file) else None)
     prefixes = {PEFT_PREFIX if k.startswith(PEFT_PREFIX) else "" for k in keys}
     ckpt.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
     if len(prefixes) > 1:
