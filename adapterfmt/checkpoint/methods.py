@@ -1,4 +1,4 @@
-"""The one rule that a PEFT adapter's declared ``peft_type`` and its saved tensors agree (BEHAVIOUR §4.4).
+"""The one rule that a PEFT adapter's declared ``peft_type`` and its saved tensors agree (BEHAVIOUR §1).
 
 Each PEFT method saves its own tensor names (saved namespace, FORMAT §3 / §3.10 / §10.6):
 
