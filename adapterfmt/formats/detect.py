@@ -104,7 +104,7 @@ def header_format(header: SafetensorsHeader) -> str:
     _refuse_peft_weights_alone(header)
     raise UnknownKeyError(
         f"is not an adapter file adapterfmt knows (PEFT, kohya/LyCORIS, diffusers LoRA, wrapped state dict): "
-        f"none of its {len(keys)} tensors is named as one of their adapter tensors",
+        f"none of its {len(keys)} tensors is named as one of their adapter tensors" + (f" (the first: {keys[0]!r})" if keys else ""),
         path=file,
         hint="is it a model's weights rather than an adapter? see docs/FORMAT.md §10 for the grammars",
     )
