@@ -4,7 +4,7 @@ The math is :mod:`adapterfmt.deltas.lora`'s (PEFT's order of operations: ``ΔW =
 added to the base weight in float32, rounded once). Tensors made of LoRA terms only go through
 the blocked kernel, :mod:`adapterfmt.merging.kernel`: the product of a block of rows of ``B`` with
 ``A`` into a reused cache-sized buffer, scaled, added and rounded into reused buffers — the same
-bits as PEFT's whole-tensor product (blocks of hundreds of rows; a tensor too small for two is
+bits as PEFT's whole-tensor product (blocks of 128 rows or more; a tensor too small for two is
 one call on the whole tensor, see that module and :func:`on_callers_threads`). The rest (DoRA,
 whose norm spans every row; trainable-token rows; ``lora_bias``; full copies and dtype
 conversions; float64) gets its full ``B @ A`` product in one matmul, the call PEFT makes, and is

@@ -8,8 +8,9 @@ over the rank, but *which code* sums it is MKL's choice, made from the matrix si
 count and the CPU. Measured on an AMD EPYC (Zen 4, AVX-512): blocks of 1-3 rows of ``B`` give
 other bits than the whole product (2.35 M of 4.2 M elements of a 2048×16 @ 16×2048 product),
 blocks of 4 or more the same; for the transposed layouts (a block of columns of ``A``) blocks of
-16 rows still differ on narrow tensors, 48 or more were equal; tensors of a few thousand
-elements (9×64 @ 64×40, 3000×16 @ 16×17) change bits with the thread count. Another CPU drew the
+8 differ, 16 or more were equal (a short tail always folded into the block before it); tensors
+of up to some ten thousand elements (9×64 @ 64×40, 3000×16 @ 16×17, 5000×4 @ 4×9) change bits
+with the thread count. Another CPU drew the
 line at two rows. None of these is a property of MKL, so the kernel keeps a wide margin from all
 of them:
 
@@ -62,9 +63,11 @@ from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 #: 3.17-3.73 s, 1M 3.20-3.64 s.
 BLOCK_ELEMENTS = 1 << 19
 #: The fewest rows in a block: MKL was seen to change its summation below 4 rows (plain layout) and
-#: below 48 (transposed layouts, narrow tensors) on one CPU and below 2 on another; five times the
-#: largest of those. A tensor of fewer than twice this many rows is computed whole.
-MIN_BLOCK_ROWS = 256
+#: below 16 (transposed layouts) on one CPU and below 2 on another; eight times the largest of
+#: those. It binds only for rows wider than ``BLOCK_ELEMENTS / MIN_BLOCK_ROWS`` (4096) elements:
+#: 256 rows made TinyLlama's down_proj (5632 wide) 1.4x slower in the kernel (buffers out of
+#: cache), 128 as fast as before. A tensor of fewer than twice this many rows is computed whole.
+MIN_BLOCK_ROWS = 128
 #: Every block but the last is a multiple of this many rows: a block's factor (rows of ``B``, or
 #: columns of ``A``) starts at least 256 bytes after an aligned one, as the whole factor does.
 ROW_QUANTUM = 64

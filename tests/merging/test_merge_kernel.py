@@ -94,7 +94,7 @@ class Projections(torch.nn.Module):
 def test_row_blocks_cover_every_row_with_wide_blocks_only() -> None:
     """Every block has MIN_BLOCK_ROWS rows or more and all but the last a multiple of ROW_QUANTUM,
     whatever block size is asked for; a tensor too small for two such blocks is one (whole_call)."""
-    for rows in (*range(1, 40), 255, 256, 511, 512, 513, 767, 768, 769, 1000, 2048, 5632, 32001):
+    for rows in (*range(1, 40), 127, 128, 129, 255, 256, 257, 383, 511, 512, 513, 767, 768, 769, 1000, 2048, 5632, 32001):
         for row_elements, block in ((1, 1), (5, 10), (7, 3 * 7), (4, 1 << 16), (100, 150), (2048, 2 * 2048), (2048, 1 << 19), (17, 1 << 19)):
             blocks = list(row_blocks(rows, row_elements, block))
             assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]] and blocks[-1][1] == rows
@@ -124,7 +124,7 @@ def test_fold_only_for_powers_of_two_within_bounds() -> None:
     "dtype, alpha, block",
     [
         (torch.bfloat16, 32, merge_kernel.BLOCK_ELEMENTS),  # s = 2: folded into the product
-        (torch.float16, 24, 3 * 2048),  # s = 1.5: multiplied; 3-row blocks, a one-row remainder on 256 and 5632 rows
+        (torch.float16, 24, 3 * 2048),  # s = 1.5: multiplied; 3-row blocks asked for, MIN_BLOCK_ROWS made
         (torch.float32, 16, 1 << 18),  # s = 1: no multiply at all
     ],
 )
@@ -226,7 +226,7 @@ def test_every_path_of_a_block_sums_as_the_whole_tensor_math() -> None:
     the base, a middle one sums in float32, the last rounds into the output (or, float32 in and
     out, the sum stays in the read buffer) — the same bits as delta.py's whole-tensor math."""
     torch.manual_seed(6)
-    weight32 = torch.randn(600, 70)  # blocks of 256 and 344 rows
+    weight32 = torch.randn(600, 70)  # blocks of 128, 128, 128 and 216 rows
     terms = [
         LoraFactors(torch.randn(3, 70), torch.randn(600, 3), 0.75, LINEAR),
         LoraFactors(torch.randn(5, 600), torch.randn(70, 5), 2.0, EMBEDDING),
