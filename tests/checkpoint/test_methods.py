@@ -98,3 +98,17 @@ def test_a_file_of_no_grammar_blames_no_key(tmp_path: Path) -> None:
     with pytest.raises(UnknownKeyError) as e:
         detect_format(tmp_path / "model.safetensors")
     assert e.value.key is None and "none of its 2 tensors" in e.value.message
+
+
+def test_a_config_without_its_weights_names_what_the_folder_holds(saved: dict[str, Path], tmp_path: Path) -> None:
+    """The other required piece of a PEFT adapter: weights saved under another name are named."""
+    for method in ("LORA", "LOHA"):
+        d = tmp_path / method
+        shutil.copytree(saved[method], d)
+        (d / "adapter_model.safetensors").rename(d / "model.safetensors")
+        with pytest.raises(CheckpointNotFoundError) as e:
+            adapterfmt.read_adapter(d)
+        assert "adapter_model.safetensors" in e.value.message and "model.safetensors" in (e.value.hint or ""), e.value
+        (d / "model.safetensors").unlink()
+        with pytest.raises(CheckpointNotFoundError, match="adapter_model.safetensors"):
+            adapterfmt.read_adapter(d)

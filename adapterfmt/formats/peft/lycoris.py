@@ -23,6 +23,7 @@ from ...checkpoint.config_types import LYCORIS_FIELD_TYPES, check_field_types
 from ...constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ...checkpoint.copy_keys import full_copies_of
 from ...checkpoint.methods import check_method_tensors
+from .weights_file import missing_weights_hint
 from ...errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError
 from ...checkpoint.findings import full_copy_entry_findings
 from ...storage.header import SafetensorsHeader, read_header
@@ -71,7 +72,7 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
         doc = json.load(f)
     weights = os.path.join(d, ADAPTER_SAFETENSORS_FILE)
     if not os.path.isfile(weights):
-        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint="the adapter weights are missing")
+        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint=missing_weights_hint(d))
     return describe_peft_lycoris(doc, read_header(weights), config_path=config_path)
 
 

@@ -34,6 +34,7 @@ from ...storage.header import SafetensorsHeader, TensorInfo, read_header
 from ...checkpoint.keys import KeyParts, Role, bias_key, param_key, parse_saved
 from ...checkpoint.matching import matches_entry
 from ...sources.paths import ADAPTER_PATTERNS, resolve_dir, safe_join
+from .weights_file import missing_weights_hint
 
 __all__ = ["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "describe_tensors", "read_adapter"]
 
@@ -113,9 +114,7 @@ def read_adapter(
         weights_file = bin_path
         header, in_memory = _read_bin(bin_path)
     else:
-        raise CheckpointNotFoundError(
-            f"has no {ADAPTER_SAFETENSORS_FILE} or {ADAPTER_BIN_FILE}", path=directory, hint="the adapter weights are missing"
-        )
+        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE} or {ADAPTER_BIN_FILE}", path=directory, hint=missing_weights_hint(directory))
     name = subfolder or (os.path.basename(os.path.normpath(directory)) if _is_sub_adapter(directory) else DEFAULT_ADAPTER_NAME)
     ckpt = AdapterCheckpoint(
         name=name,
