@@ -24,7 +24,7 @@ import torch
 from ..deltas.lora import add_scaled, dora_weight, lora_product
 from ..errors import NonFiniteValuesError
 from ..storage.header import TensorInfo
-from .kernel import Block, BlockedMerge, LoraFactors, blockable, whole_call
+from .kernel import Block, BlockedMerge, LoraFactors, blockable, intra_op_threads, whole_call
 from .plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
 from ..storage.parallel_write import PlacedFile
 from ..storage.tensor_source import TensorSource
@@ -98,16 +98,22 @@ def _lora_factors(term: LoraTerm, source: TensorSource) -> tuple[torch.Tensor, t
     return a, b
 
 
-def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace]) -> Any:
-    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
+def _prepare(
+    term: Term, n: int, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace], threads: Optional[int] = None
+) -> Any:
+    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows.
+    ``threads``: the intra-op threads of the products (None: as set)."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
         if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the shared math of FORMAT §10.3, unscaled
             from ..deltas.lycoris import module_delta
 
-            return module_delta(m.factors, {slot: _finite(source, info) for slot, info in m.tensors.items()}, 1.0, shape, peft_kron=m.peft_kron), None
+            tensors = {slot: _finite(source, info) for slot, info in m.tensors.items()}
+            with intra_op_threads(threads):
+                return module_delta(m.factors, tensors, 1.0, shape, peft_kron=m.peft_kron), None
         a, b = _lora_factors(term, source)
-        product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
+        with intra_op_threads(threads):
+            product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
         return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):
         return _finite(source, term.info).float() * term.scaling
@@ -136,10 +142,14 @@ def _fused(term: Term) -> bool:
     return isinstance(term, LoraTerm) and not term.lora.module.use_dora
 
 
-def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], workspace: Optional[Workspace] = None) -> Iterator[torch.Tensor]:
+def tensor_blocks(
+    t: PlannedTensor, source: TensorSource, block: Optional[int], workspace: Optional[Workspace] = None, product_threads: Optional[int] = None
+) -> Iterator[torch.Tensor]:
     """The output tensor ``t`` in its output dtype, in blocks of rows (one block if ``block`` is None).
 
     Every yielded tensor is new (never a view of an input, of ``workspace`` or of another block).
+    ``product_threads``: the intra-op threads of the whole-tensor products (PEFT's, where nothing
+    runs beside); None leaves them as set.
     """
     dtype = TORCH_DTYPES[t.dtype]
     if not t.terms:
@@ -147,7 +157,7 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
             src = source.read(t.source, rows)
             yield src.to(dtype, copy=src.dtype == dtype and t.source.start < 0)
         return
-    prepared = [_prepare(term, n, source, t.shape, workspace) for n, term in enumerate(t.terms)]
+    prepared = [_prepare(term, n, source, t.shape, workspace, product_threads) for n, term in enumerate(t.terms)]
     buffer: Optional[torch.Tensor] = None
     for rows in _row_blocks(t.shape, None if any(_whole(term) for term in t.terms) else block):
         src = source.read(t.source, rows)
@@ -186,7 +196,7 @@ def on_callers_threads(t: PlannedTensor) -> bool:
     return not _kernel_takes(t) or whole_call(t.shape)
 
 
-def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
+def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge, product_threads: Optional[int] = None) -> Optional[Iterator[Block]]:
     """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
     if not _kernel_takes(t):
         return None  # DoRA, LoHa / LoKr factor modules, biases and rows: tensor_blocks
@@ -198,28 +208,32 @@ def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) 
     info = t.source
     if info.start < 0:
         held = source.held(info)
-        return merger.merge(t.shape, base_dtype, out_dtype, factors, lambda first, stop, into: held[first:stop])
+        return merger.merge(t.shape, base_dtype, out_dtype, factors, lambda first, stop, into: held[first:stop], product_threads=product_threads)
     row = info.nbytes // info.shape[0]
 
     def read_rows(first: int, stop: int, into: memoryview) -> None:
         source.read_into(info.file, info.start + first * row, into, key=info.key)
 
-    return merger.merge(t.shape, base_dtype, out_dtype, factors, read_rows)
+    return merger.merge(t.shape, base_dtype, out_dtype, factors, read_rows, product_threads=product_threads)
 
 
-def write_tensor(t: PlannedTensor, source: TensorSource, out: PlacedFile, offset: int, local: threading.local) -> None:
+def write_tensor(
+    t: PlannedTensor, source: TensorSource, out: PlacedFile, offset: int, local: threading.local, product_threads: Optional[int] = None
+) -> None:
     """Compute ``t`` and write its bytes at ``offset`` of ``out``, a block at a time, then start
-    their writeback. ``local`` keeps the thread's reused buffers."""
+    their writeback. ``local`` keeps the thread's reused buffers; ``product_threads``: the
+    intra-op threads of its products (for :func:`on_callers_threads` tensors, computed where
+    nothing runs beside them; the element-wise passes keep the current setting)."""
     if not hasattr(local, "merger"):
         local.merger, local.workspace = BlockedMerge(), Workspace()
-    blocks = kernel_blocks(t, source, local.merger)
+    blocks = kernel_blocks(t, source, local.merger, product_threads)
     if blocks is not None:
         row = t.nbytes // t.shape[0]
         for block in blocks:
             out.write(offset + block.first * row, block.data)
     else:
         at = offset
-        for tensor in tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace):
+        for tensor in tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace, product_threads):
             data = tensor_bytes(tensor)
             out.write(at, data)
             at += data.nbytes

@@ -349,8 +349,7 @@ def _source(adapters: Sequence[AdapterCheckpoint], memory: Optional[dict[str, Ma
 @contextmanager
 def _one_thread_per_worker() -> Iterator[tuple[int, int]]:
     """Set torch to one intra-op thread and yield how many worker threads to run instead (one per
-    core torch would use) and the intra-op threads it had (PEFT's, for the whole-tensor products,
-    :func:`_with_threads`).
+    core torch would use) and the intra-op threads it had (PEFT's, for the whole-tensor products).
 
     Whole tensors are spread over worker threads, which scales better than splitting the small
     blockwise passes, and leaves no thread spinning in a barrier while another holds a core (on
@@ -363,16 +362,6 @@ def _one_thread_per_worker() -> Iterator[tuple[int, int]]:
         yield max(1, min(threads, os.cpu_count() or 1)), threads
     finally:
         torch.set_num_threads(threads)
-
-
-def _with_threads(threads: int, job: Callable[[PlacedFile], None], out: PlacedFile) -> None:
-    """``job`` with torch's intra-op threads set to ``threads`` (run where no worker computes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        job(out)
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +400,9 @@ def _write_shards(
     tensor as one job at its offset; each shard synced once complete. ``threads``: (workers, the
     process's intra-op threads). Tensors whose products are whole-tensor calls
     (:func:`~adapterfmt.merging.compute.on_callers_threads`) are computed first, one at a time on
-    this thread with the process's intra-op threads — PEFT's call, so PEFT's bits on any CPU; the
-    rest ``workers`` jobs at a time, one intra-op thread each.
+    this thread, their products with the process's intra-op threads — PEFT's call, so PEFT's bits
+    on any CPU — and their element-wise passes with one; the rest ``workers`` jobs at a time, one
+    intra-op thread each.
 
     Pause point ``write:<N>`` (tests) comes right after the first job of shard N.
     """
@@ -430,9 +420,9 @@ def _write_shards(
                 if _copied(run[0]):
                     jobs.append((number, partial(_copy_run, run, inputs, offset)))
                 elif on_callers_threads(run[0]):
-                    first.append((number, partial(_with_threads, intra_op, partial(_compute_run, run[0], inputs, offset, local))))
+                    first.append((number, partial(_compute_run, run[0], inputs, offset, local, intra_op)))
                 else:
-                    jobs.append((number, partial(_compute_run, run[0], inputs, offset, local)))
+                    jobs.append((number, partial(_compute_run, run[0], inputs, offset, local, None)))
                 offset += sum(t.nbytes for t in run)
         write = dict.fromkeys(("jobs", "wait", "sync"), 0.0)
         write_files(files, jobs, workers=workers, after_first=(lambda i: pause_point(f"write:{i + 1}")) if hooked() else None, timings=write, first=first)
@@ -453,5 +443,5 @@ def _copy_run(run: Sequence[PlannedTensor], inputs: TensorSource, offset: int, o
     out.written(offset, length)
 
 
-def _compute_run(t: PlannedTensor, inputs: TensorSource, offset: int, local: threading.local, out: PlacedFile) -> None:
-    write_tensor(t, inputs, out, offset, local)
+def _compute_run(t: PlannedTensor, inputs: TensorSource, offset: int, local: threading.local, product_threads: Optional[int], out: PlacedFile) -> None:
+    write_tensor(t, inputs, out, offset, local, product_threads)

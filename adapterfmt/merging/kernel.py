@@ -48,6 +48,7 @@ terms, 1-D tensors, and float64 inputs or outputs.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -158,10 +159,25 @@ def can_fold(a: torch.Tensor, b: torch.Tensor, scaling: float) -> bool:
     return _within_fold_bounds(a) and _within_fold_bounds(b) and _within_fold_bounds(a * scaling)
 
 
+@contextmanager
+def intra_op_threads(threads: Optional[int]) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (None: left as they are). Only for
+    a thread that computes alone: the setting is the process's."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Term:
     """A term prepared once per tensor: float32 factors in the layout's product order."""
 
-    def __init__(self, factors: LoraFactors, rows: int, cols: int) -> None:
+    def __init__(self, factors: LoraFactors, rows: int, cols: int, threads: Optional[int] = None) -> None:
         a, b = factors.lora_a.float(), factors.lora_b.float()
         if factors.layout == CONV:
             a, b = a.flatten(1), b.flatten(1)
@@ -177,6 +193,7 @@ class _Term:
         else:
             self.multiply = True
         self.a, self.b = a.contiguous(), b.contiguous()
+        self.threads = threads
 
     def factor_blocks(self, blocks: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """The factor each block multiplies: rows of ``B`` (or, transposed, columns of ``A``)."""
@@ -186,10 +203,11 @@ class _Term:
 
     def product(self, factor: torch.Tensor, views: "_BlockViews") -> torch.Tensor:
         """One block of ``s·P`` (rounded as PEFT rounds it), computed into the product buffer."""
-        if self.transposed:  # rows of ΔW are columns of A: (B @ A[:, blk]).T
-            p = torch.mm(self.b, factor, out=views.product_t).T
-        else:
-            p = torch.mm(factor, self.a, out=views.product)
+        with intra_op_threads(self.threads):
+            if self.transposed:  # rows of ΔW are columns of A: (B @ A[:, blk]).T
+                p = torch.mm(self.b, factor, out=views.product_t).T
+            else:
+                p = torch.mm(factor, self.a, out=views.product)
         return p.mul_(self.scaling) if self.multiply else p
 
 
@@ -233,16 +251,21 @@ class BlockedMerge:
         out_dtype: torch.dtype,
         terms: Sequence[LoraFactors],
         read_rows: ReadRows,
+        *,
+        product_threads: Optional[int] = None,
     ) -> Iterator[Block]:
         """The merged tensor in blocks of rows, in order.
 
         ``W' = round_out(float32(W) + Σ_i s_i·(B_i @ A_i))``, the sum taken term by term in
         float32 (the first as ``s·P + W``, as PEFT adds), one rounding at the end.
+        ``product_threads``: the intra-op threads of each product (the process's, PEFT's, for a
+        :func:`whole_call` tensor computed where nothing runs beside it); the element-wise passes
+        keep the caller's setting, their bits do not depend on it.
         """
         if not blockable(shape, base_dtype, out_dtype, [t.layout for t in terms]):
             raise ValueError(f"the blocked kernel does not take a {tuple(shape)} {base_dtype} -> {out_dtype} tensor with these terms")
         rows, cols = shape[0], math.prod(shape[1:])
-        prepared = [_Term(t, rows, cols) for t in terms]
+        prepared = [_Term(t, rows, cols, product_threads) for t in terms]
         blocks = list(row_blocks(rows, cols, self.block_elements))
         factors = [term.factor_blocks(blocks) for term in prepared]
         in_size, out_size = torch.finfo(base_dtype).bits // 8, torch.finfo(out_dtype).bits // 8

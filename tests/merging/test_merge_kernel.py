@@ -3,14 +3,14 @@ the machine that runs the test (never a rule measured on one CPU) — the TinyLl
 bf16 / fp16 / fp32 bases), every layout, several terms, the scale folded or not, block sizes asked
 for as small as two rows, tiny rank-64 tensors at one and two intra-op threads — and against
 adapterfmt's whole-tensor math (:mod:`adapterfmt.deltas.lora`) where PEFT itself rounds differently
-(k×k conv, bf16 embeddings). The harness runs a tensor the way the merge engine does: split into
-blocks with one intra-op thread, or (:func:`whole_call`) as one call with the process's threads.
+(k×k conv, bf16 embeddings). The harness runs a tensor the way the merge engine does: one intra-op
+thread, but (:func:`whole_call`) a whole-tensor product with the process's threads.
 """
 
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import peft
@@ -56,8 +56,9 @@ def kernel(
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype)
     done = 0
     whole = whole_call(tuple(weight.shape), merger.block_elements)
-    with nullcontext() if whole else one_thread():  # as the engine runs it
-        for block_ in merger.merge(tuple(weight.shape), weight.dtype, out.dtype, terms, read_rows):
+    threads = torch.get_num_threads()
+    with one_thread():  # as the engine runs it: a whole-tensor product with the process's threads
+        for block_ in merger.merge(tuple(weight.shape), weight.dtype, out.dtype, terms, read_rows, product_threads=threads if whole else None):
             assert block_.first == done and (whole or block_.stop - block_.first >= MIN_BLOCK_ROWS)
             assert block_.data.nbytes == block_.tensor.numel() * block_.tensor.element_size()
             out[block_.first : block_.stop] = block_.tensor
