@@ -181,3 +181,38 @@ def test_load_gives_peft_module_tree(case: TreeCase, tmp_path: Path) -> None:
     ref.eval(), ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(case.run(ours), case.run(ref), rtol=0, atol=1e-5)
+
+
+def test_weight_tied_copies_train_and_save_as_one(tmp_path: Path) -> None:
+    """``ensure_weight_tying`` with the embedding saved in full: the head's copy is the embedding
+    copy's parameter, so a training step keeps them one tensor (as in PEFT) and save writes PEFT's
+    file back; a file whose two values differ is refused and leaves the model as it was."""
+    from safetensors.torch import load_file, save_file
+
+    from adapterfmt.errors import InconsistentAdapterError
+
+    case = next(c for c in METHODS if c.id == "copy-weight-tying-llama-tied-head")
+    adapter = _peft_adapter(case, tmp_path / "adapter")
+    model = case.model()
+    adapterfmt.load(model, adapter, is_trainable=True)
+    head, emb = model.lm_head.modules_to_save["default"], model.model.embed_tokens.modules_to_save["default"]
+    assert head.weight is emb.weight
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = emb.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(emb.weight, before) and head.weight is emb.weight
+    adapterfmt.save(model, tmp_path / "resaved")
+    saved = load_file(str(tmp_path / "resaved" / "adapter_model.safetensors"))
+    assert set(saved) == set(load_file(str(adapter / "adapter_model.safetensors")))
+    assert torch.equal(saved["base_model.model.lm_head.weight"], saved["base_model.model.model.embed_tokens.weight"])
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] + 1
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    plain = case.model()
+    names = [n for n, _ in plain.named_modules()]
+    with pytest.raises(InconsistentAdapterError, match="lm_head.weight.*different values"):
+        adapterfmt.load(plain, adapter)
+    assert [n for n, _ in plain.named_modules()] == names and not hasattr(plain, "_adapterfmt")
