@@ -186,7 +186,15 @@ def lokr_config(modules: list[ForeignModule], base: BaseModel, target_modules: A
     cored = {m.path for m in modules if "lokr_t2" in m.tensors}
     big_convs = {p.path for p in parts if len(shapes[p.path]) > 2 and any(k != 1 for k in shapes[p.path][2:]) and not p.w2_full}
     if cored and cored != big_convs:
-        raise UnsupportedFeatureError("LoKr Tucker cores on some convolutions only", path=file, key=sorted(cored ^ big_convs)[0])
+        odd = sorted(cored ^ big_convs)[0]
+        has = "has a Tucker core (lokr_t2)" if odd in cored else "has no Tucker core (lokr_t2) while other convolutions do"
+        raise UnsupportedFeatureError(
+            f"LoKr Tucker cores on some convolutions only: '{odd}' {has}, but PEFT's one use_effective_conv2d puts a core on every "
+            "convolution whose w2 is factored and whose kernel is larger than 1x1, and on no other module",
+            path=file,
+            key=next((p.key for p in parts if p.path == odd), odd),
+            hint="merge the file instead",
+        )
     ranks, alphas = {}, {}
     for p in parts:
         r = _peft_rank(p, both, file)

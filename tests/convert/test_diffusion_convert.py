@@ -230,3 +230,25 @@ def test_kohya_lokr_peft_cannot_store_is_refused_naming_the_module(tmp_path, run
     r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
     assert r.exit_code == 2 and not (tmp_path / "peft").exists(), r
     assert name in r.stderr and "decompose_both" in r.stderr and "max(a, c) / 2 = 4" in r.stderr, r.stderr
+
+
+def test_kohya_lokr_tucker_core_missing_on_one_conv_is_refused_naming_it(tmp_path, run_cli):
+    """PEFT's one use_effective_conv2d puts a Tucker core on every factored convolution with a
+    kernel larger than 1x1: a file where one such convolution stores w2 as plain factors (no
+    lokr_t2) while the others have cores is refused, naming that module and the rule."""
+    from safetensors.torch import load_file, save_file
+
+    unet, te = tiny_unet(), tiny_clip()
+    net = lycoris_network(te, unet, algo="lokr", dim=2, alpha=3, factor=-1, use_tucker=True)
+    file = save_lycoris(net, str(tmp_path / "lokr.safetensors"))
+    save_component(tiny_unet(), str(tmp_path / "unet"))
+    tensors = load_file(file)
+    name = "lora_unet_up_blocks_0_resnets_0_conv1"
+    t2 = tensors.pop(f"{name}.lokr_t2")
+    b, d = tensors[f"{name}.lokr_w2_a"].shape[1], tensors[f"{name}.lokr_w2_b"].shape[1]
+    tensors[f"{name}.lokr_w2_a"] = torch.randn(b, t2.shape[0])
+    tensors[f"{name}.lokr_w2_b"] = torch.randn(t2.shape[0], d * t2.shape[2] * t2.shape[3])
+    save_file(tensors, file)
+    r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
+    assert r.exit_code == 2 and not (tmp_path / "peft").exists(), r
+    assert "up_blocks.0.resnets.0.conv1" in r.stderr and "has no Tucker core" in r.stderr and "use_effective_conv2d" in r.stderr, r.stderr
