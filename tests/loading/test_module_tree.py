@@ -18,8 +18,9 @@ wrapped models must agree in
 The matrix: every architecture of ``tests/_arch_cases.py`` with its plain LoRA, and every method
 (LoRA with DoRA / ``lora_bias`` / rslora / dropout / patterns / ``bias`` / ``modules_to_save`` /
 trainable tokens / ``target_parameters`` / ``ensure_weight_tying``, AdaLoRA, LoHa, LoKr) on one or
-two of them, plus conv / embedding layers (a plain network and a diffusers UNet). A method the
-loader learns is added here, so its tree cannot drift from PEFT's.
+two of them, plus conv / embedding layers (a plain network and a diffusers UNet), and kohya /
+LyCORIS files (LoRA, LoCon, LoHa, LoKr) against PEFT loading their ``convert --to peft`` output.
+A method the loader learns is added here, so its tree cannot drift from PEFT's.
 """
 
 from __future__ import annotations
@@ -216,3 +217,30 @@ def test_weight_tied_copies_train_and_save_as_one(tmp_path: Path) -> None:
     with pytest.raises(InconsistentAdapterError, match="lm_head.weight.*different values"):
         adapterfmt.load(plain, adapter)
     assert [n for n, _ in plain.named_modules()] == names and not hasattr(plain, "_adapterfmt")
+
+
+@pytest.mark.parametrize("algo", ["lora", "locon", "loha", "lokr"])
+def test_load_of_a_kohya_file_gives_the_tree_of_its_peft_conversion(algo: str, tmp_path: Path) -> None:
+    """A kohya / LyCORIS file loaded with ``component=`` has the module tree PEFT gives the same file
+    converted (``convert --to peft``): the foreign loader builds PEFT's layers too. Rank 2 on the
+    tiny UNet, so LoKr stores lokr_w2 whole in some modules and factored in others."""
+    from peft import PeftModel
+
+    from _diffusion_helpers import lycoris_network, save_component, save_lycoris, tiny_clip
+    from adapterfmt.convert.foreign import to_peft
+
+    unet = tiny_unet()
+    net = lycoris_network(tiny_clip(), unet, algo=algo, dim=2, alpha=3, **({"factor": -1} if algo == "lokr" else {}))
+    file = save_lycoris(net, str(tmp_path / f"{algo}.safetensors"))
+    save_component(tiny_unet(), str(tmp_path / "unet"))
+    to_peft(file, str(tmp_path / "peft"), base=str(tmp_path / "unet"), component="unet")
+    ref = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / "peft"), is_trainable=True).base_model.model
+    ours = tiny_unet()
+    adapterfmt.load(ours, file, component="unet", is_trainable=True)
+    expected, got = _tree(ref), _tree(ours)
+    for part in expected:
+        assert got[part] == expected[part], part
+    assert expected["trainable"]
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_unet_run(ours), _unet_run(ref), rtol=0, atol=1e-5)
