@@ -244,3 +244,22 @@ def test_load_of_a_kohya_file_gives_the_tree_of_its_peft_conversion(algo: str, t
     ref.eval(), ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(_unet_run(ours), _unet_run(ref), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cid", ["copy-weight-tying-llama-tied-head", "lora-weight-tying-llama-tied-head"])
+def test_second_weight_tied_adapter_keeps_its_head(cid: str, tmp_path: Path) -> None:
+    """Deliberately not PEFT's: PEFT 0.21's ``load_adapter`` builds no head copy / head LoRA for a
+    second ``ensure_weight_tying`` adapter and leaves the file's head tensors unused (its outputs
+    then differ from the adapter loaded alone). adapterfmt builds them for every adapter, so the
+    second adapter, made active, gives ``PeftModel.from_pretrained``'s outputs for that adapter alone."""
+    from peft import PeftModel
+
+    case = next(c for c in METHODS if c.id == cid)
+    first, second = _peft_adapter(case, tmp_path / "a"), _peft_adapter(case, tmp_path / "b")
+    alone = PeftModel.from_pretrained(case.model(), str(second)).eval()
+    ours = case.model()
+    adapterfmt.load(ours, first)
+    adapterfmt.load(ours, second, adapter_name="other")
+    adapterfmt.set_adapter(ours, "other")
+    with torch.no_grad():
+        torch.testing.assert_close(case.run(ours), case.run(alone), rtol=0, atol=1e-5)
