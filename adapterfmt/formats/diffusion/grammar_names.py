@@ -53,7 +53,8 @@ class _Node:
         self.module = False
 
 
-def _trie(templates: Iterable[str]) -> _Node:
+def grammar_trie(templates: Iterable[str]) -> _Node:
+    """A trie of dotted templates (``#``: a layer index); each template's last segment is a module."""
     root = _Node()
     for t in templates:
         node = root
@@ -195,9 +196,9 @@ class Grammar:
     to_module: Callable[[str], Optional[str]]
 
 
-_UNET = (Grammar("the diffusers UNet (SD 1.x / 2.x / XL)", _trie(UNET_TEMPLATES), lambda p: p),
-         Grammar("the SGM UNet (standard layers_per_block 2)", _trie(SGM_TEMPLATES), from_sgm))
-_CLIP = (Grammar("the CLIP text model", _trie(CLIP_TEMPLATES), _clip),)
+_UNET = (Grammar("the diffusers UNet (SD 1.x / 2.x / XL)", grammar_trie(UNET_TEMPLATES), lambda p: p),
+         Grammar("the SGM UNet (standard layers_per_block 2)", grammar_trie(SGM_TEMPLATES), from_sgm))
+_CLIP = (Grammar("the CLIP text model", grammar_trie(CLIP_TEMPLATES), _clip),)
 
 #: component -> the grammars its kohya names are read with (none: the names are not read).
 GRAMMARS: dict[str, tuple[Grammar, ...]] = {"unet": _UNET, "text_encoder": _CLIP, "text_encoder_2": _CLIP}
