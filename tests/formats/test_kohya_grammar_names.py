@@ -190,6 +190,8 @@ def test_sgm_reading_inverts_the_sgm_names(models):
             named += 1
             assert from_sgm(name) == path and read_kohya_name("unet", _flat(name)).dotted == path, (path, name)
     assert named > 100
+    assert [from_sgm(p) for p in ("input_blocks.0.0.in_layers.2", "input_blocks.3.0.in_layers.2", "input_blocks.3.1.proj_in",
+                                  "middle_block.1.in_layers.2", "middle_block.3.proj_in", "output_blocks.4.2.conv", "blocks.1.0")] == [None] * 7
 
 
 @pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])

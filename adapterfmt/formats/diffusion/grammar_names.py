@@ -150,6 +150,8 @@ def from_sgm(path: str, layers_per_block: int = STANDARD_LAYERS_PER_BLOCK) -> Op
         return _SGM_TOP[path]
     side, _, rest = path.partition(".")
     n_str, _, rest = rest.partition(".")
+    if side not in ("input_blocks", "middle_block", "output_blocks") or not _INDEX.fullmatch(n_str):
+        return None
     n, lpb = int(n_str), layers_per_block
     if side == "middle_block":
         inner = _SGM_RESNET.get(rest)
