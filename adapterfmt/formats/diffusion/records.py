@@ -49,6 +49,12 @@ class ForeignModule:
         path: the real module path in the component: diffusers' name as written; for kohya names
             set by :func:`adapterfmt.formats.diffusion.names.resolve_names` (``None`` until resolved).
         dora_scale: a LyCORIS ``dora_scale`` tensor (weight decomposition), if present.
+        grammar_name: the dotted module path the file's grammar alone gives the name, not checked
+            against a model: a diffusers or PEFT name as written; a kohya name read by
+            :func:`adapterfmt.formats.diffusion.grammar_names.read_kohya_name` (FORMAT §10.4), ``None``
+            when it has no unique reading (``grammar_note`` says why; the flattened name stands).
+        checked: whether the name was bound to a module of a base (``--base``): ``path`` is then
+            the model's own module path. Set by :func:`adapterfmt.formats.diffusion.names.resolve_names`.
     """
 
     name: str
@@ -62,6 +68,20 @@ class ForeignModule:
     dora_scale: Optional[TensorInfo] = None
     config_scaling: Optional[float] = None  #: diffusers files with a LoraConfig in their metadata
     weight_shape: Optional[tuple[int, ...]] = None  #: the base weight's shape, once resolved against a base
+    grammar_name: Optional[str] = None
+    grammar_note: Optional[str] = None
+    checked: bool = False
+
+    def shown_name(self) -> tuple[str, str]:
+        """The name a report prints and how it must be marked: ``(path, "base")`` once checked
+        against a base; ``(grammar_name, "grammar")`` otherwise when the grammar reads the name —
+        print it marked "not checked against a model"; else ``(name, "file")``, the name as the
+        file writes it — print it marked with ``grammar_note`` (no unique reading)."""
+        if self.checked and self.path is not None:
+            return self.path, "base"
+        if self.grammar_name is not None:
+            return self.grammar_name, "grammar"
+        return self.name, "file"
 
     @property
     def rank(self) -> Optional[int]:
@@ -162,6 +182,9 @@ class ForeignModule:
             "module": self.path if self.path is not None else self.name,
             "name_in_file": self.name,
             "resolved": self.path is not None,
+            "grammar_name": self.grammar_name,
+            "grammar_note": self.grammar_note,
+            "checked": self.checked,
             "component": self.component,
             "kind": self.kind,
             "layer_kind": self.layer_kind,
