@@ -56,11 +56,16 @@ def render_inspect(report: InspectReport) -> str:
     shift = 1 if with_component else 0
     rows = [
         ((m.component or "-",) if with_component else ())
-        + (m.module if m.resolved else f"{m.module} (as named in the file)", m.kind, m.layer_kind or "-", "-" if m.rank is None else m.rank,
+        + ("".join(m.shown), m.kind, m.layer_kind or "-", "-" if m.rank is None else m.rank,
            _num(m.alpha), _num(m.scaling), m.dtype, f"{m.params:,}")
         for m in report.modules
     ]
     lines.append(table(rows, headers, align_right=tuple(i + shift for i in (3, 4, 5, 7))))
+    marks = {m.shown[1] for m in report.modules}
+    if "*" in marks:
+        lines.append("* read from the file's names alone, not checked against a model (give --base to check them)")
+    if "?" in marks:
+        lines.append("? as the file names it: no unique module path (see grammar_note in --json)")
     t = report.totals
     methods = [METHOD_NAMES.get(m, m) for m in report.methods]
     adapted = f"{t.adapter_modules} {methods[0]} modules" if len(methods) == 1 else f"{t.adapter_modules} adapted modules" + (f" ({', '.join(methods)})" if methods else "")

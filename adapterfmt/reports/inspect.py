@@ -43,7 +43,10 @@ class ModuleRow(NamedTuple):
     delta or a saved base tensor.
 
     ``module`` is the module path in the model (``resolved``), or, for a kohya name not resolved
-    against a base, the name as the file spells it (``resolved`` false). ``method`` (``lora``,
+    against a base, the name as the file spells it (``resolved`` false). ``grammar_name``: the
+    dotted path the file's grammar alone gives the name (FORMAT §10.4), not checked against a
+    model (``None`` when a kohya name has no unique reading: ``grammar_note`` says why);
+    ``checked``: the module was bound to a base tensor in this report (``--base``). ``method`` (``lora``,
     ``adalora``, ``loha``, ``lokr``) is set for ``type == "adapter"`` only, as are ``rank``,
     ``alpha`` and ``scaling``; ``config_rank`` is the rank the config declares (PEFT only).
     ``tensors`` maps a slot (``lora_A``, ``lora_down``, ``hada_w1_a``, ``magnitude``, a full
@@ -53,6 +56,9 @@ class ModuleRow(NamedTuple):
     module: str
     name_in_file: str
     resolved: bool
+    grammar_name: Optional[str]
+    grammar_note: Optional[str]
+    checked: bool
     component: Optional[str]
     type: str
     method: Optional[str]
@@ -66,6 +72,17 @@ class ModuleRow(NamedTuple):
     dtype: str
     params: int
     tensors: dict[str, dict[str, Any]]
+
+    @property
+    def shown(self) -> tuple[str, str]:
+        """The name a table prints and its mark: ``(module, "")`` when checked against a base or a
+        real module path; ``(grammar_name, "*")`` for a name read from the file's grammar alone;
+        ``(name_in_file, "?")`` for a name with no unique reading."""
+        if self.checked or self.resolved:
+            return self.module, ""
+        if self.grammar_name is not None:
+            return self.grammar_name, "*"
+        return self.name_in_file, "?"
 
     @property
     def kind(self) -> str:
@@ -174,33 +191,38 @@ def _warnings(findings: Sequence[Finding], check: Optional[CheckDocument], scan_
 # ---------------------------------------------------------------------------------------------
 
 
-def _peft_rows(ckpt: AdapterCheckpoint) -> list[ModuleRow]:
+def _bound(check: Optional[CheckDocument]) -> frozenset[str]:
+    """The modules a check bound to base tensors (``checked`` rows)."""
+    return frozenset(b["module"] for c in check.components for b in c.bindings) if check is not None else frozenset()
+
+
+def _peft_rows(ckpt: AdapterCheckpoint, bound: frozenset[str]) -> list[ModuleRow]:
     method = "adalora" if is_adalora(ckpt.config.raw) else "lora"
     rows = []
     for path, m in ckpt.lora.items():
         keys = m.keys
         rows.append(  # positional: a 100k-module adapter builds 100k of these
-            ModuleRow(path, path, True, None, ADAPTER, method, m.layer_kind, m.rank, m.config_rank, m.alpha, m.scaling, m.use_dora,
+            ModuleRow(path, path, True, path, None, path in bound, None, ADAPTER, method, m.layer_kind, m.rank, m.config_rank, m.alpha, m.scaling, m.use_dora,
                       m.lora_bias, m.dtype, m.params, {s: tensor_dict(keys[s], t) for s, t in m.tensors.items()})
         )
     for path, c in ckpt.full_copies.items():
         rows.append(
-            ModuleRow(path, path, True, None, FULL_COPY, None, None, None, None, None, None, False, False, c.dtype, c.params,
+            ModuleRow(path, path, True, path, None, path in bound, None, FULL_COPY, None, None, None, None, None, None, False, False, c.dtype, c.params,
                       {p: tensor_dict(c.keys[p], t) for p, t in c.tensors.items()})
         )
     for path, d in ckpt.token_deltas.items():
         rows.append(
-            ModuleRow(path, path, True, None, TOKEN_DELTA, None, None, None, None, None, None, False, False, d.tensor.dtype,
+            ModuleRow(path, path, True, path, None, False, None, TOKEN_DELTA, None, None, None, None, None, None, False, False, d.tensor.dtype,
                       d.tensor.numel, {"delta": {**tensor_dict(d.key, d.tensor), "indices": d.indices}})
         )
     for base_key, info in ckpt.base_overrides.items():
-        rows.append(_override_row(base_key, info, ckpt.base_override_keys[base_key]))
+        rows.append(_override_row(base_key, info, ckpt.base_override_keys[base_key], bound))
     return rows
 
 
-def _override_row(base_key: str, info: TensorInfo, key: str) -> ModuleRow:
+def _override_row(base_key: str, info: TensorInfo, key: str, bound: frozenset[str]) -> ModuleRow:
     """A saved base tensor (``X.base_layer.weight``, a saved bias): ``module`` is the base key it replaces."""
-    return ModuleRow(base_key, split_prefix(key)[1], True, None, BASE_OVERRIDE, None, None, None, None, None, None, False, False,
+    return ModuleRow(base_key, split_prefix(key)[1], True, base_key, None, base_key in bound, None, BASE_OVERRIDE, None, None, None, None, None, None, False, False,
                      info.dtype, info.numel, {"value": tensor_dict(key, info)})
 
 
@@ -241,7 +263,7 @@ def inspect_report(
             if one was given; its warnings and failures are appended to the adapter's warnings.
         scan_findings: ``non-finite`` findings of a value scan; ``None`` when values were not read.
     """
-    rows = _peft_rows(ckpt)
+    rows = _peft_rows(ckpt, _bound(check))
     infos = ckpt.tensor_infos()
     return InspectReport(
         format="peft",
@@ -267,17 +289,18 @@ def inspect_report(
 # ---------------------------------------------------------------------------------------------
 
 
-def _foreign_rows(ckpt: ForeignCheckpoint) -> list[ModuleRow]:
+def _foreign_rows(ckpt: ForeignCheckpoint, bound: frozenset[str]) -> list[ModuleRow]:
     rows = []
     for m in ckpt.modules:
         rows.append(
-            ModuleRow(m.path if m.path is not None else m.name, m.name, m.path is not None, m.component, ADAPTER, m.kind, m.layer_kind,
+            ModuleRow(m.path if m.path is not None else m.name, m.name, m.path is not None, m.grammar_name, m.grammar_note, m.checked,
+                      m.component, ADAPTER, m.kind, m.layer_kind,
                       m.rank, None, m.alpha, m.scaling, m.dora_scale is not None, False, m.dtype, m.params,
                       {s: tensor_dict(m.keys[s], i) for s, i in m.tensors.items()})
         )
     for path, c in ckpt.full_copies.items():
         rows.append(
-            ModuleRow(path, path, True, None, FULL_COPY, None, None, None, None, None, None, False, False, c.dtype, c.params,
+            ModuleRow(path, path, True, path, None, path in bound, None, FULL_COPY, None, None, None, None, None, None, False, False, c.dtype, c.params,
                       {p: tensor_dict(c.keys[p], t) for p, t in c.tensors.items()})
         )
     for base_key, info in ckpt.base_overrides.items():
@@ -295,7 +318,7 @@ def foreign_inspect_report(
 ) -> InspectReport:
     """The inspect record of a kohya / LyCORIS / diffusers file or a PEFT LoHa / LoKr directory
     (arguments as :func:`inspect_report`)."""
-    rows = _foreign_rows(ckpt)
+    rows = _foreign_rows(ckpt, _bound(check))
     peft = ckpt.format == "peft"
     return InspectReport(
         format=ckpt.format,

@@ -47,7 +47,7 @@ def sources(tmp_path_factory):
 
 
 FORMATS = ["peft-lora", "peft-loha", "kohya", "diffusers"]
-MODULE_FIELDS = {"module", "name_in_file", "resolved", "component", "type", "method", "layer_kind", "rank", "config_rank", "alpha",
+MODULE_FIELDS = {"module", "name_in_file", "resolved", "grammar_name", "grammar_note", "checked", "component", "type", "method", "layer_kind", "rank", "config_rank", "alpha",
                  "scaling", "use_dora", "lora_bias", "dtype", "params", "tensors"}
 BINDING_FIELDS = {"module", "type", "method", "base_key", "layout"}
 

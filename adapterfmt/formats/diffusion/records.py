@@ -176,56 +176,6 @@ class ForeignModule:
             out.append(self.dora_scale.key)
         return out
 
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON record of ``inspect --json`` (docs/BEHAVIOUR.md §7.2)."""
-        return {
-            "module": self.path if self.path is not None else self.name,
-            "name_in_file": self.name,
-            "resolved": self.path is not None,
-            "grammar_name": self.grammar_name,
-            "grammar_note": self.grammar_note,
-            "checked": self.checked,
-            "component": self.component,
-            "kind": self.kind,
-            "layer_kind": self.layer_kind,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "scaling": self.scaling,
-            "dtype": self.dtype,
-            "params": self.params,
-            "tensors": {s: {"key": self.keys[s], "dtype": i.dtype, "shape": list(i.shape)} for s, i in self.tensors.items()},
-        }
-
-
-#: The JSON ``kind`` of a full copy (``modules_to_save``) in ``inspect --json`` (PEFT LoHa / LoKr).
-FULL_COPY = "full_copy"
-
-
-def full_copy_as_dict(copy: FullCopyModule) -> dict[str, Any]:
-    """A full copy as an ``inspect --json`` module record (docs/BEHAVIOUR.md §7.2): the fields of
-    :meth:`ForeignModule.as_dict`, ``kind`` ``full_copy``, no rank, alpha or scaling; ``tensors``
-    by parameter (``weight``, ``dense.bias``)."""
-    return {
-        "module": copy.path, "name_in_file": copy.path, "resolved": True, "component": None, "kind": FULL_COPY,
-        "layer_kind": None, "rank": None, "alpha": None, "scaling": None, "dtype": copy.dtype, "params": copy.params,
-        "tensors": {p: {"key": copy.keys[p], "dtype": i.dtype, "shape": list(i.shape)} for p, i in copy.tensors.items()},
-    }
-
-
-#: The JSON ``kind`` of a saved base tensor (``X.base_layer.weight``) in ``inspect --json``.
-BASE_OVERRIDE = "base_override"
-
-
-def base_override_as_dict(base_key: str, info: TensorInfo, key: str) -> dict[str, Any]:
-    """A saved base tensor as an ``inspect --json`` module record: ``module`` is the base key it
-    replaces, ``name_in_file`` its key without ``base_model.model.``, ``kind`` ``base_override``,
-    ``tensors`` ``{"value": ...}`` (as the PEFT LoRA path lists it)."""
-    return {
-        "module": base_key, "name_in_file": split_prefix(key)[1], "resolved": True, "component": None, "kind": BASE_OVERRIDE,
-        "layer_kind": None, "rank": None, "alpha": None, "scaling": None, "dtype": info.dtype, "params": info.numel,
-        "tensors": {"value": {"key": key, "dtype": info.dtype, "shape": list(info.shape)}},
-    }
-
 
 @dataclass
 class ForeignCheckpoint:
