@@ -1,5 +1,5 @@
 """kohya / LyCORIS / diffusers LoRA files and PEFT LoHa adapters named by Hub id, against a fake Hub
-on 127.0.0.1 (``tests/_fake_hub.py``; never any other address).
+on 127.0.0.1 (``tests/sources/_fake_hub.py``; never any other address).
 
 Every Hub result is compared with the same command on the same file as a local path: inspect and
 check JSON equal modulo paths, merge and convert outputs equal byte for byte, ``adapterfmt.load``
