@@ -124,3 +124,40 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int
         kv[name] = field.contents()
     tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), t.data.copy()) for t in reader.tensors}
     return kv, tensors
+
+
+_DRIVER = r"""
+import json, runpy, sys, traceback
+jobs = json.loads(sys.argv[1])
+script = sys.argv[2]
+results = []
+for args in jobs:
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        results.append(0)
+    except SystemExit as e:
+        results.append(int(e.code or 0))
+    except Exception:
+        traceback.print_exc()
+        results.append(1)
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def llama_cpp_convert_many(jobs: list[tuple[str, str, str, str]]) -> list[int]:
+    """Run the converter on each ``(adapter_dir, base_dir, outfile, outtype)`` in one fresh process
+    (torch and transformers are imported once); the exit status of each run."""
+    import json
+
+    folder = _oracle_dir("llama.cpp")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(folder)}
+    env.pop("NO_LOCAL_GGUF", None)
+    args = [["--base", b, "--outfile", o, "--outtype", t, a] for a, b, o, t in jobs]
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(args), str(folder / "convert_lora_to_gguf.py")], env=env, capture_output=True, text=True, cwd=str(folder)
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the converter driver failed: {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])
