@@ -257,6 +257,8 @@ def plan_export(
     kept = [e for e in modules.values() if e.action == KEEP]
     rank = max((e.rank for e in kept), default=cfg.r)
     config = _exported_config(adapter, engine, kept, rank)
+    if kept and len(kept) < len(modules):  # name only what the adapter still holds (PEFT builds no empty layers)
+        config["target_modules"] = sorted({e.path.rsplit(".", 1)[-1] for e in kept})
     r_out, alpha_out = config["r"], float(config["lora_alpha"])
     for e in kept:
         m = adapter.lora[e.path]
@@ -325,8 +327,26 @@ def _exported_config(adapter: AdapterCheckpoint, engine: Engine, kept: list[Modu
         doc["r"], doc["lora_alpha"] = rank, rank
     elif engine.scale == "alpha_over_r":
         doc["r"] = rank
-        doc["lora_alpha"] = cfg.lora_alpha if not cfg.use_rslora and not cfg.alpha_pattern else rank
+        doc["lora_alpha"] = _fewest_folds(adapter, kept, rank)
     else:  # alpha_over_tensor_rank: llama.cpp reads lora_alpha once and each lora_b's rank
         doc["r"] = cfg.r
         doc["lora_alpha"] = cfg.lora_alpha
     return doc
+
+
+def _fewest_folds(adapter: AdapterCheckpoint, kept: list[ModuleExport], rank: int) -> float:
+    """The ``lora_alpha`` for an engine that scales every module by ``lora_alpha / r`` (``r`` =
+    ``rank``) under which the most modules keep their factors unchanged: each module's own PEFT
+    scale times ``rank`` is a candidate; ties go to the adapter's own ``lora_alpha``."""
+    own = float(adapter.config.lora_alpha)
+    counts: dict[float, int] = {}
+    for e in kept:
+        alpha = adapter.lora[e.path].scaling * rank
+        counts[alpha] = counts.get(alpha, 0) + 1
+    if not counts:
+        return own
+    best = max(counts.values())
+    if counts.get(own, 0) == best:
+        return own
+    chosen = next(a for a, n in counts.items() if n == best)
+    return int(chosen) if float(chosen).is_integer() else chosen
