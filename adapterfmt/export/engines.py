@@ -1,6 +1,6 @@
 """What each serving engine reads, refuses and how it scales: the rules as data.
 
-Read from the engines' own code (versions named in docs/BEHAVIOUR.md §14): vLLM 0.33
+Read from the engines' own code (BEHAVIOUR §8.1): vLLM 0.33
 ``vllm/lora/peft_helper.py`` and ``utils.py``; SGLang ``python/sglang/srt/lora/``; llama.cpp
 ``convert_lora_to_gguf.py`` and ``src/llama-adapter.cpp``. ``portable`` is what every one of
 vLLM, SGLang, TGI, LoRAX and TensorRT-LLM reads identically: one uniform rank, ``lora_alpha = r``,
