@@ -174,6 +174,8 @@ class GgufNames:
         """The target of ``module`` (an adapter module path), or ``None`` and why not."""
         if self.rules.skips_lm_head and module == "lm_head":
             return None, "lm_head (llama.cpp's converter skips it for this architecture)"
+        if module == "lm_head" and self.config.get("tie_word_embeddings"):
+            return None, "lm_head of a base whose head is tied to token_embd (llama.cpp has no output tensor for it, llama.cpp #9065)"
         expert = _EXPERT.match(module) if self.rules.stacked_experts else None
         if expert is not None:
             bid, xid, wid = int(expert["bid"]), int(expert["xid"]), expert["wid"]

@@ -161,3 +161,17 @@ def test_gguf_full_copies_need_a_serving_base(tmp_path: Path, run_cli) -> None:
     result = run_cli("export", "--adapter", adapter, "--for", "llama.cpp", "--base", base, "-o", tmp_path / "a.gguf")
     assert_one_error_line(result, "lm_head", "--base-out")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_gguf_lora_on_a_tied_head_needs_a_serving_base(tmp_path: Path, run_cli) -> None:
+    """llama.cpp #9065: a tied base has no output tensor, so an lm_head LoRA cannot load there."""
+    import json
+
+    base, model = h.make_base(tmp_path, "llama")
+    adapter = h.make_adapter(tmp_path, model, "llama", target_modules=["q_proj", "lm_head"])
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (base / "config.json").write_text(json.dumps(cfg))
+    result = run_cli("export", "--adapter", adapter, "--for", "llama.cpp", "--base", base, "-o", tmp_path / "a.gguf")
+    assert_one_error_line(result, "lm_head", "tied", "--base-out")
+    assert not (tmp_path / "a.gguf").exists()
