@@ -111,6 +111,8 @@ def architecture(config: dict[str, Any], where: str) -> tuple[str, GgufArch]:
     text = config.get("text_config") or {}
     if isinstance(text, dict) and text.get("architectures"):
         arch = text["architectures"][0]
+    if arch is None:
+        raise UnsupportedFeatureError("names no architectures; llama.cpp's converter reads architectures[0]", path=where, key="architectures")
     if arch not in ARCHITECTURES:
         raise UnsupportedFeatureError(
             f"architecture {arch!r} has no GGUF LoRA export here",
@@ -302,6 +304,22 @@ def gguf_tensors(plan: Any, names: GgufNames) -> list[tuple[str, Any]]:
     return out
 
 
+def check_gguf_output(out: str, inputs: list[str], *, overwrite: bool) -> str:
+    """``out`` absolute, refused (one line) when it is inside an input, a directory, or exists without ``overwrite``."""
+    from ..errors import OutputPathError
+
+    target = os.path.abspath(out)
+    for source in inputs:
+        src = os.path.realpath(source)
+        if os.path.realpath(target).startswith(src.rstrip(os.sep) + os.sep):
+            raise OutputPathError(f"is inside the input {source}", path=target, hint="write the file somewhere else; inputs are never modified")
+    if os.path.isdir(target):
+        raise OutputPathError("is a directory", path=target, hint="give a .gguf file path")
+    if os.path.exists(target) and not overwrite:
+        raise OutputPathError("exists", path=target, hint="pass --overwrite to replace it, or choose another path")
+    return target
+
+
 def _qtype(gguf: Any, outtype: str, name: str, ndim: int) -> Any:
     Q = gguf.GGMLQuantizationType
     if ndim <= 1 or name.endswith("_norm.weight"):
@@ -331,20 +349,12 @@ def write_gguf(
     from pathlib import Path
 
     from ..storage.staging import TMP_TAG, fsync_dir, fsync_file
-    from ..errors import OutputPathError
 
     gguf = require_gguf()
     if outtype not in OUTTYPES:
         raise InvalidConfigError(f"unknown --outtype {outtype!r}", key="outtype", hint=f"use one of {', '.join(OUTTYPES)}")
     names = GgufNames(config, os.path.join(base_folder, MODEL_CONFIG_FILE))
-    target = os.path.abspath(out)
-    src = os.path.realpath(plan.adapter.directory)
-    if os.path.realpath(target).startswith(src.rstrip(os.sep) + os.sep):
-        raise OutputPathError(f"is inside the input {plan.adapter.directory}", path=target, hint="write the file somewhere else; inputs are never modified")
-    if os.path.isdir(target):
-        raise OutputPathError("is a directory", path=target, hint="give a .gguf file path")
-    if os.path.exists(target) and not overwrite:
-        raise OutputPathError("exists", path=target, hint="pass --overwrite to replace it, or choose another path")
+    target = check_gguf_output(out, [plan.adapter.directory], overwrite=overwrite)
     tensors = gguf_tensors(plan, names)
 
     writer = gguf.GGUFWriter(path=None, arch=names.arch_name, endianess=gguf.GGUFEndian.LITTLE)

@@ -151,7 +151,8 @@ def allowed_max_rank(engine: Engine, rank: int) -> Optional[int]:
     return fits[0] if fits else None
 
 
-def _bake_reason(engine: Engine, m: LoraModule, base_config: Optional[dict[str, Any]], unservable: dict[str, str]) -> Optional[str]:
+def _bake_reason(engine: Engine, m: LoraModule, unservable: dict[str, str]) -> Optional[str]:
+    """Why ``engine`` cannot serve module ``m`` (it goes into the serving base), or ``None``."""
     if m.factors is not None or m.peft_kron:
         return f"a {m.factors or 'LoKr'} module (no engine serves LyCORIS factors)"
     if "lora_E" in m.tensors:
@@ -223,7 +224,7 @@ def plan_export(
     modules: dict[str, ModuleExport] = {}
     blockers: list[str] = []
     for path, m in adapter.lora.items():
-        reason = _bake_reason(engine, m, None, unservable)
+        reason = _bake_reason(engine, m, unservable)
         rank = m.rank or m.config_rank
         modules[path] = ModuleExport(path, BAKE if reason else KEEP, rank, reason=reason or "")
     for kind, names in (

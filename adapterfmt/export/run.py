@@ -120,10 +120,10 @@ def export_adapter(
     if spec.output == "peft":
         clean_stale(out)
         check_output_path(out, [ckpt.directory], overwrite=overwrite)
-    elif os.path.isdir(out) or (os.path.exists(out) and not overwrite):
-        from ..errors import OutputPathError
+    else:
+        from .gguf_file import check_gguf_output
 
-        raise OutputPathError("is a directory" if os.path.isdir(out) else "exists", path=os.path.abspath(out), hint="give a new .gguf file path (or --overwrite)")
+        check_gguf_output(out, [ckpt.directory], overwrite=overwrite)
     notes: list[str] = []
     summary = None
     wrote_base = None

@@ -78,8 +78,7 @@ def write_peft_dir(plan: ExportPlan, out: str, *, overwrite: bool = False) -> li
     """
     from safetensors.torch import save_file
 
-    removed = clean_stale(out)
-    del removed
+    clean_stale(out)
     target = check_output_path(out, [plan.adapter.directory], overwrite=overwrite)
     tensors = peft_state_dict(plan)
     with StagedDirectory(target, overwrite=overwrite) as staging:
