@@ -223,3 +223,19 @@ def test_export_json_matches_its_schema(tmp_path: Path, run_cli) -> None:
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, schema)
     assert doc["gguf"]["architecture"] == "llama"
+
+
+def test_portable_bakes_embedding_lora_and_drops_base_layer_copies(tmp_path: Path, run_cli) -> None:
+    """An embedding LoRA (which TGI and TensorRT-LLM do not serve) goes into the serving base;
+    PEFT's base_layer copy of the embedding (save_embedding_layers) is dropped."""
+    base, model = h.make_base(tmp_path, "llama")
+    adapter = h.make_adapter(tmp_path, model, "llama", r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    expected = h.peft_logits(base, adapter, IDS)
+    result = run_cli("export", "--adapter", adapter, "--for", "portable", "-o", tmp_path / "out", "--base", base, "--base-out", tmp_path / "serving", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [m["module"] for m in report["baked"]["modules"]] == ["model.embed_tokens"]
+    assert report["dropped"] == ["base_model.model.model.embed_tokens.base_layer.weight"]
+    vllm_accepts(str(tmp_path / "out"), max_lora_rank=report["max_lora_rank"])
+    got = h.peft_logits(tmp_path / "serving", tmp_path / "out", IDS)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
