@@ -239,3 +239,23 @@ def test_portable_bakes_embedding_lora_and_drops_base_layer_copies(tmp_path: Pat
     vllm_accepts(str(tmp_path / "out"), max_lora_rank=report["max_lora_rank"])
     got = h.peft_logits(tmp_path / "serving", tmp_path / "out", IDS)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_both_outputs_or_neither(tmp_path: Path, run_cli, monkeypatch) -> None:
+    """Interrupted while the adapter is staged, after the serving base was renamed into place: the
+    serving base is removed again and no stage is left."""
+    from adapterfmt.storage import pause
+
+    starts = []
+
+    def hook(point: str) -> None:
+        if point == "start":
+            starts.append(point)
+            if len(starts) == 2:  # the merge's stage was the first; the adapter's is the second
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(pause, "pause_hook", hook)
+    testdata = REPO / "testdata"
+    result = run_cli("export", "--adapter", testdata / "tiny-llama-lora", "--for", "vllm", "-o", tmp_path / "out", "--base", testdata / "tiny-llama", "--base-out", tmp_path / "serving")
+    assert result.exit_code != 0 and len(starts) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
