@@ -192,6 +192,11 @@ def test_serving_report(tmp_path: Path, patterned) -> None:
         vllm_accepts(str(REPO / "testdata" / "tiny-llama-lora"), max_lora_rank=16)
     dora = serving_report(read_adapter(REPO / "testdata" / "tiny-llama-dora"))
     assert all(not r["accepted"] for r in dora.values())
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "schemas" / "serving.schema.json").read_text())
+    for doc in (report, full, dora):
+        jsonschema.validate(json.loads(json.dumps(doc)), schema)
 
 
 def test_serving_report_reads_headers_only() -> None:
