@@ -143,6 +143,13 @@ def modified_base_init(adapter: AdapterCheckpoint) -> Optional[str]:
     return None
 
 
+def is_embedding_copy(saved_key: str) -> bool:
+    """A ``base_layer`` weight PEFT saves beside an embedding / head LoRA (``save_embedding_layers``):
+    what vLLM and llama.cpp's converter skip. A saved ``base_layer.bias`` (``bias="lora_only"``) is
+    a trained value, never one of these."""
+    return saved_key.endswith(".base_layer.weight")
+
+
 def allowed_max_rank(engine: Engine, rank: int) -> Optional[int]:
     """The smallest ``max_lora_rank`` the engine may be started with that serves ``rank``."""
     if engine.max_lora_ranks is None:
@@ -176,7 +183,7 @@ def plan_export(
     *,
     max_lora_rank: Optional[int] = None,
     unservable: Optional[dict[str, str]] = None,
-    base_shapes: Optional[dict[str, tuple[int, ...]]] = None,
+    differs_from_base: Optional[set[str]] = None,
 ) -> ExportPlan:
     """Decide, from headers, how ``adapter`` is exported for ``engine_name``.
 
@@ -186,8 +193,9 @@ def plan_export(
         max_lora_rank: the engine's ``--max-lora-rank``; a larger rank is refused.
         unservable: module path -> why the engine's file format cannot name it (llama.cpp:
             :func:`adapterfmt.export.gguf.unservable_modules`); those modules are baked.
-        base_shapes: base key -> shape where a base is known: a ``base_layer`` copy whose shape
-            differs from the base's (a resized vocabulary) is baked instead of dropped.
+        differs_from_base: where the base is at hand, the base keys whose saved ``base_layer``
+            weight copy differs from the base's tensor (a resized or retrained vocabulary): baked
+            instead of dropped. ``None``: not known, every such copy is dropped.
 
     Raises:
         UnsupportedFeatureError: a config feature no engine serves and no serving base can carry
@@ -247,8 +255,7 @@ def plan_export(
     dropped: list[str] = []
     for key in adapter.base_overrides:
         saved = adapter.base_override_keys[key]
-        info = adapter.base_overrides[key]
-        if ".base_layer." in saved and (base_shapes is None or tuple(base_shapes.get(key, info.shape)) == tuple(info.shape)):
+        if is_embedding_copy(saved) and (differs_from_base is None or key not in differs_from_base):
             dropped.append(saved)
         else:
             baked_base.append(key)

@@ -44,6 +44,22 @@ class ExportResult:
         return doc
 
 
+def _copies_that_differ(ckpt: Any, base_model: Any) -> set[str]:
+    """Base keys whose saved ``base_layer`` weight copy is not the base's tensor (shape or values)."""
+    from ..storage.tensor_source import TensorReader
+    from .plan import is_embedding_copy
+
+    out: set[str] = set()
+    with TensorReader(ckpt.tensors_in_memory) as mine, TensorReader(base_model.tensors_in_memory) as theirs:
+        for key, info in ckpt.base_overrides.items():
+            if not is_embedding_copy(ckpt.base_override_keys[key]):
+                continue
+            other = base_model.tensors.get(key)
+            if other is None or tuple(other.shape) != tuple(info.shape) or other.dtype != info.dtype or not mine.get(info).equal(theirs.get(other)):
+                out.add(key)
+    return out
+
+
 def _needs_base_message(plan: ExportPlan) -> str:
     return f"{plan.engine.name} cannot serve: {'; '.join(plan.blockers)}"
 
@@ -99,15 +115,15 @@ def export_adapter(
         gguf_base = read_base_config(config_source, revision=base_revision)
         unservable = unservable_modules(ckpt, gguf_base[0], os.path.join(gguf_base[1], "config.json"))
     base_model = None
-    base_shapes = None
+    differs: Optional[set[str]] = None
     if base_out is not None:
         if base is None:
             raise InvalidConfigError("--base-out needs --base (the base model whose copy becomes the serving base)", key="base")
         from ..base.reading import read_base
 
         base_model = read_base(base, revision=base_revision, allow_pickle=allow_pickle, download=True)
-        base_shapes = {k: tuple(v.shape) for k, v in base_model.tensors.items()}
-    plan = plan_export(ckpt, engine, max_lora_rank=max_lora_rank, unservable=unservable, base_shapes=base_shapes)
+        differs = _copies_that_differ(ckpt, base_model)
+    plan = plan_export(ckpt, engine, max_lora_rank=max_lora_rank, unservable=unservable, differs_from_base=differs)
     if plan.needs_base and base_out is None:
         raise UnsupportedFeatureError(
             _needs_base_message(plan),
@@ -139,6 +155,8 @@ def export_adapter(
             notes.append(f"convert the serving base with llama.cpp's convert_hf_to_gguf.py {merged.output}")
     elif base_out is not None:
         notes.append(f"{engine} serves the whole adapter: no serving base was needed, nothing written to {base_out}")
+    if plan.dropped and differs is None:
+        notes.append(f"dropped {len(plan.dropped)} base_layer copies unchecked (pass --base with --base-out to compare them with the base)")
     if not plan.kept:
         notes.append("every module went into the serving base: the exported adapter is empty")
     try:

@@ -264,3 +264,52 @@ def test_both_outputs_or_neither(tmp_path: Path, run_cli, monkeypatch) -> None:
     result = run_cli("export", "--adapter", testdata / "tiny-llama-lora", "--for", "vllm", "-o", tmp_path / "out", "--base", testdata / "tiny-llama", "--base-out", tmp_path / "serving")
     assert result.exit_code != 0 and len(starts) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_saved_base_biases_go_into_the_serving_base(tmp_path: Path, run_cli) -> None:
+    """bias="lora_only": PEFT saves (and trains) the adapted modules' base biases; vLLM refuses
+    `bias != "none"`, so they are merged into the serving base and the config says "none"."""
+    import copy
+
+    base, model = h.make_base(tmp_path, "qwen2")
+    changed = copy.deepcopy(model)
+    adapter = h.make_adapter(tmp_path, changed, "qwen2", r=4, lora_alpha=8, bias="lora_only", target_modules=["q_proj", "k_proj"])
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    biases = [k for k in tensors if k.endswith(".base_layer.bias")]
+    assert biases
+    for k in biases:  # trained biases: not the base's values
+        tensors[k] = tensors[k] + 0.5
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    expected = h.peft_logits(base, adapter, IDS)
+    refused = run_cli("export", "--adapter", adapter, "--for", "vllm", "-o", tmp_path / "out")
+    assert_one_error_line(refused, "saved base tensors", "--base-out")
+    result = run_cli("export", "--adapter", adapter, "--for", "vllm", "-o", tmp_path / "out", "--base", base, "--base-out", tmp_path / "serving", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert len(json.loads(result.stdout)["baked"]["base_tensors"]) == len(biases)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["bias"] == "none"
+    vllm_accepts(str(tmp_path / "out"), max_lora_rank=8)
+    got = h.peft_logits(tmp_path / "serving", tmp_path / "out", IDS)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_a_base_layer_copy_that_differs_from_the_base_is_baked(tmp_path: Path, run_cli) -> None:
+    """A saved embedding copy with values other than the base's (new token rows trained) is not
+    dropped when the base is at hand: it goes into the serving base."""
+    from safetensors.torch import load_file, save_file
+
+    base, model = h.make_base(tmp_path, "llama")
+    adapter = h.make_adapter(tmp_path, model, "llama", r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key][100:] += 0.25
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    expected = h.peft_logits(base, adapter, IDS)
+    result = run_cli("export", "--adapter", adapter, "--for", "vllm", "-o", tmp_path / "out", "--base", base, "--base-out", tmp_path / "serving", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["baked"]["base_tensors"] == ["model.embed_tokens.weight"] and report["dropped"] == []
+    vllm_accepts(str(tmp_path / "out"), max_lora_rank=report["max_lora_rank"])
+    got = h.peft_logits(tmp_path / "serving", tmp_path / "out", IDS)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
