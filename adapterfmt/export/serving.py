@@ -55,7 +55,7 @@ def serving_report(checkpoint: AdapterCheckpoint) -> dict[str, dict[str, Any]]:
                 blockers.append("the scale is not in the factors (lora_alpha != r)")
             if any(m.pad_to for m in plan.kept):
                 blockers.append("modules of different ranks")
-        if plan.dropped and not blockers:
+        if plan.dropped and name in ("sglang", "portable") and not blockers:  # vLLM and llama.cpp skip them themselves
             blockers.append(f"base_layer copies the engine does not read ({len(plan.dropped)})")
         out_name = "adapter.gguf" if engine.output == "gguf" else f"{name}-adapter"
         cmd = f"adapterfmt export --adapter {source} --for {name} -o {out_name}"
