@@ -175,3 +175,37 @@ def test_gguf_lora_on_a_tied_head_needs_a_serving_base(tmp_path: Path, run_cli) 
     result = run_cli("export", "--adapter", adapter, "--for", "llama.cpp", "--base", base, "-o", tmp_path / "a.gguf")
     assert_one_error_line(result, "lm_head", "tied", "--base-out")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_gguf_hub_base_reads_only_its_config_from_the_cache(tmp_path: Path) -> None:
+    """A Hub id as --base: only config.json is read (here from a cache holding nothing else,
+    offline). The file equals the converter's run on that snapshot folder, except general.name,
+    which is the Hub id, as the converter's own --base-model-id names it (that option itself
+    cannot run offline: it looks for the base's safetensors on the Hub)."""
+    import os
+    import shutil
+    import subprocess
+
+    from _serving_oracles import llama_cpp_convert_many
+
+    base, model = h.make_base(tmp_path, "llama")
+    adapter = h.make_adapter(tmp_path, model, "llama", target_modules=["q_proj", "k_proj", "down_proj"])
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--user--tiny-base"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(base / "config.json", snapshot / "config.json")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HOME": str(tmp_path / "hf" / "home"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "adapterfmt_cli.main", "export", "--adapter", str(adapter), "--for", "llama.cpp", "--base", "user/tiny-base", "-o", str(tmp_path / "mine.gguf")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert llama_cpp_convert_many([(str(adapter), str(snapshot), str(tmp_path / "theirs.gguf"), "f32")]) == [0]
+    kv_a, t_a = read_gguf(str(tmp_path / "mine.gguf"))
+    kv_b, t_b = read_gguf(str(tmp_path / "theirs.gguf"))
+    assert kv_a.pop("general.name") == "user/tiny-base" and kv_b.pop("general.name") == "Lora"  # the converter's: from the adapter folder's name
+    assert kv_a == kv_b
+    assert {k: (v[0], v[1], v[2].tobytes()) for k, v in t_a.items()} == {k: (v[0], v[1], v[2].tobytes()) for k, v in t_b.items()}
