@@ -1,4 +1,4 @@
-"""``combine``: several LoRA adapters as one, defined on their deltas (BEHAVIOUR §12.2).
+"""``combine``: several LoRA adapters as one, defined on their deltas (BEHAVIOUR §8.2).
 
 The combined delta of a module is ``Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` over the sources that hold it, each with its
 own scale (``lora_alpha`` / r, rsLoRA, ``rank_pattern`` / ``alpha_pattern``), never the A and B
@@ -234,7 +234,7 @@ def _combine_module(
         return nb, na, ModuleRow(path, m0.layer_kind, total, total, 1.0, lowrank_error(sb, sa, 1.0, nb, na), _norm(sb, sa), sources=indices)
     if method in ("linear", "svd"):
         f = factor_svd(sb, sa)
-        k = min(rank or total, total)
+        k = min(rank or total, f.singular_values.shape[0])
         nb, na = (t.to(out_dtype) for t in f.factors(k))
         return nb, na, ModuleRow(path, m0.layer_kind, total, k, f.retained_energy(k), lowrank_error(sb, sa, 1.0, nb, na), f.energy**0.5, sources=indices)
     # ties / dare / magnitude_prune: dense deltas of this module only

@@ -55,7 +55,7 @@ class FactorSVD:
 
     b: torch.Tensor  #: m×r, compute dtype
     a: torch.Tensor  #: r×n, compute dtype
-    singular_values: torch.Tensor  #: float64, descending, length r
+    singular_values: torch.Tensor  #: float64, descending, length min(m, n, r)
     _left: torch.Tensor  #: r×r: ``B·_left`` = U·diag(S)^0 (columns of U, before √S)
     _right: torch.Tensor  #: r×r: ``_right·A`` = Vᵀ (rows of Vᵀ)
 
@@ -108,7 +108,8 @@ def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> FactorSV
     inv_a = torch.where(ra > 0, 1.0 / torch.where(ra > 0, ra, torch.ones_like(ra)), torch.zeros_like(ra))
     left = (vb * inv_b[None, :]) @ uc  # Q_B = B·V_B·diag(1/rb) => U = B·left
     right = vch @ (inv_a[:, None] * va.T)  # Q_Aᵀ = diag(1/ra)·V_Aᵀ·A => Vᵀ = right·A
-    return FactorSVD(b, a, s, left, right)
+    q = min(b.shape[0], a.shape[1], b.shape[1])  # the delta's rank is at most min(m, n, r)
+    return FactorSVD(b, a, s[:q], left[:, :q], right[:q])
 
 
 def stacked(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefficients: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
