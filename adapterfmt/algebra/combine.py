@@ -12,7 +12,7 @@ stacks combined separately (which adds cross terms ``Bᵢ·Aⱼ``, peft #3004 / 
   truncated to ``--rank``;
 * ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` — PEFT's task-arithmetic rules
   (``peft.utils.merge_utils``) applied to each module's dense deltas ``sᵢ·Bᵢ·Aᵢ``, one module at a
-  time, then factorized by a dense SVD to ``--rank`` (default ``Σ rᵢ``). DARE's masks come from a
+  time, then factorized by a dense SVD to ``--rank`` (default ``Σ rᵢ``, at most ``min(m, n)``). DARE's masks come from a
   ``torch.Generator`` seeded from ``--seed``, the source's index and the module's path: the same
   on every run and machine, and independent of which other modules exist.
 
@@ -111,9 +111,12 @@ def combine(
     for ckpt, (spec, _) in zip(ckpts, sources):
         refuse_unsupported(ckpt, spec, allow_dora=False, allow_bias=False)
     plan = _plan(ckpts, sources)
-    most = max((sum(m.rank or 0 for _, m in present) for present in plan.values()), default=0)
+    if method in DENSE_METHODS:  # the merged dense delta can have full rank min(m, n)
+        most, what = max((min(delta_shape(p[0][1])[0], math.prod(delta_shape(p[0][1])[1:])) for p in plan.values()), default=0), "min(m, n)"
+    else:
+        most, what = max((sum(m.rank or 0 for _, m in present) for present in plan.values()), default=0), "the sum of their ranks"
     if rank is not None and rank > most:
-        raise InvalidConfigError(f"--rank {rank} is above what the sources hold (at most {most} per module, the sum of their ranks)",
+        raise InvalidConfigError(f"--rank {rank} is above what the sources hold (at most {most} per module, {what})",
                                  key="rank", hint="pick a rank up to that")
     extras, extras_doc = _extras(ckpts, sources, copies_from)
     how = {"method": method, "rank": rank, "density": density, "majority_sign": majority_sign if method in ("ties", "dare_ties") else None,
