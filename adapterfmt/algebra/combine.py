@@ -38,6 +38,7 @@ from ..formats.peft.reading import read_adapter
 from ..storage.header import TensorInfo
 from ..storage.tensor_source import TensorReader, TensorSource
 from .modules import delta_shape, read_factors, refuse_unsupported
+from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
 from .report import AlgebraReport, ModuleRow
 from .svd import compute_dtype, factor_svd, lowrank_error, stacked, unflatten_factors
@@ -126,10 +127,16 @@ def combine(
     tensors: dict[str, Any] = dict(extras)
     ranks: dict[str, int] = {}
     readers = [TensorReader(c.tensors_in_memory) for c in ckpts]
+    def one(item: tuple[str, list[tuple[int, LoraModule]]]) -> tuple[torch.Tensor, torch.Tensor, ModuleRow]:
+        path, present = item
+        return _combine_module(path, present, [sources[i][1] for i, _ in present], readers, method=method, rank=rank,
+                               density=density, majority_sign=majority_sign, seed=seed)
+
+    items = sorted(plan.items())
     try:
-        for path, present in sorted(plan.items()):
-            b, a, row = _combine_module(path, present, [sources[i][1] for i, _ in present], readers, method=method, rank=rank,
-                                        density=density, majority_sign=majority_sign, seed=seed)
+        # factor methods: small per-module work, modules side by side; dense methods: one module at a time
+        results = map_modules(one, items) if method not in DENSE_METHODS else map(one, items)
+        for (path, present), (b, a, row) in zip(items, results):
             first = present[0][1]
             out_b, out_a = unflatten_factors(b, a, tuple(first.tensors["lora_B"].shape), tuple(first.tensors["lora_A"].shape))
             tensors[render_saved(parse_saved(first.keys["lora_B"]), prefix=prefix)] = out_b
@@ -238,13 +245,13 @@ def _combine_module(
     if method in ("linear", "svd"):
         f = factor_svd(sb, sa)
         k = min(rank or total, f.singular_values.shape[0])
-        nb, na = (t.to(out_dtype) for t in f.factors(k))
-        return nb, na, ModuleRow(path, m0.layer_kind, total, k, f.retained_energy(k), lowrank_error(sb, sa, 1.0, nb, na), f.energy**0.5, sources=indices)
+        nb, na = f.factors(k, out_dtype)
+        return nb, na, ModuleRow(path, m0.layer_kind, total, k, f.retained_energy(k), f.error(nb, na), f.energy**0.5, sources=indices)
     # ties / dare / magnitude_prune: dense deltas of this module only
     deltas = [(b.to(dtype) @ a.to(dtype)) * s for b, a, s in zip(bs, as_, scales)]
     gens = [_generator(seed, i, path) for i in indices] if method.startswith("dare") else None
     merged = dense_merge(deltas, weights, method, density or 1.0, majority_sign, gens)
-    exact = sb @ sa
+    exact = sb.to(dtype) @ sa.to(dtype)
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     k = min(rank or total, s.shape[0])
     root = s[:k].sqrt()

@@ -22,10 +22,11 @@ from ..formats.diffusion.diffusers_lora import METADATA_KEY
 from ..formats.diffusion.records import LORA
 from ..formats.locate import ForeignSource, locate_foreign
 from ..storage.tensor_source import TensorReader
+from .parallel import map_modules
 from .output import check_scales, scale_one_config
 from .rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
-from .svd import factor_svd, flatten_factors, lowrank_error, unflatten_factors
+from .svd import factor_svd, flatten_factors, unflatten_factors
 
 
 def foreign_source(src: str, *, weight_name: Optional[str] = None, revision: Optional[str] = None) -> Optional[ForeignSource]:
@@ -53,22 +54,26 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
     changes: dict[str, Any] = {}
     ranks: dict[str, dict[str, int]] = {}  # component -> module name -> rank (diffusers metadata)
     with TensorReader() as reader:
-        for m in ckpt.modules:
+
+        def one(m: Any) -> tuple[Any, int, Any, Any, ModuleRow]:
             down, up = reader.get(m.tensors["lora_down"]), reader.get(m.tensors["lora_up"])
             b2, a2 = flatten_factors(up, down)
             f = factor_svd(b2, a2, m.scaling)
             k = kept_rank(f.singular_values, rule)
-            nb, na = f.factors(k)
-            nb, na = nb.to(b2.dtype), na.to(a2.dtype)
+            nb, na = f.factors(k, b2.dtype)
             out_up, out_down = unflatten_factors(nb, na, tuple(up.shape), tuple(down.shape))
+            label = f"{m.component}.{m.name}" if m.component else m.name
+            row = ModuleRow(label, m.layer_kind or "linear", int(m.rank or a2.shape[0]), k, f.retained_energy(k), f.error(nb, na), f.energy**0.5,
+                            dora=m.dora_scale is not None)
+            return m, k, out_up, out_down, row
+
+        for m, k, out_up, out_down, row in map_modules(one, ckpt.modules):
             changes[m.keys["lora_up"]] = ("tensor", out_up)
             changes[m.keys["lora_down"]] = ("tensor", out_down)
             if m.alpha_key is not None:
                 changes[m.alpha_key] = ("scalar", float(k))
             ranks.setdefault(m.component or "", {})[m.name] = k
-            label = f"{m.component}.{m.name}" if m.component else m.name
-            report.rows.append(ModuleRow(label, m.layer_kind or "linear", int(m.rank or a2.shape[0]), k, f.retained_energy(k),
-                                         lowrank_error(b2, a2, m.scaling, nb, na), f.energy**0.5, dora=m.dora_scale is not None))
+            report.rows.append(row)
     metadata = dict(ckpt.metadata) or {"format": "pt"}
     if ckpt.format == "diffusers" and metadata.get(METADATA_KEY):
         metadata[METADATA_KEY] = _diffusers_metadata(metadata[METADATA_KEY], ranks, ckpt.file)

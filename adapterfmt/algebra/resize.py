@@ -19,10 +19,11 @@ from ..errors import InvalidConfigError
 from ..formats.peft.reading import read_adapter
 from ..storage.tensor_source import TensorReader
 from .modules import read_factors, refuse_unsupported
+from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
 from .rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
-from .svd import factor_svd, lowrank_error, unflatten_factors
+from .svd import factor_svd, unflatten_factors
 
 
 def resize(
@@ -62,21 +63,25 @@ def resize(
     tensors: dict[str, Any] = dict(ckpt.tensor_infos())
     ranks: dict[str, int] = {}
     with TensorReader(ckpt.tensors_in_memory) as reader:
-        for path, m in sorted(ckpt.lora.items()):
+
+        def one(item: tuple[str, Any]) -> tuple[str, Any, dict[str, Any], ModuleRow]:
+            path, m = item
             b2, a2, b_shape, a_shape = read_factors(reader, m)
             f = factor_svd(b2, a2, m.scaling)
             k = kept_rank(f.singular_values, rule)
-            nb, na = f.factors(k)
-            nb, na = nb.to(b2.dtype), na.to(a2.dtype)
-            error = lowrank_error(b2, a2, m.scaling, nb, na)
+            nb, na = f.factors(k, b2.dtype)
             out_b, out_a = unflatten_factors(nb, na, b_shape, a_shape)
-            tensors[m.keys["lora_B"]] = out_b
-            tensors[m.keys["lora_A"]] = out_a
+            new = {m.keys["lora_B"]: out_b, m.keys["lora_A"]: out_a}
             if m.lora_bias:  # the bias is scaled with the factors; the new scale is 1
                 bias = reader.get(m.tensors["lora_B.bias"])
-                tensors[m.keys["lora_B.bias"]] = (bias.to(torch.float64) * m.scaling).to(bias.dtype)
+                new[m.keys["lora_B.bias"]] = (bias.to(torch.float64) * m.scaling).to(bias.dtype)
+            row = ModuleRow(path, m.layer_kind, int(m.rank or a2.shape[0]), k, f.retained_energy(k), f.error(nb, na), f.energy**0.5, dora=m.use_dora)
+            return path, k, new, row
+
+        for path, k, new, row in map_modules(one, sorted(ckpt.lora.items())):
+            tensors.update(new)
             ranks[path] = k
-            report.rows.append(ModuleRow(path, m.layer_kind, int(m.rank or a2.shape[0]), k, f.retained_energy(k), error, f.energy**0.5, dora=m.use_dora))
+            report.rows.append(row)
     replaced = {m.keys[s] for m in ckpt.lora.values() for s in ("lora_A", "lora_B", "lora_B.bias") if s in m.keys}
     report.carried = sorted(k for k in tensors if k not in replaced and not _is_magnitude(ckpt, k))
     report.params_before = sum(i.numel for i in ckpt.tensor_infos().values())

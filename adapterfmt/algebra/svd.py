@@ -15,7 +15,7 @@ share the singular values. Convolution factors are flattened as PEFT does (``B``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -48,16 +48,18 @@ def _root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class FactorSVD:
-    """The SVD of ``scale·B·A`` (2-D, flattened) held as the factors plus r×r matrices.
+    """The SVD of ``scale·B·A`` (2-D, flattened) held as the float64 factors plus r×r matrices.
 
-    ``singular_values`` are in float64, descending. :meth:`factors` gives the best rank-k factors.
+    ``singular_values`` are in float64, descending. :meth:`factors` gives the best rank-k factors,
+    :meth:`error` the exact relative error of any factors (after rounding) against the delta.
     """
 
-    b: torch.Tensor  #: m×r, compute dtype
-    a: torch.Tensor  #: r×n, compute dtype
+    b: torch.Tensor  #: m×r, float64
+    a: torch.Tensor  #: r×n, float64
+    scale: float
     singular_values: torch.Tensor  #: float64, descending, length min(m, n, r)
-    _left: torch.Tensor  #: r×r: ``B·_left`` = U·diag(S)^0 (columns of U, before √S)
-    _right: torch.Tensor  #: r×r: ``_right·A`` = Vᵀ (rows of Vᵀ)
+    _left: torch.Tensor  #: r×q: ``B·_left`` = U
+    _right: torch.Tensor  #: q×r: ``_right·A`` = Vᵀ
 
     @property
     def energy(self) -> float:
@@ -74,31 +76,42 @@ class FactorSVD:
         total = self.energy
         return 0.0 if total == 0 else (float((self.singular_values[k:] ** 2).sum()) / total) ** 0.5
 
-    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, k: int, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B′, A′)``: m×k and k×n with ``B′·A′`` the best rank-``k`` approximation of the delta,
-        ``B′ = U_k·√S_k`` and ``A′ = √S_k·V_kᵀ``, in the compute dtype."""
+        ``B′ = U_k·√S_k`` and ``A′ = √S_k·V_kᵀ``, formed in float64 and rounded once to ``dtype``."""
         root = self.singular_values[:k].sqrt()
-        left = (self._left[:, :k] * root).to(self.b.dtype)
-        right = (root[:, None] * self._right[:k]).to(self.a.dtype)
-        return self.b @ left, right @ self.a
+        b2, a2 = self.b @ (self._left[:, :k] * root), (root[:, None] * self._right[:k]) @ self.a
+        return (b2, a2) if dtype is None else (b2.to(dtype), a2.to(dtype))
+
+    def error(self, b2: torch.Tensor, a2: torch.Tensor) -> float:
+        """``‖Δ − B₂·A₂‖_F / ‖Δ‖_F`` in float64 from the factors (r×k products, no m×n matrix)."""
+        c, d = b2.double(), a2.double()
+        new = float(((c.T @ c) * (d @ d.T)).sum())
+        cross = self.scale * float(((self.b.T @ c) * (self.a @ d.T)).sum())  # ⟨s·B·A, C·D⟩ = s·tr(BᵀC·DAᵀ)
+        return _relative(self.energy, cross, new)
+
+
+def _relative(ref: float, cross: float, new: float) -> float:
+    """``√(‖X‖² − 2⟨X, Y⟩ + ‖Y‖²) / ‖X‖`` (0 when both are zero, ``inf`` for a nonzero Y against X = 0)."""
+    diff = max(ref - 2 * cross + new, 0.0)
+    if ref <= 0:
+        return 0.0 if diff == 0 else float("inf")
+    return (diff / ref) ** 0.5
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 for float64 factors, else float32 (the products that form the output factors)."""
+    """float64 for float64 factors, else float32 (what ``cat`` computes its products in)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> FactorSVD:
     """The exact SVD of ``scale·b·a`` for 2-D ``b`` (m×r) and ``a`` (r×n), from the factors.
 
-    The Gram matrices and the core are computed in float64 (the singular values are exact to
-    float64 rounding of the given factors); the output factors are formed in :func:`compute_dtype`.
+    Everything is computed in float64 from the stored values: the singular values are exact to
+    float64 rounding of the given factors.
     """
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
         raise ValueError(f"factor shapes {tuple(b.shape)} and {tuple(a.shape)} do not multiply")
-    dtype = compute_dtype(b.dtype, a.dtype)
-    b = b.to(dtype)
-    a = a.to(dtype)
     b64, a64 = b.double(), a.double()
     vb, rb = _root(b64.T @ b64)  # B = Q_B·R_B with R_B = diag(rb)·V_Bᵀ
     va, ra = _root(a64 @ a64.T)  # Aᵀ = Q_A·R_A with R_A = diag(ra)·V_Aᵀ
@@ -106,29 +119,25 @@ def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> FactorSV
     uc, s, vch = torch.linalg.svd(core)
     inv_b = torch.where(rb > 0, 1.0 / torch.where(rb > 0, rb, torch.ones_like(rb)), torch.zeros_like(rb))
     inv_a = torch.where(ra > 0, 1.0 / torch.where(ra > 0, ra, torch.ones_like(ra)), torch.zeros_like(ra))
-    left = (vb * inv_b[None, :]) @ uc  # Q_B = B·V_B·diag(1/rb) => U = B·left
-    right = vch @ (inv_a[:, None] * va.T)  # Q_Aᵀ = diag(1/ra)·V_Aᵀ·A => Vᵀ = right·A
     q = min(b.shape[0], a.shape[1], b.shape[1])  # the delta's rank is at most min(m, n, r)
-    return FactorSVD(b, a, s[:q], left[:, :q], right[:q])
+    left = (vb * inv_b[None, :]) @ uc[:, :q]  # Q_B = B·V_B·diag(1/rb) => U = B·left
+    right = vch[:q] @ (inv_a[:, None] * va.T)  # Q_Aᵀ = diag(1/ra)·V_Aᵀ·A => Vᵀ = right·A
+    return FactorSVD(b64, a64, float(scale), s[:q], left, right)
 
 
 def stacked(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefficients: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B₁ … B_k]`` and ``[c₁A₁; …; c_kA_k]`` (2-D, compute dtype): ``Σ cᵢ·Bᵢ·Aᵢ`` as one factor pair
-    of rank ``Σ rᵢ``; the coefficient goes on the A side, in the compute dtype."""
-    dtype = compute_dtype(*(t.dtype for t in (*bs, *as_)))
-    b = torch.cat([x.to(dtype) for x in bs], dim=1)
-    a = torch.cat([x.to(dtype) * float(c) for x, c in zip(as_, coefficients)], dim=0)
+    """``[B₁ … B_k]`` and ``[c₁A₁; …; c_kA_k]`` in float64: ``Σ cᵢ·Bᵢ·Aᵢ`` as one factor pair of
+    rank ``Σ rᵢ``, the coefficient on the A side."""
+    b = torch.cat([x.double() for x in bs], dim=1)
+    a = torch.cat([x.double() * float(c) for x, c in zip(as_, coefficients)], dim=0)
     return b, a
 
 
 def lowrank_error(b: torch.Tensor, a: torch.Tensor, scale: float, b2: torch.Tensor, a2: torch.Tensor) -> float:
     """``‖scale·B·A − B₂·A₂‖_F / ‖scale·B·A‖_F`` in float64 from the factors alone (r×r Gram
-    products; 0 when both are zero, 1 when only the reference is zero... or inf for a nonzero B₂A₂)."""
+    products, no m×n matrix); 0 when both are zero, ``inf`` for a nonzero B₂·A₂ against a zero delta."""
     b64, a64, c64, d64 = b.double() * float(scale), a.double(), b2.double(), a2.double()
     ref = float(((b64.T @ b64) * (a64 @ a64.T)).sum())  # tr(BᵀB·AAᵀ), both symmetric
     new = float(((c64.T @ c64) * (d64 @ d64.T)).sum())
     cross = float(((b64.T @ c64) * (a64 @ d64.T)).sum())  # tr(BᵀC·DAᵀ) = ⟨BA, CD⟩
-    diff = max(ref - 2 * cross + new, 0.0)
-    if ref == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return (diff / ref) ** 0.5
+    return _relative(ref, cross, new)
