@@ -59,7 +59,7 @@ def module_path(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{'self_attn' if name in ATTN else 'mlp'}.{name}"
 
 
-def make_adapter(directory: Path, *, layers: int, rank: int, seed: int, names=tuple(SHAPES)) -> Path:
+def make_adapter(directory: Path, *, layers: int, rank: int, seed: int, names=tuple(SHAPES), task_type: "str | None" = "CAUSAL_LM") -> Path:
     """A PEFT LoRA adapter directory with random bf16 factors (B not zero), α = 2r."""
     import torch
     from safetensors.torch import save_file
@@ -77,7 +77,7 @@ def make_adapter(directory: Path, *, layers: int, rank: int, seed: int, names=tu
             decay = torch.logspace(0, -2, rank)  # a spectrum that falls off, as trained adapters' do
             tensors[f"{p}.lora_B.weight"] = (torch.randn(out, rank, generator=g) * decay * 0.02).to(torch.bfloat16)
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(names),
+    config = {"peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": 2 * rank, "target_modules": list(names),
               "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "base_model_name_or_path": None}
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -138,11 +138,12 @@ def bench_kohya(script: Path, adapter: Path, names: list[str], new_rank: int) ->
         for name in names:
             p = f"base_model.model.{module_path(0, name)}"
             down, up = f.get_tensor(f"{p}.lora_A.weight").float(), f.get_tensor(f"{p}.lora_B.weight").float()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             weight = ns["merge_linear"](down, up, "cpu")
             ns["extract_linear"](weight, new_rank, None, None, "cpu", 2.0)
             out[name] = time.perf_counter() - t
-            print(f"  kohya {name} {SHAPES[name]}: {out[name]:.2f} s", flush=True)
+            cpu = time.process_time() - c
+            print(f"  kohya {name} {SHAPES[name]}: wall {out[name]:.2f} s, cpu {cpu:.2f} s", flush=True)
     del torch
     return out
 
@@ -153,8 +154,9 @@ def bench_peft(a: Path, b: Path, names: list[str], new_rank: int, cache: Path) -
     from peft import PeftModel
     from torch import nn
 
-    la = make_adapter(cache / f"peft-a-{'-'.join(names)}", layers=1, rank=64, seed=1, names=tuple(names))
-    lb = make_adapter(cache / f"peft-b-{'-'.join(names)}", layers=1, rank=64, seed=2, names=tuple(names))
+    # no task_type: PEFT then wraps the bare layer without asking it for generation hooks
+    la = make_adapter(cache / f"peft1-a-{'-'.join(names)}", layers=1, rank=64, seed=1, names=tuple(names), task_type=None)
+    lb = make_adapter(cache / f"peft1-b-{'-'.join(names)}", layers=1, rank=64, seed=2, names=tuple(names), task_type=None)
 
     class Layer(nn.Module):
         def __init__(self) -> None:
@@ -173,9 +175,10 @@ def bench_peft(a: Path, b: Path, names: list[str], new_rank: int, cache: Path) -
     per, err = {}, {}
     from peft.tuners.lora import LoraLayer
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     pm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", combination_type="svd", svd_rank=new_rank)
     total = time.perf_counter() - t
+    print(f"  PEFT add_weighted_adapter on {names}: wall {total:.2f} s, cpu {time.process_time() - c:.2f} s", flush=True)
     with torch.no_grad():
         for path, mod in pm.base_model.model.named_modules():
             if isinstance(mod, LoraLayer) and "mix" in mod.lora_A:

@@ -55,7 +55,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
     ranks: dict[str, dict[str, int]] = {}  # component -> module name -> rank (diffusers metadata)
     with TensorReader() as reader:
 
-        def one(m: Any) -> tuple[Any, int, Any, Any, ModuleRow]:
+        def one(m: Any) -> tuple[Any, int, dict[str, Any], ModuleRow]:
             down, up = reader.get(m.tensors["lora_down"]), reader.get(m.tensors["lora_up"])
             b2, a2 = flatten_factors(up, down)
             f = factor_svd(b2, a2, m.scaling)
@@ -64,12 +64,15 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
             out_up, out_down = unflatten_factors(nb, na, tuple(up.shape), tuple(down.shape))
             label = f"{m.component}.{m.name}" if m.component else m.name
             row = ModuleRow(label, m.layer_kind or "linear", int(m.rank or a2.shape[0]), k, f.retained_energy(k), f.error(nb, na), f.energy**0.5,
-                            dora=m.dora_scale is not None)
-            return m, k, out_up, out_down, row
+                            dora=m.dora_scale is not None or "magnitude" in m.tensors)
+            new = {m.keys["lora_up"]: ("tensor", out_up), m.keys["lora_down"]: ("tensor", out_down)}
+            if "lora_up.bias" in m.tensors:  # scaled with the factors; the new scale is 1
+                bias = reader.get(m.tensors["lora_up.bias"])
+                new[m.keys["lora_up.bias"]] = ("tensor", (bias.double() * m.scaling).to(bias.dtype))
+            return m, k, new, row
 
-        for m, k, out_up, out_down, row in map_modules(one, ckpt.modules):
-            changes[m.keys["lora_up"]] = ("tensor", out_up)
-            changes[m.keys["lora_down"]] = ("tensor", out_down)
+        for m, k, new, row in map_modules(one, ckpt.modules):
+            changes.update(new)
             if m.alpha_key is not None:
                 changes[m.alpha_key] = ("scalar", float(k))
             ranks.setdefault(m.component or "", {})[m.name] = k
@@ -92,8 +95,8 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
 
 
 def _module_key(ckpt: Any, key: str) -> bool:
-    """Whether ``key`` is a module's ``dora_scale`` (kept as part of its module, not a carried extra)."""
-    return any(m.dora_scale is not None and m.dora_scale.key == key for m in ckpt.modules)
+    """Whether ``key`` is a module's ``dora_scale`` / ``magnitude`` (kept as part of its module, not a carried extra)."""
+    return any((m.dora_scale is not None and m.dora_scale.key == key) or m.keys.get("magnitude") == key for m in ckpt.modules)
 
 
 def _diffusers_metadata(raw: str, ranks: dict[str, dict[str, int]], path: str) -> str:

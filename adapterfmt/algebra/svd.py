@@ -8,7 +8,9 @@ of a truncation. The R factors are taken as the symmetric square roots of the Gr
 values as a Householder QR at a fraction of the cost (two r×r products per module instead of a
 tall QR). The bases are never formed either: the kept factors come out as ``B·T_B`` and
 ``T_A·A`` with r×k matrices ``T_B``, ``T_A``, so ``B′ = U_k·√S_k`` and ``A′ = √S_k·V_kᵀ``
-share the singular values. Convolution factors are flattened as PEFT does (``B`` to
+share the singular values. Everything is float64 from the stored values; the output factors are
+rounded once to the caller's dtype, and :meth:`FactorSVD.error` gives the exact error of what
+was rounded. Convolution factors are flattened as PEFT does (``B`` to
 ``out × r``, ``A`` to ``r × in·k…``) and reshaped back.
 """
 

@@ -167,3 +167,34 @@ def test_bad_input_one_line_nothing_written(mlp_adapter, run_cli, tmp_path):
         assert not out.exists()
     r = run_cli("resize", src, "-o", src / "inside", "--rank", "2")
     assert_one_error_line(r)
+
+
+def test_diffusers_file_with_config_metadata(run_cli, tmp_path):
+    """A diffusers file whose ``lora_adapter_metadata`` sets r / α / patterns: the output's metadata
+    gives every module its new rank and scale 1 (read back by the library's diffusers reader)."""
+    from adapterfmt.formats.detect import read_foreign
+
+    g = torch.Generator().manual_seed(9)
+    t = {}
+    names = ["blocks.0.attn.to_q", "blocks.0.attn.to_k", "blocks.1.ff.net"]
+    for i, name in enumerate(names):
+        r = 6 if name == "blocks.1.ff.net" else 4
+        t[f"transformer.{name}.lora_A.weight"] = torch.randn(r, 10, generator=g)
+        t[f"transformer.{name}.lora_B.weight"] = torch.randn(12 + i, r, generator=g)
+    meta = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.target_modules": ["to_q", "to_k", "net"],
+            "transformer.rank_pattern": {"net": 6}, "transformer.alpha_pattern": {"to_k": 2}, "transformer.use_rslora": False}
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(t, str(src), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    out = tmp_path / "small.safetensors"
+    r = run_cli("resize", src, "-o", out, "--rank", "3", "--json")
+    assert r.exit_code == 0, r
+    assert r.json()["format"] == "diffusers"
+    before = {m.name: m for m in read_foreign(src).modules}
+    after = {m.name: m for m in read_foreign(out).modules}
+    new = load_file(out)
+    for name in names:
+        b, a = before[name], after[name]
+        delta = b.scaling * t[f"transformer.{name}.lora_B.weight"].double() @ t[f"transformer.{name}.lora_A.weight"].double()
+        got = a.scaling * new[f"transformer.{name}.lora_B.weight"].double() @ new[f"transformer.{name}.lora_A.weight"].double()
+        assert a.rank == 3 and a.scaling == 1.0
+        assert rel(got, best_rank(delta, 3)) < 1e-6, name
