@@ -6,16 +6,13 @@ PEFT is the oracle: ``PeftModel.from_pretrained`` loads an adapter directory and
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _load_helpers import conv_embed_net, make_peft_adapter, mlp_stack  # noqa: E402,F401
+from _load_helpers import conv_embed_net, make_peft_adapter, mlp_stack  # noqa: F401
 
 
 def peft_deltas(build: Callable[[], nn.Module], adapter_dir: Path, name: str = "default") -> dict[str, torch.Tensor]:
