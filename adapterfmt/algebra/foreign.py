@@ -23,6 +23,7 @@ from ..formats.diffusion.records import LORA
 from ..formats.locate import ForeignSource, locate_foreign
 from ..storage.tensor_source import TensorReader
 from .parallel import map_modules
+from .modules import check_factors
 from .output import check_scales, scale_one_config
 from .rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
@@ -57,6 +58,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
 
         def one(m: Any) -> tuple[Any, int, dict[str, Any], ModuleRow]:
             down, up = reader.get(m.tensors["lora_down"]), reader.get(m.tensors["lora_up"])
+            check_factors(up, down, m.tensors["lora_down"].file, m.keys["lora_down"], m.keys["lora_up"])
             b2, a2 = flatten_factors(up, down)
             f = factor_svd(b2, a2, m.scaling)
             k = kept_rank(f.singular_values, rule)

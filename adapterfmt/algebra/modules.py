@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint.adalora import is_adalora
 from ..checkpoint.records import AdapterCheckpoint, LoraModule
-from ..errors import UnsupportedFeatureError
+from ..errors import InconsistentAdapterError, NonFiniteValuesError, UnsupportedFeatureError
 from ..storage.tensor_source import TensorReader
 from .svd import flatten_factors
 
@@ -51,8 +51,26 @@ def read_factors(reader: TensorReader, m: LoraModule) -> tuple[torch.Tensor, tor
     stored dtype, and the stored shapes to write new factors back in."""
     a = reader.get(m.tensors["lora_A"])
     b = reader.get(m.tensors["lora_B"])
+    check_factors(b, a, m.tensors["lora_A"].file, m.keys["lora_A"], m.keys["lora_B"])
     b2, a2 = flatten_factors(b, a)
     return b2, a2, tuple(b.shape), tuple(a.shape)
+
+
+def check_factors(b: torch.Tensor, a: torch.Tensor, file: str, a_key: str, b_key: str) -> None:
+    """Refuse factors that do not form a product ``B·A`` (ranks, layouts, non-float dtypes) or hold NaN / Inf.
+
+    Raises:
+        InconsistentAdapterError: the shapes or dtypes do not fit.
+        NonFiniteValuesError: a factor holds NaN or Inf.
+    """
+    if a.ndim < 2 or b.ndim < 2 or b.shape[1] != a.shape[0] or any(d != 1 for d in b.shape[2:]) or not (a.is_floating_point() and b.is_floating_point()):
+        raise InconsistentAdapterError(
+            f"A {tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype} do not form a LoRA product", path=file, key=a_key,
+            hint="the file is damaged; re-export the adapter",
+        )
+    for key, t in ((a_key, a), (b_key, b)):
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteValuesError("holds NaN or Inf values", path=file, key=key, hint="the adapter diverged in training; nothing can be computed from it")
 
 
 def delta_shape(m: LoraModule) -> tuple[int, ...]:

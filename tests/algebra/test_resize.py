@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -198,3 +199,25 @@ def test_diffusers_file_with_config_metadata(run_cli, tmp_path):
         got = a.scaling * new[f"transformer.{name}.lora_B.weight"].double() @ new[f"transformer.{name}.lora_A.weight"].double()
         assert a.rank == 3 and a.scaling == 1.0
         assert rel(got, best_rank(delta, 3)) < 1e-6, name
+
+
+@pytest.mark.parametrize("fault", ["nan", "rank_mismatch", "int_dtype"])
+def test_damaged_factors_one_line(mlp_adapter, run_cli, tmp_path, fault):
+    src, _ = mlp_adapter
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    t = load_file(bad / "adapter_model.safetensors")
+    key = "base_model.model.blocks.3.fc2.lora_A.weight"
+    if fault == "nan":
+        t[key][0, 0] = float("nan")
+    elif fault == "rank_mismatch":
+        t[key] = t[key][:5]
+    else:
+        t[key] = t[key].to(torch.int32)
+    save_file(t, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for args in (("resize", bad, "-o", tmp_path / "o1", "--rank", "2"), ("combine", bad, src, "-o", tmp_path / "o2", "--method", "svd")):
+        r = run_cli(*args)
+        assert r.exit_code == 2, r
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("Error: ") and "Traceback" not in r.stderr, r.stderr
+        assert "blocks.3.fc2" in r.stderr or "int32" in r.stderr.lower() or "I32" in r.stderr, r.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
