@@ -221,3 +221,18 @@ def test_damaged_factors_one_line(mlp_adapter, run_cli, tmp_path, fault):
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("Error: ") and "Traceback" not in r.stderr, r.stderr
         assert "blocks.3.fc2" in r.stderr or "int32" in r.stderr.lower() or "I32" in r.stderr, r.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_loha_and_tucker_files_refused(run_cli, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    loha = {f"lora_unet_proj.hada_{s}": torch.randn(*shape, generator=g) for s, shape in
+            (("w1_a", (8, 2)), ("w1_b", (2, 6)), ("w2_a", (8, 2)), ("w2_b", (2, 6)))}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    r = run_cli("resize", tmp_path / "loha.safetensors", "-o", tmp_path / "o.safetensors", "--rank", "1")
+    assert_one_error_line(r, "loha")
+    tucker = {"lora_unet_conv.lora_down.weight": torch.randn(2, 4, 1, 1), "lora_unet_conv.lora_mid.weight": torch.randn(2, 2, 3, 3),
+              "lora_unet_conv.lora_up.weight": torch.randn(5, 2, 1, 1)}
+    save_file(tucker, str(tmp_path / "tucker.safetensors"))
+    r = run_cli("resize", tmp_path / "tucker.safetensors", "-o", tmp_path / "o.safetensors", "--rank", "1")
+    assert_one_error_line(r, "lora_mid")
+    assert not (tmp_path / "o.safetensors").exists()
