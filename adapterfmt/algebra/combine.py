@@ -36,6 +36,7 @@ from ..checkpoint.records import AdapterCheckpoint, LoraModule
 from ..errors import InvalidConfigError, ShapeMismatchError
 from ..formats.peft.reading import read_adapter
 from ..storage.header import TensorInfo
+from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader, TensorSource
 from .modules import delta_shape, read_factors, refuse_unsupported
 from .parallel import map_modules
@@ -119,14 +120,16 @@ def combine(
     if rank is not None and rank > most:
         raise InvalidConfigError(f"--rank {rank} is above what the sources hold (at most {most} per module, {what})",
                                  key="rank", hint="pick a rank up to that")
+    check_output_path(os.fspath(output), [c.directory for c in ckpts], overwrite=overwrite)  # before the work, not after
     extras, extras_doc = _extras(ckpts, sources, copies_from)
     how = {"method": method, "rank": rank, "density": density, "majority_sign": majority_sign if method in ("ties", "dare_ties") else None,
            "seed": seed if method.startswith("dare") else None}
     report = AlgebraReport("combine", "", "peft", [{"path": s, "weight": float(w)} for s, w in sources], how)
-    prefix = ckpts[0].prefix
+    prefix = ckpts[copies_from or 0].prefix  # the LoRA keys spelled like the carried ones
     tensors: dict[str, Any] = dict(extras)
     ranks: dict[str, int] = {}
     readers = [TensorReader(c.tensors_in_memory) for c in ckpts]
+
     def one(item: tuple[str, list[tuple[int, LoraModule]]]) -> tuple[torch.Tensor, torch.Tensor, ModuleRow]:
         path, present = item
         return _combine_module(path, present, [sources[i][1] for i, _ in present], readers, method=method, rank=rank,

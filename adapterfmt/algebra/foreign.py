@@ -51,6 +51,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
     if rule.kind == "rank" and rule.value > top:
         raise InvalidConfigError(f"--rank {int(rule.value)} is above the file's largest rank {top}", path=ckpt.file, key="rank",
                                  hint="resize only lowers ranks; pick a rank up to that")
+    out = _atomic_file(output, overwrite, [found.path])  # before the work, not after
     report = AlgebraReport("resize", "", ckpt.format, [{"path": shown, "weight": 1.0}], rule.as_dict())
     changes: dict[str, Any] = {}
     ranks: dict[str, dict[str, int]] = {}  # component -> module name -> rank (diffusers metadata)
@@ -90,7 +91,6 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
     if any(r.dora for r in report.rows):
         report.notes.append("DoRA (dora_scale) modules: the LoRA part is resized and dora_scale kept; the error is that of the LoRA part")
     report.notes.append("every module's scale is folded into its factors: alpha = new rank (scale 1)")
-    out = _atomic_file(output, overwrite, [found.path])
     _write_file(out, entries, metadata)
     report.output = out
     return report

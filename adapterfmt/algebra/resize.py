@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InvalidConfigError
 from ..formats.peft.reading import read_adapter
+from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader
 from .modules import read_factors, refuse_unsupported
 from .parallel import map_modules
@@ -59,6 +60,7 @@ def resize(
             f"--rank {int(rule.value)} is above the adapter's largest rank {top}", path=src, key="rank",
             hint="resize only lowers ranks; pick a rank up to that",
         )
+    check_output_path(os.fspath(output), [ckpt.directory], overwrite=overwrite)  # before the work, not after
     report = AlgebraReport("resize", "", "peft", [{"path": src, "weight": 1.0}], rule.as_dict())
     tensors: dict[str, Any] = dict(ckpt.tensor_infos())
     ranks: dict[str, int] = {}
