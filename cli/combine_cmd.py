@@ -48,7 +48,7 @@ def combine_command(sources: tuple[str, ...], output: str, method: str, rank: Op
     the exact SVD of the stacked factors to --rank; ties, dare_linear, dare_ties and
     magnitude_prune apply PEFT's rules to each module's dense deltas, one module at a time, and
     factorize the result. The report gives per module the relative error against the exact
-    weighted sum (docs/BEHAVIOUR.md §8.2). Sources are PEFT LoRA directories or Hub ids; no base
+    weighted sum (docs/BEHAVIOUR.md §9.2). Sources are PEFT LoRA directories or Hub ids; no base
     model is loaded.
 
     Exit status: 0 on success; 2 when the inputs cannot be combined (one "Error:" line; nothing written).

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "convert": ".convert_cmd:convert_command",
     "resize": ".resize_cmd:resize_command",
     "combine": ".combine_cmd:combine_command",
+    "export": ".export_cmd:export_command",
 }
 
 

@@ -68,13 +68,14 @@ def render_inspect(report: InspectReport) -> str:
         lines.append("? as the file names it: no unique module path (see grammar_note in --json)")
     t = report.totals
     methods = [METHOD_NAMES.get(m, m) for m in report.methods]
-    adapted = f"{t.adapter_modules} {methods[0]} modules" if len(methods) == 1 else f"{t.adapter_modules} adapted modules" + (f" ({', '.join(methods)})" if methods else "")
+    method = methods[0] if len(methods) == 1 else "adapted"  # "14 LoRA modules", "12 adapted modules (LoRA, LoHa)"
+    adapted = f"{t.adapter_modules} {method} modules" + (f" ({', '.join(methods)})" if len(methods) > 1 else "")
     lines.append("")
     lines.append(
         f"totals: {adapted}, {_plural(t.full_copies, 'full copy', 'full copies')}"
         + (f", {t.token_deltas} token deltas" if t.token_deltas else "")
         + (f", {t.base_overrides} base overrides" if t.base_overrides else "")
-        + f"; {t.params:,} params ({methods[0] if len(methods) == 1 else 'adapted'} {t.adapter_params:,}, full copies {t.full_copy_params:,}); {t.nbytes:,} bytes"
+        + f"; {t.params:,} params ({method} {t.adapter_params:,}, full copies {t.full_copy_params:,}); {t.nbytes:,} bytes"
     )
     if report.sub_adapters:
         lines.append(f"sub-adapters: {', '.join(report.sub_adapters)} (inspect one with --subfolder {report.sub_adapters[0]})")

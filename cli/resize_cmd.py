@@ -37,7 +37,7 @@ def resize_command(adapter: str, output: str, rank: Optional[float], energy: Opt
     rank is chosen by the rule, and the new factors U·√S and √S·Vᵀ are written with ranks and
     alphas that give PEFT's scale 1 (rank_pattern / alpha_pattern where modules differ). The
     report gives per module the old and new rank, the retained energy and the relative
-    Frobenius error ‖Δ − Δ′‖/‖Δ‖ of what was written (docs/BEHAVIOUR.md §8.1).
+    Frobenius error ‖Δ − Δ′‖/‖Δ‖ of what was written (docs/BEHAVIOUR.md §9.1).
 
     ADAPTER is a PEFT adapter directory, a Hub id, or a kohya / LyCORIS / diffusers LoRA file
     (written back as a file of its own format).

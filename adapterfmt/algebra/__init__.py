@@ -1,4 +1,4 @@
-"""Adapter algebra: resize and combine LoRA adapters exactly, from their factors (BEHAVIOUR §8).
+"""Adapter algebra: resize and combine LoRA adapters exactly, from their factors (BEHAVIOUR §9).
 
 What this folder decides: the singular values of a module's delta ``s·B·A`` without ever forming
 the m×n product (:mod:`.svd`), which rank a rule keeps (:mod:`.rank_rules`, ``kept_rank``), how an

@@ -1,4 +1,4 @@
-"""``combine``: several LoRA adapters as one, defined on their deltas (BEHAVIOUR §8.2).
+"""``combine``: several LoRA adapters as one, defined on their deltas (BEHAVIOUR §9.2).
 
 The combined delta of a module is ``Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` over the sources that hold it, each with its
 own scale (``lora_alpha`` / r, rsLoRA, ``rank_pattern`` / ``alpha_pattern``), never the A and B

@@ -1,4 +1,4 @@
-"""Which rank a rule keeps, from a module's singular values (BEHAVIOUR §8.1).
+"""Which rank a rule keeps, from a module's singular values (BEHAVIOUR §9.1).
 
 Four rules, each given as a :class:`RankRule`:
 

@@ -1,4 +1,4 @@
-"""What ``resize`` and ``combine`` report: one row per module and the totals (BEHAVIOUR §8.3).
+"""What ``resize`` and ``combine`` report: one row per module and the totals (BEHAVIOUR §9.3).
 
 Every error is relative and in the Frobenius norm, computed in float64 from the factors as
 written (after rounding to the output dtype): ``‖Δ − Δ′‖ / ‖Δ‖``, where Δ is the source module's

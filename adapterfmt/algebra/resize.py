@@ -1,4 +1,4 @@
-"""``resize``: every module's delta truncated by the exact SVD of its factors (BEHAVIOUR §8.1).
+"""``resize``: every module's delta truncated by the exact SVD of its factors (BEHAVIOUR §9.1).
 
 Per module: the SVD of ``s·B·A`` from the factors (:mod:`.svd`), the rank a rule keeps
 (:func:`.rank_rules.kept_rank`), factors ``U_k·√S_k`` and ``√S_k·V_kᵀ`` in the stored dtype, and

@@ -28,7 +28,7 @@ from ..storage.header import TensorInfo
 from .check import CheckDocument
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
-    from ..checkpoint.records import AdapterCheckpoint
+    from ..checkpoint.records import AdapterCheckpoint, FullCopyModule
     from ..formats.diffusion.records import ForeignCheckpoint
 
 #: ``ModuleRow.type`` values.
@@ -234,14 +234,10 @@ def _peft_rows(ckpt: AdapterCheckpoint, bound: frozenset[str]) -> list[ModuleRow
     for path, m in ckpt.lora.items():
         keys = m.keys
         rows.append(  # positional: a 100k-module adapter builds 100k of these
-            ModuleRow(path, path, True, path, None, path in bound, None, ADAPTER, method, m.layer_kind, m.rank, m.config_rank, m.alpha, m.scaling, m.use_dora,
-                      m.lora_bias, m.dtype, m.params, {s: tensor_dict(keys[s], t) for s, t in m.tensors.items()})
+            ModuleRow(path, path, True, path, None, path in bound, None, ADAPTER, method, m.layer_kind, m.rank, m.config_rank, m.alpha,
+                      m.scaling, m.use_dora, m.lora_bias, m.dtype, m.params, {s: tensor_dict(keys[s], t) for s, t in m.tensors.items()})
         )
-    for path, c in ckpt.full_copies.items():
-        rows.append(
-            ModuleRow(path, path, True, path, None, path in bound, None, FULL_COPY, None, None, None, None, None, None, False, False, c.dtype, c.params,
-                      {p: tensor_dict(c.keys[p], t) for p, t in c.tensors.items()})
-        )
+    rows += [_full_copy_row(path, c, bound) for path, c in ckpt.full_copies.items()]
     for path, d in ckpt.token_deltas.items():
         rows.append(
             ModuleRow(path, path, True, path, None, False, None, TOKEN_DELTA, None, None, None, None, None, None, False, False, d.tensor.dtype,
@@ -252,10 +248,16 @@ def _peft_rows(ckpt: AdapterCheckpoint, bound: frozenset[str]) -> list[ModuleRow
     return rows
 
 
+def _full_copy_row(path: str, copy: FullCopyModule, bound: frozenset[str]) -> ModuleRow:
+    """A full copy (``modules_to_save``): ``tensors`` by parameter name (``weight``, ``dense.bias``)."""
+    return ModuleRow(path, path, True, path, None, path in bound, None, FULL_COPY, None, None, None, None, None, None, False, False,
+                     copy.dtype, copy.params, {p: tensor_dict(copy.keys[p], t) for p, t in copy.tensors.items()})
+
+
 def _override_row(base_key: str, info: TensorInfo, key: str, bound: frozenset[str]) -> ModuleRow:
     """A saved base tensor (``X.base_layer.weight``, a saved bias): ``module`` is the base key it replaces."""
-    return ModuleRow(base_key, split_prefix(key)[1], True, base_key, None, base_key in bound, None, BASE_OVERRIDE, None, None, None, None, None, None, False, False,
-                     info.dtype, info.numel, {"value": tensor_dict(key, info)})
+    return ModuleRow(base_key, split_prefix(key)[1], True, base_key, None, base_key in bound, None, BASE_OVERRIDE, None, None, None,
+                     None, None, None, False, False, info.dtype, info.numel, {"value": tensor_dict(key, info)})
 
 
 def peft_config_facts(ckpt: AdapterCheckpoint) -> dict[str, Any]:
@@ -330,13 +332,9 @@ def _foreign_rows(ckpt: ForeignCheckpoint, bound: frozenset[str]) -> list[Module
                       m.rank, None, m.alpha, m.scaling, m.dora_scale is not None, False, m.dtype, m.params,
                       {s: tensor_dict(m.keys[s], i) for s, i in m.tensors.items()})
         )
-    for path, c in ckpt.full_copies.items():
-        rows.append(
-            ModuleRow(path, path, True, path, None, path in bound, None, FULL_COPY, None, None, None, None, None, None, False, False, c.dtype, c.params,
-                      {p: tensor_dict(c.keys[p], t) for p, t in c.tensors.items()})
-        )
+    rows += [_full_copy_row(path, c, bound) for path, c in ckpt.full_copies.items()]
     for base_key, info in ckpt.base_overrides.items():
-        rows.append(_override_row(base_key, info, ckpt.base_override_keys[base_key]))
+        rows.append(_override_row(base_key, info, ckpt.base_override_keys[base_key], bound))
     return rows
 
 

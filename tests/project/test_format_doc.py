@@ -54,7 +54,8 @@ BEHAVIOUR_SECTIONS = {
     5: "Python API",
     6: "Wrapped checkpoints",
     7: "Diffusion ecosystem files",
-    8: "Adapter algebra",
+    8: "Export for serving",
+    9: "Adapter algebra",
 }
 
 

@@ -121,7 +121,9 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
         if m.path is None:
             continue
         weight = base.tensors[weight_key(m.path)]
-        check.bindings.append({"module": m.path, "type": "adapter", "method": m.kind, "base_key": weight_key(m.path), "layout": m.layer_kind or "linear"})
+        check.bindings.append(
+            {"module": m.path, "type": "adapter", "method": m.kind, "base_key": weight_key(m.path), "layout": m.layer_kind or "linear"}
+        )
         m.weight_shape = tuple(weight.shape)
         if m.alpha is not None and not (m.alpha >= 0):  # merge and load refuse it (peft_view.refuse_unusable)
             check.problems.append(f"{m.path}: alpha is {m.alpha:g}")
