@@ -38,7 +38,7 @@ from ..formats.peft.reading import read_adapter
 from ..storage.header import TensorInfo
 from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader, TensorSource
-from .modules import delta_shape, read_factors, refuse_unsupported
+from .modules import delta_shape, read_factors, refuse_unsupported, require_finite
 from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
 from .report import AlgebraReport, ModuleRow
@@ -228,6 +228,7 @@ def _combine_module(
     bs, as_, scales = [], [], []
     for i, m in present:
         b, a, _, _ = read_factors(readers[i], m)
+        require_finite(m, b, a)
         bs.append(b)
         as_.append(a)
         scales.append(m.scaling)

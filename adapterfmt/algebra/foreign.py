@@ -23,11 +23,11 @@ from ..formats.diffusion.records import LORA
 from ..formats.locate import ForeignSource, locate_foreign
 from ..storage.tensor_source import TensorReader
 from .parallel import map_modules
-from .modules import check_factors
+from .modules import check_factors, exact_svd
 from .output import check_scales, scale_one_config
 from .rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
-from .svd import factor_svd, flatten_factors, unflatten_factors
+from .svd import flatten_factors, unflatten_factors
 
 
 def foreign_source(src: str, *, weight_name: Optional[str] = None, revision: Optional[str] = None) -> Optional[ForeignSource]:
@@ -61,7 +61,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
             down, up = reader.get(m.tensors["lora_down"]), reader.get(m.tensors["lora_up"])
             check_factors(up, down, m.tensors["lora_down"].file, m.keys["lora_down"], m.keys["lora_up"])
             b2, a2 = flatten_factors(up, down)
-            f = factor_svd(b2, a2, m.scaling)
+            f = exact_svd(b2, a2, m.scaling, m.tensors["lora_down"].file, m.keys["lora_down"], m.keys["lora_up"])
             k = kept_rank(f.singular_values, rule)
             nb, na = f.factors(k, b2.dtype)
             out_up, out_down = unflatten_factors(nb, na, tuple(up.shape), tuple(down.shape))

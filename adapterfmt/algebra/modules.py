@@ -16,7 +16,7 @@ from ..checkpoint.adalora import is_adalora
 from ..checkpoint.records import AdapterCheckpoint, LoraModule
 from ..errors import InconsistentAdapterError, NonFiniteValuesError, UnsupportedFeatureError
 from ..storage.tensor_source import TensorReader
-from .svd import flatten_factors
+from .svd import FactorSVD, NonFiniteFactorError, factor_svd, flatten_factors
 
 
 def refuse_unsupported(ckpt: AdapterCheckpoint, source: str, *, allow_dora: bool = True, allow_bias: bool = True) -> None:
@@ -57,20 +57,41 @@ def read_factors(reader: TensorReader, m: LoraModule) -> tuple[torch.Tensor, tor
 
 
 def check_factors(b: torch.Tensor, a: torch.Tensor, file: str, a_key: str, b_key: str) -> None:
-    """Refuse factors that do not form a product ``B·A`` (ranks, layouts, non-float dtypes) or hold NaN / Inf.
+    """Refuse factors that do not form a product ``B·A`` (ranks, layouts, non-float dtypes).
 
     Raises:
         InconsistentAdapterError: the shapes or dtypes do not fit.
-        NonFiniteValuesError: a factor holds NaN or Inf.
     """
     if a.ndim < 2 or b.ndim < 2 or b.shape[1] != a.shape[0] or any(d != 1 for d in b.shape[2:]) or not (a.is_floating_point() and b.is_floating_point()):
         raise InconsistentAdapterError(
             f"A {tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype} do not form a LoRA product", path=file, key=a_key,
             hint="the file is damaged; re-export the adapter",
         )
-    for key, t in ((a_key, a), (b_key, b)):
+
+
+def require_finite(m: LoraModule, b: torch.Tensor, a: torch.Tensor) -> None:
+    """Refuse a module whose factors hold NaN or Inf (one pass over each; ``resize`` finds them in its Grams instead).
+
+    Raises:
+        NonFiniteValuesError: naming the tensor.
+    """
+    for slot, t in (("lora_A", a), ("lora_B", b)):
         if not bool(torch.isfinite(t).all()):
-            raise NonFiniteValuesError("holds NaN or Inf values", path=file, key=key, hint="the adapter diverged in training; nothing can be computed from it")
+            raise NonFiniteValuesError("holds NaN or Inf values", path=m.tensors[slot].file, key=m.keys[slot],
+                                       hint="the adapter diverged in training; nothing can be computed from it")
+
+
+def exact_svd(b: torch.Tensor, a: torch.Tensor, scale: float, file: str, a_key: str, b_key: str) -> FactorSVD:
+    """:func:`~.svd.factor_svd` of one module, a NaN / Inf in a factor named as the tensor it is in.
+
+    Raises:
+        NonFiniteValuesError: ``lora_A`` / ``lora_B`` (``a_key`` / ``b_key``) holds NaN or Inf.
+    """
+    try:
+        return factor_svd(b, a, scale)
+    except NonFiniteFactorError as e:
+        raise NonFiniteValuesError("holds NaN or Inf values", path=file, key=a_key if e.which == "A" else b_key,
+                                   hint="the adapter diverged in training; nothing can be computed from it") from None
 
 
 def delta_shape(m: LoraModule) -> tuple[int, ...]:

@@ -19,12 +19,12 @@ from ..errors import InvalidConfigError
 from ..formats.peft.reading import read_adapter
 from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader
-from .modules import read_factors, refuse_unsupported
+from .modules import exact_svd, read_factors, refuse_unsupported
 from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
 from .rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
-from .svd import factor_svd, unflatten_factors
+from .svd import unflatten_factors
 
 
 def resize(
@@ -69,7 +69,7 @@ def resize(
         def one(item: tuple[str, Any]) -> tuple[str, Any, dict[str, Any], ModuleRow]:
             path, m = item
             b2, a2, b_shape, a_shape = read_factors(reader, m)
-            f = factor_svd(b2, a2, m.scaling)
+            f = exact_svd(b2, a2, m.scaling, m.tensors["lora_A"].file, m.keys["lora_A"], m.keys["lora_B"])
             k = kept_rank(f.singular_values, rule)
             nb, na = f.factors(k, b2.dtype)
             out_b, out_a = unflatten_factors(nb, na, b_shape, a_shape)

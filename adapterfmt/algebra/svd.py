@@ -26,6 +26,14 @@ import torch
 _REL_TOL = 1e-13
 
 
+class NonFiniteFactorError(ValueError):
+    """A factor holds NaN or Inf; ``which`` is ``"A"`` or ``"B"`` (callers name the tensor)."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__(f"{which} holds NaN or Inf values")
+        self.which = which
+
+
 def flatten_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``B`` and ``A`` of any layer layout as 2-D matrices whose product is the flattened delta
     (``lora_B`` (out, r, 1, …) -> out×r; ``lora_A`` (r, in, k, …) -> r×(in·k…))."""
@@ -115,8 +123,14 @@ def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> FactorSV
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
         raise ValueError(f"factor shapes {tuple(b.shape)} and {tuple(a.shape)} do not multiply")
     b64, a64 = b.double(), a.double()
-    vb, rb = _root(b64.T @ b64)  # B = Q_B·R_B with R_B = diag(rb)·V_Bᵀ
-    va, ra = _root(a64 @ a64.T)  # Aᵀ = Q_A·R_A with R_A = diag(ra)·V_Aᵀ
+    gb, ga = b64.T @ b64, a64 @ a64.T
+    # each diagonal entry is a sum of squares: NaN or ±Inf anywhere in a factor shows there (bf16 / f16 /
+    # f32 values cannot overflow it in float64), at no extra pass over the factors
+    for which, g in (("B", gb), ("A", ga)):
+        if not bool(torch.isfinite(g.diagonal()).all()):
+            raise NonFiniteFactorError(which)
+    vb, rb = _root(gb)  # B = Q_B·R_B with R_B = diag(rb)·V_Bᵀ
+    va, ra = _root(ga)  # Aᵀ = Q_A·R_A with R_A = diag(ra)·V_Aᵀ
     core = float(scale) * (rb[:, None] * (vb.T @ va) * ra[None, :])  # R_B·R_Aᵀ
     uc, s, vch = torch.linalg.svd(core)
     inv_b = torch.where(rb > 0, 1.0 / torch.where(rb > 0, rb, torch.ones_like(rb)), torch.zeros_like(rb))
