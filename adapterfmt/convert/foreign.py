@@ -316,7 +316,11 @@ def _factors_to_kohya(src: str, output: str, *, to: str, base: str, component: s
 
 
 def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
-    """One safetensors file: tensors copied byte for byte, or computed (alpha scalars, folded ups)."""
+    """One safetensors file: tensors copied byte for byte, or computed (alpha scalars, folded ups).
+
+    ``entries`` are ``(key, source info, change)``; change ``None`` copies, ``("scalar", v)`` writes
+    a float32 0-d tensor, ``("scale", f)`` the source times ``f``, ``("tensor", t)`` the tensor ``t``.
+    """
     import torch
 
     from ..storage.tensor_source import TensorReader
@@ -329,6 +333,8 @@ def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
                 continue
             if change[0] == "scalar":
                 values[key] = torch.tensor(float(change[1]), dtype=torch.float32)
+            elif change[0] == "tensor":  # computed elsewhere (adapterfmt.algebra: resized factors)
+                values[key] = change[1].contiguous()
             else:
                 t = reader.get(info)
                 values[key] = (t.float() * change[1]).to(TORCH_DTYPES[info.dtype]).contiguous()

@@ -55,6 +55,7 @@ BEHAVIOUR_SECTIONS = {
     6: "Wrapped checkpoints",
     7: "Diffusion ecosystem files",
     8: "Export for serving",
+    9: "Adapter algebra",
 }
 
 
