@@ -21,6 +21,7 @@ from ...checkpoint.config import parse_config
 from ...checkpoint.records import AdapterCheckpoint, LoraModule
 from ...errors import InconsistentAdapterError, InvalidConfigError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from ..wrapped.config_rebuild import exact_pattern, rebuild_config
+from ...storage.header import TensorInfo
 from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
 
 _LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
@@ -114,6 +115,15 @@ def component_adapter(
     )
     for m in modules:
         assert m.path is not None
+        if m.split is not None:  # a fused single-file name on a diffusers base: one LoRA per part
+            down, up = m.tensors["lora_down"], m.tensors["lora_up"]
+            for part, first, end in m.split:
+                adapter.lora[part] = LoraModule(
+                    path=part, layer_kind="linear", rank=m.rank, config_rank=config.rank_for(part), alpha=config.alpha_for(part),
+                    scaling=m.scaling, use_dora=False, lora_bias=False, tensors={"lora_A": down, "lora_B": row_slice(up, first, end)},
+                    keys={"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]},
+                )
+            continue
         if m.kind != LORA or "lora_mid" in m.tensors:
             adapter.lora[m.path] = LoraModule(
                 path=m.path, layer_kind=m.layer_kind or "unknown", rank=m.rank, config_rank=config.rank_for(m.path),
@@ -130,13 +140,24 @@ def component_adapter(
     return adapter
 
 
+def row_slice(info: TensorInfo, first: int, end: int) -> TensorInfo:
+    """Rows ``first:end`` of a stored tensor, as the byte range they occupy (rows are contiguous)."""
+    row = info.nbytes // info.shape[0]
+    return TensorInfo(info.key, info.file, info.dtype, (end - first, *info.shape[1:]), info.start + first * row, info.start + end * row)
+
+
+def _module_paths(modules: list[ForeignModule]) -> list[tuple[ForeignModule, str]]:
+    """``(module, path)`` for every adapter module a foreign module becomes (a split one: one per part)."""
+    return [(m, p) for m in modules if m.path is not None for p in ([s[0] for s in m.split] if m.split else [m.path])]
+
+
 def peft_config_document(
     modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA", modules_to_save: "list[str]" = ()  # type: ignore[assignment]
 ) -> dict:
     """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas,
     and the adapter's own ``modules_to_save`` entries (a PEFT LoHa / LoKr adapter's)."""
-    ranks = {m.path: int(m.rank or 1) for m in modules if m.path is not None}
-    alphas = {m.path: effective_alpha(m) for m in modules if m.path is not None}
+    ranks = {p: int(m.rank or 1) for m, p in _module_paths(modules)}
+    alphas = {p: effective_alpha(m) for m, p in _module_paths(modules)}
     counts = Counter(alphas.values())
     lora_alpha: Optional[float] = min(counts, key=lambda a: (-counts[a], a)) if counts else None
     doc = rebuild_config(ranks, full_copies=list(modules_to_save), use_dora=False, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)

@@ -62,6 +62,12 @@ class ForeignModule:
     dora_scale: Optional[TensorInfo] = None
     config_scaling: Optional[float] = None  #: diffusers files with a LoraConfig in their metadata
     weight_shape: Optional[tuple[int, ...]] = None  #: the base weight's shape, once resolved against a base
+    #: against a single-file base: where the module's weight lies in the file
+    #: (:class:`adapterfmt.single_file.checkpoint.Placement`), set with ``path``
+    placement: Optional[Any] = None
+    #: a LoRA on a fused single-file name against a diffusers base: ``((module, first, end), ...)``,
+    #: the diffusers modules it is split onto and the rows of ``lora_up`` each takes (``lora_down`` shared)
+    split: Optional[tuple[tuple[str, int, int], ...]] = None
 
     @property
     def rank(self) -> Optional[int]:

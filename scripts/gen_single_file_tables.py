@@ -1,0 +1,176 @@
+"""Generate ``adapterfmt/tables/single_file_tables.json`` from the pinned diffusers: where every tensor
+of a diffusers model lives in the single-file checkpoint people download (BFL / ComfyUI names).
+
+diffusers loads a single file (``from_single_file``) with conversion functions in
+``diffusers/loaders/single_file_utils.py`` that rename keys and cut fused tensors apart
+(Flux: ``double_blocks.N.img_attn.qkv`` chunked into ``to_q`` / ``to_k`` / ``to_v``,
+``single_blocks.N.linear1`` split 3072 / 3072 / 3072 / 12288 into ``to_q`` / ``to_k`` / ``to_v`` /
+``proj_mlp``, ``final_layer.adaLN_modulation.1``'s two halves swapped). Rather than re-reading that
+code, this script RUNS it: it builds a synthetic checkpoint of the standard configuration in
+which every row of every tensor carries its own identity (``key number · 2**24 + row``, exact in
+float64), converts it with diffusers' function, and records for every diffusers tensor which
+single-file tensor and which rows it came from. The checkpoint's keys are checked twice: the
+converter must consume every one of them, and the keys and row counts it produces must be exactly
+those of the diffusers model class built (on the meta device) with the same configuration.
+
+Block numbers are written as ``{i}`` (the table holds one entry per tensor of a block, checked
+identical for blocks 0 and 1). Entries:
+
+* ``"names"``: diffusers key -> single-file key, the whole tensor renamed;
+* ``"slices"``: diffusers key -> ``[[single-file key, first row, end row, single-file rows], ...]``,
+  the diffusers tensor's rows in order, cut from those rows of those tensors.
+
+Run ``python scripts/gen_single_file_tables.py`` after changing the pinned diffusers;
+``tests/single_file/test_single_file_tables.py`` regenerates the file and fails on any difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapterfmt", "tables", "single_file_tables.json")
+
+_ID = 1 << 24
+
+#: Flux.1 (BFL) single-file tensors per block and their rows at the released configuration
+#: (hidden 3072, MLP 12288, 24 heads of 128, T5 context 4096, CLIP pooled 768, 64 latent channels).
+_H, _MLP = 3072, 12288
+_FLUX_TOP = {
+    "img_in": (_H, 64), "txt_in": (_H, 4096),
+    "time_in.in_layer": (_H, 256), "time_in.out_layer": (_H, _H),
+    "vector_in.in_layer": (_H, 768), "vector_in.out_layer": (_H, _H),
+    "guidance_in.in_layer": (_H, 256), "guidance_in.out_layer": (_H, _H),
+    "final_layer.linear": (64, _H), "final_layer.adaLN_modulation.1": (2 * _H, _H),
+}  # fmt: skip
+_FLUX_DOUBLE = {
+    **{f"{s}_mod.lin": (6 * _H, _H) for s in ("img", "txt")},
+    **{f"{s}_attn.qkv": (3 * _H, _H) for s in ("img", "txt")},
+    **{f"{s}_attn.proj": (_H, _H) for s in ("img", "txt")},
+    **{f"{s}_mlp.0": (_MLP, _H) for s in ("img", "txt")},
+    **{f"{s}_mlp.2": (_H, _MLP) for s in ("img", "txt")},
+}
+_FLUX_DOUBLE_NORMS = [f"{s}_attn.norm.{n}_norm.scale" for s in ("img", "txt") for n in ("query", "key")]
+_FLUX_SINGLE = {"linear1": (3 * _H + _MLP, _H), "linear2": (_H, _H + _MLP), "modulation.lin": (3 * _H, _H)}
+_FLUX_SINGLE_NORMS = [f"norm.{n}_norm.scale" for n in ("query", "key")]
+_BLOCKS = 2  #: blocks of each kind in the synthetic checkpoint (their entries must agree)
+
+
+def _flux_rows() -> dict[str, int]:
+    """Single-file key -> rows, for a Flux.1-dev checkpoint with ``_BLOCKS`` blocks of each kind."""
+    rows: dict[str, int] = {}
+    for name, (out, _in) in _FLUX_TOP.items():
+        rows[f"{name}.weight"], rows[f"{name}.bias"] = out, out
+    for i in range(_BLOCKS):
+        for name, (out, _in) in _FLUX_DOUBLE.items():
+            rows[f"double_blocks.{i}.{name}.weight"], rows[f"double_blocks.{i}.{name}.bias"] = out, out
+        for name in _FLUX_DOUBLE_NORMS:
+            rows[f"double_blocks.{i}.{name}"] = 128
+        for name, (out, _in) in _FLUX_SINGLE.items():
+            rows[f"single_blocks.{i}.{name}.weight"], rows[f"single_blocks.{i}.{name}.bias"] = out, out
+        for name in _FLUX_SINGLE_NORMS:
+            rows[f"single_blocks.{i}.{name}"] = 128
+    return rows
+
+
+def _identity_checkpoint(rows: dict[str, int]) -> tuple[dict, list[str]]:
+    import torch
+
+    keys = sorted(rows)
+    state = {}
+    for n, key in enumerate(keys):
+        ident = torch.arange(rows[key], dtype=torch.float64) + (n + 1) * _ID
+        state[key] = ident[:, None] if key.endswith(".weight") else ident
+    return state, keys
+
+
+def _decode(tensor, keys: list[str], rows: dict[str, int]) -> list[list]:
+    """The runs of (key, first row, end row) a converted tensor's rows came from."""
+    values = tensor.reshape(tensor.shape[0], -1)[:, 0].tolist() if tensor.dim() > 1 else tensor.tolist()
+    runs: list[list] = []
+    for v in values:
+        v = int(v)
+        key, row = keys[v // _ID - 1], v % _ID
+        if runs and runs[-1][0] == key and runs[-1][2] == row:
+            runs[-1][2] += 1
+        else:
+            runs.append([key, row, row + 1])
+    return [[k, a, b, rows[k]] for k, a, b in runs]
+
+
+_BLOCK_NUMBER = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+
+
+def _template(key: str) -> tuple[str, int]:
+    m = _BLOCK_NUMBER.match(key)
+    return (key, -1) if m is None else (f"{m.group(1)}.{{i}}.{key[m.end():]}", int(m.group(2)))
+
+
+def _flux() -> dict:
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    rows = _flux_rows()
+    state, keys = _identity_checkpoint(rows)
+    converted = convert_flux_transformer_checkpoint_to_diffusers(state)
+    if state:
+        raise SystemExit(f"diffusers' Flux converter left single-file keys unread: {sorted(state)[:5]}")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=_BLOCKS, num_single_layers=_BLOCKS, guidance_embeds=True)
+    expected = {k: v.shape[0] for k, v in model.state_dict().items()}
+    got = {k: v.shape[0] for k, v in converted.items()}
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+        raise SystemExit(f"diffusers' Flux converter and FluxTransformer2DModel disagree on {diff[:5]}")
+    return _entries(converted, keys, rows)
+
+
+def _entries(converted: dict, keys: list[str], rows: dict[str, int]) -> dict:
+    names: dict[str, str] = {}
+    slices: dict[str, list] = {}
+    seen: dict[str, tuple[int, object]] = {}
+    for key in sorted(converted):
+        runs = _decode(converted[key], keys, rows)
+        whole = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == runs[0][3]
+        template, block = _template(key)
+        templated_runs = []
+        for k, a, b, n in runs:
+            t, b2 = _template(k)
+            if b2 != block:
+                raise SystemExit(f"{key} takes rows of {k}, another block")
+            templated_runs.append([t, a, b, n])
+        value: object = templated_runs[0][0] if whole else templated_runs
+        if template in seen and seen[template][1] != value:
+            raise SystemExit(f"blocks {seen[template][0]} and {block} of {template} convert differently")
+        seen[template] = (block, value)
+        (names if whole else slices)[template] = value  # type: ignore[assignment]
+    return {"names": names, "slices": slices}
+
+
+def build() -> str:
+    """The text of ``adapterfmt/tables/single_file_tables.json``."""
+    import diffusers
+
+    doc = {
+        "_comment": "GENERATED by scripts/gen_single_file_tables.py from the pinned diffusers: do not edit",
+        "diffusers_version": diffusers.__version__,
+        "kinds": {
+            "flux": {"component": "transformer", "converter": "convert_flux_transformer_checkpoint_to_diffusers", **_flux()},
+        },
+    }
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    text = build()
+    with open(OUT, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    print(f"wrote {OUT} ({len(text)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
