@@ -132,6 +132,8 @@ def test_json_and_inspect_check(tmp_path, run_cli):
     res = run_cli("check", "--adapter", lora, "--base", base, "--json")
     assert res.exit_code == 0, res
     text = json.dumps(res.json())
-    assert "transformer_blocks.0.attn.to_q" in text
+    assert '"resolved": 7, "total": 7' in text and '"ok": true' in text, text
     res = run_cli("inspect", lora, "--base", base, "--json")
     assert res.exit_code == 0, res
+    text = json.dumps(res.json())
+    assert "single_transformer_blocks.0.proj_mlp" in text and '"resolved": true' in text and '"resolved": false' not in text

@@ -1,0 +1,135 @@
+"""kohya Flux names on a diffusers Flux transformer (fused LoRAs split as diffusers splits them), and
+the refusals: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from _flux_helpers import IN, flux_state, peft_merged, to_diffusers, write_flux
+
+R, ALPHA = 4, 2.0
+
+
+def _kohya(path: str, state: dict, modules: dict[str, str], seed: int = 11, extra: dict | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, own in modules.items():
+        rows = state[f"{own}.weight"].shape[0]
+        lora[f"lora_unet_{name}.lora_down.weight"] = torch.randn(R, IN, generator=g) * 0.1
+        lora[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, R, generator=g) * 0.1
+        lora[f"lora_unet_{name}.alpha"] = torch.tensor(ALPHA)
+    lora.update(extra or {})
+    save_file(lora, path)
+    return lora
+
+
+def _diffusers_dir(path, converted: dict) -> str:
+    os.makedirs(path)
+    save_file({k: v.contiguous() for k, v in converted.items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"}, f)
+    return str(path)
+
+
+def test_kohya_fused_names_split_onto_a_diffusers_transformer(tmp_path, run_cli):
+    state = flux_state()
+    converted = to_diffusers(state)
+    base = _diffusers_dir(tmp_path / "transformer", converted)
+    modules = {"double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv", "single_blocks_0_linear1": "single_blocks.0.linear1",
+               "double_blocks_0_txt_attn_proj": "double_blocks.0.txt_attn.proj"}
+    lora = _kohya(str(tmp_path / "k.safetensors"), state, modules)
+    out = tmp_path / "merged"
+    res = run_cli("merge", "--base", base, "--adapter", tmp_path / "k.safetensors", "-o", out)
+    assert res.exit_code == 0, res
+    got = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+
+    # exact: up split by rows, down shared, alpha / rank on each part (PEFT's merge of those factors)
+    parts = {"double_blocks_0_img_attn_qkv": [("transformer_blocks.0.attn.to_q", 0, 3072), ("transformer_blocks.0.attn.to_k", 3072, 6144),
+                                              ("transformer_blocks.0.attn.to_v", 6144, 9216)],
+             "single_blocks_0_linear1": [("single_transformer_blocks.0.attn.to_q", 0, 3072), ("single_transformer_blocks.0.attn.to_k", 3072, 6144),
+                                         ("single_transformer_blocks.0.attn.to_v", 6144, 9216), ("single_transformer_blocks.0.proj_mlp", 9216, 21504)],
+             "double_blocks_0_txt_attn_proj": [("transformer_blocks.0.attn.to_add_out", 0, None)]}
+    factors = {}
+    for name, split in parts.items():
+        down, up = lora[f"lora_unet_{name}.lora_down.weight"], lora[f"lora_unet_{name}.lora_up.weight"]
+        for module, a, b in split:
+            factors[module] = (down, up[a:b])
+    want = peft_merged(converted, factors, scaling=ALPHA / R)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+    # diffusers' own converter of the kohya file, fused by PEFT (alpha baked into its factors)
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
+    f2 = {k[len("transformer."): -len(".lora_A.weight")]: (v, theirs[k.replace("lora_A", "lora_B")]) for k, v in theirs.items() if k.endswith("lora_A.weight")}
+    assert set(f2) == set(factors)
+    fused = peft_merged(converted, f2)
+    for k in fused:
+        torch.testing.assert_close(got[k], fused[k], rtol=1e-5, atol=1e-6)
+
+
+def _refused(run_cli, tmp_path, base, adapter, *words):
+    out = tmp_path / "out.safetensors"
+    res = run_cli("merge", "--base", base, "--adapter", adapter, "-o", out)
+    assert res.exit_code == 2, res
+    lines = [line for line in res.stderr.strip().splitlines() if line]
+    assert len(lines) == 1, res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not os.path.exists(out)
+    assert not [e for e in os.listdir(tmp_path) if "adapterfmt-tmp" in e]
+    return lines[0]
+
+
+def test_sdxl_unet_lora_on_a_flux_file_is_refused_naming_both(tmp_path, run_cli):
+    base = write_flux(str(tmp_path / "flux.safetensors"), flux_state())
+    save_file({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(8, 4)},
+              str(tmp_path / "sdxl.safetensors"))
+    _refused(run_cli, tmp_path, base, tmp_path / "sdxl.safetensors", "Flux.1", "UNet")
+
+
+def test_text_encoder_lora_on_a_flux_file_is_refused(tmp_path, run_cli):
+    base = write_flux(str(tmp_path / "flux.safetensors"), flux_state())
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "te.safetensors"))
+    _refused(run_cli, tmp_path, base, tmp_path / "te.safetensors", "text_encoder", "Flux.1")
+
+
+def test_uncovered_single_file_kind_is_named(tmp_path, run_cli):
+    sdxl = str(tmp_path / "sd_xl_base.safetensors")
+    save_file({"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6, 2),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, sdxl)
+    lora = str(tmp_path / "k.safetensors")
+    _kohya(lora, flux_state(), {"double_blocks_0_img_attn_proj": "double_blocks.0.img_attn.proj"})
+    _refused(run_cli, tmp_path, sdxl, lora, "Stable Diffusion XL")
+
+
+def test_flux_lora_key_no_converter_knows(tmp_path, run_cli):
+    state = flux_state()
+    base = write_flux(str(tmp_path / "flux.safetensors"), state)
+    lora = str(tmp_path / "k.safetensors")
+    _kohya(lora, state, {"double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv"},
+           extra={"lora_unet_double_blocks_0_img_attn_qkv.lokr_weird": torch.zeros(2)})
+    _refused(run_cli, tmp_path, base, lora, "lokr_weird")
+    lora2 = str(tmp_path / "k2.safetensors")
+    save_file({"lora_unet_double_blocks_0_img_attn_nothing.lora_down.weight": torch.zeros(4, IN),
+               "lora_unet_double_blocks_0_img_attn_nothing.lora_up.weight": torch.zeros(8, 4)}, lora2)
+    _refused(run_cli, tmp_path, base, lora2, "double_blocks_0_img_attn_nothing")
+
+
+def test_truncated_single_file(tmp_path, run_cli):
+    state = flux_state()
+    base = write_flux(str(tmp_path / "flux.safetensors"), state)
+    lora = str(tmp_path / "k.safetensors")
+    _kohya(lora, state, {"double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv"})
+    size = os.path.getsize(base)
+    with open(base, "r+b") as f:
+        f.truncate(size - 1000)
+    _refused(run_cli, tmp_path, base, lora, "flux.safetensors")
