@@ -122,6 +122,11 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
         if check.problems and not check.resolved:
             raise UnresolvedModulesError(f"{check.problems[0]} ({model.file})", path=ckpt.file, key=modules[0].name if modules else None,
                                          hint="give the base the LoRA was trained for")
+        if check.unresolved:
+            raise UnresolvedModulesError(
+                f"{len(check.unresolved)} of {check.total} module names fit no tensor of {model.file} that diffusers' converter knows ({model.description})",
+                path=ckpt.file, key=check.unresolved[0], hint="`adapterfmt inspect FILE --base CHECKPOINT` lists them",
+            )
         dora = [p for p in check.problems if "DoRA" in p]
         if dora:
             raise UnsupportedFeatureError(dora[0], path=ckpt.file)

@@ -99,7 +99,7 @@ def test_text_encoder_lora_on_a_flux_file_is_refused(tmp_path, run_cli):
     base = write_flux(str(tmp_path / "flux.safetensors"), flux_state())
     save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
                "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "te.safetensors"))
-    _refused(run_cli, tmp_path, base, tmp_path / "te.safetensors", "text_encoder", "Flux.1")
+    _refused(run_cli, tmp_path, base, tmp_path / "te.safetensors", "text_encoder", "CLIP text encoder", "Flux.1")
 
 
 def test_uncovered_single_file_kind_is_named(tmp_path, run_cli):
@@ -121,7 +121,7 @@ def test_flux_lora_key_no_converter_knows(tmp_path, run_cli):
     lora2 = str(tmp_path / "k2.safetensors")
     save_file({"lora_unet_double_blocks_0_img_attn_nothing.lora_down.weight": torch.zeros(4, IN),
                "lora_unet_double_blocks_0_img_attn_nothing.lora_up.weight": torch.zeros(8, 4)}, lora2)
-    _refused(run_cli, tmp_path, base, lora2, "double_blocks_0_img_attn_nothing")
+    _refused(run_cli, tmp_path, base, lora2, "double_blocks_0_img_attn_nothing", "fit no tensor", "converter knows")
 
 
 def test_truncated_single_file(tmp_path, run_cli):

@@ -104,10 +104,10 @@ def single_file_bases(ckpt: ForeignCheckpoint, model: SingleFileBase, component:
 
 def describe_family(ckpt: ForeignCheckpoint) -> str:
     """What model a foreign file's names say it was trained for, in words (for error messages only)."""
-    names = " ".join(m.name.replace("_", ".") for m in ckpt.modules[:50])
-    for marker, family in (("double.blocks", "Flux.1"), ("single.transformer.blocks", "Flux.1"), ("joint.blocks", "SD3"),
-                           ("input.blocks", "a UNet model (SD 1.x / SDXL)"), ("down.blocks", "a UNet model (SD 1.x / SDXL)"),
-                           ("self.attn.q", "Wan video"), ("text.model", "a CLIP text encoder")):
+    names = " ".join(m.name.replace("_", ".") for m in ckpt.modules[:50]) + " "
+    for marker, family in (("text.model", "a CLIP text encoder"), ("double.blocks", "Flux.1"), ("single.transformer.blocks", "Flux.1"),
+                           ("joint.blocks", "SD3"), ("input.blocks", "a UNet model (SD 1.x / SDXL)"),
+                           ("down.blocks", "a UNet model (SD 1.x / SDXL)"), ("self.attn.q ", "Wan video")):
         if marker in names:
             return f"names of {family}"
     return f"{ckpt.format} names"
@@ -119,8 +119,9 @@ def _single_file_check(ckpt: ForeignCheckpoint, component: Optional[str], base: 
     the file's own names as they are."""
     res = resolve_names(modules, base.module_paths(), component=component, file=ckpt.file, flattened=ckpt.format == "kohya")
     check = ComponentCheck(component, base.file, len(modules), len(res.resolved), list(res.unresolved))
-    if modules and not res.resolved:
-        check.problems.append(f"no module name fits {base.description}: the file has {describe_family(ckpt)}")
+    family = describe_family(ckpt)
+    if modules and not res.resolved and not base.description.startswith(family[len("names of "):]):
+        check.problems.append(f"no module name fits {base.description}: the file has {family}")
     for m in modules:
         if m.path is None:
             continue
