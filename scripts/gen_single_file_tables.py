@@ -82,12 +82,16 @@ def _identity_checkpoint(rows: dict[str, int]) -> tuple[dict, list[str]]:
     state = {}
     for n, key in enumerate(keys):
         ident = torch.arange(rows[key], dtype=torch.float64) + (n + 1) * _ID
-        state[key] = ident[:, None] if key.endswith(".weight") else ident
+        state[key] = ident[:, None] if key.endswith(("weight", "embedding", "projection")) else ident
     return state, keys
 
 
 def _decode(tensor, keys: list[str], rows: dict[str, int]) -> list[list]:
-    """The runs of (key, first row, end row) a converted tensor's rows came from."""
+    """The runs of (key, first row, end row) a converted tensor's rows came from (of its columns,
+    for a tensor the converter transposed: ``[["T", key]]``)."""
+    if tensor.dim() == 2 and tensor.shape[0] == 1 and tensor.shape[1] > 1:
+        first = int(tensor[0, 0].item())
+        return [["T", keys[first // _ID - 1]]]
     values = tensor.reshape(tensor.shape[0], -1)[:, 0].tolist() if tensor.dim() > 1 else tensor.tolist()
     runs: list[list] = []
     for v in values:
@@ -100,12 +104,105 @@ def _decode(tensor, keys: list[str], rows: dict[str, int]) -> list[list]:
     return [[k, a, b, rows[k]] for k, a, b in runs]
 
 
-_BLOCK_NUMBER = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+#: The numbered blocks written as ``{i}`` (the first one of a key); the same rule as
+#: :mod:`adapterfmt.tables.single_file_names`.
+_BLOCK_NUMBER = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|layers|resblocks)\.(\d+)\.")
 
 
 def _template(key: str) -> tuple[str, int]:
-    m = _BLOCK_NUMBER.match(key)
-    return (key, -1) if m is None else (f"{m.group(1)}.{{i}}.{key[m.end():]}", int(m.group(2)))
+    m = _BLOCK_NUMBER.search(key)
+    if m is None:
+        return key, -1
+    return f"{key[: m.start(2)]}{{i}}{key[m.end(2):]}", int(m.group(2))
+
+
+def _check_keys(what: str, converted: dict, expected: dict[str, int]) -> None:
+    got = {k: v.shape[0] if v.dim() < 2 or v.shape[0] != 1 else v.shape[1] for k, v in converted.items()}
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+        raise SystemExit(f"diffusers' {what} converter and the diffusers model disagree on {diff[:5]}")
+
+
+#: The UNet configurations of the released checkpoints (diffusers' own ``unet/config.json``).
+_SD1_UNET: dict = {}  # UNet2DConditionModel's defaults are SD 1.x's
+_SDXL_UNET = dict(
+    sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
+_OPEN_CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")
+
+
+def _unet(config: dict, prefix: str) -> dict:
+    """The UNet of an SD 1.x / SDXL single file: LDM / SGM names, as ``convert_ldm_unet_checkpoint`` reads them."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from adapterfmt.formats.diffusion.sgm_names import sgm_aliases  # only to name the synthetic keys; the converter checks them
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**config)
+    expected = {k: v.shape[0] for k, v in model.state_dict().items()}
+    modules = sorted({k.rpartition(".")[0] for k in expected})
+    to_sgm = {d: s for s, d in sgm_aliases(modules, dict(model.config)).items()}
+    rows = {}
+    for key, n in expected.items():
+        module, _, param = key.rpartition(".")
+        sgm = next((to_sgm[m] + module[len(m):] for m in sorted(to_sgm, key=len, reverse=True) if module == m or module.startswith(m + ".")), None)
+        if sgm is None:
+            raise SystemExit(f"no SGM name for {key}")
+        rows[f"{prefix}{sgm}.{param}"] = n
+    state, keys = _identity_checkpoint(rows)
+    converted = convert_ldm_unet_checkpoint(state, dict(model.config))
+    _check_keys("UNet", converted, expected)
+    return _entries(converted, keys, rows)
+
+
+def _clip(config: dict, prefix: str) -> dict:
+    """CLIP-L (SD 1.x ``cond_stage_model.transformer.``, SDXL ``conditioner.embedders.0.transformer.``):
+    ``convert_ldm_clip_checkpoint`` strips the prefix."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**config))
+    expected = {"text_model." + k.removeprefix("text_model."): v.shape[0] for k, v in model.state_dict().items()}
+    rows = {prefix + k: n for k, n in expected.items()}
+    state, keys = _identity_checkpoint(rows)
+    converted = convert_ldm_clip_checkpoint(state)
+    _check_keys("CLIP", converted, expected)
+    return _entries(converted, keys, rows)
+
+
+def _open_clip(config: dict, prefix: str) -> dict:
+    """OpenCLIP ViT-bigG (SDXL ``conditioner.embedders.1.model.``): ``convert_open_clip_checkpoint``
+    cuts ``attn.in_proj_weight`` into q / k / v rows and transposes ``text_projection``."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    expected = {k: v.shape[0] for k, v in model.state_dict().items()}
+    h, n = config["hidden_size"], config["num_hidden_layers"]
+    rows = {f"{prefix}positional_embedding": expected["text_model.embeddings.position_embedding.weight"],
+            f"{prefix}token_embedding.weight": expected["text_model.embeddings.token_embedding.weight"],
+            f"{prefix}ln_final.weight": h, f"{prefix}ln_final.bias": h, f"{prefix}text_projection": h}
+    for i in range(n):
+        block = f"{prefix}transformer.resblocks.{i}."
+        rows.update({block + "attn.in_proj_weight": 3 * h, block + "attn.in_proj_bias": 3 * h, block + "attn.out_proj.weight": h,
+                     block + "attn.out_proj.bias": h, block + "ln_1.weight": h, block + "ln_1.bias": h, block + "ln_2.weight": h,
+                     block + "ln_2.bias": h, block + "mlp.c_fc.weight": config["intermediate_size"], block + "mlp.c_fc.bias": config["intermediate_size"],
+                     block + "mlp.c_proj.weight": h, block + "mlp.c_proj.bias": h})
+    state, keys = _identity_checkpoint(rows)
+    converted = convert_open_clip_checkpoint(None, state, prefix=prefix)
+    _check_keys("OpenCLIP", converted, expected)
+    return _entries(converted, keys, rows)
 
 
 def _flux() -> dict:
@@ -120,20 +217,20 @@ def _flux() -> dict:
         raise SystemExit(f"diffusers' Flux converter left single-file keys unread: {sorted(state)[:5]}")
     with torch.device("meta"):
         model = FluxTransformer2DModel(num_layers=_BLOCKS, num_single_layers=_BLOCKS, guidance_embeds=True)
-    expected = {k: v.shape[0] for k, v in model.state_dict().items()}
-    got = {k: v.shape[0] for k, v in converted.items()}
-    if expected != got:
-        diff = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
-        raise SystemExit(f"diffusers' Flux converter and FluxTransformer2DModel disagree on {diff[:5]}")
+    _check_keys("Flux", converted, {k: v.shape[0] for k, v in model.state_dict().items()})
     return _entries(converted, keys, rows)
 
 
 def _entries(converted: dict, keys: list[str], rows: dict[str, int]) -> dict:
     names: dict[str, str] = {}
     slices: dict[str, list] = {}
+    transposed: dict[str, str] = {}
     seen: dict[str, tuple[int, object]] = {}
     for key in sorted(converted):
         runs = _decode(converted[key], keys, rows)
+        if runs[0][0] == "T":
+            transposed[key] = runs[0][1]
+            continue
         whole = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == runs[0][3]
         template, block = _template(key)
         templated_runs = []
@@ -147,7 +244,7 @@ def _entries(converted: dict, keys: list[str], rows: dict[str, int]) -> dict:
             raise SystemExit(f"blocks {seen[template][0]} and {block} of {template} convert differently")
         seen[template] = (block, value)
         (names if whole else slices)[template] = value  # type: ignore[assignment]
-    return {"names": names, "slices": slices}
+    return {"names": names, "slices": slices, "transposed": transposed}
 
 
 def build() -> str:
@@ -158,7 +255,16 @@ def build() -> str:
         "_comment": "GENERATED by scripts/gen_single_file_tables.py from the pinned diffusers: do not edit",
         "diffusers_version": diffusers.__version__,
         "kinds": {
-            "flux": {"component": "transformer", "converter": "convert_flux_transformer_checkpoint_to_diffusers", **_flux()},
+            "flux": {"transformer": {"converter": "convert_flux_transformer_checkpoint_to_diffusers", **_flux()}},
+            "sd1": {
+                "unet": {"converter": "convert_ldm_unet_checkpoint", **_unet(_SD1_UNET, "model.diffusion_model.")},
+                "text_encoder": {"converter": "convert_ldm_clip_checkpoint", **_clip(_CLIP_L, "cond_stage_model.transformer.")},
+            },
+            "sdxl": {
+                "unet": {"converter": "convert_ldm_unet_checkpoint", **_unet(_SDXL_UNET, "model.diffusion_model.")},
+                "text_encoder": {"converter": "convert_ldm_clip_checkpoint", **_clip(_CLIP_L, "conditioner.embedders.0.transformer.")},
+                "text_encoder_2": {"converter": "convert_open_clip_checkpoint", **_open_clip(_OPEN_CLIP_BIGG, "conditioner.embedders.1.model.")},
+            },
         },
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"

@@ -18,15 +18,15 @@ never re-cut by a guess.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import split_param, weight_key
-from ..errors import CheckpointNotFoundError, ShapeMismatchError
+from ..errors import CheckpointNotFoundError, ShapeMismatchError, UnsupportedFeatureError
 from ..storage.header import read_header
-from ..tables.single_file_names import component_of, from_single_file, to_single_file
-from .kinds import DESCRIPTIONS, detect_kind
+from ..tables.single_file_names import components_of, from_single_file, to_single_file, transposed
+from .kinds import COMPONENT_PREFIXES, DESCRIPTIONS, detect_kind
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class Placement:
 
 @dataclass
 class SingleFileBase(BaseModel):
-    """A single-file checkpoint: the whole file as a base model, its kind and its prefix."""
+    """A single-file checkpoint: the whole file as a base model, its kind, its prefix (ComfyUI's,
+    or none) and the component a LoRA is being placed on (:meth:`view`)."""
 
     kind: str = ""
     prefix: str = ""
@@ -62,24 +63,41 @@ class SingleFileBase(BaseModel):
     def file(self) -> str:
         return os.path.join(self.directory, self.shards[0])
 
+    @property
+    def components(self) -> list[str]:
+        """The diffusers components the file holds."""
+        return components_of(self.kind)
+
+    def view(self, component: str) -> "SingleFileBase":
+        """The same file, placing modules of ``component``."""
+        return replace(self, component=component, _placements={})
+
+    @property
+    def component_prefix(self) -> str:
+        """Where this component's tensors start in the file (``model.diffusion_model.`` for an SDXL UNet)."""
+        return self.prefix + COMPONENT_PREFIXES[(self.kind, self.component)]
+
     def own_modules(self) -> list[str]:
-        """The file's modules under its own names, without the prefix (``double_blocks.0.img_attn.qkv``)."""
-        n = len(self.prefix)
-        return [m for m, p in (split_param(k[n:]) for k in self.tensors if k.startswith(self.prefix)) if p == "weight" and m]
+        """The component's modules under the file's own names, without the prefixes
+        (``double_blocks.0.img_attn.qkv``, ``input_blocks.4.1.proj_in``)."""
+        start = self.component_prefix
+        n = len(start)
+        return [m for m, p in (split_param(k[n:]) for k in self.tensors if k.startswith(start)) if p == "weight" and m]
 
     def diffusers_modules(self) -> list[str]:
-        """The diffusers modules whose weights the file holds (per the table), in file order."""
+        """The diffusers modules of the component whose weights the file holds (per the table), in file order."""
         out: dict[str, None] = {}
+        table_prefix = COMPONENT_PREFIXES[(self.kind, self.component)]
         for module in self.own_modules():
-            for d, _a, _b in from_single_file(self.kind, weight_key(module)):
+            for d, _a, _b in from_single_file(self.kind, self.component, table_prefix + weight_key(module)):
                 name, param = split_param(d)
                 if param == "weight":
                     out[name] = None
         return list(out)
 
     def module_paths(self) -> list[str]:
-        """Every module name a LoRA may use: the diffusers names, then the file's own."""
-        return self.diffusers_modules() + self.own_modules()
+        """Every module name a LoRA may use: the diffusers names, then the file's own (once each)."""
+        return list(dict.fromkeys(self.diffusers_modules() + self.own_modules()))
 
     def place(self, module: str) -> Optional[Placement]:
         """Where ``module`` (a diffusers or an own name, unprefixed) lies; ``None`` when nowhere.
@@ -92,11 +110,15 @@ class SingleFileBase(BaseModel):
         return self._placements[module]
 
     def _place(self, module: str) -> Optional[Placement]:
-        own = self.prefix + weight_key(module)
-        if own in self.tensors:
-            return Placement(own, None, tuple(self.tensors[own].shape))
-        segments = to_single_file(self.kind, weight_key(module))
+        segments = to_single_file(self.kind, self.component, weight_key(module))
         if not segments:
+            own = self.component_prefix + weight_key(module)
+            if own in self.tensors:
+                return Placement(own, None, tuple(self.tensors[own].shape))
+            flipped = transposed(self.kind, self.component, weight_key(module))
+            if flipped is not None and self.prefix + flipped in self.tensors:
+                raise UnsupportedFeatureError(f"is stored transposed in the single file; adapterfmt does not merge a LoRA on {module!r} there",
+                                              path=self.file, key=self.prefix + flipped, hint="merge into the diffusers folder of the model instead")
             return None
         rows, at, key, tail = [], 0, None, ()
         for seg in segments:
@@ -120,10 +142,11 @@ class SingleFileBase(BaseModel):
         return Placement(key, None if whole else tuple(rows), (at, *tail))
 
 
-def fused_parts(kind: str, module: str) -> list[tuple[str, int, int]]:
+def fused_parts(kind: str, component: str, module: str) -> list[tuple[str, int, int]]:
     """``(diffusers module, first, end)`` for each diffusers module the single-file module
-    ``module`` holds rows of, when it holds several in order (a fused tensor); ``[]`` otherwise."""
-    parts = from_single_file(kind, weight_key(module))
+    ``module`` (as the table names it) holds rows of, when it holds several in order (a fused
+    tensor); ``[]`` otherwise."""
+    parts = from_single_file(kind, component, weight_key(module))
     if len(parts) < 2 or any(b is None for _d, _a, b in parts) or len({d for d, _a, _b in parts}) != len(parts):
         return []  # a tensor renamed whole, or one module's rows permuted (a swapped pair): not split
     out, at = [], 0
@@ -136,19 +159,21 @@ def fused_parts(kind: str, module: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def own_module_names(kind: str, diffusers_modules: "list[str]") -> dict[str, tuple[Optional[str], list[tuple[str, int, int]]]]:
-    """The single-file module names of a diffusers model's modules: own name -> ``(diffusers module,
-    [])`` for a renamed one, ``(None, parts)`` for a fused one (:func:`fused_parts`)."""
+def own_module_names(kind: str, component: str, diffusers_modules: "list[str]") -> dict[str, tuple[Optional[str], list[tuple[str, int, int]]]]:
+    """The single-file module names (without the component's prefix) of a diffusers model's
+    modules: own name -> ``(diffusers module, [])`` for a renamed one, ``(None, parts)`` for a
+    fused one (:func:`fused_parts`)."""
+    start = COMPONENT_PREFIXES[(kind, component)]
     out: dict[str, tuple[Optional[str], list[tuple[str, int, int]]]] = {}
     for d in diffusers_modules:
-        for seg in to_single_file(kind, weight_key(d)) or []:
+        for seg in to_single_file(kind, component, weight_key(d)) or []:
             own, param = split_param(seg.key)
-            if param != "weight":
+            if param != "weight" or not own.startswith(start):
                 continue
             if seg.end is None:
-                out[own] = (d, [])
-            elif own not in out:
-                out[own] = (None, fused_parts(kind, own))
+                out[own[len(start):]] = (d, [])
+            elif own[len(start):] not in out:
+                out[own[len(start):]] = (None, fused_parts(kind, component, own))
     return out
 
 
@@ -181,7 +206,7 @@ def read_single_file(path: "str | os.PathLike[str]", *, kind: Optional[str] = No
                                       hint=f"covered: {', '.join(DESCRIPTIONS.values())}")
     model = read_base(spec)
     return SingleFileBase(**{f: getattr(model, f) for f in model.__dataclass_fields__}, kind=found[0], prefix=found[1],
-                          component=component_of(found[0]))
+                          component=components_of(found[0])[0])
 
 
 __all__ = ["Placement", "SingleFileBase", "fused_parts", "own_module_names", "read_single_file", "single_file_kind"]

@@ -1,8 +1,10 @@
 """Which single-file checkpoint a safetensors header is, from its keys alone.
 
-A kind is recognised by keys only its checkpoints have (after ComfyUI's ``model.diffusion_model.``
-prefix, when the file has it). Kinds adapterfmt recognises but cannot yet place LoRAs on
-(SD 1.x, SD 2.x, SDXL, SD3, Wan) are refused by name rather than read as a plain weights file.
+A kind is recognised by keys only its checkpoints have (Flux after ComfyUI's ``model.diffusion_model.``
+prefix, when the file has it; SD 1.x and SDXL files name their parts with fixed prefixes,
+:data:`COMPONENT_PREFIXES`). Kinds adapterfmt recognises but cannot yet place LoRAs on (SD 2.x,
+the SDXL refiner, a UNet without text encoders, SD3, Wan) are refused by name rather than read as
+a plain weights file.
 """
 
 from __future__ import annotations
@@ -17,19 +19,31 @@ COMFY_PREFIX = "model.diffusion_model."
 #: kind -> keys (unprefixed) that every checkpoint of the kind has; the kinds the tables cover.
 COVERED = {
     "flux": ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "final_layer.adaLN_modulation.1.weight"),
+    "sdxl": ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "model.diffusion_model.label_emb.0.0.weight",
+             "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"),
+    "sd1": ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", "model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+}
+
+#: Where each component's tensors are in the file (after the file's own prefix), for the
+#: component's own (LDM / SGM) module names.
+COMPONENT_PREFIXES = {
+    ("flux", "transformer"): "",
+    ("sd1", "unet"): "model.diffusion_model.", ("sd1", "text_encoder"): "cond_stage_model.transformer.",
+    ("sdxl", "unet"): "model.diffusion_model.", ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.",
+    ("sdxl", "text_encoder_2"): "conditioner.embedders.1.model.",
 }
 
 #: Kinds recognised by name only (no placement table yet): kind -> (description, a key it has, as stored).
 RECOGNISED = {
     "sd3": ("Stable Diffusion 3 / 3.5 (MMDiT joint_blocks)", "joint_blocks.0.x_block.attn.qkv.weight"),
-    "sdxl": ("Stable Diffusion XL (SGM names)", "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"),
+    "sdxl-refiner": ("Stable Diffusion XL refiner (SGM names)", "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"),
     "sd2": ("Stable Diffusion 2.x (LDM names, OpenCLIP)", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"),
-    "sd1": ("Stable Diffusion 1.x (LDM names)", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"),
+    "sd-unet": ("Stable Diffusion UNet without its text encoders (LDM / SGM names)", "model.diffusion_model.input_blocks.0.0.weight"),
     "wan": ("Wan video (blocks.N.self_attn)", "blocks.0.self_attn.q.weight"),
 }
 
 #: Human names of the covered kinds.
-DESCRIPTIONS = {"flux": "Flux.1 (BFL names)"}
+DESCRIPTIONS = {"flux": "Flux.1 (BFL names)", "sdxl": "Stable Diffusion XL (SGM names)", "sd1": "Stable Diffusion 1.x (LDM names)"}
 
 
 def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Optional[str] = None) -> Optional[tuple[str, str]]:
@@ -46,7 +60,7 @@ def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Option
     names = set(keys)
     found = []
     for k, required in COVERED.items():
-        for prefix in ("", COMFY_PREFIX):
+        for prefix in ("", COMFY_PREFIX) if k == "flux" else ("",):
             if all(prefix + r in names for r in required):
                 found.append((k, prefix))
     if kind is not None:
@@ -64,7 +78,7 @@ def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Option
     if found:
         return found[0]
     for k, (description, key) in RECOGNISED.items():
-        if key in names or COMFY_PREFIX + key in names or ("model.diffusion_model." + key) in names:
+        if key in names or COMFY_PREFIX + key in names:
             raise UnsupportedFeatureError(
                 f"is a {description} single-file checkpoint, which adapterfmt cannot merge into yet", path=path, key=key,
                 hint=f"covered single-file kinds: {', '.join(DESCRIPTIONS[c] for c in sorted(COVERED))}; "
@@ -73,4 +87,4 @@ def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Option
     return None
 
 
-__all__ = ["COMFY_PREFIX", "COVERED", "DESCRIPTIONS", "RECOGNISED", "detect_kind"]
+__all__ = ["COMFY_PREFIX", "COMPONENT_PREFIXES", "COVERED", "DESCRIPTIONS", "RECOGNISED", "detect_kind"]

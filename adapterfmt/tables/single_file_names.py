@@ -5,7 +5,9 @@ diffusers' conversion functions (``loaders/single_file_utils.py``) on a syntheti
 rows carry their own identity and records where every converted row came from. Per checkpoint
 kind: ``names`` (a diffusers key that is a single-file tensor renamed) and ``slices`` (a diffusers
 key cut from rows of a fused single-file tensor, in order: ``[key, first, end, rows of that
-tensor]``). Block numbers are templated as ``{i}``. This module only looks entries up, both ways.
+tensor]``) and ``transposed`` (stored transposed: OpenCLIP's ``text_projection``), per component
+(``transformer``, ``unet``, ``text_encoder``, ``text_encoder_2``). The first numbered block of a
+key is templated as ``{i}``. This module only looks entries up, both ways.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import re
 from typing import Any, NamedTuple, Optional
 
-_BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|layers|resblocks)\.(\d+)\.")
 
 
 class Segment(NamedTuple):
@@ -41,24 +43,32 @@ def kinds() -> list[str]:
     return sorted(tables()["kinds"])
 
 
-def component_of(kind: str) -> str:
-    """The diffusers component a kind's single file holds (``transformer`` for Flux)."""
-    return tables()["kinds"][kind]["component"]
+def components_of(kind: str) -> list[str]:
+    """The diffusers components a kind's single file holds (``transformer`` for Flux; ``unet``,
+    ``text_encoder``, ``text_encoder_2`` for SDXL)."""
+    return list(tables()["kinds"][kind])
 
 
 def _template(key: str) -> tuple[str, Optional[str]]:
-    m = _BLOCK.match(key)
-    return (key, None) if m is None else (f"{m.group(1)}.{{i}}.{key[m.end():]}", m.group(2))
+    m = _BLOCK.search(key)
+    return (key, None) if m is None else (f"{key[: m.start(2)]}{{i}}{key[m.end(2):]}", m.group(2))
 
 
 def _fill(template: str, block: Optional[str]) -> str:
     return template if block is None else template.replace("{i}", block)
 
 
-def to_single_file(kind: str, diffusers_key: str) -> Optional[list[Segment]]:
-    """The single-file rows (unprefixed keys) that diffusers reads ``diffusers_key`` from, in order;
-    ``None`` when the tables have no such diffusers key."""
-    table = tables()["kinds"][kind]
+def transposed(kind: str, component: str, diffusers_key: str) -> Optional[str]:
+    """The single-file key that holds ``diffusers_key`` transposed, if one does."""
+    template, block = _template(diffusers_key)
+    key = tables()["kinds"][kind][component]["transposed"].get(template)
+    return None if key is None else _fill(key, block)
+
+
+def to_single_file(kind: str, component: str, diffusers_key: str) -> Optional[list[Segment]]:
+    """The single-file rows (keys without ComfyUI's prefix) that diffusers reads ``diffusers_key``
+    of ``component`` from, in order; ``None`` when the tables have no such diffusers key."""
+    table = tables()["kinds"][kind][component]
     template, block = _template(diffusers_key)
     name = table["names"].get(template)
     if name is not None:
@@ -70,8 +80,8 @@ def to_single_file(kind: str, diffusers_key: str) -> Optional[list[Segment]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _reverse(kind: str) -> dict[str, list[tuple[str, int, Optional[int]]]]:
-    table = tables()["kinds"][kind]
+def _reverse(kind: str, component: str) -> dict[str, list[tuple[str, int, Optional[int]]]]:
+    table = tables()["kinds"][kind][component]
     out: dict[str, list[tuple[str, int, Optional[int]]]] = {}
     for d, s in table["names"].items():
         out.setdefault(s, []).append((d, 0, None))
@@ -81,11 +91,11 @@ def _reverse(kind: str) -> dict[str, list[tuple[str, int, Optional[int]]]]:
     return out
 
 
-def from_single_file(kind: str, single_key: str) -> list[tuple[str, int, Optional[int]]]:
-    """``(diffusers key, first, end)`` for every diffusers tensor that takes rows of the single-file
-    tensor ``single_key`` (unprefixed; ``end`` ``None``: all of it), sorted by first row."""
+def from_single_file(kind: str, component: str, single_key: str) -> list[tuple[str, int, Optional[int]]]:
+    """``(diffusers key, first, end)`` for every diffusers tensor of ``component`` that takes rows of
+    the single-file tensor ``single_key`` (``end`` ``None``: all of it), sorted by first row."""
     template, block = _template(single_key)
-    return sorted(((_fill(d, block), a, b) for d, a, b in _reverse(kind).get(template, [])), key=lambda e: e[1])
+    return sorted(((_fill(d, block), a, b) for d, a, b in _reverse(kind, component).get(template, [])), key=lambda e: e[1])
 
 
-__all__ = ["Segment", "component_of", "from_single_file", "kinds", "tables", "to_single_file"]
+__all__ = ["Segment", "components_of", "from_single_file", "kinds", "tables", "to_single_file", "transposed"]

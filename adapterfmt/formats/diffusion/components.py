@@ -55,9 +55,9 @@ def pick_component(ckpt: ForeignCheckpoint, component: Optional[str], base: str)
     )
 
 
-#: The components of a foreign file a single-file checkpoint's model can be: kohya names
-#: Flux LoRAs ``lora_unet_`` (sd-scripts), diffusers ``transformer.``.
-_SINGLE_FILE_COMPONENTS = {"transformer": ("transformer", "unet")}
+#: A foreign file's component -> the single-file checkpoint's, where they differ: sd-scripts names
+#: Flux LoRAs ``lora_unet_`` (kohya's component ``unet``) while diffusers' Flux has a ``transformer``.
+_SINGLE_FILE_ALIASES = {("flux", "unet"): "transformer"}
 
 
 def component_bases(ckpt: ForeignCheckpoint, base: str, component: Optional[str] = None, *, single_file_kind_override: Optional[str] = None) -> dict[str, BaseModel]:
@@ -90,16 +90,16 @@ def single_file_bases(ckpt: ForeignCheckpoint, model: SingleFileBase, component:
         UnsupportedFeatureError: a component the checkpoint's model cannot be (``text_encoder`` on
             a Flux transformer file): the LoRA and the checkpoint are named.
     """
-    accepted = _SINGLE_FILE_COMPONENTS.get(model.component, (model.component,))
     wanted = [component] if component else ckpt.components
-    other = [c for c in wanted if c not in accepted]
+    held = {c: _SINGLE_FILE_ALIASES.get((model.kind, c), c) for c in wanted}
+    other = [c for c, h in held.items() if h not in model.components]
     if other or not wanted:
         raise UnsupportedFeatureError(
             f"is a LoRA for {', '.join(other) or 'nothing'} ({describe_family(ckpt)}), but {model.file} is a {model.description} "
-            f"checkpoint, which holds only the {model.component}",
+            f"checkpoint, which holds {', '.join(model.components)}",
             path=ckpt.file, hint="give the base the LoRA was trained for",
         )
-    return {c: model for c in wanted}
+    return {c: model.view(h) for c, h in held.items()}
 
 
 def describe_family(ckpt: ForeignCheckpoint) -> str:
@@ -166,7 +166,7 @@ def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[Foreign
     kind = _SINGLE_FILE_CLASSES.get(str(base.config.get("_class_name")))
     if kind is None or ckpt.format != "kohya":
         return unresolved
-    own = own_module_names(kind, paths)
+    own = own_module_names(kind, "transformer", paths)
     index: dict[str, list[str]] = {}
     for name in own:
         index.setdefault(flatten(name), []).append(name)
