@@ -116,8 +116,8 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
     model = next(iter(bases.values()))
     assert isinstance(model, SingleFileBase)
     adapters, placed = [], {}
-    for c in bases:
-        check = check_component(ckpt, c, model)
+    for c, view in bases.items():
+        check = check_component(ckpt, c, view)
         modules = ckpt.component_modules(c)
         if check.problems and not check.resolved:
             raise UnresolvedModulesError(f"{check.problems[0]} ({model.file})", path=ckpt.file, key=modules[0].name if modules else None,
@@ -130,7 +130,7 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
         dora = [p for p in check.problems if "DoRA" in p]
         if dora:
             raise UnsupportedFeatureError(dora[0], path=ckpt.file)
-        adapter = component_adapter(ckpt, c, base_modules=model.module_paths(), factors=True)
+        adapter = component_adapter(ckpt, c, base_modules=view.module_paths(), factors=True)
         adapters.append(adapter)
         placed[id(adapter)] = {m.path: m.placement for m in modules if m.path is not None}
     summary = ForeignMergeSummary(output=os.path.abspath(os.fspath(out)), adapter=src, format=ckpt.format)

@@ -87,9 +87,11 @@ class SingleFileBase(BaseModel):
     def diffusers_modules(self) -> list[str]:
         """The diffusers modules of the component whose weights the file holds (per the table), in file order."""
         out: dict[str, None] = {}
-        table_prefix = COMPONENT_PREFIXES[(self.kind, self.component)]
-        for module in self.own_modules():
-            for d, _a, _b in from_single_file(self.kind, self.component, table_prefix + weight_key(module)):
+        n = len(self.prefix)
+        for key in self.tensors:
+            if not key.startswith(self.component_prefix):
+                continue
+            for d, _a, _b in from_single_file(self.kind, self.component, key[n:]):
                 name, param = split_param(d)
                 if param == "weight":
                     out[name] = None
