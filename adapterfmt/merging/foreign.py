@@ -65,7 +65,13 @@ def merge_foreign(
             or one component directory (``component`` picks that part of the file; optional when
             the file adapts one component).
         options: passed to :func:`~adapterfmt.merging.engine.merge_to_directory` (``dtype``, ``max_shard_size``,
-            ``verify``, ``progress``, ...).
+            ``verify``, ``progress``, ...); ``single_file_kind`` names the kind of a single-file
+            checkpoint as ``base`` where its keys cannot decide.
+
+    A single-file checkpoint (Flux.1, SD 1.x, SDXL: :mod:`adapterfmt.single_file`) as ``base``:
+    ``out`` is one ``.safetensors`` file, the same file back with every LoRA added where diffusers'
+    converter puts that module's weight (rows of a fused tensor included), every other tensor,
+    dtype and the file's metadata as they are.
 
     Raises:
         AmbiguousMatchError: several components in the file and no ``component`` for a component directory;
@@ -77,6 +83,12 @@ def merge_foreign(
     ckpt = read_foreign(src)
     bases = component_bases(ckpt, base_dir, component, single_file_kind_override=options.pop("single_file_kind", None))
     if any(isinstance(m, SingleFileBase) for m in bases.values()):
+        ignored = [name for name in ("dtype", "max_shard_size", "allow_unused", "verify") if options.get(name)]
+        if ignored:
+            raise UnsupportedFeatureError(
+                f"{ignored[0]} does not apply to a single-file checkpoint, which is written back as it is (its keys, dtypes and metadata)",
+                path=base_dir, key=ignored[0], hint="drop the option",
+            )
         return _merge_single_file(ckpt, bases, src, out, overwrite=overwrite, progress=options.get("progress"))
     adapters = {}
     for c, model in bases.items():
@@ -142,8 +154,7 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
     merged.findings = list(merged.findings)
     summary.output = merged.output
     summary.copied = untouched_groups(model, adapters, placed)
-    for c in bases:
-        summary.components[c] = merged
+    summary.components[", ".join(bases)] = merged  # one file: one merge for every component
     return summary
 
 
