@@ -144,7 +144,14 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
             raise UnsupportedFeatureError(dora[0], path=ckpt.file)
         adapter = component_adapter(ckpt, c, base_modules=view.module_paths(), factors=True)
         adapters.append(adapter)
-        placed[id(adapter)] = {m.path: m.placement for m in modules if m.path is not None}
+        placed[id(adapter)] = {}
+        for m in modules:
+            if m.path is None:
+                continue
+            if m.split is not None:  # one adapter module per part, each at its own place
+                placed[id(adapter)].update({part: place for (part, _a, _b), place in zip(m.split, m.placement)})
+            else:
+                placed[id(adapter)][m.path] = m.placement
     summary = ForeignMergeSummary(output=os.path.abspath(os.fspath(out)), adapter=src, format=ckpt.format)
 
     def resolver(adapter: AdapterCheckpoint, _base: BaseModel) -> Resolution:

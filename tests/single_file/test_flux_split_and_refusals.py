@@ -133,3 +133,38 @@ def test_truncated_single_file(tmp_path, run_cli):
     with open(base, "r+b") as f:
         f.truncate(size - 1000)
     _refused(run_cli, tmp_path, base, lora, "flux.safetensors")
+
+
+def test_split_qkv_block_diagonal_file_as_diffusers_reads_it(tmp_path, run_cli):
+    """sd-scripts' ``split_qkv`` files store a block-diagonal ``lora_up`` of 3× the trained rank with
+    the trained alpha; diffusers scales by ``alpha / stored rank`` (and chunks ``lora_down``):
+    adapterfmt does the same, on a single file (the product on the whole tensor) and on a diffusers
+    base (``lora_up`` split by rows), equal to diffusers' fused model up to float rounding."""
+    state = flux_state()
+    g = torch.Generator().manual_seed(3)
+    r = 2
+    down = torch.randn(3 * r, IN, generator=g) * 0.1
+    up = torch.zeros(3 * 3072, 3 * r)
+    for j in range(3):
+        up[j * 3072 : (j + 1) * 3072, j * r : (j + 1) * r] = torch.randn(3072, r, generator=g) * 0.1
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down, "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float(r))}
+    path = str(tmp_path / "split_qkv.safetensors")
+    save_file(lora, path)
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
+    assert theirs["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == r  # diffusers chunked down
+    converted = to_diffusers(state)
+    f2 = {k[len("transformer."): -len(".lora_A.weight")]: (v, theirs[k.replace("lora_A", "lora_B")]) for k, v in theirs.items() if k.endswith("lora_A.weight")}
+    fused = peft_merged(converted, f2)
+
+    single = write_flux(str(tmp_path / "flux.safetensors"), state)
+    assert run_cli("merge", "--base", single, "--adapter", path, "-o", tmp_path / "m.safetensors").exit_code == 0
+    got = to_diffusers(load_file(str(tmp_path / "m.safetensors")))
+    base = _diffusers_dir(tmp_path / "transformer", converted)
+    assert run_cli("merge", "--base", base, "--adapter", path, "-o", tmp_path / "m2").exit_code == 0
+    got2 = load_file(str(tmp_path / "m2" / "diffusion_pytorch_model.safetensors"))
+    for k in fused:
+        torch.testing.assert_close(got[k], fused[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got2[k], fused[k], rtol=1e-5, atol=1e-6)

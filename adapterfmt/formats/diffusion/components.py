@@ -117,13 +117,25 @@ def _single_file_check(ckpt: ForeignCheckpoint, component: Optional[str], base: 
     """Bind each module to its place in a single-file checkpoint: a diffusers name (dotted or kohya-
     flattened) through the generated table, onto rows of a fused tensor where diffusers cuts it;
     the file's own names as they are."""
-    res = resolve_names(modules, base.module_paths(), component=component, file=ckpt.file, flattened=ckpt.format == "kohya")
+    plain = [m for m in modules if m.split is None]
+    res = resolve_names(plain, base.module_paths(), component=component, file=ckpt.file, flattened=ckpt.format == "kohya")
     check = ComponentCheck(component, base.file, len(modules), len(res.resolved), list(res.unresolved))
+    for m in modules:
+        if m.split is None:
+            continue
+        places = [base.place(part) for part, _a, _b in m.split]
+        if any(p is None for p in places):
+            check.unresolved.append(m.name)
+            continue
+        m.path, m.placement = m.name, tuple(places)
+        m.weight_shape = (sum(b - a for _p, a, b in m.split), *places[0].shape[1:])
+        check.resolved += 1
+        _check_module(check, m, m.weight_shape)
     family = describe_family(ckpt)
     if modules and not res.resolved and not base.description.startswith(family[len("names of "):]):
         check.problems.append(f"no module name fits {base.description}: the file has {family}")
     for m in modules:
-        if m.path is None:
+        if m.path is None or m.split is not None:
             continue
         place = base.place(m.path)
         if place is None:
@@ -163,17 +175,23 @@ def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[Foreign
     Raises:
         AmbiguousMatchError: a flattened name that fits two single-file modules.
     """
+    present = set(paths)
+    left = []
+    for m in modules:  # a module the reader split already (XLabs qkv): its parts must all be there
+        if m.path is None and m.split is not None:
+            if all(p in present for p, _a, _b in m.split):
+                m.path = m.name
+            else:
+                left.append(m.name)
     kind = _SINGLE_FILE_CLASSES.get(str(base.config.get("_class_name")))
-    if kind is None or ckpt.format != "kohya":
-        return unresolved
+    if kind is None or ckpt.format not in ("kohya", "comfyui"):
+        return left + [m.name for m in modules if m.path is None and m.split is None]
     own = own_module_names(kind, "transformer", paths)
     index: dict[str, list[str]] = {}
     for name in own:
-        index.setdefault(flatten(name), []).append(name)
-    present = set(paths)
-    left = []
+        index.setdefault(flatten(name) if ckpt.format == "kohya" else name, []).append(name)
     for m in modules:
-        if m.path is not None:
+        if m.path is not None or m.split is not None:
             continue
         found = index.get(m.name, [])
         if len(found) > 1:
@@ -233,10 +251,12 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
         from .sgm_names import sgm_aliases
 
         aliases = sgm_aliases(paths, base.config)
-    res = resolve_names(modules, paths, component=component, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
+    res = resolve_names([m for m in modules if m.split is None], paths, component=component, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
+    res.unresolved += [m.name for m in modules if m.split is not None]
     unresolved = list(res.unresolved)
     if unresolved:
         unresolved = _split_fused(ckpt, base, modules, unresolved, paths)
+    unresolved = [n for n in unresolved if not any(m.name == n and m.path is not None for m in modules)]
     check = ComponentCheck(component, base.directory, len(modules), len(modules) - len(unresolved), unresolved)
     for m in modules:
         if m.path is None:

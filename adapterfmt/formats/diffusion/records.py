@@ -132,6 +132,8 @@ class ForeignModule:
         an empty factor), or ``None``. Every tensor must be used exactly once, so a LoKr half
         given both in full and factored is an error, never a choice."""
         t = self.tensors
+        if "diff" in t or "diff_b" in t:
+            return "holds a full delta (.diff / .diff_b), which adapterfmt reads but does not merge yet"
         if self.kind == LORA:
             missing = "lora_down" not in t or "lora_up" not in t
         elif self.kind == LOHA:
