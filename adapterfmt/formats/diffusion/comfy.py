@@ -49,7 +49,7 @@ def split_comfy_key(key: str) -> Optional[tuple[str, str]]:
     if not key.startswith(COMFY_PREFIX):
         return None
     rest = key[len(COMFY_PREFIX):]
-    for suffix in sorted((*_COMFY_SLOTS, "alpha"), key=len, reverse=True):
+    for suffix in sorted((*_COMFY_SLOTS, "alpha", "dora_scale"), key=len, reverse=True):
         if rest.endswith("." + suffix) and len(rest) > len(suffix) + 1:
             return rest[: -len(suffix) - 1], suffix
     return None
@@ -69,6 +69,7 @@ def describe_comfy(header: SafetensorsHeader, scalar: ScalarReader = read_scalar
     ckpt = ForeignCheckpoint(format="comfyui", file=header.path, metadata=dict(header.metadata), file_tensors=dict(header.tensors))
     modules: dict[str, ForeignModule] = {}
     alphas: dict[str, str] = {}
+    doras: dict[str, str] = {}
     for key, info in header.tensors.items():
         parts = split_comfy_key(key)
         if parts is None:
@@ -77,6 +78,9 @@ def describe_comfy(header: SafetensorsHeader, scalar: ScalarReader = read_scalar
         name, suffix = parts
         if suffix == "alpha":
             alphas[name] = key
+            continue
+        if suffix == "dora_scale":
+            doras[name] = key
             continue
         m = modules.setdefault(name, ForeignModule(name=name, component=TRANSFORMER, kind=LORA))
         slot = _COMFY_SLOTS[suffix]
@@ -87,6 +91,11 @@ def describe_comfy(header: SafetensorsHeader, scalar: ScalarReader = read_scalar
     for name, key in alphas.items():
         if name in modules:
             modules[name].alpha, modules[name].alpha_key = scalar(header.tensors[key]), key
+        else:
+            ckpt.unknown_keys.append(key)
+    for name, key in doras.items():
+        if name in modules:
+            modules[name].dora_scale = header.tensors[key]
         else:
             ckpt.unknown_keys.append(key)
     ckpt.modules = list(modules.values())

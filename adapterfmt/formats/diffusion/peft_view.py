@@ -70,9 +70,14 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
                 f"alpha is {m.alpha:g}; a negative alpha flips the adapter's sign, which adapterfmt does not apply", path=ckpt.file,
                 key=m.alpha_key or key, hint="the file is damaged, or was written with a sign convention adapterfmt does not know",
             )
-        if m.dora_scale is not None or "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
+        if m.dora_scale is not None:
+            why = dora_scale_problem(m, lora_only=lora_only)
+            if why:
+                raise UnsupportedFeatureError(why, path=ckpt.file, key=m.dora_scale.key,
+                                              hint="merge it (adapterfmt merge applies the output-axis form exactly, as PEFT's use_dora)" if lora_only else None)
+        if "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
             raise UnsupportedFeatureError(
-                "weight decomposition (DoRA) and lora_B biases in kohya/diffusers files are not supported", path=ckpt.file, key=key
+                "weight decomposition (DoRA) and lora_B biases in diffusers files are not supported", path=ckpt.file, key=key
             )
         if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
             what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
@@ -80,6 +85,29 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
                 f"{what} has no PEFT LoRA form (adapterfmt.load and convert to LoRA need one)",
                 path=ckpt.file, key=key, hint="merge it instead, or convert it to PEFT's own LOHA/LOKR (docs/BEHAVIOUR.md §7.4)",
             )
+
+
+def dora_scale_problem(m: ForeignModule, *, lora_only: bool) -> Optional[str]:
+    """Why a LyCORIS ``dora_scale`` cannot be applied, or ``None``.
+
+    LyCORIS' output-axis form (``wd_on_out``, its default since 2025-04: shape ``(out, 1, ...)``)
+    is PEFT's ``lora_magnitude_vector``: at multiplier 1 the merged weight is
+    ``m · (W + s·B·A) / ‖W + s·B·A‖`` per output row. The old input-axis form ``(1, in, ...)``
+    normalises over the other axis, which PEFT's DoRA has no form for.
+    """
+    assert m.dora_scale is not None
+    shape = tuple(m.dora_scale.shape)
+    if m.kind != LORA or "lora_mid" in m.tensors:
+        return f"dora_scale on a {m.kind.upper() if m.kind != LORA else 'LoCon Tucker'} module is not supported"
+    if lora_only:
+        return "LyCORIS weight decomposition (dora_scale) has no place in a PEFT LoRA adapter here (adapterfmt.load and convert)"
+    out = m.weight_shape[0] if m.weight_shape else None
+    if len(shape) >= 2 and shape[0] == 1 and (out is None or out != 1) and any(d != 1 for d in shape[1:]):
+        return (f"dora_scale {list(shape)} is LyCORIS' old input-axis form (wd_on_out=False): it normalises over the output "
+                "axis, which PEFT's DoRA does not; re-export with a LyCORIS that writes the output-axis form (out, 1)")
+    if not shape or (out is not None and shape[0] != out) or any(d != 1 for d in shape[1:]):
+        return f"dora_scale {list(shape)} fits no output axis of the weight {list(m.weight_shape or ())}"
+    return None
 
 
 def component_adapter(
@@ -132,10 +160,12 @@ def component_adapter(
             )
             continue
         down, up = m.tensors["lora_down"], m.tensors["lora_up"]
+        tensors, keys = {"lora_A": down, "lora_B": up}, {"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]}
+        if m.dora_scale is not None:  # output-axis dora_scale = PEFT's magnitude vector (out,), the same bytes
+            tensors["magnitude"], keys["magnitude"] = m.dora_scale._replace(shape=(m.dora_scale.shape[0],)), m.dora_scale.key
         adapter.lora[m.path] = LoraModule(
             path=m.path, layer_kind=_LAYER_KIND.get(len(down.shape), "unknown"), rank=m.rank, config_rank=config.rank_for(m.path),
-            alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=False, lora_bias=False,
-            tensors={"lora_A": down, "lora_B": up}, keys={"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]},
+            alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=m.dora_scale is not None, lora_bias=False, tensors=tensors, keys=keys,
         )
     return adapter
 
