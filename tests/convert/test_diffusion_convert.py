@@ -112,7 +112,7 @@ def test_peft_to_diffusers_file_loads_in_diffusers(peft_unet, run_cli):
     assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
     # and adapterfmt reads its own file back
     doc = json.loads(run_cli("inspect", out, "--json", "--base", d / "unet").stdout)
-    assert doc["format"] == "diffusers" and doc["check"][0]["ok"]
+    assert doc["format"] == "diffusers" and doc["check"]["components"][0]["ok"]
     # an existing output is refused without --overwrite
     r = run_cli("convert", d / "adapter", "--to", "diffusers", "-o", out, "--base", d / "unet", "--component", "unet")
     assert r.exit_code == 2 and "--overwrite" in r.stderr

@@ -15,6 +15,7 @@ from ...base.reading import BaseModel, read_base
 from ...constants import FLOAT_DTYPES
 from ...errors import AmbiguousMatchError, CheckpointNotFoundError, UnsupportedFeatureError
 from ...base.resolution import bind_base_tensor, bind_full_copy
+from ...checkpoint.keys import weight_key
 from ...single_file.checkpoint import SingleFileBase, own_module_names, read_single_file, single_file_kind
 from .names import base_module_paths, flatten, resolve_names
 from .records import LORA, ForeignCheckpoint, ForeignModule
@@ -127,9 +128,10 @@ def _single_file_check(ckpt: ForeignCheckpoint, component: Optional[str], base: 
         if any(p is None for p in places):
             check.unresolved.append(m.name)
             continue
-        m.path, m.placement = m.name, tuple(places)
+        m.path, m.placement, m.checked = m.name, tuple(places), True
         m.weight_shape = (sum(b - a for _p, a, b in m.split), *places[0].shape[1:])
         check.resolved += 1
+        check.bindings += [_binding(part, m.kind, p) for (part, _a, _b), p in zip(m.split, places)]
         _check_module(check, m, m.weight_shape)
     family = describe_family(ckpt)
     if modules and not res.resolved and not base.description.startswith(family[len("names of "):]):
@@ -143,11 +145,20 @@ def _single_file_check(ckpt: ForeignCheckpoint, component: Optional[str], base: 
             check.resolved -= 1
             check.unresolved.append(m.name)
             continue
-        m.placement, m.weight_shape = place, place.shape
+        m.placement, m.weight_shape, m.checked = place, place.shape, True
+        check.bindings.append(_binding(m.path, m.kind, place))
         _check_module(check, m, place.shape)
         if place.rows is not None and (m.dora_scale is not None or "magnitude" in m.tensors):
             check.problems.append(f"{m.path}: DoRA on rows of the fused tensor {place.key} is not supported")
+    check.counts["adapter"] = {"resolved": check.resolved, "total": check.total}
     return check
+
+
+def _binding(module: str, kind: str, place: Any) -> dict[str, Any]:
+    """A ``check`` binding record for a module placed in a single file: the file's key, and for
+    part of a fused tensor the rows it takes (``rows 3072:6144``)."""
+    rows = "" if place.rows is None else " ".join(f"rows {a}:{b}" for a, b, _src in place.rows)
+    return {"module": module, "type": "adapter", "method": kind, "base_key": place.key, "layout": rows or "linear"}
 
 
 def _check_module(check: "ComponentCheck", m: ForeignModule, shape: tuple[int, ...]) -> None:
@@ -220,6 +231,10 @@ class ComponentCheck:
     unresolved: list[str] = field(default_factory=list)
     shape_errors: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  #: modules that fit but cannot be applied (a negative or non-finite alpha)
+    #: row type (``adapter``, ``full_copy``, ``base_override``) -> ``{"resolved", "total"}``
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: ``{"module", "type", "method", "base_key", "layout"}`` per bound base tensor
+    bindings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -258,26 +273,42 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
         unresolved = _split_fused(ckpt, base, modules, unresolved, paths)
     unresolved = [n for n in unresolved if not any(m.name == n and m.path is not None for m in modules)]
     check = ComponentCheck(component, base.directory, len(modules), len(modules) - len(unresolved), unresolved)
+    check.counts["adapter"] = {"resolved": len(modules) - len(unresolved), "total": len(modules)}
     for m in modules:
         if m.path is None:
             continue
+        m.checked = True
         if m.split is not None:  # a fused single-file name split onto diffusers modules
             rows = sum(b - a for _p, a, b in m.split)
-            first = base.tensors[f"{m.split[0][0]}.weight"]
+            first = base.tensors[weight_key(m.split[0][0])]
             m.weight_shape = (rows, *first.shape[1:])
+            check.bindings += [{"module": part, "type": "adapter", "method": m.kind, "base_key": weight_key(part),
+                                "layout": f"rows {a}:{b} of lora_up"} for part, a, b in m.split]
             _check_module(check, m, m.weight_shape)
             continue
-        weight = base.tensors[f"{m.path}.weight"]
+        weight = base.tensors[weight_key(m.path)]
+        check.bindings.append(
+            {"module": m.path, "type": "adapter", "method": m.kind, "base_key": weight_key(m.path), "layout": m.layer_kind or "linear"}
+        )
         m.weight_shape = tuple(weight.shape)
         _check_module(check, m, tuple(weight.shape))
     for path, copy in ckpt.full_copies.items():  # PEFT LoHa / LoKr only
         before = len(check.unresolved)
-        bind_full_copy(copy, path, base, check.unresolved, check.shape_errors)
-        check.total += 1
-        check.resolved += len(check.unresolved) == before
+        bound = bind_full_copy(copy, path, base, check.unresolved, check.shape_errors)
+        check.bindings += [{"module": path, "type": "full_copy", "method": None, "base_key": k, "layout": "replace"} for k in bound.values()]
+        _count(check, "full_copy", len(check.unresolved) == before)
     for base_key, saved_key in ckpt.base_override_keys.items():  # PEFT LoHa / LoKr only
         before = len(check.unresolved)
-        bind_base_tensor(base_key, base_key, ckpt.base_overrides[base_key], saved_key, base, check.unresolved, check.shape_errors)
-        check.total += 1
-        check.resolved += len(check.unresolved) == before
+        key = bind_base_tensor(base_key, base_key, ckpt.base_overrides[base_key], saved_key, base, check.unresolved, check.shape_errors)
+        if key is not None:
+            check.bindings.append({"module": base_key, "type": "base_override", "method": None, "base_key": key, "layout": "replace"})
+        _count(check, "base_override", len(check.unresolved) == before)
     return check
+
+
+def _count(check: ComponentCheck, row_type: str, resolved: bool) -> None:
+    counts = check.counts.setdefault(row_type, {"resolved": 0, "total": 0})
+    counts["total"] += 1
+    counts["resolved"] += resolved
+    check.total += 1
+    check.resolved += resolved
