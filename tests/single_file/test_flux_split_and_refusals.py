@@ -168,3 +168,19 @@ def test_split_qkv_block_diagonal_file_as_diffusers_reads_it(tmp_path, run_cli):
     for k in fused:
         torch.testing.assert_close(got[k], fused[k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got2[k], fused[k], rtol=1e-5, atol=1e-6)
+
+
+def test_single_file_kind_override_and_convert_refusal(tmp_path, run_cli):
+    state = flux_state()
+    base = write_flux(str(tmp_path / "flux.safetensors"), state)
+    lora = str(tmp_path / "k.safetensors")
+    _kohya(lora, state, {"double_blocks_0_img_attn_proj": "double_blocks.0.img_attn.proj"})
+    out = tmp_path / "o.safetensors"
+    res = run_cli("merge", "--base", base, "--adapter", lora, "-o", out, "--single-file-kind", "sd1")
+    assert res.exit_code == 2 and "does not hold the tensors of a Stable Diffusion 1.x" in res.stderr and not out.exists(), res
+    res = run_cli("merge", "--base", base, "--adapter", lora, "-o", out, "--single-file-kind", "flux")
+    assert res.exit_code == 0 and out.exists(), res
+    res = run_cli("merge", "--base", base, "--adapter", lora, "-o", tmp_path / "p.safetensors", "--dtype", "bf16")
+    assert res.exit_code == 2 and "dtype does not apply" in res.stderr, res
+    res = run_cli("convert", lora, "--to", "peft", "-o", tmp_path / "peft", "--base", base)
+    assert res.exit_code == 2 and "single-file checkpoint" in res.stderr and not (tmp_path / "peft").exists(), res
