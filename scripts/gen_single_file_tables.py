@@ -132,6 +132,9 @@ _SDXL_UNET = dict(
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )  # fmt: skip
 _CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768)
+_SD2_UNET = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True, sample_size=96)
+#: OpenCLIP ViT-H as SD 2.x's text encoder: 24 blocks in the file, the last one unused (diffusers' model has 23).
+_OPEN_CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=512, hidden_act="gelu")
 _OPEN_CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")
 
 
@@ -179,17 +182,19 @@ def _clip(config: dict, prefix: str) -> dict:
     return _entries(converted, keys, rows)
 
 
-def _open_clip(config: dict, prefix: str) -> dict:
-    """OpenCLIP ViT-bigG (SDXL ``conditioner.embedders.1.model.``): ``convert_open_clip_checkpoint``
-    cuts ``attn.in_proj_weight`` into q / k / v rows and transposes ``text_projection``."""
+def _open_clip(config: dict, prefix: str, *, projection: bool = True, file_layers: int = 0) -> dict:
+    """OpenCLIP ViT-bigG (SDXL ``conditioner.embedders.1.model.``) or ViT-H (SD 2.x
+    ``cond_stage_model.model.``, whose last block and ``text_projection`` diffusers ignores):
+    ``convert_open_clip_checkpoint`` cuts ``attn.in_proj_weight`` into q / k / v rows and transposes
+    ``text_projection``."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     with torch.device("meta"):
-        model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
-    expected = {k: v.shape[0] for k, v in model.state_dict().items()}
-    h, n = config["hidden_size"], config["num_hidden_layers"]
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+    expected = {("" if k.startswith(("text_model.", "text_projection")) else "text_model.") + k: v.shape[0] for k, v in model.state_dict().items()}
+    h, n = config["hidden_size"], file_layers or config["num_hidden_layers"]
     rows = {f"{prefix}positional_embedding": expected["text_model.embeddings.position_embedding.weight"],
             f"{prefix}token_embedding.weight": expected["text_model.embeddings.token_embedding.weight"],
             f"{prefix}ln_final.weight": h, f"{prefix}ln_final.bias": h, f"{prefix}text_projection": h}
@@ -259,6 +264,11 @@ def build() -> str:
             "sd1": {
                 "unet": {"converter": "convert_ldm_unet_checkpoint", **_unet(_SD1_UNET, "model.diffusion_model.")},
                 "text_encoder": {"converter": "convert_ldm_clip_checkpoint", **_clip(_CLIP_L, "cond_stage_model.transformer.")},
+            },
+            "sd2": {
+                "unet": {"converter": "convert_ldm_unet_checkpoint", **_unet(_SD2_UNET, "model.diffusion_model.")},
+                "text_encoder": {"converter": "convert_open_clip_checkpoint",
+                                 **_open_clip(_OPEN_CLIP_H, "cond_stage_model.model.", projection=False, file_layers=24)},
             },
             "sdxl": {
                 "unet": {"converter": "convert_ldm_unet_checkpoint", **_unet(_SDXL_UNET, "model.diffusion_model.")},

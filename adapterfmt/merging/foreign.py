@@ -68,7 +68,7 @@ def merge_foreign(
             ``verify``, ``progress``, ...); ``single_file_kind`` names the kind of a single-file
             checkpoint as ``base`` where its keys cannot decide.
 
-    A single-file checkpoint (Flux.1, SD 1.x, SDXL: :mod:`adapterfmt.single_file`) as ``base``:
+    A single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL: :mod:`adapterfmt.single_file`) as ``base``:
     ``out`` is one ``.safetensors`` file, the same file back with every LoRA added where diffusers'
     converter puts that module's weight (rows of a fused tensor included), every other tensor,
     dtype and the file's metadata as they are.

@@ -1,10 +1,10 @@
 """Which single-file checkpoint a safetensors header is, from its keys alone.
 
 A kind is recognised by keys only its checkpoints have (Flux after ComfyUI's ``model.diffusion_model.``
-prefix, when the file has it; SD 1.x and SDXL files name their parts with fixed prefixes,
-:data:`COMPONENT_PREFIXES`). Kinds adapterfmt recognises but cannot yet place LoRAs on (SD 2.x,
-the SDXL refiner, a UNet without text encoders, SD3, Wan) are refused by name rather than read as
-a plain weights file.
+prefix, when the file has it; SD 1.x, SD 2.x and SDXL files name their parts with fixed prefixes,
+:data:`COMPONENT_PREFIXES`). Kinds adapterfmt recognises but cannot yet place LoRAs on (the SDXL
+refiner, a UNet without text encoders, SD3, Wan) are refused by name rather than read as a plain
+weights file.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ COVERED = {
     "sdxl": ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "model.diffusion_model.label_emb.0.0.weight",
              "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"),
     "sd1": ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", "model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+    "sd2": ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "model.diffusion_model.input_blocks.1.1.proj_in.weight"),
 }
 
 #: Where each component's tensors are in the file (after the file's own prefix), for the
@@ -29,6 +30,7 @@ COVERED = {
 COMPONENT_PREFIXES = {
     ("flux", "transformer"): "",
     ("sd1", "unet"): "model.diffusion_model.", ("sd1", "text_encoder"): "cond_stage_model.transformer.",
+    ("sd2", "unet"): "model.diffusion_model.", ("sd2", "text_encoder"): "cond_stage_model.model.",
     ("sdxl", "unet"): "model.diffusion_model.", ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.",
     ("sdxl", "text_encoder_2"): "conditioner.embedders.1.model.",
 }
@@ -37,13 +39,13 @@ COMPONENT_PREFIXES = {
 RECOGNISED = {
     "sd3": ("Stable Diffusion 3 / 3.5 (MMDiT joint_blocks)", "joint_blocks.0.x_block.attn.qkv.weight"),
     "sdxl-refiner": ("Stable Diffusion XL refiner (SGM names)", "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"),
-    "sd2": ("Stable Diffusion 2.x (LDM names, OpenCLIP)", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"),
     "sd-unet": ("Stable Diffusion UNet without its text encoders (LDM / SGM names)", "model.diffusion_model.input_blocks.0.0.weight"),
     "wan": ("Wan video (blocks.N.self_attn)", "blocks.0.self_attn.q.weight"),
 }
 
 #: Human names of the covered kinds.
-DESCRIPTIONS = {"flux": "Flux.1 (BFL names)", "sdxl": "Stable Diffusion XL (SGM names)", "sd1": "Stable Diffusion 1.x (LDM names)"}
+DESCRIPTIONS = {"flux": "Flux.1 (BFL names)", "sdxl": "Stable Diffusion XL (SGM names)", "sd1": "Stable Diffusion 1.x (LDM names)",
+                "sd2": "Stable Diffusion 2.x (LDM names, OpenCLIP ViT-H)"}
 
 
 def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Optional[str] = None) -> Optional[tuple[str, str]]:
