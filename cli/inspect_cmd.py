@@ -137,7 +137,9 @@ def inspect_command(
             from adapterfmt.reports.scan import non_finite_findings
 
             scan_findings = non_finite_findings(ckpt)
-        report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)
+        from adapterfmt.export.serving import serving_report
+
+        report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings, serving=serving_report(ckpt))
     if as_json:
         emit_json(report.as_dict(rows_as_records=True))
     else:

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "merge": ".merge_cmd:merge_command",
     "verify": ".verify_cmd:verify_command",
     "convert": ".convert_cmd:convert_command",
+    "export": ".export_cmd:export_command",
 }
 
 

@@ -81,6 +81,10 @@ def render_inspect(report: InspectReport) -> str:
         lines.append(f"sub-adapters: {', '.join(report.sub_adapters)} (inspect one with --subfolder {report.sub_adapters[0]})")
     if report.check is not None:
         lines += render_check(report.check, heading=True)
+    if report.serving is not None:
+        from adapterfmt.export.serving import serving_line
+
+        lines.append(serving_line(report.serving))
     if report.scanned:
         lines.append("values: scanned for NaN/Inf")
     return "\n".join(lines)

@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+from referencing import Registry, Resource
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+
+
+@functools.lru_cache(maxsize=None)
+def _registry() -> Registry:
+    """Every published schema by its ``$id``, so one may refer to another (inspect -> serving)."""
+    schemas = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(SCHEMAS.glob("*.schema.json"))]
+    return Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas)
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,7 +31,7 @@ def validator(command: str) -> jsonschema.protocols.Validator:
     schema = json.loads(path.read_text(encoding="utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    return cls(schema, registry=_registry())
 
 
 def validate_json(command: str, doc: Any) -> None:

@@ -436,6 +436,30 @@ def _empty_adapter(a: Path, _: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@case("method-adalora-over-lora", "peft_type ADALORA over plain lora_A.weight / lora_B.weight (no lora_E)", key="lora_E")
+def _method_adalora_over_lora(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("peft_type", "ADALORA"))
+
+
+@case("method-loha-over-lora", "peft_type LOHA over LoRA tensors", key="peft_type")
+def _method_loha_over_lora(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("peft_type", "LOHA"))
+
+
+@case("method-lokr-over-lora", "peft_type LOKR over LoRA tensors", key="peft_type")
+def _method_lokr_over_lora(a: Path, _: Path) -> None:
+    edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("peft_type", "LOKR"))
+
+
+@case("method-lora-with-adalora-e", "peft_type LORA, and an AdaLoRA lora_E among the tensors", key="lora_E")
+def _method_lora_with_adalora_e(a: Path, _: Path) -> None:
+    def add_e(t: dict) -> None:
+        dtype, shape, _raw = t[Q_A]
+        t[f"{PFX}{Q}.lora_E"] = (dtype, [shape[0], 1], bytes(4 * shape[0]))
+
+    edit_tensors(a / ADAPTER_WEIGHTS, add_e)
+
+
 @case("config-not-json", "config is not JSON", file=ADAPTER_CONFIG)
 def _config_not_json(a: Path, _: Path) -> None:
     (a / ADAPTER_CONFIG).write_text('{"peft_type": "LORA", "r": 8,')
@@ -501,7 +525,8 @@ def _config_bad_rank_pattern(a: Path, _: Path) -> None:
     edit_json(a / ADAPTER_CONFIG, lambda d: d.__setitem__("rank_pattern", {"down_proj": -4}))
 
 
-@case("config-missing", "no adapter_config.json (weights only)", file="config-missing/adapter")
+# the line names the missing config, never "unknown format" over one of the keys (issue 22)
+@case("config-missing", "no adapter_config.json (weights only)", file="config-missing/adapter", key=ADAPTER_CONFIG)
 def _config_missing(a: Path, _: Path) -> None:
     (a / ADAPTER_CONFIG).unlink()
 

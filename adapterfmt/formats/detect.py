@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from ..constants import ADAPTER_CONFIG_FILE
+from ..constants import ADAPTER_CONFIG_FILE, PEFT_PREFIX
 from ..errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError
 from ..storage.header import SafetensorsHeader, read_header
 from .diffusion.diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
@@ -107,11 +107,34 @@ def header_format(header: SafetensorsHeader) -> str:
 
     if is_wrapped_header(header):
         return WRAPPED
+    _refuse_peft_weights_alone(header)
     raise UnknownKeyError(
-        "is not an adapter file adapterfmt knows (PEFT, kohya/LyCORIS, diffusers LoRA, wrapped state dict)",
+        f"is not an adapter file adapterfmt knows (PEFT, kohya/LyCORIS, diffusers LoRA, wrapped state dict): "
+        f"none of its {len(keys)} tensors is named as one of their adapter tensors" + (f" (the first: {keys[0]!r})" if keys else ""),
         path=file,
-        key=keys[0] if keys else None,
-        hint="see docs/FORMAT.md §10 for the grammars",
+        hint="is it a model's weights rather than an adapter? see docs/FORMAT.md §10 for the grammars",
+    )
+
+
+def _refuse_peft_weights_alone(header: SafetensorsHeader) -> None:
+    """A PEFT adapter's weights found without the config that PEFT saves beside them (its keys
+    are PEFT's saved names: ``base_model.model.`` and a method's tensor names, FORMAT §3): name
+    the missing ``adapter_config.json`` rather than any key.
+
+    Raises:
+        CheckpointNotFoundError: the file holds PEFT tensors and no config is beside it.
+    """
+    from ..checkpoint.methods import methods_of
+
+    keys = list(header.tensors)
+    named = sum(methods_of(key) is not None for key in keys)
+    if not named and not (keys and all(k.startswith(PEFT_PREFIX) for k in keys)):
+        return
+    folder = os.path.dirname(os.path.abspath(header.path))
+    raise CheckpointNotFoundError(
+        f"has no {ADAPTER_CONFIG_FILE} beside {os.path.basename(header.path)}, whose {len(keys)} tensors are named as PEFT saves an adapter's",
+        path=folder,
+        hint=f"copy the adapter's {ADAPTER_CONFIG_FILE} (PEFT's save_pretrained writes it with the weights) into this folder",
     )
 
 

@@ -4,7 +4,8 @@ The math is :mod:`adapterfmt.deltas.lora`'s (PEFT's order of operations: ``ΔW =
 added to the base weight in float32, rounded once). Tensors made of LoRA terms only go through
 the blocked kernel, :mod:`adapterfmt.merging.kernel`: the product of a block of rows of ``B`` with
 ``A`` into a reused cache-sized buffer, scaled, added and rounded into reused buffers — the same
-bits as PEFT's whole-tensor product (blocks of two rows or more; see that module). The rest (DoRA,
+bits as PEFT's whole-tensor product (blocks of 128 rows or more; a tensor too small for two is
+one call on the whole tensor, see that module and :func:`on_callers_threads`). The rest (DoRA,
 whose norm spans every row; trainable-token rows; ``lora_bias``; full copies and dtype
 conversions; float64) gets its full ``B @ A`` product in one matmul, the call PEFT makes, and is
 then scaled, added and rounded in blocks of rows (:func:`tensor_blocks`). Inputs come from the one
@@ -23,7 +24,7 @@ import torch
 from ..deltas.lora import add_scaled, dora_weight, lora_product
 from ..errors import NonFiniteValuesError
 from ..storage.header import TensorInfo
-from .kernel import Block, BlockedMerge, LoraFactors, blockable
+from .kernel import Block, BlockedMerge, LoraFactors, blockable, intra_op_threads, whole_call
 from .plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
 from ..storage.parallel_write import PlacedFile
 from ..storage.tensor_source import TensorSource
@@ -102,8 +103,11 @@ def _lora_factors(term: LoraTerm, source: TensorSource) -> tuple[torch.Tensor, t
     return a, b
 
 
-def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace]) -> Any:
-    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows."""
+def _prepare(
+    term: Term, n: int, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace], threads: Optional[int] = None
+) -> Any:
+    """What a term adds, read and computed once per tensor: LoRA ``(B @ A, magnitude)``, bias, rows.
+    ``threads``: the intra-op threads of the products (None: as set)."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
         if term.lora.rows is not None and term.lora.shape is not None:  # the module's own shape: rows of a fused tensor
@@ -111,9 +115,12 @@ def _prepare(term: Term, n: int, source: TensorSource, shape: tuple[int, ...], w
         if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the shared math of FORMAT §10.3, unscaled
             from ..deltas.lycoris import module_delta
 
-            return module_delta(m.factors, {slot: _finite(source, info) for slot, info in m.tensors.items()}, 1.0, shape, peft_kron=m.peft_kron), None
+            tensors = {slot: _finite(source, info) for slot, info in m.tensors.items()}
+            with intra_op_threads(threads):
+                return module_delta(m.factors, tensors, 1.0, shape, peft_kron=m.peft_kron), None
         a, b = _lora_factors(term, source)
-        product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
+        with intra_op_threads(threads):
+            product = lora_product(a, b, term.lora.layout, shape, out=workspace.get(n, prod(shape)) if workspace else None)
         return product, (_finite(source, m.tensors["magnitude"]) if m.use_dora else None)
     if isinstance(term, BiasTerm):
         return _finite(source, term.info).float() * term.scaling
@@ -155,10 +162,14 @@ def _fused(term: Term) -> bool:
     return isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.rows is None
 
 
-def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], workspace: Optional[Workspace] = None) -> Iterator[torch.Tensor]:
+def tensor_blocks(
+    t: PlannedTensor, source: TensorSource, block: Optional[int], workspace: Optional[Workspace] = None, product_threads: Optional[int] = None
+) -> Iterator[torch.Tensor]:
     """The output tensor ``t`` in its output dtype, in blocks of rows (one block if ``block`` is None).
 
     Every yielded tensor is new (never a view of an input, of ``workspace`` or of another block).
+    ``product_threads``: the intra-op threads of the whole-tensor products (PEFT's, where nothing
+    runs beside); None leaves them as set.
     """
     dtype = TORCH_DTYPES[t.dtype]
     if not t.terms:
@@ -166,7 +177,7 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
             src = source.read(t.source, rows)
             yield src.to(dtype, copy=src.dtype == dtype and t.source.start < 0)
         return
-    prepared = [_prepare(term, n, source, t.shape, workspace) for n, term in enumerate(t.terms)]
+    prepared = [_prepare(term, n, source, t.shape, workspace, product_threads) for n, term in enumerate(t.terms)]
     buffer: Optional[torch.Tensor] = None
     for rows in _row_blocks(t.shape, None if any(_whole(term) for term in t.terms) else block):
         src = source.read(t.source, rows)
@@ -183,15 +194,33 @@ def tensor_blocks(t: PlannedTensor, source: TensorSource, block: Optional[int], 
         yield acc.to(dtype, copy=True)
 
 
-def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) -> Optional[Iterator[Block]]:
-    """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
+def _kernel_takes(t: PlannedTensor) -> bool:
+    """Whether the blocked kernel computes ``t``: LoRA terms only (no DoRA, no LoHa / LoKr factor
+    modules, biases or rows: those go to :func:`tensor_blocks`), of dtypes and layouts it takes."""
     if not t.terms or not all(
         isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.module.factors is None and not _placed(term) for term in t.terms
     ):
-        return None  # DoRA, LoHa / LoKr factor modules, rows of fused tensors, biases and token rows: tensor_blocks
+        return False  # DoRA, LoHa / LoKr factor modules, rows of fused tensors, biases and token rows: tensor_blocks
     base_dtype, out_dtype = TORCH_DTYPES.get(t.source.dtype), TORCH_DTYPES.get(t.dtype)
-    if not blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms]):  # type: ignore[union-attr]
-        return None
+    return blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms])  # type: ignore[union-attr, arg-type]
+
+
+def on_callers_threads(t: PlannedTensor) -> bool:
+    """Whether ``t``'s products are whole-tensor calls that must run with the process's intra-op
+    threads, as PEFT's do: it has a LoRA / LyCORIS term, and the blocked kernel does not split it
+    into blocks (a small tensor, or one the kernel does not take). MKL may sum a small product
+    differently with another thread count (:mod:`adapterfmt.merging.kernel`); the blocked tensors
+    run with one intra-op thread per worker."""
+    if not any(isinstance(term, LoraTerm) for term in t.terms):
+        return False
+    return not _kernel_takes(t) or whole_call(t.shape)
+
+
+def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge, product_threads: Optional[int] = None) -> Optional[Iterator[Block]]:
+    """The blocks of ``t`` from the blocked kernel, or None when the kernel does not take ``t``."""
+    if not _kernel_takes(t):
+        return None  # DoRA, LoHa / LoKr factor modules, biases and rows: tensor_blocks
+    base_dtype, out_dtype = TORCH_DTYPES[t.source.dtype], TORCH_DTYPES[t.dtype]
     factors = []
     for term in t.terms:
         a, b = _lora_factors(term, source)  # type: ignore[arg-type]
@@ -199,28 +228,32 @@ def kernel_blocks(t: PlannedTensor, source: TensorSource, merger: BlockedMerge) 
     info = t.source
     if info.start < 0:
         held = source.held(info)
-        return merger.merge(t.shape, base_dtype, out_dtype, factors, lambda first, stop, into: held[first:stop])
+        return merger.merge(t.shape, base_dtype, out_dtype, factors, lambda first, stop, into: held[first:stop], product_threads=product_threads)
     row = info.nbytes // info.shape[0]
 
     def read_rows(first: int, stop: int, into: memoryview) -> None:
         source.read_into(info.file, info.start + first * row, into, key=info.key)
 
-    return merger.merge(t.shape, base_dtype, out_dtype, factors, read_rows)
+    return merger.merge(t.shape, base_dtype, out_dtype, factors, read_rows, product_threads=product_threads)
 
 
-def write_tensor(t: PlannedTensor, source: TensorSource, out: PlacedFile, offset: int, local: threading.local) -> None:
+def write_tensor(
+    t: PlannedTensor, source: TensorSource, out: PlacedFile, offset: int, local: threading.local, product_threads: Optional[int] = None
+) -> None:
     """Compute ``t`` and write its bytes at ``offset`` of ``out``, a block at a time, then start
-    their writeback. ``local`` keeps the thread's reused buffers."""
+    their writeback. ``local`` keeps the thread's reused buffers; ``product_threads``: the
+    intra-op threads of its products (for :func:`on_callers_threads` tensors, computed where
+    nothing runs beside them; the element-wise passes keep the current setting)."""
     if not hasattr(local, "merger"):
         local.merger, local.workspace = BlockedMerge(), Workspace()
-    blocks = kernel_blocks(t, source, local.merger)
+    blocks = kernel_blocks(t, source, local.merger, product_threads)
     if blocks is not None:
         row = t.nbytes // t.shape[0]
         for block in blocks:
             out.write(offset + block.first * row, block.data)
     else:
         at = offset
-        for tensor in tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace):
+        for tensor in tensor_blocks(t, source, BLOCK_ELEMENTS, local.workspace, product_threads):
             data = tensor_bytes(tensor)
             out.write(at, data)
             at += data.nbytes

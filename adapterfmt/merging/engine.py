@@ -17,9 +17,13 @@ worker, never a whole tensor. Writeback starts after each tensor and each shard 
 as it is complete, in parallel with the rest.
 
 One intra-op thread is not how PEFT runs its matmul. MKL splits an ``(out, r) @ (r, in)``
-product over rows and columns, not over the rank, so the bits are the same for any thread count
-for LoRA shapes (checked up to r=256 on 2048x5632 and 32000x2048; only matrices a few elements
-wide with a rank of 64 or more differed); the PEFT parity tests run this way.
+product over rows and columns, not over the rank, so for large LoRA products the bits were the
+same for any thread count (checked up to r=256 on 2048x5632 and 32000x2048, 1-64 threads); small
+ones (9×64 @ 64×40, 3000×16 @ 16×17) were not. So a tensor the blocked kernel computes as one
+whole-tensor call (too small for two blocks, or DoRA / LoHa / LoKr) is computed first, on the
+calling thread with the process's intra-op threads — PEFT's exact call
+(:func:`~adapterfmt.merging.compute.on_callers_threads`); only the blocked tensors run on the
+workers. The PEFT parity tests compare with PEFT on the machine that runs them.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from ..errors import DiskSpaceError, MergeError, UnsupportedFeatureError
 from ..checkpoint.findings import Finding
 from ..storage.header import TensorInfo
 from ..checkpoint.keys import Role, parse_saved
-from .compute import tensor_blocks, write_tensor
+from .compute import on_callers_threads, tensor_blocks, write_tensor
 from .output import METADATA, OutputNames, ShardPlan, output_sizes, shard_path, shard_specs, verify_output, write_side_files
 from .plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
 from ..storage.parallel_write import PlacedFile, write_files
@@ -233,8 +237,8 @@ def merge_to_directory(
     report = None if progress is None else (lambda n: progress(n, total_size))
     with StagedDirectory(target, overwrite=overwrite) as staging:
         try:
-            with _source(checkpoints, _base_memory(model)) as inputs, _one_thread_per_worker() as workers:
-                _write_shards(plan, staging.path, inputs, workers, report, timings)
+            with _source(checkpoints, _base_memory(model)) as inputs, _one_thread_per_worker() as (workers, threads):
+                _write_shards(plan, staging.path, inputs, (workers, threads), report, timings)
             mark = time.perf_counter()
             written = write_side_files(staging.path, plan.output.root, plan.files, plan.config, index, plan.output)
             files = sorted([plan.output.path(s.name) for s in plan.shards] + written)
@@ -309,8 +313,8 @@ def merge_to_file(
     total_size = plan.total_size
     report = None if progress is None else (lambda n: progress(n, total_size))
     with StagedFile(target, overwrite=overwrite) as staging:
-        with _source(list(adapters)) as inputs, _one_thread_per_worker() as workers:
-            _write_shards(plan, staging.path, inputs, workers, report, timings, metadata=metadata)
+        with _source(list(adapters)) as inputs, _one_thread_per_worker() as (workers, threads):
+            _write_shards(plan, staging.path, inputs, (workers, threads), report, timings, metadata=metadata)
         pause_point("files")
         mark = time.perf_counter()
         staging.commit()
@@ -393,9 +397,9 @@ def _source(adapters: Sequence[AdapterCheckpoint], memory: Optional[dict[str, Ma
 
 
 @contextmanager
-def _one_thread_per_worker() -> Iterator[int]:
-    """Set torch to one intra-op thread and yield how many worker threads to run instead: one per
-    core torch would use.
+def _one_thread_per_worker() -> Iterator[tuple[int, int]]:
+    """Set torch to one intra-op thread and yield how many worker threads to run instead (one per
+    core torch would use) and the intra-op threads it had (PEFT's, for the whole-tensor products).
 
     Whole tensors are spread over worker threads, which scales better than splitting the small
     blockwise passes, and leaves no thread spinning in a barrier while another holds a core (on
@@ -405,7 +409,7 @@ def _one_thread_per_worker() -> Iterator[int]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield max(1, min(threads, os.cpu_count() or 1))
+        yield max(1, min(threads, os.cpu_count() or 1)), threads
     finally:
         torch.set_num_threads(threads)
 
@@ -435,16 +439,29 @@ def _runs(tensors: Sequence[PlannedTensor]) -> Iterator[list[PlannedTensor]]:
 
 
 def _write_shards(
-    plan: MergePlan, directory: str, inputs: TensorSource, workers: int, progress: Optional[Callable[[int], None]], timings: dict[str, float],
-    *, metadata: Optional[dict[str, str]] = None,
+    plan: MergePlan,
+    directory: str,
+    inputs: TensorSource,
+    threads: tuple[int, int],
+    progress: Optional[Callable[[int], None]],
+    timings: dict[str, float],
+    *,
+    metadata: Optional[dict[str, str]] = None,
 ) -> None:
     """Write every shard: its header at once, then each run of copied tensors and each computed
-    tensor as one job at its offset, ``workers`` jobs at a time; each shard synced once complete.
+    tensor as one job at its offset; each shard synced once complete. ``threads``: (workers, the
+    process's intra-op threads). Tensors whose products are whole-tensor calls
+    (:func:`~adapterfmt.merging.compute.on_callers_threads`) are computed first, one at a time on
+    this thread, their products with the process's intra-op threads — PEFT's call, so PEFT's bits
+    on any CPU — and their element-wise passes with one; the rest ``workers`` jobs at a time, one
+    intra-op thread each.
 
     Pause point ``write:<N>`` (tests) comes right after the first job of shard N.
     """
+    workers, intra_op = threads
     files: list[PlacedFile] = []
     jobs: list[tuple[int, Callable[[PlacedFile], None]]] = []
+    first: list[tuple[int, Callable[[PlacedFile], None]]] = []
     local = threading.local()
     try:
         for number, shard in enumerate(plan.shards):
@@ -454,11 +471,13 @@ def _write_shards(
             for run in _runs(shard.tensors):
                 if _copied(run[0]):
                     jobs.append((number, partial(_copy_run, run, inputs, offset)))
+                elif on_callers_threads(run[0]):
+                    first.append((number, partial(_compute_run, run[0], inputs, offset, local, intra_op)))
                 else:
-                    jobs.append((number, partial(_compute_run, run[0], inputs, offset, local)))
+                    jobs.append((number, partial(_compute_run, run[0], inputs, offset, local, None)))
                 offset += sum(t.nbytes for t in run)
         write = dict.fromkeys(("jobs", "wait", "sync"), 0.0)
-        write_files(files, jobs, workers=workers, after_first=(lambda i: pause_point(f"write:{i + 1}")) if hooked() else None, timings=write)
+        write_files(files, jobs, workers=workers, after_first=(lambda i: pause_point(f"write:{i + 1}")) if hooked() else None, timings=write, first=first)
         timings["compute"] += write["jobs"]
         timings["io_wait"] += write["wait"]
         timings["sync"] += write["sync"]
@@ -476,5 +495,5 @@ def _copy_run(run: Sequence[PlannedTensor], inputs: TensorSource, offset: int, o
     out.written(offset, length)
 
 
-def _compute_run(t: PlannedTensor, inputs: TensorSource, offset: int, local: threading.local, out: PlacedFile) -> None:
-    write_tensor(t, inputs, out, offset, local)
+def _compute_run(t: PlannedTensor, inputs: TensorSource, offset: int, local: threading.local, product_threads: Optional[int], out: PlacedFile) -> None:
+    write_tensor(t, inputs, out, offset, local, product_threads)

@@ -3,13 +3,27 @@
 PEFT's default ``merge_and_unload`` on CPU computes ``P = B @ A`` in float32 (MKL sgemm),
 ``D = P · s`` in float32, and rounds ``float32(W) + D`` once to the weight's dtype
 (docs/FORMAT.md §6). Scale, add and round are element-wise, so doing them a block of rows at a
-time gives the same bits. The product is the same too when it is computed a block of rows of
-``B`` at a time (or, for the transposed layouts, a block of columns of ``A``): every output
-element is still one dot product over the rank, summed by the same sgemm kernel. That holds for
-blocks of **two or more** rows/columns; a one-row block becomes a matrix-vector product that sums
-in another order, so a trailing one-row remainder is folded into the block before it (measured
-on the TinyLlama shapes at 1 and 2 threads, and pinned by ``tests/merging/test_merge_kernel.py`` against
-PEFT itself).
+time gives the same bits. The product is another matter: every output element is one dot product
+over the rank, but *which code* sums it is MKL's choice, made from the matrix sizes, the thread
+count and the CPU. Measured on an AMD EPYC (Zen 4, AVX-512): blocks of 1-3 rows of ``B`` give
+other bits than the whole product (2.35 M of 4.2 M elements of a 2048×16 @ 16×2048 product),
+blocks of 4 or more the same; for the transposed layouts (a block of columns of ``A``) blocks of
+8 differ, 16 or more were equal (a short tail always folded into the block before it); tensors
+of up to some ten thousand elements (9×64 @ 64×40, 3000×16 @ 16×17, 5000×4 @ 4×9) change bits
+with the thread count. Another CPU drew the
+line at two rows. None of these is a property of MKL, so the kernel keeps a wide margin from all
+of them:
+
+* a tensor is split only into blocks of at least :data:`MIN_BLOCK_ROWS` rows, each a multiple of
+  :data:`ROW_QUANTUM` rows (so every block's factor starts as aligned as the whole one), and a
+  tail shorter than :data:`MIN_BLOCK_ROWS` joins the block before it (:func:`row_blocks`);
+* a tensor that does not make two such blocks is one block: the product is exactly PEFT's call
+  on the whole tensor, and the caller runs it with PEFT's thread count — the process's
+  intra-op threads, not the one thread per worker of the blocked tensors (:func:`whole_call`;
+  the merge engine runs those tensors first, on its own thread).
+
+``tests/merging/test_merge_kernel.py`` compares with PEFT's ``merge_and_unload`` computed on the
+machine that runs it (the shapes that differed above included), never with a rule measured once.
 
 Per block: ``B_blk @ A`` into a reused float32 buffer of about :data:`BLOCK_ELEMENTS` elements
 (a few MiB, a small part of a large tensor), times ``s``, added to the base rows by one
@@ -34,6 +48,7 @@ terms, 1-D tensors, and float64 inputs or outputs.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -48,6 +63,15 @@ from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 #: size interleaved in the same minutes: 128K elements 3.65-4.66 s, 256K 3.43-3.81 s, 512K
 #: 3.17-3.73 s, 1M 3.20-3.64 s.
 BLOCK_ELEMENTS = 1 << 19
+#: The fewest rows in a block: MKL was seen to change its summation below 4 rows (plain layout) and
+#: below 16 (transposed layouts) on one CPU and below 2 on another; eight times the largest of
+#: those. It binds only for rows wider than ``BLOCK_ELEMENTS / MIN_BLOCK_ROWS`` (4096) elements:
+#: 256 rows made TinyLlama's down_proj (5632 wide) 1.4x slower in the kernel (buffers out of
+#: cache), 128 as fast as before. A tensor of fewer than twice this many rows is computed whole.
+MIN_BLOCK_ROWS = 128
+#: Every block but the last is a multiple of this many rows: a block's factor (rows of ``B``, or
+#: columns of ``A``) starts at least 256 bytes after an aligned one, as the whole factor does.
+ROW_QUANTUM = 64
 #: dtypes the kernel reads and writes; float64 goes the whole-tensor way.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Bounds on |A|, |s·A| and |B| within which folding a power-of-two scale is exact (see above).
@@ -92,16 +116,26 @@ def blockable(shape: Sequence[int], base_dtype: torch.dtype, out_dtype: torch.dt
 
 
 def row_blocks(rows: int, row_elements: int, block_elements: int = BLOCK_ELEMENTS) -> Iterator[tuple[int, int]]:
-    """``(first, stop)`` of each block: about ``block_elements`` each, never one row unless the
-    tensor has one row (a trailing one-row remainder joins the block before it)."""
-    step = max(2, block_elements // max(1, row_elements))
+    """``(first, stop)`` of each block: about ``block_elements`` each, but never fewer than
+    :data:`MIN_BLOCK_ROWS` rows, each block a multiple of :data:`ROW_QUANTUM` rows but the last,
+    which takes the tail (so it has :data:`MIN_BLOCK_ROWS` rows or more too). A tensor of fewer
+    than ``2 * MIN_BLOCK_ROWS`` rows is one block: the whole tensor (module docstring)."""
+    step = max(MIN_BLOCK_ROWS, block_elements // max(1, row_elements) // ROW_QUANTUM * ROW_QUANTUM)
     first = 0
     while first < rows:
         stop = min(first + step, rows)
-        if rows - stop == 1:
+        if rows - stop < MIN_BLOCK_ROWS:
             stop = rows
         yield first, stop
         first = stop
+
+
+def whole_call(shape: Sequence[int], block_elements: int = BLOCK_ELEMENTS) -> bool:
+    """Whether the kernel computes this tensor's product as one call on the whole tensor (it makes
+    no two blocks): the bits are PEFT's only when the call runs with PEFT's thread count, the
+    process's, which the caller sees to (the merge engine runs such tensors on its own thread)."""
+    rows = shape[0] if shape else 0
+    return next(iter(row_blocks(rows, math.prod(shape[1:]), block_elements)), (0, 0))[1] >= rows
 
 
 def power_of_two(x: float) -> bool:
@@ -125,10 +159,25 @@ def can_fold(a: torch.Tensor, b: torch.Tensor, scaling: float) -> bool:
     return _within_fold_bounds(a) and _within_fold_bounds(b) and _within_fold_bounds(a * scaling)
 
 
+@contextmanager
+def intra_op_threads(threads: Optional[int]) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (None: left as they are). Only for
+    a thread that computes alone: the setting is the process's."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Term:
     """A term prepared once per tensor: float32 factors in the layout's product order."""
 
-    def __init__(self, factors: LoraFactors, rows: int, cols: int) -> None:
+    def __init__(self, factors: LoraFactors, rows: int, cols: int, threads: Optional[int] = None) -> None:
         a, b = factors.lora_a.float(), factors.lora_b.float()
         if factors.layout == CONV:
             a, b = a.flatten(1), b.flatten(1)
@@ -144,6 +193,7 @@ class _Term:
         else:
             self.multiply = True
         self.a, self.b = a.contiguous(), b.contiguous()
+        self.threads = threads
 
     def factor_blocks(self, blocks: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """The factor each block multiplies: rows of ``B`` (or, transposed, columns of ``A``)."""
@@ -153,10 +203,11 @@ class _Term:
 
     def product(self, factor: torch.Tensor, views: "_BlockViews") -> torch.Tensor:
         """One block of ``s·P`` (rounded as PEFT rounds it), computed into the product buffer."""
-        if self.transposed:  # rows of ΔW are columns of A: (B @ A[:, blk]).T
-            p = torch.mm(self.b, factor, out=views.product_t).T
-        else:
-            p = torch.mm(factor, self.a, out=views.product)
+        with intra_op_threads(self.threads):
+            if self.transposed:  # rows of ΔW are columns of A: (B @ A[:, blk]).T
+                p = torch.mm(self.b, factor, out=views.product_t).T
+            else:
+                p = torch.mm(factor, self.a, out=views.product)
         return p.mul_(self.scaling) if self.multiply else p
 
 
@@ -200,16 +251,21 @@ class BlockedMerge:
         out_dtype: torch.dtype,
         terms: Sequence[LoraFactors],
         read_rows: ReadRows,
+        *,
+        product_threads: Optional[int] = None,
     ) -> Iterator[Block]:
         """The merged tensor in blocks of rows, in order.
 
         ``W' = round_out(float32(W) + Σ_i s_i·(B_i @ A_i))``, the sum taken term by term in
         float32 (the first as ``s·P + W``, as PEFT adds), one rounding at the end.
+        ``product_threads``: the intra-op threads of each product (the process's, PEFT's, for a
+        :func:`whole_call` tensor computed where nothing runs beside it); the element-wise passes
+        keep the caller's setting, their bits do not depend on it.
         """
         if not blockable(shape, base_dtype, out_dtype, [t.layout for t in terms]):
             raise ValueError(f"the blocked kernel does not take a {tuple(shape)} {base_dtype} -> {out_dtype} tensor with these terms")
         rows, cols = shape[0], math.prod(shape[1:])
-        prepared = [_Term(t, rows, cols) for t in terms]
+        prepared = [_Term(t, rows, cols, product_threads) for t in terms]
         blocks = list(row_blocks(rows, cols, self.block_elements))
         factors = [term.factor_blocks(blocks) for term in prepared]
         in_size, out_size = torch.finfo(base_dtype).bits // 8, torch.finfo(out_dtype).bits // 8

@@ -152,7 +152,9 @@ class InspectReport(NamedTuple):
     ``metadata``: a diffusers file's per-component ``lora_adapter_metadata``. ``components``:
     component -> number of adapted modules (empty for a single model). ``warnings`` holds the
     adapter's findings, then (with a base) the check's, then (with a value scan) the
-    ``non-finite`` ones. ``check`` is set when a base was given.
+    ``non-finite`` ones. ``check`` is set when a base was given. ``serving``: per serving engine,
+    whether it serves the adapter as it is (:func:`adapterfmt.export.serving.serving_report`, which
+    the caller passes in: exporting is a layer above reports), ``None`` where not computed.
     """
 
     format: str
@@ -170,6 +172,7 @@ class InspectReport(NamedTuple):
     warnings: list[Finding]
     scanned: bool = False
     check: Optional[CheckDocument] = None
+    serving: Optional[dict[str, Any]] = None
 
     def as_dict(self, *, rows_as_records: bool = False) -> dict[str, Any]:
         """The JSON document. ``rows_as_records``: ``modules`` holds the :class:`ModuleRow` records
@@ -190,6 +193,7 @@ class InspectReport(NamedTuple):
             "unknown_keys": list(self.unknown_keys),
             "scanned": self.scanned,
             "check": None if self.check is None else self.check.as_dict(),
+            "serving": self.serving,
             "warnings": [w.as_dict() for w in self.warnings],
         }
 
@@ -287,6 +291,7 @@ def inspect_report(
     source: str,
     check: Optional[CheckDocument] = None,
     scan_findings: Optional[Sequence[Finding]] = None,
+    serving: Optional[dict[str, Any]] = None,
 ) -> InspectReport:
     """The inspect record of a PEFT LoRA / AdaLoRA adapter.
 
@@ -296,6 +301,7 @@ def inspect_report(
         check: the adapter resolved against a base (:func:`~adapterfmt.reports.check.check_document`),
             if one was given; its warnings and failures are appended to the adapter's warnings.
         scan_findings: ``non-finite`` findings of a value scan; ``None`` when values were not read.
+        serving: the serving engines' verdicts (:func:`adapterfmt.export.serving.serving_report`).
     """
     rows = _peft_rows(ckpt, _bound(check))
     infos = ckpt.tensor_infos()
@@ -315,6 +321,7 @@ def inspect_report(
         warnings=_warnings(ckpt.findings, check, scan_findings),
         scanned=scan_findings is not None,
         check=check,
+        serving=serving,
     )
 
 

@@ -109,19 +109,24 @@ def write_files(
     sync_threads: int = 4,
     after_first: Optional[Callable[[int], None]] = None,
     timings: Optional[dict[str, float]] = None,
+    first: Iterable[Job] = (),
 ) -> None:
     """Run ``jobs`` on ``workers`` threads, roughly in order; finish (sync, close) each file once
     its last job is done, ``sync_threads`` files at a time. On the first error, jobs not started
     are cancelled, the ones running are waited for, and the error is raised (files are left open
     for the caller's :meth:`PlacedFile.abort`).
 
+    ``first``: jobs run one after another on the calling thread before any worker starts (a merge's
+    whole-tensor products, which must run with the caller's intra-op threads while no worker
+    computes beside them).
+
     ``after_first(i)`` runs (on the worker) right after the first job of file ``i`` (a test hook:
     crash tests pause there). ``timings`` gets ``jobs`` (seconds in jobs, summed over workers),
     ``wait`` (this thread waiting for the jobs) and ``sync`` (waiting for the last syncs).
     """
-    jobs = list(jobs)
+    jobs, first = list(jobs), list(first)
     pending = [0] * len(files)
-    for index, _ in jobs:
+    for index, _ in first + jobs:
         pending[index] += 1
     lock = threading.Lock()
     started: set[int] = set()
@@ -154,6 +159,8 @@ def write_files(
             if last:
                 syncs.append(syncer.submit(files[index].finish))
 
+        for index, job in first:
+            run(index, job)
         mark = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="adapterfmt-merge") as pool:
             futures = [pool.submit(run, index, job) for index, job in jobs]

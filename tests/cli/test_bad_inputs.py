@@ -369,7 +369,10 @@ def test_signal_stops_a_merge_cleanly(name: str, tmp_path: Path) -> None:
     inputs_before = tree_digest(MERGE_BASE, MERGE_ADAPTER)
     # write points pause in a writer thread, which the interrupted main thread waits for: a short pause
     args = [sys.executable, str(PAUSE_CLI), point, str(marker), "8", "cli", "merge", "--base", str(MERGE_BASE), "--adapter", str(MERGE_ADAPTER), "-o", str(out), "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the child starts with the default disposition for the signal it is sent: run under `nohup`
+    # (SIGHUP ignored) or a shell that ignores SIGTERM, this test would otherwise inherit SIG_IGN,
+    # which the merge rightly keeps (cli/main.py), and the signal would do nothing
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=functools.partial(signal.signal, sig, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + HANG_SECONDS
         while not marker.exists():

@@ -54,6 +54,7 @@ BEHAVIOUR_SECTIONS = {
     5: "Python API",
     6: "Wrapped checkpoints",
     7: "Diffusion ecosystem files",
+    8: "Export for serving",
 }
 
 

@@ -22,6 +22,8 @@ from ...checkpoint.config import modules_to_save_entries
 from ...checkpoint.config_types import LYCORIS_FIELD_TYPES, check_field_types
 from ...constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ...checkpoint.copy_keys import full_copies_of
+from ...checkpoint.methods import check_method_tensors
+from .weights_file import missing_weights_hint
 from ...errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError
 from ...checkpoint.findings import full_copy_entry_findings
 from ...storage.header import SafetensorsHeader, read_header
@@ -70,7 +72,7 @@ def read_peft_lycoris(directory: "str | os.PathLike[str]") -> ForeignCheckpoint:
         doc = json.load(f)
     weights = os.path.join(d, ADAPTER_SAFETENSORS_FILE)
     if not os.path.isfile(weights):
-        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint="the adapter weights are missing")
+        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE}", path=d, hint=missing_weights_hint(d))
     return describe_peft_lycoris(doc, read_header(weights), config_path=config_path)
 
 
@@ -88,6 +90,7 @@ def describe_peft_lycoris(doc: Any, header: SafetensorsHeader, *, config_path: s
     if kind is None:
         raise InvalidConfigError("is not a PEFT LOHA or LOKR config", path=config_path, key="peft_type")
     check_field_types(doc, path=config_path, fields=LYCORIS_FIELD_TYPES)
+    check_method_tensors(str(doc["peft_type"]), header.tensors, path=header.path, config_path=config_path)
     r, alpha = _number(doc, "r", 8, config_path), _number(doc, "alpha", 8, config_path)
     ranks, alphas = doc.get("rank_pattern") or {}, doc.get("alpha_pattern") or {}
     for key, value in [("r", r)] + [(f"rank_pattern.{k}", v) for k, v in ranks.items()]:

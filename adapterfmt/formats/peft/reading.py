@@ -18,6 +18,7 @@ from ...checkpoint.adalora import is_adalora
 from ...checkpoint.adalora import scaling as adalora_scaling
 from ...checkpoint.records import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
 from ...checkpoint.copy_keys import full_copies_of
+from ...checkpoint.methods import check_method_tensors
 from ...checkpoint.config import LoraConfig, read_config
 from ...constants import (
     ADAPTER_BIN_FILE,
@@ -33,6 +34,7 @@ from ...storage.header import SafetensorsHeader, TensorInfo, read_header
 from ...checkpoint.keys import KeyParts, Role, bias_key, param_key, parse_saved
 from ...checkpoint.matching import matches_entry
 from ...sources.paths import ADAPTER_PATTERNS, resolve_dir, safe_join
+from .weights_file import missing_weights_hint
 
 __all__ = ["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "describe_tensors", "read_adapter"]
 
@@ -112,9 +114,7 @@ def read_adapter(
         weights_file = bin_path
         header, in_memory = _read_bin(bin_path)
     else:
-        raise CheckpointNotFoundError(
-            f"has no {ADAPTER_SAFETENSORS_FILE} or {ADAPTER_BIN_FILE}", path=directory, hint="the adapter weights are missing"
-        )
+        raise CheckpointNotFoundError(f"has no {ADAPTER_SAFETENSORS_FILE} or {ADAPTER_BIN_FILE}", path=directory, hint=missing_weights_hint(directory))
     name = subfolder or (os.path.basename(os.path.normpath(directory)) if _is_sub_adapter(directory) else DEFAULT_ADAPTER_NAME)
     ckpt = AdapterCheckpoint(
         name=name,
@@ -161,6 +161,8 @@ def describe_tensors(ckpt: AdapterCheckpoint, header: SafetensorsHeader) -> None
     keys = list(header.tensors)
     if not keys:
         raise InconsistentAdapterError("holds no tensors", path=header.path, hint="the adapter is empty; re-export it")
+    config_file = os.path.join(ckpt.directory, ADAPTER_CONFIG_FILE) if ckpt.directory else ""
+    check_method_tensors(str(cfg.raw.get("peft_type", "LORA")), keys, path=header.path, config_path=config_file if os.path.isfile(config_file) else None)
     prefixes = {PEFT_PREFIX if k.startswith(PEFT_PREFIX) else "" for k in keys}
     ckpt.prefix = PEFT_PREFIX if PEFT_PREFIX in prefixes else ""
     if len(prefixes) > 1:
