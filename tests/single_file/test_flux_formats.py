@@ -121,3 +121,24 @@ def test_comfyui_full_deltas_are_read_and_refused(tmp_path, run_cli):
     res = run_cli("merge", "--base", single, "--adapter", path, "-o", tmp_path / "m.safetensors")
     assert res.exit_code == 2 and ".diff" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
     assert not os.path.exists(tmp_path / "m.safetensors")
+
+
+def test_xlabs_converts_to_peft_as_diffusers_converts_it(tmp_path, run_cli):
+    """``convert --to peft`` of an XLabs file against a diffusers Flux transformer writes the factors
+    diffusers' converter gives, tensor for tensor (qkv parts: ``up`` rows, shared ``down``)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    state = flux_state()
+    lora = _xlabs(state, torch.Generator().manual_seed(4))
+    path = str(tmp_path / "xlabs.safetensors")
+    save_file(lora, path)
+    base = _diffusers_dir(tmp_path / "transformer", to_diffusers(state))
+    res = run_cli("convert", path, "--to", "peft", "-o", tmp_path / "peft", "--base", base)
+    assert res.exit_code == 0, res
+    got = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    theirs = _convert_xlabs_flux_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
+    assert set(got) == {"base_model.model." + k[len("transformer."):] for k in theirs}
+    for k, v in theirs.items():
+        assert torch.equal(got["base_model.model." + k[len("transformer."):]], v), k
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == R and config["lora_alpha"] == R  # scale 1, as diffusers reads XLabs files
