@@ -25,7 +25,7 @@ from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import split_param, weight_key
 from ..errors import CheckpointNotFoundError, ShapeMismatchError, UnsupportedFeatureError
 from ..storage.header import read_header
-from ..tables.single_file_names import components_of, from_single_file, to_single_file, transposed
+from ..tables.single_file_names import components_of, from_single_file, to_single_file, transposed, transposed_keys
 from .kinds import COMPONENT_PREFIXES, DESCRIPTIONS, detect_kind
 
 
@@ -95,6 +95,10 @@ class SingleFileBase(BaseModel):
                 name, param = split_param(d)
                 if param == "weight":
                     out[name] = None
+        for d, key in transposed_keys(self.kind, self.component).items():  # named, so that a LoRA on it is refused by :meth:`place`
+            name, param = split_param(d)
+            if param == "weight" and "{i}" not in key and self.prefix + key in self.tensors:
+                out[name] = None
         return list(out)
 
     def module_paths(self) -> list[str]:

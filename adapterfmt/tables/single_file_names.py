@@ -65,6 +65,11 @@ def transposed(kind: str, component: str, diffusers_key: str) -> Optional[str]:
     return None if key is None else _fill(key, block)
 
 
+def transposed_keys(kind: str, component: str) -> dict[str, str]:
+    """Every diffusers key of ``component`` stored transposed -> its single-file key (as templated)."""
+    return dict(tables()["kinds"][kind][component]["transposed"])
+
+
 def to_single_file(kind: str, component: str, diffusers_key: str) -> Optional[list[Segment]]:
     """The single-file rows (keys without ComfyUI's prefix) that diffusers reads ``diffusers_key``
     of ``component`` from, in order; ``None`` when the tables have no such diffusers key."""
@@ -98,4 +103,4 @@ def from_single_file(kind: str, component: str, single_key: str) -> list[tuple[s
     return sorted(((_fill(d, block), a, b) for d, a, b in _reverse(kind, component).get(template, [])), key=lambda e: e[1])
 
 
-__all__ = ["Segment", "components_of", "from_single_file", "kinds", "tables", "to_single_file", "transposed"]
+__all__ = ["Segment", "components_of", "from_single_file", "kinds", "tables", "to_single_file", "transposed", "transposed_keys"]

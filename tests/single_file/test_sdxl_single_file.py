@@ -121,3 +121,10 @@ def test_kohya_sdxl_lora_into_sdxl_single_file(tmp_path, run_cli):
 
     res = run_cli("check", "--adapter", tmp_path / "lora.safetensors", "--base", base, "--json")
     assert res.exit_code == 0, res
+
+    # OpenCLIP's text_projection is stored transposed: a LoRA on it is refused, naming the key
+    save_file({"lora_te2_text_projection.lora_down.weight": torch.zeros(R, 1280), "lora_te2_text_projection.lora_up.weight": torch.zeros(1280, R)},
+              str(tmp_path / "proj.safetensors"))
+    res = run_cli("merge", "--base", base, "--adapter", tmp_path / "proj.safetensors", "-o", tmp_path / "p.safetensors")
+    assert res.exit_code == 2 and "transposed" in res.stderr and "text_projection" in res.stderr, res
+    assert not (tmp_path / "p.safetensors").exists()
