@@ -99,6 +99,7 @@ class _Bar:
 )
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several.")
+@click.option("--single-file-kind", type=click.Choice(["flux", "sd1", "sd2", "sdxl"]), help="A single-file checkpoint as --base: its kind, where the keys cannot decide (checked against them, never assumed).")
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
@@ -122,6 +123,7 @@ def merge_command(
     prefix_map: dict[str, str],
     allow_pickle: bool,
     component: Optional[str],
+    single_file_kind: Optional[str],
     verify: bool,
     quiet: bool,
     as_json: bool,
@@ -143,7 +145,9 @@ def merge_command(
 
     A kohya / LyCORIS or diffusers LoRA file as --adapter merges into a diffusers pipeline
     directory (every component the file adapts; the rest copied) or into one component
-    directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3.
+    directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3; or into a
+    single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL; OUT is FILE.safetensors, the same file back),
+    see docs/BEHAVIOUR.md §7.6.
     """
     from adapterfmt.storage.gc_pause import gc_paused
 
@@ -192,7 +196,7 @@ def merge_command(
 
             options.pop("allow_pickle")
             # --subfolder C of a pipeline base: that component merged, the whole pipeline written
-            result = merge_foreign(base, foreign.path, output, component=component or base_subfolder, **options)
+            result = merge_foreign(base, foreign.path, output, component=component or base_subfolder, single_file_kind=single_file_kind, **options)
             _report_foreign(result, quiet=quiet, as_json=as_json)
             return
         elif component is not None:

@@ -41,6 +41,11 @@ class ResolvedLora:
     bias_key: Optional[str] = None  #: ``X.bias`` for ``lora_bias``
     scaling: Optional[float] = None  #: a parameter LoRA's own scaling (``target_parameters``), else the module's
     expert: Optional[ExpertSlice] = None  #: the slice of a fused-expert delta this tensor takes
+    #: a module that is rows of a fused base tensor (a single-file checkpoint's ``qkv``):
+    #: ``((first, end, source_first), ...)``, rows ``first:end`` of the base tensor get the
+    #: product's rows from ``source_first`` on; ``None``: the product is the whole tensor's delta
+    rows: Optional[tuple[tuple[int, int, int], ...]] = None
+    shape: Optional[tuple[int, ...]] = None  #: the module's own weight shape when ``rows`` is set
 
 
 @dataclass

@@ -121,6 +121,12 @@ def foreign_unsupported_finding(where: str, what: str, modules: Sequence[str]) -
     return Finding("unsupported-feature", f"{where}: {what} is not supported: merge, load and convert refuse it", list(modules[:_MAX_KEYS]))
 
 
+def foreign_dora_finding(where: str, modules: Sequence[str]) -> Finding:
+    """``unsupported-feature``: LyCORIS ``dora_scale`` in its output-axis form, which only merge applies."""
+    return Finding("unsupported-feature", f"{where}: LyCORIS weight decomposition (dora_scale, output-axis form) is merged exactly, "
+                   "as PEFT's use_dora at multiplier 1; load and convert refuse it", list(modules[:_MAX_KEYS]))
+
+
 def wrapper_leftover_finding(key: str) -> Finding:
     """``wrapper-leftover``: a saved ``modules_to_save`` / ``original_module`` wrapper key, ignored."""
     return Finding(

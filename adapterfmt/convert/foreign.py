@@ -81,6 +81,13 @@ def to_peft(
     src = os.fspath(source)
     ckpt = read_foreign(src)
     bases = component_bases(ckpt, base, component)
+    from ..single_file.checkpoint import SingleFileBase
+
+    if any(isinstance(b, SingleFileBase) for b in bases.values()):
+        raise UnsupportedFeatureError(
+            "is a single-file checkpoint: convert --base takes a diffusers component or pipeline folder (a PEFT adapter names that model's modules)",
+            path=os.fspath(base), hint="merge, check and inspect take the single file (docs/BEHAVIOUR.md §7.6)",
+        )
     name, model = _one_base(ckpt.components, bases, src)
     from ..formats.diffusion.components import check_component
 

@@ -18,11 +18,12 @@ from ..constants import ADAPTER_CONFIG_FILE, PEFT_PREFIX
 from ..errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError
 from ..storage.header import SafetensorsHeader, read_header
 from .diffusion.diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
+from .diffusion.comfy import describe_comfy, describe_xlabs, is_comfy_key, is_xlabs_key
 from .diffusion.kohya import describe_kohya, is_kohya_key
 from .diffusion.records import ForeignCheckpoint
 from ..storage.scalars import ScalarReader, read_scalar
 
-PEFT, KOHYA, DIFFUSERS, WRAPPED = "peft", "kohya", "diffusers", "wrapped"
+PEFT, KOHYA, DIFFUSERS, WRAPPED, COMFYUI, XLABS = "peft", "kohya", "diffusers", "wrapped", "comfyui", "xlabs"
 
 
 def foreign_file(path: "str | os.PathLike[str]", *, weight_name: Optional[str] = None) -> str:
@@ -80,13 +81,18 @@ def choose_foreign_file(names: Sequence[str], *, where: str) -> Optional[str]:
 
 
 def header_format(header: SafetensorsHeader) -> str:
-    """``kohya``, ``diffusers`` or ``wrapped`` from a safetensors header's keys (FORMAT §10.4).
+    """``kohya``, ``diffusers``, ``comfyui``, ``xlabs`` or ``wrapped`` from a safetensors header's keys
+    (FORMAT §10.4; the ComfyUI and XLabs grammars: BEHAVIOUR §7.6).
 
     Raises:
         InconsistentAdapterError: kohya and diffusers keys mixed.
         UnknownKeyError: the keys fit no format adapterfmt knows.
     """
     file, keys = header.path, list(header.tensors)
+    if keys and any(map(is_xlabs_key, keys)) and all(is_xlabs_key(k) or is_comfy_key(k) for k in keys):
+        return XLABS  # [diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight (before ComfyUI: the prefix is shared)
+    if keys and sum(map(is_comfy_key, keys)) > len(keys) // 2:
+        return COMFYUI  # diffusion_model.<module>.lora_A.weight; keys that fit no rule are reported by the reader
     kohya = sum(map(is_kohya_key, keys))
     diffusers = sum(map(is_diffusers_lora_key, keys))
     if kohya and diffusers:
@@ -183,4 +189,8 @@ def describe_foreign(header: SafetensorsHeader, scalar: ScalarReader = read_scal
         return describe_kohya(header, scalar)
     if fmt == DIFFUSERS:
         return describe_diffusers(header, scalar)
+    if fmt == COMFYUI:
+        return describe_comfy(header, scalar)
+    if fmt == XLABS:
+        return describe_xlabs(header, scalar)
     raise UnknownKeyError(f"is a {fmt} checkpoint, not a kohya or diffusers LoRA file", path=header.path, hint="use read_adapter / read_wrapped")

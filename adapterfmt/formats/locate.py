@@ -28,7 +28,7 @@ from ..constants import ADAPTER_CONFIG_FILE
 from ..errors import CheckpointNotFoundError, UnknownKeyError
 from ..storage.header import SafetensorsHeader, read_header
 from ..sources.paths import ADAPTER_PATTERNS, looks_like_hub_id, resolve_dir
-from .detect import DIFFUSERS, KOHYA, PEFT, WRAPPED, choose_foreign_file, describe_foreign, detect_format, foreign_file, header_format
+from .detect import COMFYUI, DIFFUSERS, KOHYA, PEFT, WRAPPED, XLABS, choose_foreign_file, describe_foreign, detect_format, foreign_file, header_format
 from .peft.lycoris import PEFT_LYCORIS_TYPES, peft_lycoris_type, read_peft_lycoris
 from .diffusion.records import ForeignCheckpoint
 
@@ -102,7 +102,7 @@ def _local(path: str, subfolder: Optional[str], weight_name: Optional[str]) -> O
     if os.path.isdir(folder):
         if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_FILE)):
             return ForeignSource(PEFT, folder) if peft_lycoris_type(folder) else None
-        if detect_format(folder) not in (KOHYA, DIFFUSERS):  # wrapped, or no adapter file: the caller's reader
+        if detect_format(folder) not in (KOHYA, DIFFUSERS, COMFYUI, XLABS):  # wrapped, or no adapter file: the caller's reader
             return None
         return _file_source(foreign_file(folder))
     if not os.path.isfile(folder) or not folder.endswith(".safetensors"):

@@ -44,6 +44,11 @@ def _row_blocks(shape: tuple[int, ...], block: Optional[int]) -> Iterator[Option
         yield (r0, min(r0 + step, shape[0]))
 
 
+def _placed(term: Term) -> bool:
+    """A LoRA term on rows of a fused base tensor (:attr:`ResolvedLora.rows`)."""
+    return isinstance(term, LoraTerm) and term.lora.rows is not None
+
+
 def _whole(term: Term) -> bool:
     """Terms that need the whole tensor at once (norms across rows, scattered rows)."""
     return isinstance(term, RowsTerm) or (isinstance(term, LoraTerm) and term.lora.module.use_dora)
@@ -105,6 +110,8 @@ def _prepare(
     ``threads``: the intra-op threads of the products (None: as set)."""
     if isinstance(term, LoraTerm):
         m = term.lora.module
+        if term.lora.rows is not None and term.lora.shape is not None:  # the module's own shape: rows of a fused tensor
+            shape = term.lora.shape
         if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the shared math of FORMAT §10.3, unscaled
             from ..deltas.lycoris import module_delta
 
@@ -128,6 +135,8 @@ def _apply(term: Term, value: Any, acc: torch.Tensor, src: torch.Tensor, rows: O
     """One term of ``W + Σ``: in place on the float32 accumulator where it can be."""
     if isinstance(term, LoraTerm):
         product, magnitude = value
+        if term.lora.rows is not None:
+            return _add_placed(acc, product, term.scaling, term.lora.rows, rows)
         if magnitude is not None:  # whole tensor only; the product is used once
             return dora_weight(src, product.mul_(term.scaling), magnitude, term.lora.layout, onto=acc)
         return add_scaled(acc, _rows(product, rows), term.scaling)
@@ -137,9 +146,20 @@ def _apply(term: Term, value: Any, acc: torch.Tensor, src: torch.Tensor, rows: O
     return acc.index_copy_(0, index, values.to(acc.dtype))
 
 
+def _add_placed(acc: torch.Tensor, product: torch.Tensor, scaling: float, placed: tuple[tuple[int, int, int], ...], rows: Optional[tuple[int, int]]) -> torch.Tensor:
+    """Add ``product · scaling`` to the rows of the fused tensor it belongs to, within the block
+    ``rows`` that ``acc`` holds: the same two roundings per element as a whole-module term."""
+    r0, r1 = rows if rows is not None else (0, acc.shape[0])
+    for first, end, src in placed:
+        lo, hi = max(first, r0), min(end, r1)
+        if lo < hi:
+            add_scaled(acc[lo - r0 : hi - r0], product[src + lo - first : src + hi - first], scaling)
+    return acc
+
+
 def _fused(term: Term) -> bool:
     """A first term that can be computed straight into the accumulator (``W + s·P`` in one pass)."""
-    return isinstance(term, LoraTerm) and not term.lora.module.use_dora
+    return isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.rows is None
 
 
 def tensor_blocks(
@@ -178,9 +198,9 @@ def _kernel_takes(t: PlannedTensor) -> bool:
     """Whether the blocked kernel computes ``t``: LoRA terms only (no DoRA, no LoHa / LoKr factor
     modules, biases or rows: those go to :func:`tensor_blocks`), of dtypes and layouts it takes."""
     if not t.terms or not all(
-        isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.module.factors is None for term in t.terms
+        isinstance(term, LoraTerm) and not term.lora.module.use_dora and term.lora.module.factors is None and not _placed(term) for term in t.terms
     ):
-        return False
+        return False  # DoRA, LoHa / LoKr factor modules, rows of fused tensors, biases and token rows: tensor_blocks
     base_dtype, out_dtype = TORCH_DTYPES.get(t.source.dtype), TORCH_DTYPES.get(t.dtype)
     return blockable(t.shape, base_dtype, out_dtype, [term.lora.layout for term in t.terms])  # type: ignore[union-attr, arg-type]
 

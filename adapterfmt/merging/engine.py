@@ -46,12 +46,12 @@ from ..checkpoint.findings import Finding
 from ..storage.header import TensorInfo
 from ..checkpoint.keys import Role, parse_saved
 from .compute import on_callers_threads, tensor_blocks, write_tensor
-from .output import METADATA, output_sizes, shard_path, shard_specs, verify_output, write_side_files
+from .output import METADATA, OutputNames, ShardPlan, output_sizes, shard_path, shard_specs, verify_output, write_side_files
 from .plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
 from ..storage.parallel_write import PlacedFile, write_files
 from ..storage.pause import hooked, pause_point
 from ..storage.safetensors_stream import encode_header
-from ..storage.staging import StagedDirectory, check_free_space, check_output_path, clean_stale, format_bytes, no_free_inodes
+from ..storage.staging import StagedDirectory, StagedFile, check_free_space, check_output_file, check_output_path, clean_stale, format_bytes, no_free_inodes
 from ..storage.tensor_source import TensorSource
 from ..storage.torch_io import SAFETENSORS_DTYPES
 
@@ -277,6 +277,56 @@ def merge_to_directory(
     )
 
 
+def merge_to_file(
+    base: BaseModel,
+    adapters: Sequence[AdapterCheckpoint],
+    out: "str | os.PathLike[str]",
+    *,
+    resolver: Callable[[AdapterCheckpoint, BaseModel], Any],
+    weights: Optional[Sequence[float]] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> MergeSummary:
+    """Merge adapters into a one-file base (a single-file checkpoint) and write ``out``, one file.
+
+    The same file back: every key, dtype and the file's own ``__metadata__``, tensors nothing
+    changes copied byte for byte; planned, computed and streamed like :func:`merge_to_directory`
+    (``resolver`` binds the adapters, e.g. LoRAs on rows of fused tensors), written through
+    :class:`~adapterfmt.storage.staging.StagedFile`: a killed run leaves no ``out``.
+
+    Raises:
+        OutputPathError: ``out`` is an input, a folder, or exists (without ``overwrite``).
+        see :func:`merge_to_directory`.
+    """
+    started = time.perf_counter()
+    timings = dict.fromkeys(("plan", "read", "compute", "write", "io_wait", "files", "sync"), 0.0)
+    removed = clean_stale(out)
+    target = check_output_file(out, [_input_path(base)] + [c.directory for c in adapters], overwrite=overwrite)
+    plan = plan_merge(base, list(adapters), weights=weights, resolver=resolver)
+    name = os.path.basename(target)
+    plan.shards = [ShardPlan(name, [t for shard in plan.shards for t in shard.tensors])]
+    plan.output = OutputNames(os.path.dirname(target))
+    metadata = dict(base.headers[base.shards[0]].metadata) if base.shards and base.shards[0] in base.headers else dict(METADATA)
+    sizes = output_sizes(plan.shards, plan.output.root, [], None)
+    check_free_space(target, sizes)
+    timings["plan"] = time.perf_counter() - started
+    total_size = plan.total_size
+    report = None if progress is None else (lambda n: progress(n, total_size))
+    with StagedFile(target, overwrite=overwrite) as staging:
+        with _source(list(adapters)) as inputs, _one_thread_per_worker() as (workers, threads):
+            _write_shards(plan, staging.path, inputs, (workers, threads), report, timings, metadata=metadata)
+        pause_point("files")
+        mark = time.perf_counter()
+        staging.commit()
+        timings["sync"] += time.perf_counter() - mark
+    return MergeSummary(
+        output=target, adapters=[c.directory for c in adapters], tensors_merged=plan.count(MERGE), tensors_replaced=plan.count(REPLACE),
+        tensors_copied=plan.count(COPY), tensors_converted=plan.count(CONVERT), bytes_written=sum(sizes),
+        seconds=time.perf_counter() - started, files=[name], skipped=plan.skipped, applied=plan.applied, removed_stale=removed,
+        findings=plan.findings, timings={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # INPUTS
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +445,8 @@ def _write_shards(
     threads: tuple[int, int],
     progress: Optional[Callable[[int], None]],
     timings: dict[str, float],
+    *,
+    metadata: Optional[dict[str, str]] = None,
 ) -> None:
     """Write every shard: its header at once, then each run of copied tensors and each computed
     tensor as one job at its offset; each shard synced once complete. ``threads``: (workers, the
@@ -413,7 +465,7 @@ def _write_shards(
     local = threading.local()
     try:
         for number, shard in enumerate(plan.shards):
-            header = encode_header(shard_specs(shard.tensors), METADATA)
+            header = encode_header(shard_specs(shard.tensors), METADATA if metadata is None else metadata)
             files.append(PlacedFile(shard_path(directory, plan.output, shard.name), len(header) + shard.nbytes, header=header, progress=progress))
             offset = len(header)
             for run in _runs(shard.tensors):

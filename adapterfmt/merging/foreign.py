@@ -14,14 +14,19 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import OutputPathError
-from .engine import MergeSummary, merge_to_directory
+from ..base.reading import BaseModel
+from ..base.resolution import FACTORS, Resolution, ResolvedLora
+from ..checkpoint.records import AdapterCheckpoint
+from ..errors import OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
+from ..single_file.checkpoint import SingleFileBase
+from .engine import MergeSummary, merge_to_directory, merge_to_file
 from ..storage.staging import StagedDirectory, check_output_path, clean_stale
 from ..formats.diffusion.components import check_component, component_bases, is_pipeline
 from ..formats.detect import read_foreign
 from ..formats.diffusion.names import base_module_paths
 from ..formats.peft.lycoris import peft_lycoris_checkpoint
 from ..formats.diffusion.peft_view import component_adapter
+from ..formats.diffusion.records import ForeignCheckpoint
 
 #: Never copied into a merged pipeline.
 _SKIP = {".git", ".cache", "__pycache__"}
@@ -60,7 +65,13 @@ def merge_foreign(
             or one component directory (``component`` picks that part of the file; optional when
             the file adapts one component).
         options: passed to :func:`~adapterfmt.merging.engine.merge_to_directory` (``dtype``, ``max_shard_size``,
-            ``verify``, ``progress``, ...).
+            ``verify``, ``progress``, ...); ``single_file_kind`` names the kind of a single-file
+            checkpoint as ``base`` where its keys cannot decide.
+
+    A single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL: :mod:`adapterfmt.single_file`) as ``base``:
+    ``out`` is one ``.safetensors`` file, the same file back with every LoRA added where diffusers'
+    converter puts that module's weight (rows of a fused tensor included), every other tensor,
+    dtype and the file's metadata as they are.
 
     Raises:
         AmbiguousMatchError: several components in the file and no ``component`` for a component directory;
@@ -70,7 +81,15 @@ def merge_foreign(
     """
     base_dir, src = os.fspath(base), os.fspath(adapter)
     ckpt = read_foreign(src)
-    bases = component_bases(ckpt, base_dir, component)
+    bases = component_bases(ckpt, base_dir, component, single_file_kind_override=options.pop("single_file_kind", None))
+    if any(isinstance(m, SingleFileBase) for m in bases.values()):
+        ignored = [name for name in ("dtype", "max_shard_size", "allow_unused", "verify") if options.get(name)]
+        if ignored:
+            raise UnsupportedFeatureError(
+                f"{ignored[0]} does not apply to a single-file checkpoint, which is written back as it is (its keys, dtypes and metadata)",
+                path=base_dir, key=ignored[0], hint="drop the option",
+            )
+        return _merge_single_file(ckpt, bases, src, out, overwrite=overwrite, progress=options.get("progress"))
     adapters = {}
     for c, model in bases.items():
         check_component(ckpt, c, model)
@@ -99,6 +118,82 @@ def merge_foreign(
     for s in summary.components.values():
         s.output = os.path.join(target, os.path.basename(s.output))
     return summary
+
+
+def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src: str, out: "str | os.PathLike[str]", *,
+                       overwrite: bool, progress: Any) -> ForeignMergeSummary:
+    """Every component of ``ckpt`` into the one single-file checkpoint they share: the same file
+    back (:func:`~adapterfmt.merging.engine.merge_to_file`), LoRAs on parts of fused tensors added
+    to those rows only."""
+    model = next(iter(bases.values()))
+    assert isinstance(model, SingleFileBase)
+    adapters, placed = [], {}
+    for c, view in bases.items():
+        check = check_component(ckpt, c, view)
+        modules = ckpt.component_modules(c)
+        if check.problems and not check.resolved:
+            raise UnresolvedModulesError(f"{check.problems[0]} ({model.file})", path=ckpt.file, key=modules[0].name if modules else None,
+                                         hint="give the base the LoRA was trained for")
+        if check.unresolved:
+            raise UnresolvedModulesError(
+                f"{len(check.unresolved)} of {check.total} module names fit no tensor of {model.file} that diffusers' converter knows ({model.description})",
+                path=ckpt.file, key=check.unresolved[0], hint="`adapterfmt inspect FILE --base CHECKPOINT` lists them",
+            )
+        dora = [p for p in check.problems if "DoRA" in p]
+        if dora:
+            raise UnsupportedFeatureError(dora[0], path=ckpt.file)
+        adapter = component_adapter(ckpt, c, base_modules=view.module_paths(), factors=True)
+        adapters.append(adapter)
+        placed[id(adapter)] = {}
+        for m in modules:
+            if m.path is None:
+                continue
+            if m.split is not None:  # one adapter module per part, each at its own place
+                placed[id(adapter)].update({part: place for (part, _a, _b), place in zip(m.split, m.placement)})
+            else:
+                placed[id(adapter)][m.path] = m.placement
+    summary = ForeignMergeSummary(output=os.path.abspath(os.fspath(out)), adapter=src, format=ckpt.format)
+
+    def resolver(adapter: AdapterCheckpoint, _base: BaseModel) -> Resolution:
+        return _single_file_resolution(adapter, placed[id(adapter)])
+
+    merged = merge_to_file(model, adapters, out, resolver=resolver, overwrite=overwrite, progress=progress)
+    merged.findings = list(merged.findings)
+    summary.output = merged.output
+    summary.copied = untouched_groups(model, adapters, placed)
+    summary.components[", ".join(bases)] = merged  # one file: one merge for every component
+    return summary
+
+
+def _single_file_resolution(adapter: AdapterCheckpoint, placements: dict[str, Any]) -> Resolution:
+    """Each module of ``adapter`` bound to its placement in the single file (set by
+    :func:`~adapterfmt.formats.diffusion.components.check_component`): the whole tensor, or rows of a fused one."""
+    res = Resolution(adapter)
+    for path, m in adapter.lora.items():
+        place = placements.get(path)
+        if place is None:
+            res.unresolved.append(path)
+            continue
+        if m.factors is not None:
+            layout = FACTORS
+        else:
+            a = m.tensors["lora_A"]
+            layout = "linear" if len(a.shape) == 2 else "conv"
+        res.lora[path] = ResolvedLora(m, place.key, layout, rows=place.rows, shape=place.shape if place.rows is not None else None)
+    return res
+
+
+def untouched_groups(model: SingleFileBase, adapters: list[AdapterCheckpoint], placed: dict[int, dict[str, Any]]) -> list[str]:
+    """The parts of the single file no adapter changes, copied byte for byte: one line per top-level
+    name group (``model_ema.*: 1130 tensors``, ``vae.*``, ``text_encoders.*``, the rest of the model)."""
+    changed = {p.key for a in adapters for p in placed[id(a)].values() if p is not None}
+    groups: dict[str, int] = {}
+    for key in model.tensors:
+        if key in changed:
+            continue
+        head = model.prefix.rstrip(".") if model.prefix and key.startswith(model.prefix) else key.split(".", 1)[0]
+        groups[head] = groups.get(head, 0) + 1
+    return [f"{g}.*: {n} tensors copied unchanged" for g, n in sorted(groups.items())]
 
 
 def merge_peft_lycoris(base: "str | os.PathLike[str]", adapter: "str | os.PathLike[str]", out: "str | os.PathLike[str]", **options: Any) -> MergeSummary:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from ..tables.architectures import checkpoint_key, untie_flag_allowed
 from ..base.reading import BaseModel
@@ -186,6 +186,7 @@ def plan_merge(
     max_shard_size: "int | str | None" = None,
     allow_unused: bool = False,
     prefix_map: Optional[dict[str, str]] = None,
+    resolver: Optional[Callable[[AdapterCheckpoint, BaseModel], Resolution]] = None,
 ) -> MergePlan:
     """Decide every output tensor of merging ``adapters`` into ``base``, from headers.
 
@@ -203,6 +204,9 @@ def plan_merge(
             adapter modules that match no base tensor, instead of refusing.
         prefix_map (`dict`, *optional*): module-path prefix rewrites ``{old: new}`` applied to
             every adapter's module paths before they are looked up (``--prefix-map``).
+        resolver (`Callable`, *optional*): binds an adapter to the base in place of
+            :func:`~adapterfmt.base.resolution.resolve` (a single-file checkpoint, whose fused
+            tensors take LoRAs on rows: :attr:`~adapterfmt.base.resolution.ResolvedLora.rows`).
 
     Returns:
         A :class:`MergePlan`.
@@ -227,7 +231,7 @@ def plan_merge(
     applied: list[dict[str, list[int]]] = []
     for i, adapter in enumerate(adapters):
         refuse_unsupported(adapter)
-        res = resolve(adapter, base, prefix_map=prefix_map)
+        res = resolver(adapter, base) if resolver is not None else resolve(adapter, base, prefix_map=prefix_map)
         refuse_bad_resolution(adapter, res, allow_unused)
         skipped += res.unresolved
         findings += [f for f in res.findings if f not in findings]  # the base's own warnings come once

@@ -340,6 +340,55 @@ def _link_tree(src: str, dst: str) -> None:
     shutil.copytree(src, dst, symlinks=True, copy_function=link, dirs_exist_ok=True)
 
 
+def check_output_file(out: "str | os.PathLike[str]", inputs: Sequence[str], *, overwrite: bool) -> str:
+    """Refuse a one-file output that is an input, lies inside one, is a folder or a symlink, or
+    exists (without ``overwrite``). Returns ``out`` absolute.
+
+    Raises:
+        OutputPathError: any of the above.
+    """
+    absolute = os.path.abspath(os.fspath(out))
+    real = os.path.realpath(absolute)
+    for source in inputs:
+        if _inside(real, os.path.realpath(source)):
+            raise OutputPathError(f"is the input {source} or inside it", path=absolute, hint="write the merged file somewhere else; inputs are never modified")
+    if os.path.islink(absolute):
+        raise OutputPathError("is a symlink", path=absolute, hint="give a new file path")
+    if os.path.isdir(absolute):
+        raise OutputPathError("is a directory", path=absolute, hint="give a .safetensors file path")
+    if os.path.exists(absolute) and not overwrite:
+        raise OutputPathError("exists", path=absolute, hint="pass --overwrite to replace it, or choose another path")
+    return absolute
+
+
+class StagedFile(StagedDirectory):
+    """``OUT`` as one file, written all or nothing: the file is written in a locked staging directory
+    beside ``OUT`` (the naming, lock and clean-up of :class:`StagedDirectory`), fsynced, and renamed
+    onto ``OUT`` on :meth:`commit` (replacing an old file only with ``overwrite``)."""
+
+    def __init__(self, out: str, *, overwrite: bool = False) -> None:
+        super().__init__(out, overwrite=overwrite)
+        self.in_place, self.note = False, None
+        self.path = os.path.join(self.parent, f"{_prefix(self.name)}{TMP_TAG}-{os.getpid()}")
+
+    @property
+    def staged(self) -> str:
+        """The path the writer creates (``OUT``'s name inside the stage)."""
+        return os.path.join(self.path, self.name)
+
+    def commit(self) -> None:
+        fsync_tree(self.path)
+        pause_point("rename")
+        if os.path.isdir(self.out) or (os.path.lexists(self.out) and not self.overwrite):
+            raise OutputPathError("was created while the merge ran", path=self.out, hint="pass --overwrite or choose another path")
+        os.replace(self.staged, self.out)
+        self._committed = True
+        os_calls.sync_directory(self.parent)
+        shutil.rmtree(self.path, ignore_errors=True)
+        _release(self._lock)
+        self._lock = None
+
+
 def clean_stale(out: "str | os.PathLike[str]") -> list[str]:
     """Remove what killed runs into ``out`` left beside it; returns the paths cleaned up.
 

@@ -115,7 +115,7 @@ def describe_kohya(header: SafetensorsHeader, scalar: ScalarReader = read_scalar
 
 def foreign_findings(ckpt: ForeignCheckpoint) -> list[Finding]:
     """Incomplete modules, unknown keys and LyCORIS weight decomposition, as warnings (built in :mod:`adapterfmt.checkpoint.findings`)."""
-    from ...checkpoint.findings import foreign_unsupported_finding, incomplete_factors_finding, unknown_keys_finding
+    from ...checkpoint.findings import foreign_dora_finding, foreign_unsupported_finding, incomplete_factors_finding, unknown_keys_finding
 
     out = []
     incomplete = [m.name for m in ckpt.modules if not m.complete]
@@ -123,7 +123,10 @@ def foreign_findings(ckpt: ForeignCheckpoint) -> list[Finding]:
         out.append(incomplete_factors_finding(ckpt.file, incomplete))
     if ckpt.unknown_keys:
         out.append(unknown_keys_finding(ckpt.file, ckpt.unknown_keys, f"the {ckpt.format} grammar (FORMAT §10)"))
-    dora = [m.name for m in ckpt.modules if m.dora_scale is not None]
-    if dora:
-        out.append(foreign_unsupported_finding(ckpt.file, "LyCORIS weight decomposition (dora_scale)", dora))
+    dora = [m for m in ckpt.modules if m.dora_scale is not None]
+    old_form = [m.name for m in dora if len(m.dora_scale.shape) >= 2 and m.dora_scale.shape[0] == 1 and any(d != 1 for d in m.dora_scale.shape[1:])]
+    if old_form:
+        out.append(foreign_unsupported_finding(ckpt.file, "LyCORIS weight decomposition in the old input-axis form (dora_scale (1, in))", old_form))
+    if len(old_form) < len(dora):
+        out.append(foreign_dora_finding(ckpt.file, [m.name for m in dora if m.name not in old_form]))
     return out

@@ -21,6 +21,7 @@ from ...checkpoint.config import parse_config
 from ...checkpoint.records import AdapterCheckpoint, LoraModule
 from ...errors import InconsistentAdapterError, InvalidConfigError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from ...checkpoint.config_rebuild import exact_pattern, rebuild_config
+from ...storage.header import TensorInfo
 from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
 
 _LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
@@ -69,9 +70,14 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
                 f"alpha is {m.alpha:g}; a negative alpha flips the adapter's sign, which adapterfmt does not apply", path=ckpt.file,
                 key=m.alpha_key or key, hint="the file is damaged, or was written with a sign convention adapterfmt does not know",
             )
-        if m.dora_scale is not None or "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
+        if m.dora_scale is not None:
+            why = dora_scale_problem(m, lora_only=lora_only)
+            if why:
+                raise UnsupportedFeatureError(why, path=ckpt.file, key=m.dora_scale.key,
+                                              hint="merge it (adapterfmt merge applies the output-axis form exactly, as PEFT's use_dora)" if lora_only else None)
+        if "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
             raise UnsupportedFeatureError(
-                "weight decomposition (DoRA) and lora_B biases in kohya/diffusers files are not supported", path=ckpt.file, key=key
+                "weight decomposition (DoRA) and lora_B biases in diffusers files are not supported", path=ckpt.file, key=key
             )
         if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
             what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
@@ -79,6 +85,29 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
                 f"{what} has no PEFT LoRA form (adapterfmt.load and convert to LoRA need one)",
                 path=ckpt.file, key=key, hint="merge it instead, or convert it to PEFT's own LOHA/LOKR (docs/BEHAVIOUR.md §7.4)",
             )
+
+
+def dora_scale_problem(m: ForeignModule, *, lora_only: bool) -> Optional[str]:
+    """Why a LyCORIS ``dora_scale`` cannot be applied, or ``None``.
+
+    LyCORIS' output-axis form (``wd_on_out``, its default since 2025-04: shape ``(out, 1, ...)``)
+    is PEFT's ``lora_magnitude_vector``: at multiplier 1 the merged weight is
+    ``m · (W + s·B·A) / ‖W + s·B·A‖`` per output row. The old input-axis form ``(1, in, ...)``
+    normalises over the other axis, which PEFT's DoRA has no form for.
+    """
+    assert m.dora_scale is not None
+    shape = tuple(m.dora_scale.shape)
+    if m.kind != LORA or "lora_mid" in m.tensors:
+        return f"dora_scale on a {m.kind.upper() if m.kind != LORA else 'LoCon Tucker'} module is not supported"
+    if lora_only:
+        return "LyCORIS weight decomposition (dora_scale) has no place in a PEFT LoRA adapter here (adapterfmt.load and convert)"
+    out = m.weight_shape[0] if m.weight_shape else None
+    if len(shape) >= 2 and shape[0] == 1 and (out is None or out != 1) and any(d != 1 for d in shape[1:]):
+        return (f"dora_scale {list(shape)} is LyCORIS' old input-axis form (wd_on_out=False): it normalises over the output "
+                "axis, which PEFT's DoRA does not; re-export with a LyCORIS that writes the output-axis form (out, 1)")
+    if not shape or (out is not None and shape[0] != out) or any(d != 1 for d in shape[1:]):
+        return f"dora_scale {list(shape)} fits no output axis of the weight {list(m.weight_shape or ())}"
+    return None
 
 
 def component_adapter(
@@ -114,6 +143,15 @@ def component_adapter(
     )
     for m in modules:
         assert m.path is not None
+        if m.split is not None:  # a fused single-file name on a diffusers base: one LoRA per part
+            down, up = m.tensors["lora_down"], m.tensors["lora_up"]
+            for part, first, end in m.split:
+                adapter.lora[part] = LoraModule(
+                    path=part, layer_kind="linear", rank=m.rank, config_rank=config.rank_for(part), alpha=config.alpha_for(part),
+                    scaling=m.scaling, use_dora=False, lora_bias=False, tensors={"lora_A": down, "lora_B": row_slice(up, first, end)},
+                    keys={"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]},
+                )
+            continue
         if m.kind != LORA or "lora_mid" in m.tensors:
             adapter.lora[m.path] = LoraModule(
                 path=m.path, layer_kind=m.layer_kind or "unknown", rank=m.rank, config_rank=config.rank_for(m.path),
@@ -122,12 +160,25 @@ def component_adapter(
             )
             continue
         down, up = m.tensors["lora_down"], m.tensors["lora_up"]
+        tensors, keys = {"lora_A": down, "lora_B": up}, {"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]}
+        if m.dora_scale is not None:  # output-axis dora_scale = PEFT's magnitude vector (out,), the same bytes
+            tensors["magnitude"], keys["magnitude"] = m.dora_scale._replace(shape=(m.dora_scale.shape[0],)), m.dora_scale.key
         adapter.lora[m.path] = LoraModule(
             path=m.path, layer_kind=_LAYER_KIND.get(len(down.shape), "unknown"), rank=m.rank, config_rank=config.rank_for(m.path),
-            alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=False, lora_bias=False,
-            tensors={"lora_A": down, "lora_B": up}, keys={"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]},
+            alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=m.dora_scale is not None, lora_bias=False, tensors=tensors, keys=keys,
         )
     return adapter
+
+
+def row_slice(info: TensorInfo, first: int, end: int) -> TensorInfo:
+    """Rows ``first:end`` of a stored tensor, as the byte range they occupy (rows are contiguous)."""
+    row = info.nbytes // info.shape[0]
+    return TensorInfo(info.key, info.file, info.dtype, (end - first, *info.shape[1:]), info.start + first * row, info.start + end * row)
+
+
+def _module_paths(modules: list[ForeignModule]) -> list[tuple[ForeignModule, str]]:
+    """``(module, path)`` for every adapter module a foreign module becomes (a split one: one per part)."""
+    return [(m, p) for m in modules if m.path is not None for p in ([s[0] for s in m.split] if m.split else [m.path])]
 
 
 def peft_config_document(
@@ -135,8 +186,8 @@ def peft_config_document(
 ) -> dict:
     """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas,
     and the adapter's own ``modules_to_save`` entries (a PEFT LoHa / LoKr adapter's)."""
-    ranks = {m.path: int(m.rank or 1) for m in modules if m.path is not None}
-    alphas = {m.path: effective_alpha(m) for m in modules if m.path is not None}
+    ranks = {p: int(m.rank or 1) for m, p in _module_paths(modules)}
+    alphas = {p: effective_alpha(m) for m, p in _module_paths(modules)}
     counts = Counter(alphas.values())
     lora_alpha: Optional[float] = min(counts, key=lambda a: (-counts[a], a)) if counts else None
     doc = rebuild_config(ranks, full_copies=list(modules_to_save), use_dora=False, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)

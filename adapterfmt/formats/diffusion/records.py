@@ -68,6 +68,12 @@ class ForeignModule:
     dora_scale: Optional[TensorInfo] = None
     config_scaling: Optional[float] = None  #: diffusers files with a LoraConfig in their metadata
     weight_shape: Optional[tuple[int, ...]] = None  #: the base weight's shape, once resolved against a base
+    #: against a single-file base: where the module's weight lies in the file
+    #: (:class:`adapterfmt.single_file.checkpoint.Placement`), set with ``path``
+    placement: Optional[Any] = None
+    #: a LoRA on a fused single-file name against a diffusers base: ``((module, first, end), ...)``,
+    #: the diffusers modules it is split onto and the rows of ``lora_up`` each takes (``lora_down`` shared)
+    split: Optional[tuple[tuple[str, int, int], ...]] = None
     grammar_name: Optional[str] = None
     grammar_note: Optional[str] = None
     checked: bool = False
@@ -146,6 +152,8 @@ class ForeignModule:
         an empty factor), or ``None``. Every tensor must be used exactly once, so a LoKr half
         given both in full and factored is an error, never a choice."""
         t = self.tensors
+        if "diff" in t or "diff_b" in t:
+            return "holds a full delta (.diff / .diff_b), which adapterfmt reads but does not merge yet"
         if self.kind == LORA:
             missing = "lora_down" not in t or "lora_up" not in t
         elif self.kind == LOHA:
