@@ -27,3 +27,11 @@ def base_options(*, subfolder_names: tuple[str, ...] = ("--base-subfolder",)) ->
         return click.option(*subfolder_names, "base_subfolder", metavar="NAME", help=SUBFOLDER_HELP)(f)
 
     return decorate
+
+
+#: ``--single-file-kind`` (merge, check, inspect): a single-file checkpoint's kind where its keys cannot decide.
+single_file_kind_option = click.option(
+    "--single-file-kind",
+    type=click.Choice(["flux", "sd1", "sd2", "sdxl"]),
+    help="A single-file checkpoint as --base: its kind, where the keys cannot decide (checked against them, never assumed).",
+)

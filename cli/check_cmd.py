@@ -12,7 +12,7 @@ from adapterfmt.storage.gc_pause import with_gc_paused
 from adapterfmt.base.resolution import resolve
 from adapterfmt.reports.check import CheckDocument, check_document, foreign_check_document
 
-from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
+from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options, single_file_kind_option
 from .main import done_without_teardown
 from .output import emit_json, warn
 from .render import check_text
@@ -36,12 +36,15 @@ def parse_prefix_map(ctx: click.Context, param: click.Parameter, values: tuple[s
     return out
 
 
-def foreign_check(ckpt: Any, adapter: str, base: str, component: Optional[str]) -> CheckDocument:
+def foreign_check(ckpt: Any, adapter: str, base: str, component: Optional[str], single_file_kind: Optional[str] = None) -> CheckDocument:
     """A kohya / LyCORIS / diffusers file (or PEFT LoHa / LoKr directory) checked per component
-    against ``base`` (a component or pipeline directory, or for PEFT the model)."""
+    against ``base`` (a component or pipeline directory, a single-file checkpoint, or for PEFT the model)."""
     from adapterfmt.formats.diffusion.components import check_component, component_bases, read_component
 
-    bases = {None: read_component(base)} if ckpt.format == "peft" else component_bases(ckpt, base, component)
+    if ckpt.format == "peft":
+        bases = {None: read_component(base)}
+    else:
+        bases = component_bases(ckpt, base, component, single_file_kind_override=single_file_kind)
     return foreign_check_document(ckpt, [check_component(ckpt, c, b) for c, b in bases.items()], adapter=adapter, base=base)
 
 
@@ -70,6 +73,7 @@ def emit_check(doc: CheckDocument, *, as_json: bool) -> None:
 )
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@single_file_kind_option
 @click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
@@ -84,6 +88,7 @@ def check_command(
     base_subfolder: Optional[str],
     base_revision: Optional[str],
     allow_pickle: bool,
+    single_file_kind: Optional[str],
     component: Optional[str],
     as_json: bool,
     strict: bool,
@@ -107,7 +112,7 @@ def check_command(
 
     source = locate_foreign(adapter, subfolder=subfolder, weight_name=weight_name, revision=adapter_revision)
     if source is not None:
-        doc = foreign_check(source.read(), adapter, base, component)
+        doc = foreign_check(source.read(), adapter, base, component, single_file_kind)
         emit_check(doc, as_json=as_json)
         if not doc.ok or (strict and doc.warnings):
             raise click.exceptions.Exit(1)

@@ -12,7 +12,7 @@ from adapterfmt.formats.peft.reading import read_adapter
 from adapterfmt.storage.gc_pause import with_gc_paused
 from adapterfmt.reports.inspect import foreign_inspect_report, inspect_report
 
-from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
+from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options, single_file_kind_option
 from .main import done_without_teardown
 from .output import emit_json, emit_report, warn
 from .render import render_inspect
@@ -66,6 +66,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @click.option("--revision", metavar="REV", help=ADAPTER_REVISION_HELP)
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@single_file_kind_option
 @click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for.")
 @click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
 @with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
@@ -80,6 +81,7 @@ def inspect_command(
     base_subfolder: Optional[str],
     base_revision: Optional[str],
     allow_pickle: bool,
+    single_file_kind: Optional[str],
     component: Optional[str],
     strict: bool,
 ) -> None:
@@ -116,7 +118,7 @@ def inspect_command(
         if base is not None:
             from .check_cmd import foreign_check
 
-            check = foreign_check(foreign, adapter, base, None if source.format == "peft" else component)
+            check = foreign_check(foreign, adapter, base, None if source.format == "peft" else component, single_file_kind)
         scan_findings = None
         if scan:
             from adapterfmt.reports.scan import foreign_non_finite_findings

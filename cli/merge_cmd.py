@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import click
 
-from .base_options import PICKLE_HELP, WEIGHT_NAME_HELP, base_options
+from .base_options import PICKLE_HELP, WEIGHT_NAME_HELP, base_options, single_file_kind_option
 from .check_cmd import parse_prefix_map
 from .main import done_without_teardown, freeze_imported_objects
 from .output import emit_json, progress_enabled, warn
@@ -99,7 +99,7 @@ class _Bar:
 )
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several.")
-@click.option("--single-file-kind", type=click.Choice(["flux", "sd1", "sd2", "sdxl"]), help="A single-file checkpoint as --base: its kind, where the keys cannot decide (checked against them, never assumed).")
+@single_file_kind_option
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")

@@ -180,6 +180,11 @@ def test_single_file_kind_override_and_convert_refusal(tmp_path, run_cli):
     assert res.exit_code == 2 and "does not hold the tensors of a Stable Diffusion 1.x" in res.stderr and not out.exists(), res
     res = run_cli("merge", "--base", base, "--adapter", lora, "-o", out, "--single-file-kind", "flux")
     assert res.exit_code == 0 and out.exists(), res
+    for command in (("check", "--adapter", lora), ("inspect", lora)):  # check and inspect --base take the override too
+        res = run_cli(*command, "--base", base, "--single-file-kind", "sd1")
+        assert res.exit_code == 2 and "does not hold the tensors of a Stable Diffusion 1.x" in res.stderr, res
+        res = run_cli(*command, "--base", base, "--single-file-kind", "flux", "--json")
+        assert res.exit_code == 0 and json.dumps(res.json()).count('"ok": true') >= 1, res
     res = run_cli("merge", "--base", base, "--adapter", lora, "-o", tmp_path / "p.safetensors", "--dtype", "bf16")
     assert res.exit_code == 2 and "dtype does not apply" in res.stderr, res
     res = run_cli("convert", lora, "--to", "peft", "-o", tmp_path / "peft", "--base", base)
