@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..convert.foreign import _atomic_file, _write_file
+from ..convert.foreign import write_safetensors_file
+from ..storage.staging import check_output_file
 from ..errors import InvalidConfigError, UnsupportedFeatureError
 from ..formats.diffusion.diffusers_lora import METADATA_KEY
 from ..formats.diffusion.records import LORA
@@ -51,7 +52,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
     if rule.kind == "rank" and rule.value > top:
         raise InvalidConfigError(f"--rank {int(rule.value)} is above the file's largest rank {top}", path=ckpt.file, key="rank",
                                  hint="resize only lowers ranks; pick a rank up to that")
-    out = _atomic_file(output, overwrite, [found.path])  # before the work, not after
+    out = check_output_file(output, [found.path], overwrite=overwrite)  # before the work, not after
     report = AlgebraReport("resize", "", ckpt.format, [{"path": shown, "weight": 1.0}], rule.as_dict())
     changes: dict[str, Any] = {}
     ranks: dict[str, dict[str, int]] = {}  # component -> module name -> rank (diffusers metadata)
@@ -91,7 +92,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
     if any(r.dora for r in report.rows):
         report.notes.append("DoRA (dora_scale) modules: the LoRA part is resized and dora_scale kept; the error is that of the LoRA part")
     report.notes.append("every module's scale is folded into its factors: alpha = new rank (scale 1)")
-    _write_file(out, entries, metadata)
+    write_safetensors_file(out, entries, metadata, overwrite=overwrite)
     report.output = out
     return report
 

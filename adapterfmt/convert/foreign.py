@@ -25,10 +25,10 @@ from ..base.reading import BaseModel
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from .wrapped import write_safetensors
 from ..formats.peft.reading import AdapterCheckpoint, read_adapter
-from ..errors import InvalidConfigError, OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
+from ..errors import InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
 from ..checkpoint.finding import Finding
 from ..storage.safetensors_stream import ShardWriter, TensorSpec
-from ..storage.staging import TMP_TAG, StagedDirectory, check_output_path, clean_stale, fsync_dir
+from ..storage.staging import StagedDirectory, StagedFile, check_output_file, check_output_path, clean_stale
 from ..formats.diffusion.components import component_bases, is_pipeline, read_component
 from ..formats.detect import read_foreign
 from ..formats.diffusion.diffusers_lora import METADATA_KEY
@@ -171,19 +171,6 @@ def _refuse_for_export(adapter: AdapterCheckpoint, source: str) -> None:
         raise UnsupportedFeatureError(f"cannot be written as a kohya/diffusers file: {reasons[0]}", path=source, hint="only LoRA on Linear and Conv layers converts")
 
 
-def _atomic_file(out: str, overwrite: bool, inputs: list[str]) -> str:
-    absolute = os.path.abspath(out)
-    for src in inputs:
-        real = os.path.realpath(src)
-        if os.path.realpath(absolute) == real or os.path.realpath(absolute).startswith(real.rstrip(os.sep) + os.sep):
-            raise OutputPathError(f"is inside the input {src}", path=absolute, hint="write the file somewhere else; inputs are never modified")
-    if os.path.isdir(absolute):
-        raise OutputPathError("is a directory", path=absolute, hint="give a .safetensors file path")
-    if os.path.exists(absolute) and not overwrite:
-        raise OutputPathError("exists", path=absolute, hint="pass --overwrite to replace it, or choose another path")
-    return absolute
-
-
 def from_peft(
     source: "str | os.PathLike[str]",
     output: "str | os.PathLike[str]",
@@ -225,7 +212,7 @@ def from_peft(
             f"{len(res.unresolved)} module(s) match no weight of the base, {len(res.shape_errors)} do not fit it",
             path=src, key=(res.unresolved or res.shape_errors)[0], hint="is this the component the adapter was trained on?",
         )
-    out = _atomic_file(os.fspath(output), overwrite, [src, model.directory])
+    out = check_output_file(output, [src, model.directory], overwrite=overwrite)
     modules = sorted(adapter.lora.items())
     if to == KOHYA:
         entries, folded = _kohya_entries(modules, component, model, src)
@@ -235,7 +222,7 @@ def from_peft(
         folded = []
         doc = {f"{component}.{k}": v for k, v in dict(adapter.config.raw).items()}
         metadata = {"format": "pt", METADATA_KEY: json.dumps(doc, sort_keys=True)}
-    _write_file(out, entries, metadata)
+    write_safetensors_file(out, entries, metadata, overwrite=overwrite)
     return ForeignConvertResult(src, out, to, component, len(modules), len(entries), folded, list(adapter.findings))
 
 
@@ -317,21 +304,23 @@ def _factors_to_kohya(src: str, output: str, *, to: str, base: str, component: s
             entries.append((f"{name}.{slot}", info, ("scale", factor) if slot == fold and factor != 1.0 else None))
         if factor != 1.0:
             folded.append(m.path)
-    out = _atomic_file(output, overwrite, [src, model.directory])
-    _write_file(out, entries, {"format": "pt"})
+    out = check_output_file(output, [src, model.directory], overwrite=overwrite)
+    write_safetensors_file(out, entries, {"format": "pt"}, overwrite=overwrite)
     return ForeignConvertResult(src, out, to, component, len(modules), len(entries), folded, list(ckpt.findings))
 
 
-def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
-    """One safetensors file: tensors copied byte for byte, or computed (alpha scalars, folded ups).
+def write_safetensors_file(out: str, entries: list, metadata: dict[str, str], *, overwrite: bool) -> None:
+    """One safetensors file, all or nothing (:class:`~adapterfmt.storage.staging.StagedFile`):
+    tensors copied byte for byte, or computed (alpha scalars, folded ups, resized factors).
 
     ``entries`` are ``(key, source info, change)``; change ``None`` copies, ``("scalar", v)`` writes
     a float32 0-d tensor, ``("scale", f)`` the source times ``f``, ``("tensor", t)`` the tensor ``t``.
+    Keys are written in sorted order, as ``safetensors`` writes them.
     """
     import torch
 
     from ..storage.tensor_source import TensorReader
-    from ..storage.torch_io import TORCH_DTYPES, tensor_bytes
+    from ..storage.torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES, tensor_bytes
 
     values: dict[str, Any] = {}
     with TensorReader() as reader:
@@ -345,32 +334,27 @@ def _write_file(out: str, entries: list, metadata: dict[str, str]) -> None:
             else:
                 t = reader.get(info)
                 values[key] = (t.float() * change[1]).to(TORCH_DTYPES[info.dtype]).contiguous()
-    from ..storage.torch_io import SAFETENSORS_DTYPES
-
     ordered = sorted(entries, key=lambda e: e[0])
-    specs = [TensorSpec(k, SAFETENSORS_DTYPES[values[k].dtype] if k in values else i.dtype, tuple(values[k].shape) if k in values else tuple(i.shape)) for k, i, _ in ordered]
-    parent = os.path.dirname(out) or "."
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.{TMP_TAG}-{os.getpid()}")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    writer = ShardWriter(tmp, specs, metadata=metadata)
+    specs = [
+        TensorSpec(k, SAFETENSORS_DTYPES[values[k].dtype], tuple(values[k].shape)) if k in values else TensorSpec(k, i.dtype, tuple(i.shape))
+        for k, i, _ in ordered
+    ]
     fds: dict[str, int] = {}
-    try:
-        for key, info, _ in ordered:
-            if key in values:
-                writer.write(key, tensor_bytes(values[key]))
-            else:
-                if info.file not in fds:
-                    fds[info.file] = os.open(info.file, os.O_RDONLY)
-                writer.copy([key], fds[info.file], info.start)
-        writer.close()  # fsyncs the file
-        os.replace(tmp, out)
-        fsync_dir(parent)
-    except BaseException:
-        writer.abort()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    with StagedFile(out, overwrite=overwrite) as staging:
+        writer = ShardWriter(staging.staged, specs, metadata=metadata)
+        try:
+            for key, info, _ in ordered:
+                if key in values:
+                    writer.write(key, tensor_bytes(values[key]))
+                else:
+                    if info.file not in fds:
+                        fds[info.file] = os.open(info.file, os.O_RDONLY)
+                    writer.copy([key], fds[info.file], info.start)
+            writer.close()  # fsyncs the file
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        staging.commit()
