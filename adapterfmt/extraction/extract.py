@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..base.reading import BaseModel, read_base
-from ..checkpoint.keys import KeyParts, Role, render_saved
+from ..checkpoint.keys import KeyParts, Role, bias_key, render_saved
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ..errors import MergeError, UnsupportedFeatureError
 from ..storage.safetensors_stream import ShardWriter, TensorSpec
@@ -161,6 +161,7 @@ def extract_adapter(
             summary.dropped = [f"{t.key}: vLLM refuses lora_bias" for _, t in biases.values()]
             biases = {}
         made = _factorize_all(pairing, source, rule, seed, DTYPES[dtype], summary, progress)
+        biases = _bias_terms(b_model, made, biases, summary)
         if not made and not pairing.full_copies:
             raise MergeError("the tuned model does not differ from the base in any tensor the adapter can hold", path=t_model.directory, hint="is it the same model? see the list of changed tensors with --json")
         config = _config(b_model, os.fspath(base), made, biases, pairing, target_modules)
@@ -218,6 +219,23 @@ def _factorize_all(
     return made
 
 
+def _bias_terms(base: BaseModel, made: dict[str, Factors], biases: dict, summary: ExtractSummary) -> dict:
+    """The ``lora_B.bias`` of every LoRA module, or none: PEFT's ``lora_bias`` gives every targeted
+    module one and cannot merge it into a module without a base bias. So bias deltas are kept
+    only when every LoRA module has a base bias (unchanged ones get zeros); else they are listed."""
+    biases = {m: pair for m, pair in biases.items() if m in made}
+    if not biases:
+        return {}
+    missing = [m for m in made if bias_key(m) not in base.tensors]
+    if missing:
+        for module, (_, t) in biases.items():
+            summary.not_low_rank.append(NotLowRank(t.key, tuple(t.shape), f"a bias delta: lora_bias would give every LoRA module a bias, and '{missing[0]}' has none in the base"))
+        for m in summary.modules:
+            m.bias = False
+        return {}
+    return {m: biases.get(m, (base.tensors[bias_key(m)], None)) for m in made}
+
+
 def _config(base: BaseModel, base_spec: str, made: dict[str, Factors], biases: dict, pairing: Pairing, target_modules: Optional[Sequence[str]]) -> dict[str, Any]:
     ranks = {m: f.rank for m, f in made.items()}
     r = max(ranks.values(), default=1)
@@ -234,7 +252,7 @@ def _config(base: BaseModel, base_spec: str, made: dict[str, Factors], biases: d
         "alpha_pattern": dict(pattern),
         "target_modules": sorted(made),
         "modules_to_save": sorted(pairing.full_copies) or None,
-        "lora_bias": bool(biases and any(m in made for m in biases)),
+        "lora_bias": bool(biases),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
@@ -249,6 +267,11 @@ def _key(module: str, role: Role, param: Optional[str]) -> str:
     return render_saved(KeyParts(module, role, param), prefix=PEFT_PREFIX)
 
 
+def _bias_delta(source: TensorSource, b: Any, t: Any, dtype: torch.dtype) -> torch.Tensor:
+    base = source.read(b).float()
+    return (torch.zeros_like(base) if t is None else source.read(t).float() - base).to(dtype)
+
+
 def _write_weights(path: str, made: dict[str, Factors], biases: dict, pairing: Pairing, source: TensorSource, dtype: torch.dtype) -> None:
     """The adapter's safetensors file: factors from memory, bias deltas computed now, full copies
     copied from the tuned model's file."""
@@ -261,10 +284,10 @@ def _write_weights(path: str, made: dict[str, Factors], biases: dict, pairing: P
             specs.append(TensorSpec(key, name, tuple(tensor.shape)))
             jobs.append((key, lambda w, k, x=tensor: w.write(k, tensor_bytes(x))))
         if module in biases:
-            b, t = biases[module]
+            b, t = biases[module]  # t None: the bias did not change, its delta is zeros
             key = _key(module, Role.LORA_B, "bias")
-            specs.append(TensorSpec(key, name, tuple(t.shape)))
-            jobs.append((key, lambda w, k, b=b, t=t: w.write(k, tensor_bytes((source.read(t).float() - source.read(b).float()).to(dtype)))))
+            specs.append(TensorSpec(key, name, tuple(b.shape)))
+            jobs.append((key, lambda w, k, b=b, t=t: w.write(k, tensor_bytes(_bias_delta(source, b, t, dtype)))))
     for module, params in sorted(pairing.full_copies.items()):
         for param, t in params:
             key = _key(module, Role.FULL_COPY, param)

@@ -59,8 +59,10 @@ def kept_rank(singular_values: torch.Tensor, rule: RankRule, total_energy: Optio
     if total <= 0:
         return 0
     cumulative = torch.cumsum(energy, 0)
-    # the first index whose cumulative sum reaches the target, + 1 (a count, not an index)
-    reached = torch.nonzero(cumulative >= (rule.energy or 0.0) * total * (1 - 1e-12))
+    # the first index whose cumulative sum reaches the target, + 1 (a count, not an index); a sum
+    # that reaches it up to the rounding of the values' own dtype counts as reaching it
+    slack = 4 * torch.finfo(singular_values.dtype).eps if singular_values.is_floating_point() else 0.0
+    reached = torch.nonzero(cumulative >= (rule.energy or 0.0) * total * (1 - slack))
     return int(reached[0]) + 1 if reached.numel() else n
 
 
