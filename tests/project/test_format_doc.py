@@ -54,6 +54,8 @@ BEHAVIOUR_SECTIONS = {
     5: "Python API",
     6: "Wrapped checkpoints",
     7: "Diffusion ecosystem files",
+    8: "`adapterfmt extract`",
+    9: "`adapterfmt verify-merge`",
 }
 
 
