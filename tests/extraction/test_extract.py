@@ -17,50 +17,16 @@ from peft import PeftModel
 from adapterfmt.extraction.extract import extract_adapter
 from adapterfmt.extraction.factorize import RankRule, factorize, kept_rank
 
-from conftest import REPO, assert_one_error_line
+from conftest import REPO, assert_one_error_line  # noqa: E402
 
-SCHEMA = json.loads((REPO / "docs" / "schemas" / "extract.schema.json").read_text())
-LOW_RANK = ("q_proj", "k_proj", "v_proj", "o_proj")  # fine-tuned by a rank-3 update
-FULL_RANK = ("gate_proj", "up_proj", "down_proj")  # fine-tuned everywhere
-
-
-def _config(**kw: object) -> transformers.LlamaConfig:
-    args = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, attention_bias=True)
-    args.update(kw)
-    return transformers.LlamaConfig(**args)
+from _extract_models import FULL_RANK, LOW_RANK, _config, _load, _peft_merge, make_models
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("extract")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(_config())
-    model.save_pretrained(str(tmp / "base"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            module = name.rsplit(".", 2)[-2]
-            if name.endswith("weight") and module in LOW_RANK:
-                p.add_(torch.randn(p.shape[0], 3, generator=g) @ torch.randn(3, p.shape[1], generator=g) * 0.02)
-            elif name.endswith("weight") and module in FULL_RANK:
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)
-            elif name.endswith("q_proj.bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-            elif name == "model.norm.weight":
-                p.add_(0.25)
-    model.save_pretrained(str(tmp / "tuned"))
-    return tmp / "base", tmp / "tuned"
+    return make_models(tmp_path_factory)
 
-
-def _load(path: Path) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
-
-
-def _peft_merge(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
-    model = PeftModel.from_pretrained(_load(base), str(adapter))
-    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
-
-
+SCHEMA = json.loads((REPO / "docs" / "schemas" / "extract.schema.json").read_text())
 def test_kept_rank_rule() -> None:
     s = torch.tensor([4.0, 3.0, 2.0, 1.0]).sqrt()  # energies 4, 3, 2, 1 of 10
     assert kept_rank(s, RankRule(energy=0.4)) == 1  # exactly reached by the first: no extra value kept
