@@ -30,6 +30,9 @@ Examples:
 @click.option("--for", "target", type=click.Choice(["vllm"]), help="An adapter this engine loads: no full copies, no lora_bias, rank <= 512.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="dtype of the LoRA factors (errors are measured as stored).")
+@click.option("--svd", type=click.Choice(["auto", "randomized", "exact"]), default="auto", show_default=True,
+              help="auto: randomized, exact SVD where it misses the rule's target; randomized: with --rank, take the randomized result "
+                   "without the optimality certificate (fast on dense deltas; its error is still exact); exact: always the exact SVD.")
 @click.option("--base-revision", metavar="REV", help="Hub revision of --base.")
 @click.option("--tuned-revision", metavar="REV", help="Hub revision of --tuned.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
@@ -46,6 +49,7 @@ def extract_command(
     target: Optional[str],
     seed: int,
     dtype: str,
+    svd: str,
     base_revision: Optional[str],
     tuned_revision: Optional[str],
     overwrite: bool,
@@ -67,7 +71,7 @@ def extract_command(
     targets = list(target_modules) + list(extra_targets) if target_modules else None
     summary = extract_adapter(
         base, tuned, out, rank=rank, energy=energy, target_modules=targets, full_copies=full_copies, target=target,
-        seed=seed, dtype=dtype, overwrite=overwrite, base_revision=base_revision, tuned_revision=tuned_revision,
+        seed=seed, dtype=dtype, svd=svd, overwrite=overwrite, base_revision=base_revision, tuned_revision=tuned_revision,
     )  # fmt: skip
     doc = summary.as_dict()
     if as_json:

@@ -60,6 +60,7 @@ class ExtractSummary:
     tuned: str
     rule: dict[str, Any]
     target: Optional[str]
+    svd: str = "auto"
     modules: list[ModuleReport] = field(default_factory=list)
     not_low_rank: list[NotLowRank] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -90,6 +91,7 @@ class ExtractSummary:
             "base": self.base,
             "tuned": self.tuned,
             "rule": self.rule,
+            "svd": self.svd,
             "for": self.target,
             "totals": self.totals(),
             "modules": [m.as_dict() for m in self.modules],
@@ -111,6 +113,7 @@ def extract_adapter(
     target: Optional[str] = None,
     seed: int = 0,
     dtype: str = "fp32",
+    svd: str = "auto",
     overwrite: bool = False,
     base_revision: Optional[str] = None,
     tuned_revision: Optional[str] = None,
@@ -127,6 +130,8 @@ def extract_adapter(
         target: ``"vllm"``: an adapter vLLM loads (no full copies, no ``lora_bias``, rank ≤ 512).
         seed: the randomized SVD's generator seed (per module: seed and module name).
         dtype: the factors' dtype (``fp32``, ``bf16``, ``fp16``); errors are measured as stored.
+        svd: ``auto`` (randomized, exact SVD where it misses the rule's target), ``randomized``
+            (``--rank``: the randomized result without the optimality certificate), ``exact``.
 
     Raises:
         ModelMismatchError: the tuned model is not a fine-tune of ``base`` (names the tensor).
@@ -137,6 +142,8 @@ def extract_adapter(
     rule = _rule(rank, energy)
     if dtype not in DTYPES:
         raise MergeError(f"unknown dtype {dtype!r}", key="dtype", hint="use fp32, bf16 or fp16")
+    if svd not in ("auto", "randomized", "exact"):
+        raise MergeError(f"unknown svd method {svd!r}", key="svd", hint="use auto, randomized or exact")
     if target not in (None, "vllm"):
         raise MergeError(f"unknown target {target!r}", key="for", hint="use vllm")
     if target == "vllm" and full_copies:
@@ -150,7 +157,7 @@ def extract_adapter(
     t_model = t_head if t_head.remote is None else read_base(tuned, revision=tuned_revision, download=True)
     clean_stale(out)
     target_dir = check_output_path(out, [_root(b_model), _root(t_model)], overwrite=overwrite)
-    summary = ExtractSummary(target_dir, os.fspath(base), os.fspath(tuned), rule.as_dict(), target)
+    summary = ExtractSummary(target_dir, os.fspath(base), os.fspath(tuned), rule.as_dict(), target, svd)
     with TensorSource(_memory(b_model, t_model)) as source:
         pairing = classify(b_model, t_model, source, targets=target_modules, full_copies=full_copies)
         summary.unchanged = pairing.unchanged
@@ -160,7 +167,7 @@ def extract_adapter(
         if target == "vllm" and biases:
             summary.dropped = [f"{t.key}: vLLM refuses lora_bias" for _, t in biases.values()]
             biases = {}
-        made = _factorize_all(pairing, source, rule, seed, DTYPES[dtype], summary, progress)
+        made = _factorize_all(pairing, source, rule, seed, DTYPES[dtype], svd, summary, progress)
         biases = _bias_terms(b_model, made, biases, summary)
         if not made and not pairing.full_copies:
             raise MergeError("the tuned model does not differ from the base in any tensor the adapter can hold", path=t_model.directory, hint="is it the same model? see the list of changed tensors with --json")
@@ -199,14 +206,14 @@ def _memory(*models: BaseModel) -> dict[str, Any]:
 
 
 def _factorize_all(
-    pairing: Pairing, source: TensorSource, rule: RankRule, seed: int, dtype: torch.dtype, summary: ExtractSummary, progress: Optional[Callable[[str], None]]
+    pairing: Pairing, source: TensorSource, rule: RankRule, seed: int, dtype: torch.dtype, svd: str, summary: ExtractSummary, progress: Optional[Callable[[str], None]]
 ) -> dict[str, Factors]:
     made: dict[str, Factors] = {}
     for module, (b, t) in pairing.lora.items():
         mark = time.perf_counter()
         delta = source.read(t).float() - source.read(b).float()  # two tensors and the delta: the workspace
         generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % (1 << 63))
-        f = factorize(delta, rule, generator=generator, dtype=dtype)
+        f = factorize(delta, rule, generator=generator, dtype=dtype, svd=svd)
         del delta
         if f.rank == 0:
             continue

@@ -16,8 +16,10 @@ The target per module comes from the rule:
   (a merged LoRA, say) passes; a delta with a flat tail cannot be certified and gets the exact SVD.
 
 A randomized result that misses its target is replaced by ``torch.linalg.svd`` (``method:
-exact``). Factors are split evenly, ``B = U √S``, ``A = √S Vᵀ``, with ``lora_alpha = rank``
-(scaling 1).
+exact``). ``svd="randomized"`` accepts the randomized result of ``--rank`` without the
+certificate (the fast mode for dense deltas; its error is still the exact residual, reported),
+``svd="exact"`` always runs the exact SVD. Factors are split evenly, ``B = U √S``,
+``A = √S Vᵀ``, with ``lora_alpha = rank`` (scaling 1).
 """
 
 from __future__ import annotations
@@ -131,8 +133,13 @@ def factorize(
     oversample: int = 10,
     power_iterations: int = 2,
     tolerance: float = 1e-3,
+    svd: str = "auto",
 ) -> Factors:
-    """Factor a float32 ``(m, n)`` delta by ``rule`` (see the module docstring for the target)."""
+    """Factor a float32 ``(m, n)`` delta by ``rule`` (see the module docstring for the target).
+
+    ``svd``: ``auto`` (randomized, exact where it misses the target), ``randomized`` (the
+    rank rule's randomized result taken as it is), ``exact``.
+    """
     m, n = delta.shape
     full = min(m, n)
     total = float(torch.sum(delta.double() ** 2))
@@ -141,7 +148,7 @@ def factorize(
         return Factors(empty[0], empty[1], 0, 0.0, 0.0, "exact")
     want = rule.rank if rule.rank is not None else min(full, 32)
     width = min(full, want + oversample)
-    while width < full // 2:  # past half the full rank the exact SVD is as cheap
+    while svd != "exact" and width < full // 2:  # past half the full rank the exact SVD is as cheap
         u, s, vh = _randomized(delta, width, power_iterations, generator)
         k = kept_rank(s, rule, total)
         if rule.energy is not None and k == width and width < full:
@@ -150,7 +157,7 @@ def factorize(
         a, b = _split(u, s, vh, k, dtype)
         f = Factors(a, b, k, total, residual(delta, b, a), "randomized")
         bound = float(torch.sum(s[k:].double() ** 2))  # ≤ the best rank-k residual
-        if _meets(f, rule, bound, tolerance):
+        if _meets(f, rule, bound, tolerance) or (svd == "randomized" and rule.rank is not None):
             return f
         break
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)

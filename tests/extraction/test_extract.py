@@ -96,6 +96,17 @@ def test_bias_deltas_as_lora_bias(models: tuple[Path, Path], tmp_path: Path) -> 
         assert torch.allclose(merged[key + ".weight"], t[key + ".weight"], atol=1e-5)
 
 
+def test_svd_modes(models: tuple[Path, Path], tmp_path: Path) -> None:
+    base, tuned = models
+    auto = {m.module: m for m in extract_adapter(base, tuned, tmp_path / "auto", rank=4).modules}
+    fast = {m.module: m for m in extract_adapter(base, tuned, tmp_path / "fast", rank=4, svd="randomized").modules}
+    exact = {m.module: m for m in extract_adapter(base, tuned, tmp_path / "exact", rank=4, svd="exact").modules}
+    assert {m.method for m in fast.values()} == {"randomized"} and {m.method for m in exact.values()} == {"exact"}
+    for module, m in fast.items():
+        assert m.relative_error >= exact[module].relative_error * (1 - 1e-5) - 1e-6  # the exact SVD is optimal (up to float32 noise)
+        assert auto[module].relative_error <= exact[module].relative_error * (1 + 1e-3) + 1e-6
+
+
 def test_energy_rule_per_module(models: tuple[Path, Path], tmp_path: Path) -> None:
     base, tuned = models
     summary = extract_adapter(base, tuned, tmp_path / "a", energy=0.6, dtype="bf16")
