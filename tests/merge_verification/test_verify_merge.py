@@ -198,3 +198,44 @@ def test_bad_input_one_line(tmp_path: Path, fp32, run_cli) -> None:
     assert_one_error_line(result, key)
     result = run_cli("verify-merge", "--base", "no-such-org/no-such-model", "--adapter", adapter, "--merged", missing)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+SHIPPED = [
+    ("tiny-llama", "tiny-llama-lora"),
+    ("tiny-llama", "tiny-llama-multi/second"),  # rsLoRA
+    ("tiny-llama", "tiny-llama-dora"),
+    ("tiny-bert", "tiny-bert-classifier"),  # a classifier head as a full copy
+    ("tiny-bert", "tiny-bert-lorabias"),
+    ("tiny-llama-tied", "tiny-llama-tied-lora"),  # a full copy of a tied head: the merge unties it
+]
+
+
+@pytest.mark.parametrize("base,adapter", SHIPPED, ids=[a for _, a in SHIPPED])
+def test_adapterfmt_merges_of_shipped_adapters_pass(tmp_path: Path, base: str, adapter: str) -> None:
+    import adapterfmt
+
+    b, a = REPO / "testdata" / base, REPO / "testdata" / adapter
+    adapterfmt.merge_to_directory(b, a, tmp_path / "m")
+    report = verify_merge(b, a, tmp_path / "m")
+    assert report.ok, report.failures
+    assert report.counts()["merge"] > 0
+
+
+def test_merged_to_another_dtype_passes(tmp_path: Path) -> None:
+    import adapterfmt
+
+    b, a = REPO / "testdata" / "tiny-llama", REPO / "testdata" / "tiny-llama-lora"
+    adapterfmt.merge_to_directory(b, a, tmp_path / "m", dtype="fp32")
+    report = verify_merge(b, a, tmp_path / "m")
+    assert report.ok and report.dtype == "F32" and report.counts()["convert"] > 0
+
+
+@pytest.mark.parametrize("adapter", ["tiny-llama-dora", "tiny-bert-lorabias"])
+def test_peft_merges_of_dora_and_lora_bias_pass(tmp_path: Path, adapter: str) -> None:
+    base = "tiny-bert" if "bert" in adapter else "tiny-llama"
+    b, a = REPO / "testdata" / base, REPO / "testdata" / adapter
+    auto = transformers.AutoModelForSequenceClassification if "bert" in base else transformers.AutoModelForCausalLM
+    model = PeftModel.from_pretrained(auto.from_pretrained(str(b)), str(a)).merge_and_unload()
+    model.save_pretrained(str(tmp_path / "m"))
+    report = verify_merge(b, a, tmp_path / "m")
+    assert report.ok, report.failures
