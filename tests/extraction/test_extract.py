@@ -151,3 +151,24 @@ def test_bad_input_one_line(models: tuple[Path, Path], tmp_path: Path, run_cli) 
     assert_one_error_line(run_cli("extract", "--base", "no-such-org/no-such-model", "--tuned", base, "-o", tmp_path / "o", "--rank", "2"))
     assert_one_error_line(run_cli("extract", "--base", base, "--tuned", base, "-o", tmp_path / "o", "--rank", "2", "--energy", "0.5"), "--rank")
     assert not (tmp_path / "o").exists()
+
+
+def test_resized_vocabulary_listed_and_saved_only_when_named(models: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    base, _ = models
+    model = _load(base)
+    model.resize_token_embeddings(72)  # new rows in the embedding and the head
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    model.save_pretrained(str(tmp_path / "tuned"))
+    listed = extract_adapter(base, tmp_path / "tuned", tmp_path / "a", rank=2)
+    reasons = {n.key: n.reason for n in listed.not_low_rank}
+    assert reasons == {"model.embed_tokens.weight": "resized vocabulary ([64, 64] -> [72, 64])", "lm_head.weight": "resized vocabulary ([64, 64] -> [72, 64])"}
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"] is None
+    saved = extract_adapter(base, tmp_path / "tuned", tmp_path / "b", rank=2, full_copies=["embed_tokens", "lm_head"])
+    assert saved.full_copies == ["lm_head", "model.embed_tokens"] and all(n.saved for n in saved.not_low_rank)
+    tuned = _load(tmp_path / "tuned").state_dict()
+    with safe_open(str(tmp_path / "b" / "adapter_model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("base_model.model.lm_head.weight"), tuned["lm_head.weight"])
+        assert torch.equal(f.get_tensor("base_model.model.model.embed_tokens.weight"), tuned["model.embed_tokens.weight"])
