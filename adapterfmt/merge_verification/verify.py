@@ -176,8 +176,15 @@ def verify_merge(
                 verdict = checker.untied_config(t, planned, verdict)
             report.tensors.append(verdict)
         for key in out.tensors:
-            if key not in planned:
-                report.tensors.append(TensorVerdict(key, "extra", False, V.UNEXPECTED, "is not a tensor of the base model: a leftover of the adapter wrapper?"))
+            if key in planned:
+                continue
+            emb = checker.tied_embedding(key)
+            if emb in planned:  # a head the base ties, stored: it must hold what its embedding holds
+                v = checker.check(planned[emb], out.tensors[key])
+                v.key, v.detail = key, (v.detail or f"stored, equal to the merged '{emb}' it is tied to")
+                report.tensors.append(v)
+                continue
+            report.tensors.append(TensorVerdict(key, "extra", False, V.UNEXPECTED, "is not a tensor of the base model: a leftover of the adapter wrapper?"))
     checker.find_wrong_modules(report.tensors)
     return report
 
@@ -339,8 +346,10 @@ class _Checker:
         square = total.dim() == 2 and total.shape[0] == total.shape[1]
         base_info = self.base.tensors.get(t.key)
         stats = V.Stats()
+        same_source = base_info is not None and base_info.key == t.source.key and base_info.file == t.source.file
         for rows in _rows(t.shape):
-            w = self.source.read(t.source, rows).float()
+            raw = self.source.read(t.source, rows)
+            w = raw.float()
             m = self.source.read(info, rows)
             parts = [_part(d, rows) for d in deltas]
             r = w
@@ -353,11 +362,17 @@ class _Checker:
                 for d in parts:
                     acc = acc + (d if dt is None else d.to(dt).float())
                 matched[name] = V.same_bits(acc.to(out_dtype), m)
-            base_same = base_info is not None and base_info.dtype == t.dtype and V.same_bits(self.source.read(base_info, rows), m)
+            base_same = base_info is not None and base_info.dtype == t.dtype and V.same_bits(raw if same_source else self.source.read(base_info, rows), m)
             stats.add(w, m, r, _part(total, rows), _part(total.T, rows) if square else None, out_dtype, base_same)
         return matched, stats
 
     # -- tied heads ---------------------------------------------------------------------------
+
+    def tied_embedding(self, key: str) -> Optional[str]:
+        """The weight key of the embedding the base ties ``key``'s module to, if any."""
+        module, param = split_param(key)
+        emb = self.base.tied.get(module)
+        return f"{emb}.{param}" if emb is not None else None
 
     def _embedding_of(self, head_key: str) -> Optional[str]:
         module, _ = split_param(head_key)

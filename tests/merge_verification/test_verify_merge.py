@@ -239,3 +239,13 @@ def test_peft_merges_of_dora_and_lora_bias_pass(tmp_path: Path, adapter: str) ->
     model.save_pretrained(str(tmp_path / "m"))
     report = verify_merge(b, a, tmp_path / "m")
     assert report.ok, report.failures
+
+
+def test_stored_tied_head_checked_against_its_embedding(tmp_path: Path) -> None:
+    base, load = _base(tmp_path, dtype=torch.float32, tied=True)
+    adapter = _adapter(tmp_path, load, "lora", target_modules=["q_proj"])
+    right = _peft(load, adapter)
+    both = {**right, "lm_head.weight": right["model.embed_tokens.weight"].clone()}
+    assert verify_merge(base, adapter, _save(tmp_path, "both", base, both)).ok
+    both["lm_head.weight"] = both["lm_head.weight"] + 1.0
+    assert _verdicts(verify_merge(base, adapter, _save(tmp_path, "off", base, both))) == {"lm_head.weight": "changed"}
