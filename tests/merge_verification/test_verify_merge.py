@@ -249,3 +249,27 @@ def test_stored_tied_head_checked_against_its_embedding(tmp_path: Path) -> None:
     assert verify_merge(base, adapter, _save(tmp_path, "both", base, both)).ok
     both["lm_head.weight"] = both["lm_head.weight"] + 1.0
     assert _verdicts(verify_merge(base, adapter, _save(tmp_path, "off", base, both))) == {"lm_head.weight": "changed"}
+
+
+def test_other_rounding_fails_exact_and_passes_ulp(tmp_path: Path) -> None:
+    base, load = _base(tmp_path, dtype=torch.bfloat16)
+    adapter = _adapter(tmp_path, load, "lora")
+    exact = {k: v.float() for k, v in load().state_dict().items()}  # bf16 values, held exactly in fp32
+    fp32 = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    r = {k: v.detach() for k, v in PeftModel.from_pretrained(fp32, str(adapter)).merge_and_unload().state_dict().items()}  # W + Δ unrounded
+    other = {}
+    for k, v in r.items():
+        m = v.to(torch.bfloat16)
+        if torch.equal(v, exact[k]):  # untouched
+            other[k] = m
+            continue
+        # the bf16 neighbour on the other side of W + Δ: within one ulp, never PEFT's rounding
+        up = (v > m.float()) == (m.float() >= 0)
+        step = torch.where(v == m.float(), torch.zeros_like(up, dtype=torch.int16), torch.where(up, 1, -1).to(torch.int16))
+        other[k] = (m.view(torch.int16) + step).view(torch.bfloat16)
+    merged = _save(tmp_path, "other", base, other)
+    strict = verify_merge(base, adapter, merged)
+    assert set(_verdicts(strict).values()) == {"rounding"} and len(_verdicts(strict)) == 7
+    loose = verify_merge(base, adapter, merged, tolerance="ulp")
+    assert loose.ok and {t.path for t in loose.tensors if t.action == "merge"} == {"ulp"}
+    assert all(t.worst_ulps <= 1.0 for t in loose.tensors if t.action == "merge")
