@@ -242,6 +242,7 @@ class _Checker:
         self.source: TensorSource = TensorSource()
         self.expected: dict[str, torch.Tensor] = {}  #: key -> sketch of the delta the adapter meant for it
         self.observed: dict[str, torch.Tensor] = {}  #: key -> sketch of an unexplained change
+        self.merged: dict[str, PlannedTensor] = {}  #: every merged tensor checked, for the wrong-module pass
 
     # -- plain tensors ------------------------------------------------------------------------
 
@@ -291,28 +292,37 @@ class _Checker:
     # -- merged tensors -----------------------------------------------------------------------
 
     def _merged(self, t: PlannedTensor, info: TensorInfo) -> TensorVerdict:
+        """A merged tensor: one cheap pass that checks PEFT's paths; the statistics behind a
+        verdict (or the ulp test) only when none matched."""
         out_dtype = TORCH_DTYPES[t.dtype]
         base_dtype = TORCH_DTYPES[t.source.dtype]
+        self.merged[t.key] = t
         deltas = [term_delta(term, self.source, t.shape) for term in t.terms]
-        stats = V.Stats()
         if any(d is None for d in deltas):  # DoRA, token rows: the merge's own whole-tensor path only
             w = self.source.read(t.source).float()
             expected = next(tensor_blocks(t, self.source, None))
             m = self.source.read(info)
             r = expected.float()
+            stats = V.Stats()
             stats.add(w, m, r, r - w, None, out_dtype, self._base_same(t, m))
-            matched = {PEFT_DEFAULT: V.same_bits(expected, m)}
+            path = PEFT_DEFAULT if V.same_bits(expected, m) else None
+            numbers = dict(max_error=stats.max_error, mean_error=stats.mean_error, worst_ulps=stats.worst_ulps)
         else:
-            matched, stats = self._paths(t, info, deltas, out_dtype, base_dtype)
-        lora = next((term for term in t.terms if isinstance(term, LoraTerm)), None)
-        if stats.expected and stats.DD > 0:
-            self.expected[t.key] = torch.cat(stats.expected)
-        path = next((name for name, ok in matched.items() if ok), None)
-        numbers = dict(max_error=stats.max_error, mean_error=stats.mean_error, worst_ulps=stats.worst_ulps)
+            total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
+            matched, max_err, sum_err = self._paths(t, info, deltas, out_dtype, base_dtype)
+            path = next((name for name, ok in matched.items() if ok), None)
+            max_delta, sum_delta = (float(total.abs().max()), float(total.abs().sum())) if total.numel() else (0.0, 0.0)
+            numbers = dict(max_error=max_err / max_delta if max_delta else None, mean_error=sum_err / sum_delta if sum_delta else None, worst_ulps=None)
+            if path is None:  # the evidence for a verdict: a second pass
+                stats = self._stats(t, info, deltas, total, out_dtype)
+                numbers["worst_ulps"] = stats.worst_ulps
         if path is not None:
             return TensorVerdict(t.key, t.action, True, V.OK, path=path, **numbers)
         if self.tolerance == "ulp" and stats.over_ulp == 0 and stats.dd > 0:
             return TensorVerdict(t.key, t.action, True, V.OK, "within one ulp of W + Δ", path="ulp", **numbers)
+        if stats.expected and stats.DD > 0:
+            self.expected[t.key] = torch.cat(stats.expected)
+        lora = next((term for term in t.terms if isinstance(term, LoraTerm)), None)
         code, detail = V.classify(
             stats,
             scaling=lora.scaling if lora else None,
@@ -329,8 +339,9 @@ class _Checker:
         info = self.base.tensors.get(t.key)
         return info is not None and info.dtype == t.dtype and V.same_bits(self.source.read(info), m)
 
-    def _paths(self, t: PlannedTensor, info: TensorInfo, deltas: list, out_dtype: torch.dtype, base_dtype: torch.dtype) -> tuple[dict[str, bool], V.Stats]:
-        """Every accepted result of a plain-sum tensor, checked a block of rows at a time."""
+    def _paths(self, t: PlannedTensor, info: TensorInfo, deltas: list, out_dtype: torch.dtype, base_dtype: torch.dtype) -> tuple[dict[str, bool], float, float]:
+        """Which of PEFT's paths the merged tensor matches bit for bit, a block of rows at a time;
+        and max / sum of |M − (W + Δ)|."""
         adapter_dtypes = {_adapter_dtype(term) for term in t.terms} - {None, torch.float32}
         adapter_dtype = next(iter(adapter_dtypes)) if len(adapter_dtypes) == 1 else None
         # (name, dtype Δ is rounded to first, whether W was cast to the merged dtype first)
@@ -342,29 +353,46 @@ class _Checker:
             suffix = f"-loaded-as-{t.dtype.lower()}"
             cases += [(name + suffix, out_dtype if name == PEFT_SAFE else dt, True) for name, dt, _ in list(cases)]
         matched = {name: True for name, _, _ in cases}
-        total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
-        square = total.dim() == 2 and total.shape[0] == total.shape[1]
-        base_info = self.base.tensors.get(t.key)
-        stats = V.Stats()
-        same_source = base_info is not None and base_info.key == t.source.key and base_info.file == t.source.file
+        max_err = sum_err = 0.0
         for rows in _rows(t.shape):
-            raw = self.source.read(t.source, rows)
-            w = raw.float()
+            w = self.source.read(t.source, rows).float()
             m = self.source.read(info, rows)
             parts = [_part(d, rows) for d in deltas]
-            r = w
-            for d in parts:
-                r = r + d
+            r = w + parts[0]  # W + Δ as the merge adds it: the default path before its rounding
+            for d in parts[1:]:
+                r += d
             for name, dt, loaded in cases:
                 if not matched[name]:
+                    continue
+                if name == PEFT_DEFAULT:
+                    matched[name] = V.same_bits(r.to(out_dtype), m)
                     continue
                 acc = w.to(out_dtype).float() if loaded else w
                 for d in parts:
                     acc = acc + (d if dt is None else d.to(dt).float())
                 matched[name] = V.same_bits(acc.to(out_dtype), m)
+            if r.numel():
+                err = r.sub_(m.float()).abs_()
+                max_err = max(max_err, float(err.max()))
+                sum_err += float(err.sum())
+        return matched, max_err, sum_err
+
+    def _stats(self, t: PlannedTensor, info: TensorInfo, deltas: list, total: torch.Tensor, out_dtype: torch.dtype) -> V.Stats:
+        """The statistics a verdict is drawn from (:class:`.verdicts.Stats`), a second pass."""
+        square = total.dim() == 2 and total.shape[0] == total.shape[1]
+        base_info = self.base.tensors.get(t.key)
+        same_source = base_info is not None and base_info.key == t.source.key and base_info.file == t.source.file
+        stats = V.Stats()
+        for rows in _rows(t.shape):
+            raw = self.source.read(t.source, rows)
+            w = raw.float()
+            m = self.source.read(info, rows)
+            r = w
+            for d in deltas:
+                r = r + _part(d, rows)
             base_same = base_info is not None and base_info.dtype == t.dtype and V.same_bits(raw if same_source else self.source.read(base_info, rows), m)
             stats.add(w, m, r, _part(total, rows), _part(total.T, rows) if square else None, out_dtype, base_same)
-        return matched, stats
+        return stats
 
     # -- tied heads ---------------------------------------------------------------------------
 
@@ -420,9 +448,24 @@ class _Checker:
 
     # -- after the pass -----------------------------------------------------------------------
 
+    def _expected_sketch(self, t: PlannedTensor) -> Optional[torch.Tensor]:
+        deltas = [term_delta(term, self.source, t.shape) for term in t.terms]
+        if any(d is None for d in deltas) or len(t.shape) < 2:
+            return None
+        total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
+        return total.reshape(total.shape[0], -1) @ V.sketch_vector(prod(total.shape[1:]))
+
     def find_wrong_modules(self, verdicts: list[TensorVerdict]) -> None:
         """A change that is another tensor's delta, and a missing delta that landed elsewhere."""
         by_key = {v.key: v for v in verdicts}
+        if not self.observed:
+            return
+        shapes = {tuple(by_shape.shape) for by_shape in self.observed.values()}
+        for key, t in self.merged.items():  # the deltas of tensors that passed: sketched only now
+            if key not in self.expected and any(len(s) and s[0] == t.shape[0] for s in shapes):
+                sketch = self._expected_sketch(t)
+                if sketch is not None:
+                    self.expected[key] = sketch
         for key, seen in self.observed.items():
             for other, meant in self.expected.items():
                 if other != key and V.matches(seen, meant):
