@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/extract_verify.py [--layers N] [--rank R] [--cache DIR] [--skip-mergekit]
+    python bench/extract_verify.py [--layers N] [--rank R] [--cache DIR] [--skip-mergekit] [--skip-auto]
 
 Builds once (in ``DIR``, default ``~/.cache/adapterfmt-bench``, outside the repository) a bf16
 ``LlamaForCausalLM`` of the TinyLlama-1.1B shape (hidden 2048, intermediate 5632, 32 / 4 heads,
@@ -14,7 +14,8 @@ a fresh process, one run of:
 * ``adapterfmt extract --rank R --svd randomized`` and ``--svd auto`` (auto falls back to the
   exact SVD where the randomized result cannot be certified, which on a flat tail is every module);
 * ``mergekit-extract-lora --max-rank R`` (full ``torch.linalg.svd`` per module), unless skipped;
-* ``cat`` of the base, adapter and merged files to /dev/null, and ``adapterfmt verify-merge`` of
+* ``cat`` of the base, adapter and merged files into ``wc -c`` (a pipe, so that the bytes are
+  really read: ``cat > /dev/null`` may splice without reading), and ``adapterfmt verify-merge`` of
   ``adapterfmt merge``'s output (a PEFT r=16 adapter on every linear, from the build step).
 
 It prints wall time, CPU time and peak RSS of each, the ratios (extract vs mergekit, goal >= 10x
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/adapterfmt-bench"))
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--skip-auto", action="store_true", help="only --svd randomized (auto runs the exact SVD on every dense module)")
     a = p.parse_args()
     root = os.path.join(a.cache, f"extract-{a.layers}")
     if not os.path.isfile(os.path.join(root, "done")):
@@ -143,7 +145,8 @@ def main() -> None:
     try:
         af = os.path.join(BIN, "adapterfmt")
         res = {}
-        for svd in ("randomized", "auto"):
+        modes = ("randomized",) if a.skip_auto else ("randomized", "auto")
+        for svd in modes:
             out = os.path.join(work, f"ours-{svd}")
             res[svd] = timed(af, "extract", "--base", base, "--tuned", tuned, "-o", out, "--rank", str(a.rank), "--svd", svd, "--json")
             print(line(f"adapterfmt extract --svd {svd}", res[svd]))
@@ -153,7 +156,7 @@ def main() -> None:
             mk = os.path.join(work, "mergekit")
             res["mergekit"] = timed(os.path.join(BIN, "mergekit-extract-lora"), "--model", tuned, "--base-model", base, "--out-path", mk, "--max-rank", str(a.rank), "--no-copy-tokenizer")
             print(line("mergekit-extract-lora", res["mergekit"]))
-            for svd in ("randomized", "auto"):
+            for svd in modes:
                 print(f"  extract --svd {svd}: {res['mergekit']['wall'] / res[svd]['wall']:.2f}x faster than mergekit (goal >= 10x), RSS {res[svd]['rss'] / 2**30:.2f} GB (goal <= 1 GB)")
                 done = subprocess.run([sys.executable, "-c", ERRORS, base, tuned, mk, os.path.join(work, f"ours-{svd}.json")], check=True, stdout=subprocess.PIPE)
                 rows = json.loads(done.stdout)
@@ -163,8 +166,8 @@ def main() -> None:
         merged = os.path.join(work, "merged")
         subprocess.run([af, "merge", "--base", base, "--adapter", adapter, "-o", merged, "--quiet"], check=True, stdout=subprocess.DEVNULL)
         files = [os.path.join(r, f) for d in (base, adapter, merged) for r, _, fs in os.walk(d) for f in fs if f.endswith(".safetensors")]
-        res["cat"] = timed("sh", "-c", 'cat "$@" > /dev/null', "cat", *files)
-        print(line("cat base + adapter + merged", res["cat"]))
+        res["cat"] = timed("sh", "-c", 'cat "$@" | wc -c > /dev/null', "cat", *files)
+        print(line("cat base + adapter + merged | wc", res["cat"]))
         res["verify"] = timed(af, "verify-merge", "--base", base, "--adapter", adapter, "--merged", merged, "--json")
         print(line("adapterfmt verify-merge", res["verify"]))
         print(f"  verify-merge: {res['verify']['wall'] / res['cat']['wall']:.2f}x cat (goal <= 2x), RSS {res['verify']['rss'] / 2**30:.2f} GB (goal <= 0.5 GB), ok={json.loads(res['verify']['stdout'])['ok']}")
