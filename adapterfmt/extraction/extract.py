@@ -169,6 +169,13 @@ def extract_adapter(
             biases = {}
         made = _factorize_all(pairing, source, rule, seed, DTYPES[dtype], svd, summary, progress)
         biases = _bias_terms(b_model, made, biases, summary)
+        too_big = [m for m, f in made.items() if f.rank > VLLM_MAX_RANK]
+        if target == "vllm" and too_big:
+            raise UnsupportedFeatureError(
+                f"needs rank {made[too_big[0]].rank} for the energy asked, above vLLM's largest max_lora_rank ({VLLM_MAX_RANK})",
+                key=too_big[0],
+                hint="lower --energy or use --rank",
+            )
         if not made and not pairing.full_copies:
             raise MergeError("the tuned model does not differ from the base in any tensor the adapter can hold", path=t_model.directory, hint="is it the same model? see the list of changed tensors with --json")
         config = _config(b_model, os.fspath(base), made, biases, pairing, target_modules)
