@@ -172,3 +172,24 @@ def test_resized_vocabulary_listed_and_saved_only_when_named(models: tuple[Path,
     with safe_open(str(tmp_path / "b" / "adapter_model.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("base_model.model.lm_head.weight"), tuned["lm_head.weight"])
         assert torch.equal(f.get_tensor("base_model.model.model.embed_tokens.weight"), tuned["model.embed_tokens.weight"])
+
+
+def test_peft_forward_gives_the_tuned_outputs(models: tuple[Path, Path], tmp_path: Path) -> None:
+    """A fine-tune that is low-rank material throughout (rank-3 attention updates, a bias): PEFT's
+    unmerged forward with the extracted adapter gives the fine-tune's logits."""
+    base, _ = models
+    model = _load(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in LOW_RANK:
+            w = getattr(model.model.layers[0].self_attn, name).weight
+            w.add_(torch.randn(w.shape[0], 3, generator=g) @ torch.randn(3, w.shape[1], generator=g) * 0.05)
+        model.model.layers[0].self_attn.q_proj.bias.add_(0.1)
+    model.save_pretrained(str(tmp_path / "tuned"))
+    summary = extract_adapter(base, tmp_path / "tuned", tmp_path / "a", rank=3, seed=7)
+    assert all(m.relative_error < 1e-5 for m in summary.modules) and summary.not_low_rank == []
+    peft = PeftModel.from_pretrained(_load(base), str(tmp_path / "a")).eval()
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
+    with torch.no_grad():
+        expected, got = _load(tmp_path / "tuned")(ids).logits, peft(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), float((got - expected).abs().max())
