@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 #: Version of the JSON documents that the CLI prints (``--json``).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_SAFETENSORS_FILE = "adapter_model.safetensors"

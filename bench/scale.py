@@ -11,7 +11,7 @@ escaped paths for one module in ten, plus a base model holding each module's wei
 this process (median of ``--runs``):
 
 * ``inspect``: ``read_adapter`` + ``inspect_report`` (what ``adapterfmt inspect`` does);
-* ``check``: ``read_base`` + ``resolve`` + ``check_report``;
+* ``check``: ``read_base`` + ``resolve`` + ``check_document``;
 * ``plan``: ``plan_merge`` (headers only);
 
 timed as this thread's CPU time (``time.thread_time``), which other processes move less than wall time;
@@ -120,7 +120,8 @@ def bench_sizes(cache: str, sizes: list[int], runs: int) -> dict[int, dict[str, 
     from adapterfmt.formats.peft.reading import read_adapter
     from adapterfmt.merging.plan import plan_merge
     from adapterfmt.base.resolution import resolve
-    from adapterfmt.reports.summary import check_report, inspect_report
+    from adapterfmt.reports.check import check_document
+    from adapterfmt.reports.inspect import inspect_report
 
     out = {}
     for n in sizes:
@@ -131,7 +132,7 @@ def bench_sizes(cache: str, sizes: list[int], runs: int) -> dict[int, dict[str, 
 
         def do_check() -> None:
             ckpt, b = read_adapter(adapter), read_base(base)
-            check_report(resolve(ckpt, b), adapter=adapter, base=base).as_dict()
+            check_document(resolve(ckpt, b), adapter=adapter, base=base).as_dict()
 
         def do_plan() -> None:
             plan_merge(read_base(base), [read_adapter(adapter)])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
@@ -10,11 +10,12 @@ from adapterfmt.base.reading import read_base
 from adapterfmt.formats.peft.reading import read_adapter
 from adapterfmt.storage.gc_pause import with_gc_paused
 from adapterfmt.base.resolution import resolve
-from adapterfmt.reports.summary import CheckReport, check_report
+from adapterfmt.reports.check import CheckDocument, check_document, foreign_check_document
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .main import done_without_teardown
-from .output import emit_report
+from .output import emit_json, warn
+from .render import check_text
 
 EXAMPLES = """
 \b
@@ -35,27 +36,23 @@ def parse_prefix_map(ctx: click.Context, param: click.Parameter, values: tuple[s
     return out
 
 
-def render_check(report: CheckReport) -> str:
-    """The human-readable check result (stdout)."""
-    lines = [report.summary]
-    if report.overrides_total:
-        lines.append(f"{report.overrides_resolved}/{report.overrides_total} base overrides resolved")
-    if report.unresolved_count:
-        more = report.unresolved_count - len(report.unresolved)
-        lines.append(f"unresolved: {report.unresolved_count}" + (f" (first {len(report.unresolved)} listed)" if more else ""))
-        lines += [f"  {u.name}  (no base tensor '{u.looked_for}')" for u in report.unresolved]
-        if more:
-            lines.append(f"  ... and {more} more")
-    suggestion = report.suggestion_text()
-    if suggestion:
-        lines.append(suggestion)
-    if report.shape_errors:
-        lines.append(f"shape errors ({len(report.shape_errors)}):")
-        lines += [f"  {e}" for e in report.shape_errors]
-    if report.unknown_keys:
-        lines.append(f"tensors that fit no rule of the format and bind to nothing ({len(report.unknown_keys)}):")
-        lines += [f"  {k}" for k in report.unknown_keys[:10]]
-    return "\n".join(lines)
+def foreign_check(ckpt: Any, adapter: str, base: str, component: Optional[str]) -> CheckDocument:
+    """A kohya / LyCORIS / diffusers file (or PEFT LoHa / LoKr directory) checked per component
+    against ``base`` (a component or pipeline directory, or for PEFT the model)."""
+    from adapterfmt.formats.diffusion.components import check_component, component_bases, read_component
+
+    bases = {None: read_component(base)} if ckpt.format == "peft" else component_bases(ckpt, base, component)
+    return foreign_check_document(ckpt, [check_component(ckpt, c, b) for c, b in bases.items()], adapter=adapter, base=base)
+
+
+def emit_check(doc: CheckDocument, *, as_json: bool) -> None:
+    """The check document as JSON, or as text on stdout plus its warnings on stderr."""
+    if as_json:
+        emit_json(doc.as_dict())
+        return
+    click.echo(check_text(doc))
+    for w in doc.warnings:
+        warn(f"warning[{w.code}]: {w.message}")
 
 
 @click.command("check", epilog=EXAMPLES)
@@ -110,17 +107,18 @@ def check_command(
 
     source = locate_foreign(adapter, subfolder=subfolder, weight_name=weight_name, revision=adapter_revision)
     if source is not None:
-        from .foreign_inspect import check_foreign
-
-        check_foreign(source, adapter, base=base, component=component, as_json=as_json, strict=strict)
+        doc = foreign_check(source.read(), adapter, base, component)
+        emit_check(doc, as_json=as_json)
+        if not doc.ok or (strict and doc.warnings):
+            raise click.exceptions.Exit(1)
         return
     if component is not None:
         raise click.UsageError("--component applies to kohya/diffusers adapter files only")
     ckpt = read_adapter(adapter, subfolder=subfolder, revision=adapter_revision, allow_pickle=allow_pickle)
     model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
     res = resolve(ckpt, model, prefix_map=prefix_map or None)
-    report = check_report(res, adapter=adapter, base=base, prefix_map=prefix_map)
-    emit_report(report, render_check, as_json=as_json)
-    done_without_teardown(ckpt, model, res, report)
-    if not report.ok or (strict and report.warnings):
+    doc = check_document(res, adapter=adapter, base=base, prefix_map=prefix_map)
+    emit_check(doc, as_json=as_json)
+    done_without_teardown(ckpt, model, res, doc)
+    if not doc.ok or (strict and doc.warnings):
         raise click.exceptions.Exit(1)

@@ -10,11 +10,12 @@ import click
 from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.formats.peft.reading import read_adapter
 from adapterfmt.storage.gc_pause import with_gc_paused
-from adapterfmt.reports.summary import InspectReport, check_report, inspect_report
+from adapterfmt.reports.inspect import foreign_inspect_report, inspect_report
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options
 from .main import done_without_teardown
-from .output import emit_json, emit_report, table, warn
+from .output import emit_json, emit_report, warn
+from .render import render_inspect
 
 EXAMPLES = """
 \b
@@ -26,46 +27,6 @@ Examples:
   adapterfmt inspect my_lora.safetensors --scan --json
   adapterfmt inspect user/sdxl-loras --weight-name style.safetensors --revision v1.0
 """
-
-
-def _num(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.6g}"
-
-
-def render_inspect(report: InspectReport) -> str:
-    """The human-readable inspect page (stdout)."""
-    a = report.adapter
-    lines = [
-        f"adapter: {report.source} (name '{a['name']}', {a['weights_file']})",
-        f"config:  r={a['r']} lora_alpha={_num(a['lora_alpha'])}"
-        + (" use_rslora" if a["use_rslora"] else "")
-        + (" use_dora" if a["use_dora"] else "")
-        + (f" task={a['task_type']}" if a["task_type"] else "")
-        + (f" peft={a['peft_version']}" if a["peft_version"] else "")
-        + (f" base={a['base_model_name_or_path']}" if a["base_model_name_or_path"] else ""),
-        "",
-    ]
-    rows = [
-        (m.module, m.kind, "-" if m.rank is None else m.rank, _num(m.alpha), _num(m.scaling), m.dtype, f"{m.params:,}")
-        for m in report.modules
-    ]
-    lines.append(table(rows, ("module", "kind", "rank", "alpha", "scaling", "dtype", "params"), align_right=(2, 3, 4, 6)))
-    t = report.totals
-    lines.append("")
-    lines.append(
-        f"totals: {t.lora_modules} LoRA modules, {t.full_copies} full cop{'y' if t.full_copies == 1 else 'ies'}"
-        + (f", {t.token_deltas} token deltas" if t.token_deltas else "")
-        + (f", {t.base_overrides} base overrides" if t.base_overrides else "")
-        + f"; {t.params:,} params (LoRA {t.lora_params:,}, full copies {t.full_copy_params:,}); {t.nbytes:,} bytes"
-    )
-    if report.sub_adapters:
-        subs = ", ".join(report.sub_adapters)
-        lines.append(f"sub-adapters: {subs} (inspect one with --subfolder {report.sub_adapters[0]})")
-    if report.check is not None:
-        lines.append(f"base: {report.check.base}: {report.check.summary}")
-    if report.scanned:
-        lines.append("values: scanned for NaN/Inf")
-    return "\n".join(lines)
 
 
 def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str], allow_pickle: bool, strict: bool) -> None:
@@ -85,7 +46,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
     warnings = list(wrapped.findings) + [w for r in reports.values() for w in r.warnings]
     if as_json:
         emit_json({"format": "wrapped", "source": path, **wrapped.as_dict(), "adapter_reports": {n: r.as_dict() for n, r in reports.items()},
-                   "warnings": [w.as_dict() for w in warnings]})
+                   "warnings": [w.as_dict() for w in warnings]})  # each adapter report: the inspect document of one adapter
     else:
         click.echo("\n\n".join([wrapped.summary()] + [render_inspect(r) for r in reports.values()]))
         for w in warnings:
@@ -149,30 +110,43 @@ def inspect_command(
 
     # kohya / LyCORIS / diffusers files and PEFT's LoHa / LoKr: the factor records of docs/FORMAT.md §10
     source = locate_foreign(adapter, subfolder=subfolder, weight_name=weight_name, revision=revision, download=scan)
-    if source is not None:
-        from .foreign_inspect import inspect_foreign
-
-        inspect_foreign(source, adapter, as_json=as_json, scan=scan, base=base, component=None if source.format == "peft" else component, strict=strict)
-        return
-    ckpt = read_adapter(adapter, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
     check = None
-    if base is not None:
-        from adapterfmt.base.reading import read_base  # only with --base: keeps the plain path's imports small
-        from adapterfmt.base.resolution import resolve
+    if source is not None:
+        foreign = keep = source.read()
+        if base is not None:
+            from .check_cmd import foreign_check
 
-        model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
-        check = check_report(resolve(ckpt, model), adapter=adapter, base=base)
-    scan_findings = None
-    if scan:
-        from adapterfmt.reports.scan import non_finite_findings
+            check = foreign_check(foreign, adapter, base, None if source.format == "peft" else component)
+        scan_findings = None
+        if scan:
+            from adapterfmt.reports.scan import foreign_non_finite_findings
 
-        scan_findings = non_finite_findings(ckpt)
-    report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings)
+            scan_findings = foreign_non_finite_findings(foreign)
+        report = foreign_inspect_report(foreign, source=adapter, check=check, scan_findings=scan_findings)
+    else:
+        ckpt = keep = read_adapter(adapter, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
+        if base is not None:
+            from adapterfmt.base.reading import read_base  # only with --base: keeps the plain path's imports small
+            from adapterfmt.base.resolution import resolve
+            from adapterfmt.reports.check import check_document
+
+            model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
+            check = check_document(resolve(ckpt, model), adapter=adapter, base=base)
+        scan_findings = None
+        if scan:
+            from adapterfmt.reports.scan import non_finite_findings
+
+            scan_findings = non_finite_findings(ckpt)
+        from adapterfmt.export.serving import serving_report
+
+        report = inspect_report(ckpt, source=adapter, check=check, scan_findings=scan_findings, serving=serving_report(ckpt))
     if as_json:
-        emit_json({"format": "peft", **report.as_dict(rows_as_records=True)})
+        emit_json(report.as_dict(rows_as_records=True))
     else:
         emit_report(report, render_inspect, as_json=False)
-    done_without_teardown(ckpt, report)
+    done_without_teardown(keep, report)
+    if source is not None and check is not None and not check.ok:  # a kohya / diffusers file that does not resolve (BEHAVIOUR §7.2)
+        raise click.exceptions.Exit(1)
     if strict and report.warnings:
         warn(f"{len(report.warnings)} warning(s); failing because of --strict")
         raise click.exceptions.Exit(1)

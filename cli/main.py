@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "merge": ".merge_cmd:merge_command",
     "verify": ".verify_cmd:verify_command",
     "convert": ".convert_cmd:convert_command",
+    "export": ".export_cmd:export_command",
     "extract": ".extract_cmd:extract_command",
     "verify-merge": ".verify_merge_cmd:verify_merge_command",
 }

@@ -70,8 +70,12 @@ def _encode(value: Any, level: int) -> Iterator[str]:
 
 def _compact(value: Any) -> str:
     """``value`` as one line of strict JSON (``", "`` and ``": "`` separators; NaN / Infinity as
-    null). A record (a ``NamedTuple`` with ``as_dict()``, such as a report's row) is written as its dict."""
+    null). A record (a ``NamedTuple`` with ``as_dict()``, such as a report's row) is written as its dict,
+    or as its own ``to_json()`` line where it has one."""
     if isinstance(value, tuple) and hasattr(value, "as_dict"):
+        to_json = getattr(value, "to_json", None)
+        if to_json is not None:  # a record that writes its own line (an inspect row: 100k of them)
+            return to_json()
         value = value.as_dict()
     try:
         return _ONE_LINE(value)

@@ -9,7 +9,7 @@ import click
 
 from adapterfmt.base.reading import read_base
 from adapterfmt.storage.gc_pause import with_gc_paused
-from adapterfmt.reports.summary import TargetsReport, preview_targets
+from adapterfmt.reports.targets import TargetsReport, preview_targets
 
 from .base_options import PICKLE_HELP, base_options
 from .check_cmd import parse_prefix_map

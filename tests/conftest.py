@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -19,6 +20,9 @@ os.environ.pop("ADAPTERFMT_DEBUG", None)
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Test modules live in one folder per subsystem and have unique names: a test may import another
+# test module (or its helpers) by name, whichever folders pytest was asked to collect.
+sys.path[1:1] = sorted({str(p.parent) for p in Path(__file__).resolve().parent.glob("*/test_*.py")} - set(sys.path))
 TESTDATA = REPO / "testdata"
 #: Every adapter shipped in testdata/ (relative to it).
 ADAPTERS = [
@@ -163,9 +167,14 @@ def run_cli() -> Callable[..., CliResult]:
     from adapterfmt_cli.main import cli
 
     def run(*args: Any) -> CliResult:
-        result = CliRunner().invoke(cli, [str(a) for a in args])
+        argv = [str(a) for a in args]
+        result = CliRunner().invoke(cli, argv)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
+        if "--json" in argv and result.exit_code in (0, 1) and result.stdout.strip():
+            from _schemas import validate_json  # every --json document a test produces meets its published schema
+
+            validate_json(argv[0], json.loads(result.stdout))
         return CliResult(result.exit_code, result.stdout, result.stderr, result.exception)
 
     return run

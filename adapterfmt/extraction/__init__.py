@@ -1,4 +1,4 @@
-"""Extracting a LoRA adapter from a fine-tune: ``T − B``, one module at a time (``extract``, BEHAVIOUR §8).
+"""Extracting a LoRA adapter from a fine-tune: ``T − B``, one module at a time (``extract``, BEHAVIOUR §9).
 
 :mod:`.pairing` decides from headers what every tensor of the tuned model is to the adapter (a
 LoRA module, a ``lora_B.bias``, a full copy, unchanged, or changed but not low-rank material) and

@@ -119,7 +119,7 @@ def extract_adapter(
     tuned_revision: Optional[str] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> ExtractSummary:
-    """Write a PEFT LoRA adapter for ``tuned − base`` to ``out`` (BEHAVIOUR §8).
+    """Write a PEFT LoRA adapter for ``tuned − base`` to ``out`` (BEHAVIOUR §9).
 
     Args:
         base, tuned: model directories, weights files or Hub ids (any layout ``read_base`` reads).

@@ -9,7 +9,21 @@ the base side and below; nothing that merges, loads or converts.
 
 from __future__ import annotations
 
-from .detect import detect_format, read_foreign
-from .diffusion.records import COMPONENTS, ForeignCheckpoint, ForeignModule
+import importlib
+from typing import Any
 
-__all__ = ["COMPONENTS", "ForeignCheckpoint", "ForeignModule", "detect_format", "read_foreign"]
+#: public name -> submodule, imported on first use: reading one format (a PEFT directory, say)
+#: never pays for the others' modules.
+_LAZY = {
+    **dict.fromkeys(["detect_format", "read_foreign"], ".detect"),
+    **dict.fromkeys(["COMPONENTS", "ForeignCheckpoint", "ForeignModule"], ".diffusion.records"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

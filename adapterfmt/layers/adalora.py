@@ -1,6 +1,8 @@
 """AdaLoRA in memory (PEFT's ``SVDLinear``; FORMAT.md §3.10), for :func:`adapterfmt.load`.
 
-Names as PEFT's: ``X.base_layer.weight``, ParameterDict entries ``X.lora_A.<adp>`` ``(r, in)``,
+Names as PEFT's: ``X.base_layer.weight``, the containers of every PEFT ``LoraLayer``
+(:func:`~adapterfmt.layers.base_layer.register_lora_containers`: ``lora_dropout.<adp>`` and the
+empty ``lora_embedding_A`` / ``lora_embedding_B`` / ``lora_magnitude_vector``), ParameterDict entries ``X.lora_A.<adp>`` ``(r, in)``,
 ``X.lora_B.<adp>`` ``(out, r)``, ``X.lora_E.<adp>`` ``(r, 1)`` (trainable) and
 ``X.ranknum.<adp>`` ``(1,)`` (frozen, the rank). Forward adds
 ``(x @ (A ⊙ E)ᵀ @ Bᵀ) · α / (ranknum + 1e-5)`` to the base output, as PEFT computes it. Linear
@@ -12,10 +14,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base_layer import BaseLayerWrapper
+from .base_layer import BaseLayerWrapper, dropout_module, register_lora_containers
 
 
 class AdaLoraLinear(BaseLayerWrapper):
@@ -24,12 +25,12 @@ class AdaLoraLinear(BaseLayerWrapper):
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_A = nn.ParameterDict({})
-        self.lora_B = nn.ParameterDict({})
+        register_lora_containers(self)
         self.lora_E = nn.ParameterDict({})
+        self.lora_A = nn.ParameterDict({})  # replaces LoraLayer's ModuleDict in place, as PEFT's SVDLinear does
+        self.lora_B = nn.ParameterDict({})
         self.ranknum = nn.ParameterDict({})
         self.scaling: dict[str, float] = {}
-        self.dropout: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -47,10 +48,10 @@ class AdaLoraLinear(BaseLayerWrapper):
         self.lora_E[name] = nn.Parameter(torch.zeros(rank, 1, dtype=dtype, device=device), requires_grad=False)
         self.ranknum[name] = nn.Parameter(torch.full((1,), float(rank), dtype=dtype, device=device), requires_grad=False)
         self.scaling[name] = lora_alpha if lora_alpha > 0 else float(rank)
-        self.dropout[name] = dropout
+        self.lora_dropout[name] = dropout_module(dropout)
 
     def delete_adapter(self, name: str) -> None:
-        for d in (self.lora_A, self.lora_B, self.lora_E, self.ranknum):
+        for d in (self.lora_dropout, self.lora_A, self.lora_B, self.lora_E, self.ranknum):
             d.pop(name, None)
         self.scaling.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -70,7 +71,7 @@ class AdaLoraLinear(BaseLayerWrapper):
             if name not in self.lora_A:
                 continue
             a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
-            h = F.dropout(x.to(a.dtype), self.dropout[name], self.training)
+            h = self.lora_dropout[name](x.to(a.dtype))
             result = result + ((h @ (a * e).T @ b.T) * self.scaling[name] / (self.ranknum[name] + 1e-5)).to(result.dtype)
         return result
 

@@ -52,6 +52,17 @@ class FullCopy(nn.Module):
         self.original_module.requires_grad_(False)
         return copied
 
+    def add_tied_copy(self, name: str, weight: nn.Parameter) -> nn.Module:
+        """Adapter ``name``'s copy of a head tied to an embedding, as PEFT's ``ensure_weight_tying``
+        builds it: a bias-free ``nn.Linear`` whose ``weight`` IS ``weight`` (the embedding copy's
+        parameter), so the two copies stay one tensor while training."""
+        out_f, in_f = weight.shape
+        linear = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=weight.dtype)
+        linear.weight = weight
+        self.modules_to_save[name] = linear
+        self.original_module.requires_grad_(False)
+        return linear
+
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
             del self.modules_to_save[name]

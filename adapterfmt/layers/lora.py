@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base_layer import BaseLayerWrapper
+from .base_layer import BaseLayerWrapper, dropout_module, register_lora_containers
 from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, dora_weight, lora_delta, merged_weight
 from .types import adapter_dtype, base_layout, is_transformers_conv1d
 
@@ -48,12 +48,7 @@ class LoraLayer(BaseLayerWrapper):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
+        register_lora_containers(self)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -93,7 +88,7 @@ class LoraLayer(BaseLayerWrapper):
         self.r[name] = rank
         self.lora_alpha[name] = alpha
         self.scaling[name] = scaling
-        self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        self.lora_dropout[name] = dropout_module(dropout)
         self._create_factors(name, rank, lora_bias=lora_bias, device=device)
         if use_dora:
             self.lora_magnitude_vector[name] = Magnitude(torch.empty(self._magnitude_shape(), device=device))

@@ -7,7 +7,9 @@ and the parameters themselves under ``experts.base_layer.base_layer.<param>``. `
 ``nn.Linear(in, r·E)`` and ``lora_B`` an ``nn.Linear(r·E, out)``, E the number of experts (1 for a
 2-D parameter). Forward runs the wrapped module with the parameter replaced by ``W + ΣΔW`` (the
 parameter itself is never changed, as PEFT's parametrization does); ``merge`` adds ΔW in place.
-This module imports torch only.
+Like every PEFT ``LoraLayer`` it also carries ``lora_dropout.<adp>`` (an ``nn.Identity``) and the
+empty ``lora_embedding_A`` / ``lora_embedding_B`` / ``lora_magnitude_vector``. This module imports
+torch only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from .base_layer import register_lora_containers
 
 
 @contextlib.contextmanager
@@ -38,8 +42,7 @@ class ParamLora(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.parameter_name = parameter_name
-        self.lora_A = nn.ModuleDict({})
-        self.lora_B = nn.ModuleDict({})
+        register_lora_containers(self)  # PEFT's ParamWrapper is a LoraLayer: all its containers, used or not
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -75,11 +78,13 @@ class ParamLora(nn.Module):
         """Factors of rank ``rank`` per expert for adapter ``name`` (values set by the loader)."""
         w = self.param
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_dropout[name] = nn.Identity()  # PEFT's ParamWrapper refuses lora_dropout != 0
         self.lora_A[name] = nn.Linear(self.in_features, rank * self.experts, bias=False, device=w.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(rank * self.experts, self.out_features, bias=False, device=w.device, dtype=dtype)
         self.scaling[name] = scaling
 
     def delete_adapter(self, name: str) -> None:
+        self.lora_dropout.pop(name, None)
         self.lora_A.pop(name, None)
         self.lora_B.pop(name, None)
         self.scaling.pop(name, None)

@@ -2,11 +2,13 @@
 
 PEFT wraps the embedding ``E`` as ``E.token_adapter`` (a ``TrainableTokensLayer`` under a
 ``TrainableTokensWrapper``): the base weight moves to ``E.token_adapter.base_layer.weight`` and
-each adapter's rows live in ``E.token_adapter.trainable_tokens_delta.<adp>`` ``(n, D)``. Forward
+each adapter's rows live in ``E.token_adapter.trainable_tokens_delta.<adp>`` ``(n, D)``, and the
+base's rows they replace in ``E.token_adapter.trainable_tokens_original.<adp>`` (a non-persistent
+buffer, as PEFT's ``BufferDict``: in ``named_buffers()``, not in ``state_dict()``). Forward
 looks the ids up in the base weight with rows ``indices[j]`` **replaced** by row ``j`` (not added).
 An output head that shares the embedding's weight is wrapped too and follows it (it shares the
-ParameterDict, so its state dict shows the same rows under ``lm_head.token_adapter.…``), as PEFT
-does for a tied ``lm_head``.
+ParameterDict and originals, so its state dict shows the same rows under
+``lm_head.token_adapter.…``), as PEFT does for a tied ``lm_head``.
 
 :class:`TokenWrapper` has the wrapper interface the loader's other wrappers have
 (``active_adapters``, ``disabled``, ``delete_adapter``, ``original_module``, ``active_module``).
@@ -22,6 +24,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class BufferDict(nn.Module):
+    """Named non-persistent buffers (PEFT's ``BufferDict`` with ``persistent=False``)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        value = self._buffers.pop(key, default)
+        self._non_persistent_buffers_set.discard(key)
+        return value
+
+
 class TokenLayer(nn.Module):
     """``token_adapter``: the base embedding (or tied head) and the replacement rows per adapter."""
 
@@ -31,9 +51,11 @@ class TokenLayer(nn.Module):
         self._tied = [tied] if tied is not None else []  # a list: kept out of named_modules, as PEFT does
         if tied is None:
             self.trainable_tokens_delta = nn.ParameterDict({})
+            self.trainable_tokens_original = BufferDict()
             self.token_indices: dict[str, list[int]] = {}
         else:
             self.trainable_tokens_delta = tied.trainable_tokens_delta
+            self.trainable_tokens_original = tied.trainable_tokens_original
             self.token_indices = tied.token_indices
 
     def weight_for(self, names: Sequence[str]) -> torch.Tensor:
@@ -79,9 +101,11 @@ class TokenWrapper(nn.Module):
         return self.token_adapter.base_layer.weight
 
     def add_rows(self, name: str, indices: Sequence[int], *, device: "torch.device | str | None" = None) -> None:
-        """An empty ``(n, D)`` placeholder for adapter ``name`` (filled by the loader)."""
+        """An empty ``(n, D)`` placeholder for adapter ``name`` (filled by the loader), and the base's
+        rows at ``indices`` kept as ``trainable_tokens_original`` (PEFT keeps them to unmerge)."""
         w = self.weight
         self.token_adapter.token_indices[name] = list(indices)
+        self.token_adapter.trainable_tokens_original[name] = w.detach()[list(indices)].clone()
         self.token_adapter.trainable_tokens_delta[name] = nn.Parameter(
             torch.empty((len(indices), w.shape[1]), dtype=w.dtype, device=device or w.device), requires_grad=False
         )
@@ -89,6 +113,7 @@ class TokenWrapper(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if not self.tied:
             self.token_adapter.trainable_tokens_delta.pop(name, None)
+            self.token_adapter.trainable_tokens_original.pop(name, None)
             self.token_adapter.token_indices.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -124,4 +149,4 @@ def tied_heads(model: nn.Module, embedding: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if m is not embedding and isinstance(m, nn.Linear) and m.weight is weight]
 
 
-__all__ = ["TokenLayer", "TokenWrapper", "tied_heads"]
+__all__ = ["BufferDict", "TokenLayer", "TokenWrapper", "tied_heads"]

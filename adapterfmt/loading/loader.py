@@ -167,7 +167,9 @@ def load_checkpoint(
     created: list[tuple[str, nn.Module]] = []
     try:
         _build(model, plan, adapter_name, registry, created, dropout=_dropout(ckpt.config))
+        tied_values = _take_tied_values(plan, tensors, adapter_name, ckpt)
         _assign_all(model, plan, tensors, adapter_name, ckpt)
+        _tie_copies(model, plan, tied_values, adapter_name, ckpt)
         # LoHa / LoKr wrap before the saved base tensors are copied in: the override keys that
         # save() reads back are then the wrapped ones (``lm_head.base_layer.weight``).
         factor_paths = load_factor_modules(model, ckpt, adapter_name, prefix_map, registry.active or [adapter_name], created)
@@ -276,8 +278,12 @@ def _build(
             device="meta",
         )
     for c in plan.copies:
-        wrapper = full_copy_at(model, c.path, c.module, registry.active or [name], created)
-        wrapper.add_copy(name, device="meta")
+        if c.tied_to is None:
+            full_copy_at(model, c.path, c.module, registry.active or [name], created).add_copy(name, device="meta")
+    for c in plan.copies:  # ensure_weight_tying heads: one parameter with the embedding's copy (tied again after loading)
+        if c.tied_to is not None:
+            source = find_module(model, c.tied_to).modules_to_save[name].weight
+            full_copy_at(model, c.path, c.module, registry.active or [name], created).add_tied_copy(name, source)
 
 
 def _dropout(cfg: LoraConfig) -> float:
@@ -289,7 +295,7 @@ def _dropout(cfg: LoraConfig) -> float:
 def _assign_all(model: nn.Module, plan: LoadPlan, tensors: dict[str, torch.Tensor], name: str, ckpt: AdapterCheckpoint) -> None:
     """Put every tensor into its placeholder; each placeholder must get exactly one tensor."""
     placeholders: set[str] = set()
-    for path in [t.path for t in plan.lora] + [c.path for c in plan.copies]:
+    for path in [t.path for t in plan.lora] + [c.path for c in plan.copies if c.tied_to is None]:
         wrapper = find_module(model, path)
         for key, value in wrapper.state_dict(keep_vars=True).items():
             parts = parse_model_key(f"{path}.{key}")
@@ -307,6 +313,39 @@ def _assign_all(model: nn.Module, plan: LoadPlan, tensors: dict[str, torch.Tenso
         raise InconsistentAdapterError(
             f"the checkpoint has no value for {listing(missing)}", path=ckpt.weights_file, key=missing[0]
         )
+
+
+def _take_tied_values(plan: LoadPlan, tensors: dict[str, torch.Tensor], name: str, ckpt: AdapterCheckpoint) -> dict[str, tuple[str, torch.Tensor]]:
+    """Take the saved values of ``ensure_weight_tying`` head copies out of ``tensors``: head path ->
+    (saved key, value). They share the embedding copy's parameter instead (:func:`_tie_copies`)."""
+    full_copy_modules = list(ckpt.full_copies)
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for c in plan.copies:
+        if c.tied_to is not None and "weight" in c.record.tensors:
+            saved = c.record.keys["weight"]
+            out[c.path] = (saved, tensors.pop(_model_key(saved, c.path, name, full_copy_modules)))
+    return out
+
+
+def _tie_copies(
+    model: nn.Module, plan: LoadPlan, values: dict[str, tuple[str, torch.Tensor]], name: str, ckpt: AdapterCheckpoint
+) -> None:
+    """Point every tied head copy at its embedding copy's (now loaded) weight, as PEFT shares one
+    parameter; a saved head value must equal it (PEFT saves the one tensor under both names)."""
+    for c in plan.copies:
+        if c.tied_to is None:
+            continue
+        source = find_module(model, c.tied_to).modules_to_save[name].weight
+        if c.path in values:
+            saved, value = values[c.path]
+            if value.shape != source.shape or not torch.equal(value, source.detach()):
+                raise InconsistentAdapterError(
+                    f"ensure_weight_tying ties this copy to '{c.tied_to}', but the file holds different values for the two",
+                    path=ckpt.weights_file,
+                    key=saved,
+                    hint="save both from one tied model, or set ensure_weight_tying to false to keep them apart",
+                )
+        find_module(model, c.path).modules_to_save[name].weight = source
 
 
 def _apply_overrides(model: nn.Module, plan: LoadPlan, ckpt: AdapterCheckpoint) -> dict[str, str]:

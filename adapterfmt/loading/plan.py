@@ -10,7 +10,7 @@ every shape. Modules missing from the model are collected and reported together,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,8 @@ from ..layers.lora import LoraLayer
 from .lycoris import refuse_unloadable_factors
 from ..merging.checks import refuse_non_float
 from ..checkpoint.matching import apply_prefix_map, is_within
+from ..checkpoint.weight_tying import ensures_tying
+from ..layers.full_copy import plain_module_names
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .params import is_param_lora
 from ..base.resolution import suggest_prefix
@@ -62,6 +64,8 @@ class CopyTarget:
     path: str
     module: nn.Module  #: plain module or an existing FullCopy
     original: nn.Module
+    #: ``ensure_weight_tying``: the path of the embedding copy whose weight this (head) copy shares
+    tied_to: Optional[str] = None
 
 
 @dataclass
@@ -169,6 +173,8 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
             )
         unresolved.extend(_check_copy(ckpt, c, saved_path, original))
         plan.copies.append(CopyTarget(c, path, module, original))
+    if ensures_tying(ckpt):
+        _plan_tied_copies(model, ckpt, plan)
     view = base_view(model) if ckpt.base_overrides or unresolved else {}
     for base_key, info in ckpt.base_overrides.items():
         key = apply_prefix_map(base_key, prefix_map)
@@ -187,6 +193,36 @@ def plan_load(model: nn.Module, ckpt: AdapterCheckpoint, prefix_map: dict[str, s
     if unresolved:
         raise _unresolved_error(model, ckpt, unresolved, view)
     return plan
+
+
+def _plan_tied_copies(model: nn.Module, ckpt: AdapterCheckpoint, plan: LoadPlan) -> None:
+    """``ensure_weight_tying`` with an embedding saved in full: every ``nn.Linear`` head whose weight
+    is that embedding's weight gets a copy sharing the embedding copy's weight, as PEFT builds it
+    (``modules_to_tie``), whether or not the file holds the head's tensor (PEFT saves it, equal)."""
+    by_path = {c.path: c for c in plan.copies}
+    for emb in list(plan.copies):
+        if not isinstance(emb.original, nn.Embedding):
+            continue
+        for path, module in plain_module_names(model):
+            head = original_of(module)
+            if head is emb.original or not isinstance(head, nn.Linear) or head.weight is not emb.original.weight:
+                continue
+            if isinstance(module, LoraLayer):
+                raise AmbiguousMatchError(
+                    f"is tied to '{emb.path}' (ensure_weight_tying) but has LoRA from another adapter on this model",
+                    path=ckpt.weights_file, key=path,
+                )
+            target = by_path.get(path)
+            if target is None:
+                target = CopyTarget(FullCopyModule(path), path, module, head)
+                plan.copies.append(target)
+            extra = sorted(set(target.record.tensors) - {"weight"})
+            if extra:
+                raise InconsistentAdapterError(
+                    f"is tied to '{emb.path}' (ensure_weight_tying), whose copy has a weight only, but the file also holds its {', '.join(extra)}",
+                    path=ckpt.weights_file, key=target.record.keys[extra[0]],
+                )
+            target.tied_to = emb.path
 
 
 def _check_lora_shapes(ckpt: AdapterCheckpoint, m: LoraModule, path: str, base: nn.Module) -> None:

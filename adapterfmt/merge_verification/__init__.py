@@ -1,4 +1,4 @@
-"""Checking a merged model against its base and adapter, tensor by tensor (``verify-merge``, BEHAVIOUR §9).
+"""Checking a merged model against its base and adapter, tensor by tensor (``verify-merge``, BEHAVIOUR §10).
 
 :mod:`.verify` streams the three inputs: every tensor the merge plan of
 :mod:`adapterfmt.merging.plan` leaves untouched must be byte-equal to the base, every replaced one

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-#: Verdict codes (BEHAVIOUR §9.3).
+#: Verdict codes (BEHAVIOUR §10.3).
 OK = "ok"
 NOT_APPLIED = "not-applied"
 APPLIED_TWICE = "applied-twice"

@@ -46,7 +46,7 @@ from . import verdicts as V
 
 TOLERANCES = ("exact", "ulp")
 
-#: names of the accepted results of a merged tensor (BEHAVIOUR §9.2)
+#: names of the accepted results of a merged tensor (BEHAVIOUR §10.2)
 PEFT_DEFAULT = "peft"
 PEFT_ADAPTER_DTYPE = "peft-adapter-dtype"
 PEFT_SAFE = "peft-safe-merge"

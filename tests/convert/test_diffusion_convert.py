@@ -112,7 +112,7 @@ def test_peft_to_diffusers_file_loads_in_diffusers(peft_unet, run_cli):
     assert rel_err(unet_out(unet), peft_unet["out"], peft_unet["ref"]) < TOL
     # and adapterfmt reads its own file back
     doc = json.loads(run_cli("inspect", out, "--json", "--base", d / "unet").stdout)
-    assert doc["format"] == "diffusers" and doc["check"][0]["ok"]
+    assert doc["format"] == "diffusers" and doc["check"]["components"][0]["ok"]
     # an existing output is refused without --overwrite
     r = run_cli("convert", d / "adapter", "--to", "diffusers", "-o", out, "--base", d / "unet", "--component", "unet")
     assert r.exit_code == 2 and "--overwrite" in r.stderr
@@ -142,29 +142,39 @@ def test_kohya_loha_to_peft_loha_matches_lycoris_forward(tmp_path, run_cli):
 @pytest.mark.parametrize(
     "kwargs,convertible",
     [(dict(factor=4), False), (dict(factor=-1, decompose_both=True), True), (dict(factor=2, decompose_both=True, use_tucker=True), True),
-     (dict(full_matrix=True), True)],
-    ids=["factor4-refused", "both", "both-tucker", "full"],
+     (dict(full_matrix=True), True), (dict(factor=-1, dim=2), True), (dict(factor=-1, dim=2, use_tucker=True), True)],
+    ids=["factor4-refused", "both", "both-tucker", "full", "w2-whole-and-factored", "w2-whole-and-factored-tucker"],
 )
 def test_kohya_lokr_to_peft_lokr_matches_lycoris_forward(kwargs, convertible, tmp_path, run_cli):
-    """LyCORIS LoKr files (full or factored halves, Tucker cores, full matrices with rank null)
-    convert to PEFT LOKR with a decompose_factor and per-module r that rebuild the same shapes,
-    or are refused; converted ones give LyCORIS's outputs. (factor=4 on 8/16-wide layers: LyCORIS
-    splits 8 as 2x4 and 16 as 4x4, which no single PEFT decompose_factor reproduces.)"""
+    """LyCORIS LoKr files (full or factored halves, Tucker cores, full matrices with rank null;
+    rank 2 on the tiny UNet: lokr_w2 whole where max(b, d) <= 4, factored where it is 8, convs
+    included) convert to PEFT LOKR with a decompose_factor and per-module r that rebuild the same
+    shapes, or are refused naming the module; converted ones give LyCORIS's outputs. (factor=4 on
+    8/16-wide layers: LyCORIS splits 8 as 2x4 and 16 as 4x4, which no single PEFT
+    decompose_factor reproduces.)"""
     from peft import PeftModel
 
     unet, te = tiny_unet(), tiny_clip()
     base = copy.deepcopy(unet)
     ref = unet_out(unet)
-    net = lycoris_network(te, unet, algo="lokr", dim=4, alpha=3, **kwargs)
+    kwargs = dict(kwargs)
+    dim = kwargs.pop("dim", 4)
+    net = lycoris_network(te, unet, algo="lokr", dim=dim, alpha=3, **kwargs)
     out = unet_out(unet)
     file = save_lycoris(net, str(tmp_path / "lokr.safetensors"))
     save_component(base, str(tmp_path / "unet"))
     r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
     if not convertible:
         assert r.exit_code == 2 and "decompose_factor" in r.stderr and not (tmp_path / "peft").exists()
+        assert "lora_unet_" in r.stderr and "splits out" in r.stderr, r.stderr  # names the module and its split
         return
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LOKR"
+    if dim == 2:  # the case of the report: both storages of w2 in one file, a factored 3x3 conv among them
+        with safe_open(file, "pt") as f:
+            keys = list(f.keys())
+        assert any(k.endswith(".lokr_w2") for k in keys) and any(k.endswith(".lokr_w2_b") for k in keys)
+        assert any("resnets" in k and "conv1" in k and k.endswith(".lokr_w2_b") for k in keys)
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
     assert rel_err(unet_out(model), out, ref) < TOL
 
@@ -199,3 +209,46 @@ def test_peft_loha_lokr_to_kohya_loads_in_lycoris(kind, tmp_path, run_cli):
     lyco = copy.deepcopy(base)
     lycoris_apply_file(str(out), lyco)
     assert rel_err(unet_out(lyco), expected, ref) < TOL
+
+
+def test_kohya_lokr_peft_cannot_store_is_refused_naming_the_module(tmp_path, run_cli):
+    """A LoKr module PEFT cannot store as the file does is refused, naming it and PEFT's rule:
+    here one module of a decompose_both file has its w1 whole (the product of its factors, the same
+    LyCORIS output) next to a w2 factored at rank 2, while PEFT, with decompose_both on for the other
+    modules, factors w1 at any r < max(a, c) / 2. Nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    unet, te = tiny_unet(), tiny_clip()
+    net = lycoris_network(te, unet, algo="lokr", dim=2, alpha=3, factor=-1, decompose_both=True)
+    file = save_lycoris(net, str(tmp_path / "lokr.safetensors"))
+    save_component(tiny_unet(), str(tmp_path / "unet"))
+    tensors = load_file(file)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj"
+    assert {f"{name}.lokr_w1_a", f"{name}.lokr_w2_a"} <= set(tensors)
+    tensors[f"{name}.lokr_w1"] = tensors.pop(f"{name}.lokr_w1_a") @ tensors.pop(f"{name}.lokr_w1_b")
+    save_file(tensors, file)
+    r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
+    assert r.exit_code == 2 and not (tmp_path / "peft").exists(), r
+    assert name in r.stderr and "decompose_both" in r.stderr and "max(a, c) / 2 = 4" in r.stderr, r.stderr
+
+
+def test_kohya_lokr_tucker_core_missing_on_one_conv_is_refused_naming_it(tmp_path, run_cli):
+    """PEFT's one use_effective_conv2d puts a Tucker core on every factored convolution with a
+    kernel larger than 1x1: a file where one such convolution stores w2 as plain factors (no
+    lokr_t2) while the others have cores is refused, naming that module and the rule."""
+    from safetensors.torch import load_file, save_file
+
+    unet, te = tiny_unet(), tiny_clip()
+    net = lycoris_network(te, unet, algo="lokr", dim=2, alpha=3, factor=-1, use_tucker=True)
+    file = save_lycoris(net, str(tmp_path / "lokr.safetensors"))
+    save_component(tiny_unet(), str(tmp_path / "unet"))
+    tensors = load_file(file)
+    name = "lora_unet_up_blocks_0_resnets_0_conv1"
+    t2 = tensors.pop(f"{name}.lokr_t2")
+    b, d = tensors[f"{name}.lokr_w2_a"].shape[1], tensors[f"{name}.lokr_w2_b"].shape[1]
+    tensors[f"{name}.lokr_w2_a"] = torch.randn(b, t2.shape[0])
+    tensors[f"{name}.lokr_w2_b"] = torch.randn(t2.shape[0], d * t2.shape[2] * t2.shape[3])
+    save_file(tensors, file)
+    r = run_cli("convert", file, "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "unet", "--component", "unet")
+    assert r.exit_code == 2 and not (tmp_path / "peft").exists(), r
+    assert "up_blocks.0.resnets.0.conv1" in r.stderr and "has no Tucker core" in r.stderr and "use_effective_conv2d" in r.stderr, r.stderr

@@ -146,9 +146,9 @@ def test_merge_cli_equals_merge_and_unload(case, tmp_path, run_cli):
 def test_inspect_and_check_list_the_copies(case, run_cli):
     arch, kind, root = case
     doc = json.loads(run_cli("inspect", root / "adapter", "--json").stdout)
-    copies = {m["module"]: m for m in doc["modules"] if m["kind"] == "full_copy"}
+    copies = {m["module"]: m for m in doc["modules"] if m["type"] == "full_copy"}
     assert sorted(copies) == sorted(ARCHS[arch][0]) and doc["totals"]["full_copies"] == len(copies)
-    assert doc["unknown_keys"] == [] and doc["kinds"] == [kind]
+    assert doc["unknown_keys"] == [] and doc["methods"] == [kind]
     # as for a PEFT LoRA adapter: PEFT's plain endswith made 'classifier' save pre_classifier too
     expected = [("full-copy-suffix", ["pre_classifier"])] if arch == "distilbert" else []
     assert [(w["code"], w["keys"]) for w in doc["warnings"]] == expected
@@ -159,10 +159,10 @@ def test_inspect_and_check_list_the_copies(case, run_cli):
             assert t["key"] == f"{PREFIX}{path}.{param}" and t["shape"] == list(file[t["key"]].shape)
     assert doc["totals"]["tensors"] == len(file) and doc["totals"]["params"] == sum(t.numel() for t in file.values())
     r = run_cli("inspect", root / "adapter", "--json", "--base", root / "base")
-    check = json.loads(r.stdout)["check"][0]
+    check = json.loads(r.stdout)["check"]["components"][0]
     assert r.exit_code == 0 and check["ok"] and check["resolved"] == check["total"] == len(doc["modules"])
     text = run_cli("inspect", root / "adapter").stdout
-    assert "full copy" in text and f"({len(copies)} full cop" in text
+    assert "full copy" in text and f", {len(copies)} full cop" in text
     r = run_cli("check", "--base", root / "base", "--adapter", root / "adapter", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["ok"]
 
@@ -187,7 +187,7 @@ def test_a_broken_copy_is_refused_everywhere(case, tmp_path, run_cli):
     wide[f"{PREFIX}{copy}.weight"] = torch.zeros(wide[f"{PREFIX}{copy}.weight"].shape[0] + 1, *wide[f"{PREFIX}{copy}.weight"].shape[1:])
     save_file(wide, str(tmp_path / "wide" / "adapter_model.safetensors"))
     r = run_cli("check", "--base", root / "base", "--adapter", tmp_path / "wide", "--json")
-    assert r.exit_code == 1 and any(copy in e for e in json.loads(r.stdout)["check"][0]["shape_errors"])
+    assert r.exit_code == 1 and any(copy in e for e in json.loads(r.stdout)["components"][0]["shape_errors"])
     model = _base(arch)
     keys = list(model.state_dict())
     with pytest.raises(adapterfmt.ShapeMismatchError, match="full copy"):
@@ -285,8 +285,8 @@ def test_a_targeted_lm_head_saves_its_base_tensor(kind, tmp_path, run_cli):
     assert set(saved) == set(ours) and all(torch.equal(saved[k], ours[k]) for k in saved)
 
     doc = json.loads(run_cli("inspect", tmp_path / "adapter", "--json", "--base", tmp_path / "base").stdout)
-    assert [(m["module"], m["tensors"]["value"]["key"]) for m in doc["modules"] if m["kind"] == "base_override"] == [("lm_head.weight", key)]
-    assert doc["unknown_keys"] == [] and doc["check"][0]["ok"] and doc["check"][0]["total"] == len(doc["modules"])
+    assert [(m["module"], m["tensors"]["value"]["key"]) for m in doc["modules"] if m["type"] == "base_override"] == [("lm_head.weight", key)]
+    assert doc["unknown_keys"] == [] and doc["check"]["components"][0]["ok"] and doc["check"]["components"][0]["total"] == len(doc["modules"])
 
     expected = ref.merge_and_unload().state_dict()
     r = run_cli("merge", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "-o", tmp_path / "merged")

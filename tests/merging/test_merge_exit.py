@@ -54,7 +54,7 @@ def test_python_dash_m_exits_as_the_console_script_does(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["tensors_merged"] == 14 and "TEARDOWN" not in done.stderr
     inspected = _run("inspect", str(REPO / "testdata/tiny-llama-lora"), "--json", script=SCRIPT_M)
-    assert inspected.returncode == 0 and json.loads(inspected.stdout)["totals"]["lora_modules"] > 0 and "TEARDOWN" not in inspected.stderr
+    assert inspected.returncode == 0 and json.loads(inspected.stdout)["totals"]["adapter_modules"] > 0 and "TEARDOWN" not in inspected.stderr
     failed = _run("merge", "--base", str(REPO / "testdata/tiny-llama"), "--adapter", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"), script=SCRIPT_M)
     assert failed.returncode == 2 and "TEARDOWN" in failed.stderr
 
@@ -65,7 +65,7 @@ def test_inspect_and_check_exit_without_teardown_with_their_output_complete() ->
     adapter, base = str(REPO / "testdata/tiny-llama-lora"), str(REPO / "testdata/tiny-llama")
     inspected = _run("inspect", adapter, "--json")
     assert inspected.returncode == 0, inspected.stderr
-    assert json.loads(inspected.stdout)["totals"]["lora_modules"] > 0 and "TEARDOWN" not in inspected.stderr
+    assert json.loads(inspected.stdout)["totals"]["adapter_modules"] > 0 and "TEARDOWN" not in inspected.stderr
     checked = _run("check", "--base", base, "--adapter", adapter, "--json")
     assert checked.returncode == 0 and json.loads(checked.stdout)["ok"] is True and "TEARDOWN" not in checked.stderr
     table = _run("inspect", adapter)

@@ -54,8 +54,9 @@ BEHAVIOUR_SECTIONS = {
     5: "Python API",
     6: "Wrapped checkpoints",
     7: "Diffusion ecosystem files",
-    8: "`adapterfmt extract`",
-    9: "`adapterfmt verify-merge`",
+    8: "Export for serving",
+    9: "`adapterfmt extract`",
+    10: "`adapterfmt verify-merge`",
 }
 
 

@@ -36,7 +36,7 @@ def base_like(src: str, dest: Path, *, rename=lambda k: k, drop=lambda k: False,
 def test_real_checkpoints_resolve(run_cli, base, adapter, summary):
     result = run_cli("check", "--base", TESTDATA / base, "--adapter", TESTDATA / adapter)
     assert result.exit_code == 0, result
-    assert result.stdout.splitlines()[0] == summary
+    assert result.stdout.splitlines()[0] == summary + ": ok"
     assert result.stderr == ""
 
 
@@ -49,11 +49,11 @@ def test_sub_adapter(run_cli):
 def test_json_document(run_cli):
     result = run_cli("check", "--base", TESTDATA / "tiny-llama", "--adapter", TESTDATA / "tiny-llama-lora", "--json")
     doc = json.loads(result.stdout)
-    assert doc["ok"] is True and doc["lora"] == {"resolved": 14, "total": 14}
-    assert doc["full_copies"] == {"resolved": 1, "total": 1}
-    assert doc["unresolved"] == [] and doc["suggestion"] is None
-    q = next(b for b in doc["bindings"] if b["module"] == "model.layers.0.self_attn.q_proj")
-    assert q == {"module": "model.layers.0.self_attn.q_proj", "type": "lora", "base_key": "model.layers.0.self_attn.q_proj.weight", "layout": "linear"}
+    assert doc["ok"] is True and doc["components"][0]["counts"]["adapter"] == {"resolved": 14, "total": 14}
+    assert doc["components"][0]["counts"]["full_copy"] == {"resolved": 1, "total": 1}
+    assert doc["components"][0]["unresolved"] == [] and doc["components"][0]["suggestion"] is None
+    q = next(b for b in doc["components"][0]["bindings"] if b["module"] == "model.layers.0.self_attn.q_proj")
+    assert q == {"module": "model.layers.0.self_attn.q_proj", "type": "adapter", "method": "lora", "base_key": "model.layers.0.self_attn.q_proj.weight", "layout": "linear"}
 
 
 def test_tied_head_resolves_with_a_warning(run_cli):
@@ -69,17 +69,17 @@ def test_prefix_mismatch_lists_keys_and_suggests_a_rewrite(run_cli, tmp_path):
     result = run_cli("check", "--base", vlm, "--adapter", TESTDATA / "tiny-llama-lora")
     assert result.exit_code == 1, result
     lines = result.stdout.splitlines()
-    assert lines[0] == "0/14 LoRA targets and 0/1 full copies resolved"
+    assert lines[0] == "0/14 LoRA targets and 0/1 full copies resolved: FAILED"
     listed = [line for line in lines if line.startswith("  ") and "no base tensor" in line]
     assert len(listed) == 10
     assert "... and 5 more" in result.stdout
     doc = run_cli("check", "--base", vlm, "--adapter", TESTDATA / "tiny-llama-lora", "--json").json()
-    old, new = doc["suggestion"]["old"], doc["suggestion"]["new"]
+    old, new = doc["components"][0]["suggestion"]["old"], doc["components"][0]["suggestion"]["new"]
     assert f"--prefix-map '{old}={new}'" in result.stdout
     # the suggested rewrite is exactly what fixes it
     fixed = run_cli("check", "--base", vlm, "--adapter", TESTDATA / "tiny-llama-lora", "--prefix-map", f"{old}={new}")
     assert fixed.exit_code == 0, fixed
-    assert fixed.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved"
+    assert fixed.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved: ok"
 
 
 def test_suggestion_keeps_what_already_resolves(run_cli, tmp_path):
@@ -87,7 +87,7 @@ def test_suggestion_keeps_what_already_resolves(run_cli, tmp_path):
     vlm = base_like("tiny-llama", tmp_path / "vlm", rename=lambda k: "language_model." + k if k.startswith("model.") else k)
     result = run_cli("check", "--base", vlm, "--adapter", TESTDATA / "tiny-llama-lora")
     assert result.exit_code == 1
-    assert result.stdout.splitlines()[0] == "0/14 LoRA targets and 1/1 full copies resolved"
+    assert result.stdout.splitlines()[0] == "0/14 LoRA targets and 1/1 full copies resolved: FAILED"
     assert "did you mean `model.` → `language_model.model.`?" in result.stdout
     fixed = run_cli("check", "--base", vlm, "--adapter", TESTDATA / "tiny-llama-lora", "--prefix-map", "model.=language_model.model.")
     assert fixed.exit_code == 0, fixed
@@ -98,9 +98,9 @@ def test_partial_resolution_fails(run_cli, tmp_path):
     result = run_cli("check", "--base", base, "--adapter", TESTDATA / "tiny-llama-lora", "--json")
     assert result.exit_code == 1
     doc = result.json()
-    assert doc["lora"] == {"resolved": 7, "total": 14}
-    assert doc["unresolved_count"] == 7
-    assert doc["unresolved"][0] == {"name": "model.layers.1.mlp.down_proj", "looked_for": "model.layers.1.mlp.down_proj.weight"}
+    assert doc["components"][0]["counts"]["adapter"] == {"resolved": 7, "total": 14}
+    assert doc["components"][0]["unresolved_count"] == 7
+    assert doc["components"][0]["unresolved"][0] == {"name": "model.layers.1.mlp.down_proj", "looked_for": "model.layers.1.mlp.down_proj.weight"}
 
 
 def test_shape_mismatch_fails(run_cli, tmp_path):
@@ -119,10 +119,10 @@ def test_unknown_tensor_fails_the_check(run_cli, copy_testdata):
     edit_adapter_weights(d, add={stray: torch.zeros(8, 64)})
     result = run_cli("check", "--base", TESTDATA / "tiny-llama", "--adapter", d)
     assert result.exit_code == 1
-    assert result.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved"
+    assert result.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved: FAILED"
     assert f"  {stray}" in result.stdout.splitlines()
     assert "warning[unknown-key]" in result.stderr
-    assert run_cli("check", "--base", TESTDATA / "tiny-llama", "--adapter", d, "--json").json()["unknown_keys"] == [stray]
+    assert run_cli("check", "--base", TESTDATA / "tiny-llama", "--adapter", d, "--json").json()["components"][0]["unknown_keys"] == [stray]
 
 
 def test_peft_endswith_collision_is_reported(run_cli, tmp_path):
@@ -147,9 +147,9 @@ def test_peft_endswith_collision_is_reported(run_cli, tmp_path):
     result = run_cli("check", "--base", base, "--adapter", adapter, "--json")
     assert result.exit_code == 0, result
     doc = result.json()
-    assert doc["summary"] == "1/1 LoRA targets and 1/1 full copies resolved"
+    assert doc["components"][0]["summary"] == "1/1 LoRA targets and 1/1 full copies resolved"
     # exact matching binds the right module ...
-    assert {"module": "model.layers.0.x", "type": "full_copy", "base_key": "model.layers.0.x.weight", "layout": "replace"} in doc["bindings"]
+    assert {"module": "model.layers.0.x", "type": "full_copy", "method": None, "base_key": "model.layers.0.x.weight", "layout": "replace"} in doc["components"][0]["bindings"]
     # ... and the report names the module PEFT's endswith would also wrap
     suffix = [w for w in doc["warnings"] if w["code"] == "full-copy-suffix"]
     assert suffix and "img_model.layers.0.x" in suffix[0]["keys"]

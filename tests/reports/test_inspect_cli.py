@@ -38,12 +38,12 @@ def test_table_lists_every_module_with_totals(run_cli):
     assert result.exit_code == 0, result
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("module"))
-    assert header.split() == ["module", "kind", "rank", "alpha", "scaling", "dtype", "params"]
+    assert header.split() == ["module", "kind", "layer", "rank", "alpha", "scaling", "dtype", "params"]
     down = next(line for line in lines if line.startswith("model.layers.1.mlp.down_proj "))
     # rank_pattern / alpha_pattern give down_proj r=4, alpha=8: scaling 2; A (4, 128) + B (64, 4)
-    assert down.split() == ["model.layers.1.mlp.down_proj", "linear", "4", "8", "2", "F32", "768"]
+    assert down.split() == ["model.layers.1.mlp.down_proj", "lora", "linear", "4", "8", "2", "F32", "768"]
     head = next(line for line in lines if line.startswith("lm_head "))
-    assert head.split() == ["lm_head", "full", "copy", "-", "-", "-", "F32", "16,384"]
+    assert head.split() == ["lm_head", "full", "copy", "-", "-", "-", "-", "F32", "16,384"]
     assert "totals: 14 LoRA modules, 1 full copy;" in result.stdout
     assert result.stderr == ""
 
@@ -53,10 +53,10 @@ def test_json_parses_and_matches_the_table(run_cli, name):
     result = run_cli("inspect", TESTDATA / name, "--json")
     assert result.exit_code == 0, result
     doc = json.loads(result.stdout)
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == 2
     assert doc["warnings"] == []  # the shipped checkpoints are clean
-    lora = [m for m in doc["modules"] if m["type"] == "lora"]
-    assert doc["totals"]["lora_modules"] == len(lora)
+    lora = [m for m in doc["modules"] if m["type"] == "adapter"]
+    assert doc["totals"]["adapter_modules"] == len(lora)
     assert doc["totals"]["params"] == sum(m["params"] for m in doc["modules"])
     table = run_cli("inspect", TESTDATA / name).stdout
     for m in doc["modules"]:
@@ -68,7 +68,7 @@ def test_sub_adapters_are_listed_and_selectable(run_cli):
     assert "sub-adapters: second" in top.stdout
     assert run_cli("inspect", TESTDATA / "tiny-llama-multi", "--json").json()["sub_adapters"] == ["second"]
     sub = run_cli("inspect", TESTDATA / "tiny-llama-multi", "--subfolder", "second", "--json").json()
-    assert sub["adapter"]["name"] == "second"
+    assert sub["config"]["name"] == "second"
     assert {m["module"].rsplit(".", 1)[-1] for m in sub["modules"]} == {"o_proj", "down_proj"}
     # r=2, alpha=4, use_rslora: alpha / sqrt(r)
     assert all(m["scaling"] == pytest.approx(4 / math.sqrt(2)) for m in sub["modules"])
@@ -77,9 +77,9 @@ def test_sub_adapters_are_listed_and_selectable(run_cli):
 def test_dora_and_lora_bias_are_shown(run_cli):
     dora = run_cli("inspect", TESTDATA / "tiny-llama-dora", "--json").json()
     assert all(m["use_dora"] and "magnitude" in m["tensors"] for m in dora["modules"])
-    assert "linear+dora" in run_cli("inspect", TESTDATA / "tiny-llama-dora").stdout
+    assert "lora+dora" in run_cli("inspect", TESTDATA / "tiny-llama-dora").stdout
     bias = run_cli("inspect", TESTDATA / "tiny-bert-lorabias", "--json").json()
-    assert all(m["lora_bias"] for m in bias["modules"] if m["type"] == "lora")
+    assert all(m["lora_bias"] for m in bias["modules"] if m["type"] == "adapter")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +109,8 @@ def test_modules_ranks_and_scalings_equal_peft(run_cli, adapter, base, head):
             peft_layers[split_prefix(name)[1]] = (module.r["default"], module.scaling["default"])
 
     doc = run_cli("inspect", TESTDATA / adapter, "--json").json()
-    ours = {m["module"]: (m["rank"], m["scaling"]) for m in doc["modules"] if m["type"] == "lora"}
-    assert len(ours) == len(peft_layers) == doc["totals"]["lora_modules"]
+    ours = {m["module"]: (m["rank"], m["scaling"]) for m in doc["modules"] if m["type"] == "adapter"}
+    assert len(ours) == len(peft_layers) == doc["totals"]["adapter_modules"]
     assert ours.keys() == peft_layers.keys()
     for name, (rank, scaling) in peft_layers.items():
         assert ours[name][0] == rank, name
@@ -191,8 +191,8 @@ def test_tied_full_copy_with_base(run_cli):
     assert result.exit_code == 0, result
     doc = result.json()
     assert warning(doc, "tied-full-copy")["keys"] == ["lm_head"]
-    assert doc["base"]["ok"] is True
-    assert doc["base"]["summary"] == "4/4 LoRA targets and 1/1 full copies resolved"
+    assert doc["check"]["ok"] is True
+    assert doc["check"]["components"][0]["summary"] == "4/4 LoRA targets and 1/1 full copies resolved"
     # without the base nothing says lm_head is tied
     assert "tied-full-copy" not in codes(run_cli("inspect", TESTDATA / "tiny-llama-tied-lora", "--json").json())
 
@@ -232,7 +232,7 @@ def test_warnings_go_to_stderr_and_strict_fails(run_cli, copy_testdata):
 
 def test_base_that_does_not_fit_gives_unresolved_and_shape_warnings(run_cli):
     doc = run_cli("inspect", TESTDATA / "tiny-llama-lora", "--base", TESTDATA / "tiny-bert", "--json").json()
-    assert doc["base"]["ok"] is False
+    assert doc["check"]["ok"] is False
     assert warning(doc, "unresolved-module")["keys"][0] == "model.layers.0.mlp.down_proj"
     assert run_cli("inspect", TESTDATA / "tiny-llama-lora", "--base", TESTDATA / "tiny-bert", "--strict").exit_code == 1
 
@@ -252,7 +252,7 @@ def test_bin_needs_allow_pickle(run_cli, copy_testdata):
     st.unlink()
     assert_one_error_line(run_cli("inspect", d), "adapter_model.bin", "--allow-pickle")
     doc = run_cli("inspect", d, "--allow-pickle", "--json", "--scan").json()
-    assert doc["totals"]["lora_modules"] == 4 and doc["warnings"] == []
+    assert doc["totals"]["adapter_modules"] == 4 and doc["warnings"] == []
 
 
 # ---------------------------------------------------------------------------------------------

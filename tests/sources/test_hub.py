@@ -56,21 +56,21 @@ def test_inspect_hub_id(hub_cache, tmp_path):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["source"] == "user/tiny-llama-lora"
-    assert doc["totals"]["lora_modules"] == 14 and doc["totals"]["full_copies"] == 1
-    assert doc["adapter"]["directory"].startswith(str(hub_cache))
+    assert doc["totals"]["adapter_modules"] == 14 and doc["totals"]["full_copies"] == 1
+    assert doc["config"]["directory"].startswith(str(hub_cache))
 
 
 def test_inspect_hub_sub_adapter(hub_cache, tmp_path):
     result = adapterfmt(hub_cache, "inspect", "user/tiny-llama-multi", "--subfolder", "second", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["adapter"]["name"] == "second" and doc["totals"]["lora_modules"] == 4
+    assert doc["config"]["name"] == "second" and doc["totals"]["adapter_modules"] == 4
 
 
 def test_check_with_base_and_adapter_from_the_hub(hub_cache, tmp_path):
     result = adapterfmt(hub_cache, "check", "--base", "user/tiny-llama", "--adapter", "user/tiny-llama-lora", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved"
+    assert result.stdout.splitlines()[0] == "14/14 LoRA targets and 1/1 full copies resolved: ok"
 
 
 def test_uncached_hub_id_offline_is_one_error_line(hub_cache, tmp_path):

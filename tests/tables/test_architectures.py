@@ -1,4 +1,4 @@
-"""The architecture matrix: for each tiny transformers model type (tests/_arch_cases.py) with a PEFT
+"""The architecture matrix: for each tiny transformers model type (tests/tables/_arch_cases.py) with a PEFT
 adapter that visibly changes its outputs, inspect, check, merge and load agree with PEFT.
 
 * merge: the merged directory, loaded with transformers, equals PEFT's ``merge_and_unload``

@@ -15,6 +15,7 @@ from ...base.reading import BaseModel, read_base
 from ...constants import FLOAT_DTYPES
 from ...errors import AmbiguousMatchError, CheckpointNotFoundError
 from ...base.resolution import bind_base_tensor, bind_full_copy
+from ...checkpoint.keys import weight_key
 from .names import base_module_paths, resolve_names
 from .records import ForeignCheckpoint
 
@@ -80,6 +81,10 @@ class ComponentCheck:
     unresolved: list[str] = field(default_factory=list)
     shape_errors: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  #: modules that fit but cannot be applied (a negative or non-finite alpha)
+    #: row type (``adapter``, ``full_copy``, ``base_override``) -> ``{"resolved", "total"}``
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: ``{"module", "type", "method", "base_key", "layout"}`` per bound base tensor
+    bindings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -111,10 +116,14 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
         aliases = sgm_aliases(paths, base.config)
     res = resolve_names(modules, paths, component=component, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
     check = ComponentCheck(component, base.directory, len(modules), len(res.resolved), list(res.unresolved))
+    check.counts["adapter"] = {"resolved": len(res.resolved), "total": len(modules)}
     for m in modules:
         if m.path is None:
             continue
-        weight = base.tensors[f"{m.path}.weight"]
+        weight = base.tensors[weight_key(m.path)]
+        check.bindings.append(
+            {"module": m.path, "type": "adapter", "method": m.kind, "base_key": weight_key(m.path), "layout": m.layer_kind or "linear"}
+        )
         m.weight_shape = tuple(weight.shape)
         if m.alpha is not None and not (m.alpha >= 0):  # merge and load refuse it (peft_view.refuse_unusable)
             check.problems.append(f"{m.path}: alpha is {m.alpha:g}")
@@ -127,12 +136,21 @@ def check_component(ckpt: ForeignCheckpoint, component: Optional[str], base: Bas
             check.shape_errors.append(f"{m.path}: the {m.kind} product {list(m.product_shape() or ())} does not fit the weight {list(weight.shape)}")
     for path, copy in ckpt.full_copies.items():  # PEFT LoHa / LoKr only
         before = len(check.unresolved)
-        bind_full_copy(copy, path, base, check.unresolved, check.shape_errors)
-        check.total += 1
-        check.resolved += len(check.unresolved) == before
+        bound = bind_full_copy(copy, path, base, check.unresolved, check.shape_errors)
+        check.bindings += [{"module": path, "type": "full_copy", "method": None, "base_key": k, "layout": "replace"} for k in bound.values()]
+        _count(check, "full_copy", len(check.unresolved) == before)
     for base_key, saved_key in ckpt.base_override_keys.items():  # PEFT LoHa / LoKr only
         before = len(check.unresolved)
-        bind_base_tensor(base_key, base_key, ckpt.base_overrides[base_key], saved_key, base, check.unresolved, check.shape_errors)
-        check.total += 1
-        check.resolved += len(check.unresolved) == before
+        key = bind_base_tensor(base_key, base_key, ckpt.base_overrides[base_key], saved_key, base, check.unresolved, check.shape_errors)
+        if key is not None:
+            check.bindings.append({"module": base_key, "type": "base_override", "method": None, "base_key": key, "layout": "replace"})
+        _count(check, "base_override", len(check.unresolved) == before)
     return check
+
+
+def _count(check: ComponentCheck, row_type: str, resolved: bool) -> None:
+    counts = check.counts.setdefault(row_type, {"resolved": 0, "total": 0})
+    counts["total"] += 1
+    counts["resolved"] += resolved
+    check.total += 1
+    check.resolved += resolved

@@ -179,7 +179,7 @@ def describe_diffusers(header: SafetensorsHeader, scalar: ScalarReader = read_sc
         for key, module, slot in names:
             m = modules.get((component, module))
             if m is None:
-                m = modules[(component, module)] = ForeignModule(name=module, component=component, kind=LORA, path=module)
+                m = modules[(component, module)] = ForeignModule(name=module, component=component, kind=LORA, path=module, grammar_name=module)
             m.tensors[slot] = header.tensors[key]
             m.keys[slot] = key
         for key, module in component_alphas:

@@ -3,7 +3,8 @@
 ``<prefix><flattened module name>.<suffix>``: the prefix names the component (``lora_unet_``,
 ``lora_te_``, ``lora_te1_``, ``lora_te2_``, ``lora_transformer_``), the module name is the
 module path with every ``.`` replaced by ``_`` (lossy: resolved against the base, see
-:mod:`adapterfmt.formats.diffusion.names`), and the suffix names the tensor: LoRA / LoCon
+:mod:`adapterfmt.formats.diffusion.names`; read without one from the grammar alone, see
+:mod:`adapterfmt.formats.diffusion.grammar_names`), and the suffix names the tensor: LoRA / LoCon
 ``lora_down.weight``, ``lora_up.weight`` (``lora_mid.weight`` with a Tucker core), LoHa
 ``hada_w{1,2}_{a,b}`` (``hada_t{1,2}``), LoKr ``lokr_w1`` or ``lokr_w1_{a,b}``, ``lokr_w2`` or
 ``lokr_w2_{a,b}`` (``lokr_t2``), and the scalar ``alpha``.
@@ -16,6 +17,7 @@ from typing import Optional
 from ...errors import InconsistentAdapterError
 from ...checkpoint.finding import Finding
 from ...storage.header import SafetensorsHeader
+from .grammar_names import read_kohya_name
 from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, LORA, ForeignCheckpoint, ForeignModule
 from ...storage.scalars import ScalarReader, read_scalar
 
@@ -86,7 +88,8 @@ def describe_kohya(header: SafetensorsHeader, scalar: ScalarReader = read_scalar
         kind, slot = kind_slot
         m = modules.get(ident)
         if m is None:
-            m = modules[ident] = ForeignModule(name=name, component=component, kind=kind)
+            reading = read_kohya_name(component, name)
+            m = modules[ident] = ForeignModule(name=name, component=component, kind=kind, grammar_name=reading.dotted, grammar_note=reading.note)
         elif m.kind != kind:
             raise InconsistentAdapterError(
                 f"module {name!r} holds both {m.kind} and {kind} tensors", path=header.path, key=key, hint="the file is damaged; re-export it"

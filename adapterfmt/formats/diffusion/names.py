@@ -76,7 +76,7 @@ def resolve_names(
 ) -> NameResolution:
     """Bind each module's name in the file to exactly one module path of the component.
 
-    Sets ``m.path`` on every resolved module (and ``None`` on unresolved ones).
+    Sets ``m.path`` and ``m.checked`` on every resolved module (``None`` / ``False`` on unresolved ones).
 
     Args:
         modules: the file's modules of ``component``.
@@ -108,9 +108,9 @@ def resolve_names(
                 hint="the flattened name is ambiguous; rename the module in the file to one of them",
             )
         if candidates:
-            m.path = candidates[0]
+            m.path, m.checked = candidates[0], True
             res.resolved[m.name] = candidates[0]
         else:
-            m.path = None
+            m.path, m.checked = None, False
             res.unresolved.append(m.name)
     return res

@@ -20,7 +20,7 @@ from typing import Optional
 from ...checkpoint.config import parse_config
 from ...checkpoint.records import AdapterCheckpoint, LoraModule
 from ...errors import InconsistentAdapterError, InvalidConfigError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
-from ..wrapped.config_rebuild import exact_pattern, rebuild_config
+from ...checkpoint.config_rebuild import exact_pattern, rebuild_config
 from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
 
 _LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}

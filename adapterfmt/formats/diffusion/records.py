@@ -49,6 +49,12 @@ class ForeignModule:
         path: the real module path in the component: diffusers' name as written; for kohya names
             set by :func:`adapterfmt.formats.diffusion.names.resolve_names` (``None`` until resolved).
         dora_scale: a LyCORIS ``dora_scale`` tensor (weight decomposition), if present.
+        grammar_name: the dotted module path the file's grammar alone gives the name, not checked
+            against a model: a diffusers or PEFT name as written; a kohya name read by
+            :func:`adapterfmt.formats.diffusion.grammar_names.read_kohya_name` (FORMAT §10.4), ``None``
+            when it has no unique reading (``grammar_note`` says why; the flattened name stands).
+        checked: whether the name was bound to a module of a base (``--base``): ``path`` is then
+            the model's own module path. Set by :func:`adapterfmt.formats.diffusion.names.resolve_names`.
     """
 
     name: str
@@ -62,6 +68,20 @@ class ForeignModule:
     dora_scale: Optional[TensorInfo] = None
     config_scaling: Optional[float] = None  #: diffusers files with a LoraConfig in their metadata
     weight_shape: Optional[tuple[int, ...]] = None  #: the base weight's shape, once resolved against a base
+    grammar_name: Optional[str] = None
+    grammar_note: Optional[str] = None
+    checked: bool = False
+
+    def shown_name(self) -> tuple[str, str]:
+        """The name a report prints and how it must be marked: ``(path, "base")`` once checked
+        against a base; ``(grammar_name, "grammar")`` otherwise when the grammar reads the name —
+        print it marked "not checked against a model"; else ``(name, "file")``, the name as the
+        file writes it — print it marked with ``grammar_note`` (no unique reading)."""
+        if self.checked and self.path is not None:
+            return self.path, "base"
+        if self.grammar_name is not None:
+            return self.grammar_name, "grammar"
+        return self.name, "file"
 
     @property
     def rank(self) -> Optional[int]:
@@ -155,53 +175,6 @@ class ForeignModule:
         if self.dora_scale is not None:
             out.append(self.dora_scale.key)
         return out
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON record of ``inspect --json`` (docs/BEHAVIOUR.md §7.2)."""
-        return {
-            "module": self.path if self.path is not None else self.name,
-            "name_in_file": self.name,
-            "resolved": self.path is not None,
-            "component": self.component,
-            "kind": self.kind,
-            "layer_kind": self.layer_kind,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "scaling": self.scaling,
-            "dtype": self.dtype,
-            "params": self.params,
-            "tensors": {s: {"key": self.keys[s], "dtype": i.dtype, "shape": list(i.shape)} for s, i in self.tensors.items()},
-        }
-
-
-#: The JSON ``kind`` of a full copy (``modules_to_save``) in ``inspect --json`` (PEFT LoHa / LoKr).
-FULL_COPY = "full_copy"
-
-
-def full_copy_as_dict(copy: FullCopyModule) -> dict[str, Any]:
-    """A full copy as an ``inspect --json`` module record (docs/BEHAVIOUR.md §7.2): the fields of
-    :meth:`ForeignModule.as_dict`, ``kind`` ``full_copy``, no rank, alpha or scaling; ``tensors``
-    by parameter (``weight``, ``dense.bias``)."""
-    return {
-        "module": copy.path, "name_in_file": copy.path, "resolved": True, "component": None, "kind": FULL_COPY,
-        "layer_kind": None, "rank": None, "alpha": None, "scaling": None, "dtype": copy.dtype, "params": copy.params,
-        "tensors": {p: {"key": copy.keys[p], "dtype": i.dtype, "shape": list(i.shape)} for p, i in copy.tensors.items()},
-    }
-
-
-#: The JSON ``kind`` of a saved base tensor (``X.base_layer.weight``) in ``inspect --json``.
-BASE_OVERRIDE = "base_override"
-
-
-def base_override_as_dict(base_key: str, info: TensorInfo, key: str) -> dict[str, Any]:
-    """A saved base tensor as an ``inspect --json`` module record: ``module`` is the base key it
-    replaces, ``name_in_file`` its key without ``base_model.model.``, ``kind`` ``base_override``,
-    ``tensors`` ``{"value": ...}`` (as the PEFT LoRA path lists it)."""
-    return {
-        "module": base_key, "name_in_file": split_prefix(key)[1], "resolved": True, "component": None, "kind": BASE_OVERRIDE,
-        "layer_kind": None, "rank": None, "alpha": None, "scaling": None, "dtype": info.dtype, "params": info.numel,
-        "tensors": {"value": {"key": key, "dtype": info.dtype, "shape": list(info.shape)}},
-    }
 
 
 @dataclass

@@ -104,7 +104,7 @@ def describe_peft_lycoris(doc: Any, header: SafetensorsHeader, *, config_path: s
         rest = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         path, _, slot = rest.rpartition(".")
         if path and slot in slots:
-            m = modules.setdefault(path, ForeignModule(name=path, component=None, kind=kind, path=path))
+            m = modules.setdefault(path, ForeignModule(name=path, component=None, kind=kind, path=path, grammar_name=path))
             m.tensors[slot], m.keys[slot] = info, key
             continue
         parts = _parsed(key)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 from ...constants import DEFAULT_ADAPTER_NAME, PEFT_PREFIX
-from ..peft.reading import AdapterCheckpoint
+from ...checkpoint.records import AdapterCheckpoint
 from ...checkpoint.keys import KeyParts, Role, parse_saved, render_wrapped
 
 

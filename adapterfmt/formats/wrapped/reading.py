@@ -7,7 +7,7 @@ Trainer, FSDP, DeepSpeed and Lightning saves, ``torch.save(peft_model.state_dict
 the ``base_model.model.`` prefix, in one safetensors file, in shards with an index, or in a
 pickle. :func:`read_wrapped` describes such a file with the records of an adapter
 (:class:`~adapterfmt.checkpoint.records.AdapterCheckpoint`, one per adapter name; sorted by
-:func:`~adapterfmt.formats.peft.reading.describe_tensors`, the config rebuilt by :mod:`adapterfmt.formats.wrapped.config_rebuild`,
+:func:`~adapterfmt.formats.peft.reading.describe_tensors`, the config rebuilt by :mod:`adapterfmt.checkpoint.config_rebuild`,
 its files found by :mod:`adapterfmt.formats.wrapped.files`) plus the base weights it
 carries, and says for every full copy whether the trained copy differs from the frozen original.
 
@@ -28,7 +28,7 @@ from ...base.reading import read_base
 from ...checkpoint.config import LoraConfig, parse_config, read_config
 from ...constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from ...checkpoint.records import AdapterCheckpoint
-from .config_rebuild import exact_pattern, rebuild_config  # noqa: F401  (public here since 0.1)
+from ...checkpoint.config_rebuild import exact_pattern, rebuild_config  # noqa: F401  (public here since 0.1)
 from ..peft.reading import describe_tensors
 from ...errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from ...checkpoint.finding import Finding
