@@ -150,6 +150,11 @@ class NonFiniteValuesError(AdapterFormatError, ValueError):
     """Tensor values that are NaN or infinite where finite values are required."""
 
 
+class ModelMismatchError(AdapterFormatError, ValueError):
+    """Two models that must have the same tensors do not: a fine-tune of another architecture or
+    shape (``extract``), a merged model missing tensors of its base (``verify-merge``)."""
+
+
 __all__ = [
     "AdapterFormatError",
     "AmbiguousMatchError",
@@ -160,6 +165,7 @@ __all__ = [
     "ShardIndexError",
     "InvalidConfigError",
     "MergeError",
+    "ModelMismatchError",
     "NonFiniteValuesError",
     "OutputPathError",
     "ShapeMismatchError",

@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "resize": ".resize_cmd:resize_command",
     "combine": ".combine_cmd:combine_command",
     "export": ".export_cmd:export_command",
+    "extract": ".extract_cmd:extract_command",
+    "verify-merge": ".verify_merge_cmd:verify_merge_command",
 }
 
 

@@ -127,6 +127,19 @@ def _prepare(
     return torch.tensor(term.indices, dtype=torch.long), _finite(source, term.info)
 
 
+def term_delta(term: Term, source: TensorSource, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """What a term adds to ``W`` on its own, whole, in float32: ``s·ΔW`` of a LoRA term (LoHa / LoKr
+    factors included), ``s·lora_B.bias`` of a bias term, the exact value the merge adds; None for
+    terms that are not a plain addition (DoRA, token rows). For ``verify-merge``, which rebuilds
+    PEFT's other rounding paths from the same deltas."""
+    if isinstance(term, RowsTerm) or (isinstance(term, LoraTerm) and term.lora.module.use_dora):
+        return None
+    value = _prepare(term, 0, source, shape, None)
+    if isinstance(term, BiasTerm):
+        return value
+    return value[0] * term.scaling
+
+
 def _rows(t: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
     return t if rows is None else t[rows[0] : rows[1]]
 

@@ -56,6 +56,8 @@ BEHAVIOUR_SECTIONS = {
     7: "Diffusion ecosystem files",
     8: "Export for serving",
     9: "Adapter algebra",
+    10: "`adapterfmt extract`",
+    11: "`adapterfmt verify-merge`",
 }
 
 

@@ -1,0 +1,52 @@
+"""The fine-tune every extraction test uses: a tiny Llama whose attention got a rank-3 update, whose
+MLP got a dense one, one bias and the final norm changed; the rest byte-equal to the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+
+LOW_RANK = ("q_proj", "k_proj", "v_proj", "o_proj")  # fine-tuned by a rank-3 update
+FULL_RANK = ("gate_proj", "up_proj", "down_proj")  # fine-tuned everywhere
+
+
+def _config(**kw: object) -> transformers.LlamaConfig:
+    args = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, attention_bias=True)
+    args.update(kw)
+    return transformers.LlamaConfig(**args)
+
+
+def make_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("extract")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config())
+    model.save_pretrained(str(tmp / "base"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            module = name.rsplit(".", 2)[-2]
+            if name.endswith("weight") and module in LOW_RANK:
+                p.add_(torch.randn(p.shape[0], 3, generator=g) @ torch.randn(3, p.shape[1], generator=g) * 0.02)
+            elif name.endswith("weight") and module in FULL_RANK:
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+            elif name.endswith("q_proj.bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name == "model.norm.weight":
+                p.add_(0.25)
+    model.save_pretrained(str(tmp / "tuned"))
+    return tmp / "base", tmp / "tuned"
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def _peft_merge(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    model = PeftModel.from_pretrained(_load(base), str(adapter))
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
