@@ -44,7 +44,7 @@ def resize_command(adapter: str, output: str, rank: Optional[float], energy: Opt
 
     Exit status: 0 on success; 2 when the input cannot be resized (one "Error:" line; nothing written).
     """
-    from adapterfmt.algebra.rank_rules import make_rule
+    from adapterfmt.deltas.rank_rules import make_rule
     from adapterfmt.algebra.resize import resize
     from adapterfmt.errors import InvalidConfigError
 

@@ -26,7 +26,7 @@ from ..storage.tensor_source import TensorReader
 from .parallel import map_modules
 from .modules import check_factors, exact_svd
 from .output import check_scales, scale_one_config
-from .rank_rules import RankRule, kept_rank
+from ..deltas.rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
 from .svd import flatten_factors, unflatten_factors
 

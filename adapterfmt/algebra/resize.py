@@ -1,7 +1,7 @@
 """``resize``: every module's delta truncated by the exact SVD of its factors (BEHAVIOUR §9.1).
 
 Per module: the SVD of ``s·B·A`` from the factors (:mod:`.svd`), the rank a rule keeps
-(:func:`.rank_rules.kept_rank`), factors ``U_k·√S_k`` and ``√S_k·V_kᵀ`` in the stored dtype, and
+(:func:`adapterfmt.deltas.rank_rules.kept_rank`), factors ``U_k·√S_k`` and ``√S_k·V_kᵀ`` in the stored dtype, and
 the error of what is written, exactly, from the factors. Full copies, trainable tokens and saved
 base tensors are carried unchanged; a DoRA module's LoRA part is resized and its magnitude kept.
 PEFT directories are written in PEFT's layout (:mod:`.output`), kohya / LyCORIS files as kohya
@@ -22,7 +22,7 @@ from ..storage.tensor_source import TensorReader
 from .modules import exact_svd, read_factors, refuse_unsupported
 from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
-from .rank_rules import RankRule, kept_rank
+from ..deltas.rank_rules import RankRule, kept_rank
 from .report import AlgebraReport, ModuleRow
 from .svd import unflatten_factors
 

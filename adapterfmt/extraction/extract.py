@@ -27,7 +27,8 @@ from ..storage.safetensors_stream import ShardWriter, TensorSpec
 from ..storage.staging import StagedDirectory, check_output_path, clean_stale, write_text
 from ..storage.tensor_source import TensorSource
 from ..storage.torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES, tensor_bytes
-from .factorize import Factors, RankRule, factorize
+from ..deltas.rank_rules import RankRule, make_rule
+from .factorize import Factors, factorize
 from .pairing import NotLowRank, Pairing, classify, pair_models
 
 #: ranks vLLM accepts as ``max_lora_rank`` (the largest bounds every adapter rank)
@@ -157,7 +158,7 @@ def extract_adapter(
     t_model = t_head if t_head.remote is None else read_base(tuned, revision=tuned_revision, download=True)
     clean_stale(out)
     target_dir = check_output_path(out, [_root(b_model), _root(t_model)], overwrite=overwrite)
-    summary = ExtractSummary(target_dir, os.fspath(base), os.fspath(tuned), rule.as_dict(), target, svd)
+    summary = ExtractSummary(target_dir, os.fspath(base), os.fspath(tuned), {rule.kind: int(rule.value) if rule.kind == "rank" else rule.value}, target, svd)
     with TensorSource(_memory(b_model, t_model)) as source:
         pairing = classify(b_model, t_model, source, targets=target_modules, full_copies=full_copies)
         summary.unchanged = pairing.unchanged
@@ -191,11 +192,7 @@ def extract_adapter(
 def _rule(rank: Optional[int], energy: Optional[float]) -> RankRule:
     if (rank is None) == (energy is None):
         raise MergeError("give exactly one of rank and energy", key="--rank/--energy", hint="--rank 16, or --energy 0.9")
-    if rank is not None and rank < 1:
-        raise MergeError(f"rank {rank} must be at least 1", key="--rank")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise MergeError(f"energy {energy} must be in (0, 1]", key="--energy", hint="the fraction of each module's squared Frobenius norm to keep")
-    return RankRule(rank=rank, energy=energy)
+    return make_rule("rank", rank) if rank is not None else make_rule("energy", energy)  # validated as resize's rules
 
 
 def _root(model: BaseModel) -> str:

@@ -26,46 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
+from ..deltas.rank_rules import RankRule, kept_rank
+
 #: Rows of Δ per block when the residual is summed (keeps the workspace to a few MB).
 _RESIDUAL_ROWS = 1024
-
-
-@dataclass(frozen=True)
-class RankRule:
-    """``rank`` (a fixed rank, capped at min(m, n)) or ``energy`` (the fraction of Σσ² to keep)."""
-
-    rank: Optional[int] = None
-    energy: Optional[float] = None
-
-    def as_dict(self) -> dict[str, Union[int, float]]:
-        return {"rank": self.rank} if self.rank is not None else {"energy": float(self.energy or 0)}
-
-
-def kept_rank(singular_values: torch.Tensor, rule: RankRule, total_energy: Optional[float] = None) -> int:
-    """How many singular values the rule keeps (``singular_values`` descending).
-
-    ``energy F``: the smallest ``k`` with ``Σ_{i<k} σ_i² ≥ F · total`` (``total`` defaults to
-    ``Σ σ_i²`` of the values given; pass ``‖Δ‖²_F`` when they are only the leading ones), no
-    extra value kept; ``len(singular_values)`` when even all of them fall short. ``rank N``:
-    ``min(N, len)``. A private rule until it is unified with ``adapterfmt.algebra.rank_rules``.
-    """
-    n = int(singular_values.numel())
-    if rule.rank is not None:
-        return min(rule.rank, n)
-    energy = singular_values.double() ** 2
-    total = float(energy.sum()) if total_energy is None else total_energy
-    if total <= 0:
-        return 0
-    cumulative = torch.cumsum(energy, 0)
-    # the first index whose cumulative sum reaches the target, + 1 (a count, not an index); a sum
-    # that reaches it up to the rounding of the values' own dtype counts as reaching it
-    slack = 4 * torch.finfo(singular_values.dtype).eps if singular_values.is_floating_point() else 0.0
-    reached = torch.nonzero(cumulative >= (rule.energy or 0.0) * total * (1 - slack))
-    return int(reached[0]) + 1 if reached.numel() else n
 
 
 @dataclass
@@ -118,9 +86,14 @@ def _randomized(delta: torch.Tensor, width: int, power_iterations: int, generato
     return q @ ub, s, vh
 
 
+def _kept(s: torch.Tensor, rule: RankRule, total: Optional[float] = None) -> int:
+    """:func:`~adapterfmt.deltas.rank_rules.kept_rank` of these (leading, float32) singular values."""
+    return kept_rank(s, rule, total=total, rtol=4 * torch.finfo(s.dtype).eps)
+
+
 def _meets(f: Factors, rule: RankRule, bound: float, tolerance: float) -> bool:
-    if rule.energy is not None:
-        return f.retained_energy >= rule.energy
+    if rule.kind == "energy":
+        return f.retained_energy >= rule.value
     return f.residual - bound <= tolerance * tolerance * f.total
 
 
@@ -146,21 +119,21 @@ def factorize(
     if total == 0.0:
         empty = torch.zeros(0, n, dtype=dtype), torch.zeros(m, 0, dtype=dtype)
         return Factors(empty[0], empty[1], 0, 0.0, 0.0, "exact")
-    want = rule.rank if rule.rank is not None else min(full, 32)
+    want = min(full, int(rule.value)) if rule.kind == "rank" else min(full, 32)
     width = min(full, want + oversample)
     while svd != "exact" and width < full // 2:  # past half the full rank the exact SVD is as cheap
         u, s, vh = _randomized(delta, width, power_iterations, generator)
-        k = kept_rank(s, rule, total)
-        if rule.energy is not None and k == width and width < full:
+        k = _kept(s, rule, total)
+        if rule.kind == "energy" and k == width and width < full:
             width = min(full, width * 2)  # the sketch holds too little energy: widen it
             continue
         a, b = _split(u, s, vh, k, dtype)
         f = Factors(a, b, k, total, residual(delta, b, a), "randomized")
         bound = float(torch.sum(s[k:].double() ** 2))  # ≤ the best rank-k residual
-        if _meets(f, rule, bound, tolerance) or (svd == "randomized" and rule.rank is not None):
+        if _meets(f, rule, bound, tolerance) or (svd == "randomized" and rule.kind == "rank"):
             return f
         break
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = kept_rank(s, rule, total)
+    k = _kept(s, rule, total)
     a, b = _split(u, s, vh, k, dtype)
     return Factors(a, b, k, total, residual(delta, b, a), "exact")

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from adapterfmt.algebra.rank_rules import kept_rank, make_rule
+from adapterfmt.deltas.rank_rules import kept_rank, make_rule
 from adapterfmt.algebra.svd import factor_svd, flatten_factors, lowrank_error, stacked, unflatten_factors
 from adapterfmt.errors import InvalidConfigError
 

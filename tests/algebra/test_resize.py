@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _algebra_helpers import best_rank, conv_embed_net, make_peft_adapter, mlp_stack, peft_deltas, rel, svdvals
-from adapterfmt.algebra.rank_rules import kept_rank, make_rule
+from adapterfmt.deltas.rank_rules import kept_rank, make_rule
 from conftest import assert_one_error_line
 
 

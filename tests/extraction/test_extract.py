@@ -15,7 +15,8 @@ import transformers
 from peft import PeftModel
 
 from adapterfmt.extraction.extract import extract_adapter
-from adapterfmt.extraction.factorize import RankRule, factorize, kept_rank
+from adapterfmt.deltas.rank_rules import make_rule
+from adapterfmt.extraction.factorize import _kept, factorize
 
 from conftest import REPO, assert_one_error_line  # noqa: E402
 
@@ -26,30 +27,34 @@ from _extract_models import FULL_RANK, LOW_RANK, _config, _load, _peft_merge, ma
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_models(tmp_path_factory)
 
+
 SCHEMA = json.loads((REPO / "docs" / "schemas" / "extract.schema.json").read_text())
+
+
 def test_kept_rank_rule() -> None:
+    """extract's ranks come from the one rank rule (resize's), with its float32 rounding slack."""
     s = torch.tensor([4.0, 3.0, 2.0, 1.0]).sqrt()  # energies 4, 3, 2, 1 of 10
-    assert kept_rank(s, RankRule(energy=0.4)) == 1  # exactly reached by the first: no extra value kept
-    assert kept_rank(s, RankRule(energy=0.41)) == 2
-    assert kept_rank(s, RankRule(energy=0.9)) == 3
-    assert kept_rank(s, RankRule(energy=1.0)) == 4
-    assert kept_rank(s, RankRule(rank=2)) == 2 and kept_rank(s, RankRule(rank=9)) == 4
-    assert kept_rank(s[:2], RankRule(energy=0.8), total_energy=10.0) == 2  # short of the target: all given
+    assert _kept(s, make_rule("energy", 0.4)) == 1  # exactly reached by the first: no extra value kept
+    assert _kept(s, make_rule("energy", 0.41)) == 2
+    assert _kept(s, make_rule("energy", 0.9)) == 3
+    assert _kept(s, make_rule("energy", 1.0)) == 4
+    assert _kept(s, make_rule("rank", 2)) == 2 and _kept(s, make_rule("rank", 9)) == 4
+    assert _kept(s[:2], make_rule("energy", 0.8), total=10.0) == 2  # short of the target: all given
 
 
 def test_factorize_error_is_exact_and_never_worse_than_certified() -> None:
     g = torch.Generator().manual_seed(0)
     low = torch.randn(200, 5, generator=g) @ torch.randn(5, 300, generator=g)
-    f = factorize(low, RankRule(rank=8), generator=torch.Generator().manual_seed(1))
+    f = factorize(low, make_rule("rank", 8), generator=torch.Generator().manual_seed(1))
     assert f.method == "randomized" and f.rank == 8
     assert math.isclose(f.residual, float(((low - f.b @ f.a).double() ** 2).sum()), rel_tol=1e-9)
     dense = torch.randn(200, 300, generator=g)
-    f = factorize(dense, RankRule(rank=8), generator=torch.Generator().manual_seed(1))
+    f = factorize(dense, make_rule("rank", 8), generator=torch.Generator().manual_seed(1))
     s = torch.linalg.svdvals(dense.double())
     best = float((s[8:] ** 2).sum())
     assert f.residual <= best * (1 + 1e-4) + 1e-3 * 1e-3 * float((s**2).sum())
-    e = factorize(dense, RankRule(energy=0.5), generator=torch.Generator().manual_seed(1))
-    assert e.retained_energy >= 0.5 and e.rank >= kept_rank(s, RankRule(energy=0.5))
+    e = factorize(dense, make_rule("energy", 0.5), generator=torch.Generator().manual_seed(1))
+    assert e.retained_energy >= 0.5 and e.rank >= _kept(s, make_rule("energy", 0.5), total=float((s.double() ** 2).sum()))
 
 
 def test_peft_loads_it_and_gives_the_promised_errors(models: tuple[Path, Path], tmp_path: Path, run_cli) -> None:

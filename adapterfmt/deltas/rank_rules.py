@@ -13,6 +13,9 @@ Four rules, each given as a :class:`RankRule`:
 kohya's ``resize_lora.py`` adds one to each dynamic result and never goes below rank 2, so it
 keeps one singular value more than its own rule says; here the rule is the rank (at least 1).
 A zero delta keeps rank 1. No torch at import: the values are any float sequence or a tensor.
+One implementation for every command that picks ranks: ``resize`` and ``combine``
+(:mod:`adapterfmt.algebra`) and ``extract`` (:mod:`adapterfmt.extraction`, whose randomized SVD
+knows only the leading singular values and passes the delta's whole energy as ``total``).
 """
 
 from __future__ import annotations
@@ -67,9 +70,15 @@ def _floats(singular_values: Any) -> list[float]:
     return [float(s) for s in singular_values]
 
 
-def kept_rank(singular_values: "Sequence[float] | Any", rule: RankRule) -> int:
+def kept_rank(singular_values: "Sequence[float] | Any", rule: RankRule, *, total: "float | None" = None, rtol: float = 1e-12) -> int:
     """The rank ``rule`` keeps for a delta with these singular values (descending), at least 1
-    and at most ``len(singular_values)``."""
+    and at most ``len(singular_values)``.
+
+    ``total``: for ``energy``, the delta's whole ``‖Δ‖²_F`` when the values are only its leading
+    ones (a randomized SVD); when even all of them fall short, all are kept. ``rtol``: a sum that
+    reaches the target up to this relative rounding counts as reaching it (the values' own
+    precision: float32 singular values need about 4 float32 epsilons).
+    """
     s = _floats(singular_values)
     r = len(s)
     if r == 0:
@@ -82,10 +91,11 @@ def kept_rank(singular_values: "Sequence[float] | Any", rule: RankRule) -> int:
         floor = s[0] / rule.value
         return max(1, sum(1 for x in s if x >= floor))
     values = [x * x for x in s] if rule.kind == "energy" else s
-    total = math.fsum(values)
+    if total is None or rule.kind != "energy":
+        total = math.fsum(values)
     acc = 0.0
     for k, x in enumerate(values, start=1):
         acc += x
-        if acc >= rule.value * total * (1 - 1e-12):  # the last one always qualifies despite rounding
+        if acc >= rule.value * total * (1 - rtol):  # the last one always qualifies despite rounding
             return k
     return r
