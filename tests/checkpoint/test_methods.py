@@ -112,3 +112,24 @@ def test_a_config_without_its_weights_names_what_the_folder_holds(saved: dict[st
         (d / "model.safetensors").unlink()
         with pytest.raises(CheckpointNotFoundError, match="adapter_model.safetensors"):
             adapterfmt.read_adapter(d)
+
+
+def test_the_lora_fast_path_says_what_the_parse_says():
+    """``methods_of`` tells ``X.lora_A.weight`` / ``X.lora_B.weight`` apart without parsing (a
+    200k-tensor adapter); for every key built from these segments it answers as ``parse_saved`` does."""
+    import itertools
+
+    from adapterfmt.checkpoint.keys import Role, parse_saved
+    from adapterfmt.checkpoint.methods import LORA, methods_of
+    from adapterfmt.errors import UnknownKeyError
+
+    segments = ["a", "base_model", "model", "lora_A", "lora_B", "weight", "", "default", "base_layer"]
+    for n in range(1, 5):
+        for combo in itertools.product(segments, repeat=n):
+            for prefix in ("", "base_model.model.", ".", "base_model.model.."):
+                key = prefix + ".".join(combo)
+                try:
+                    lora = parse_saved(key).role in (Role.LORA_A, Role.LORA_B, Role.DORA_MAGNITUDE)
+                except UnknownKeyError:
+                    lora = False
+                assert (methods_of(key) == frozenset({LORA})) == lora, key
