@@ -59,11 +59,9 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
     from .base.reading import BaseModel, read_base  # noqa: F401
+    from .base.resolution import Resolution, resolve  # noqa: F401
     from .checkpoint.config import LoraConfig, parse_config, read_config  # noqa: F401
-    from .convert.wrapped import convert_wrapped, merge_wrapped, wrapped_names  # noqa: F401
-    from .formats.peft.reading import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter  # noqa: F401
     from .checkpoint.finding import Finding  # noqa: F401
-    from .storage.header import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
     from .checkpoint.keys import (  # noqa: F401
         KeyParts,
         Role,
@@ -74,6 +72,9 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
         wrapped_to_base,
         wrapped_to_saved,
     )
+    from .convert.wrapped import convert_wrapped, merge_wrapped, wrapped_names  # noqa: F401
+    from .formats.peft.reading import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta, read_adapter  # noqa: F401
+    from .formats.wrapped.reading import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped  # noqa: F401
     from .loading.adapters import (  # noqa: F401
         disable_adapters,
         freeze_full_copies,
@@ -84,11 +85,10 @@ if TYPE_CHECKING:  # pragma: no cover - for IDEs and type checkers
         unmerge,
     )
     from .loading.loader import load  # noqa: F401
-    from .merging.engine import merge_state_dict, merge_to_directory  # noqa: F401
-    from .base.resolution import Resolution, resolve  # noqa: F401
     from .loading.saving import save  # noqa: F401
-    from .formats.wrapped.reading import WrappedCheckpoint, is_wrapped_checkpoint, read_wrapped  # noqa: F401
     from .loading.wrapping import wrap  # noqa: F401
+    from .merging.engine import merge_state_dict, merge_to_directory  # noqa: F401
+    from .storage.header import SafetensorsHeader, TensorInfo, read_header  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -7,10 +7,10 @@ from typing import Any, Optional
 import click
 
 from adapterfmt.base.reading import read_base
-from adapterfmt.formats.peft.reading import read_adapter
-from adapterfmt.storage.gc_pause import with_gc_paused
 from adapterfmt.base.resolution import resolve
+from adapterfmt.formats.peft.reading import read_adapter
 from adapterfmt.reports.check import CheckDocument, check_document, foreign_check_document
+from adapterfmt.storage.gc_pause import with_gc_paused
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options, single_file_kind_option
 from .main import done_without_teardown

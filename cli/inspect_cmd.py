@@ -9,8 +9,8 @@ import click
 
 from adapterfmt.constants import ADAPTER_CONFIG_FILE
 from adapterfmt.formats.peft.reading import read_adapter
-from adapterfmt.storage.gc_pause import with_gc_paused
 from adapterfmt.reports.inspect import foreign_inspect_report, inspect_report
+from adapterfmt.storage.gc_pause import with_gc_paused
 
 from .base_options import ADAPTER_REVISION_HELP, PICKLE_HELP, WEIGHT_NAME_HELP, base_options, single_file_kind_option
 from .main import done_without_teardown

@@ -44,8 +44,8 @@ def resize_command(adapter: str, output: str, rank: Optional[float], energy: Opt
 
     Exit status: 0 on success; 2 when the input cannot be resized (one "Error:" line; nothing written).
     """
-    from adapterfmt.deltas.rank_rules import make_rule
     from adapterfmt.algebra.resize import resize
+    from adapterfmt.deltas.rank_rules import make_rule
     from adapterfmt.errors import InvalidConfigError
 
     given = [(k, v) for k, v in (("rank", rank), ("energy", energy), ("ratio", ratio), ("cumulative", cumulative)) if v is not None]

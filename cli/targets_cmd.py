@@ -8,8 +8,8 @@ from typing import Optional
 import click
 
 from adapterfmt.base.reading import read_base
-from adapterfmt.storage.gc_pause import with_gc_paused
 from adapterfmt.reports.targets import TargetsReport, preview_targets
+from adapterfmt.storage.gc_pause import with_gc_paused
 
 from .base_options import PICKLE_HELP, base_options
 from .check_cmd import parse_prefix_map

@@ -39,8 +39,8 @@ from ..storage.header import TensorInfo
 from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader, TensorSource
 from .modules import delta_shape, read_factors, refuse_unsupported, require_finite
-from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
+from .parallel import map_modules
 from .report import AlgebraReport, ModuleRow
 from .svd import compute_dtype, factor_svd, lowrank_error, stacked, unflatten_factors
 

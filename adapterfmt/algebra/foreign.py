@@ -17,16 +17,16 @@ from typing import Any, Optional
 import torch
 
 from ..convert.foreign import write_safetensors_file
-from ..storage.staging import check_output_file
+from ..deltas.rank_rules import RankRule, kept_rank
 from ..errors import InvalidConfigError, UnsupportedFeatureError
 from ..formats.diffusion.diffusers_lora import METADATA_KEY
 from ..formats.diffusion.records import LORA
 from ..formats.locate import ForeignSource, locate_foreign
+from ..storage.staging import check_output_file
 from ..storage.tensor_source import TensorReader
-from .parallel import map_modules
 from .modules import check_factors, exact_svd
 from .output import check_scales, scale_one_config
-from ..deltas.rank_rules import RankRule, kept_rank
+from .parallel import map_modules
 from .report import AlgebraReport, ModuleRow
 from .svd import flatten_factors, unflatten_factors
 

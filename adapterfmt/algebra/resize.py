@@ -15,14 +15,14 @@ from typing import Any, Optional
 
 import torch
 
+from ..deltas.rank_rules import RankRule, kept_rank
 from ..errors import InvalidConfigError
 from ..formats.peft.reading import read_adapter
 from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader
 from .modules import exact_svd, read_factors, refuse_unsupported
-from .parallel import map_modules
 from .output import check_scales, numel, scale_one_config, write_peft_directory
-from ..deltas.rank_rules import RankRule, kept_rank
+from .parallel import map_modules
 from .report import AlgebraReport, ModuleRow
 from .svd import unflatten_factors
 

@@ -28,10 +28,12 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
 from ..checkpoint.finding import Finding
 from ..checkpoint.findings import shadowed_weights_finding
-from ..sources.file_tree import SubTree, Tree, join_path as _join, rel_path as _rel
+from ..errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError, UnsafeFileError, UnsupportedFeatureError
+from ..sources.file_tree import SubTree, Tree
+from ..sources.file_tree import join_path as _join
+from ..sources.file_tree import rel_path as _rel
 
 TRANSFORMERS = "transformers"
 DIFFUSERS = "diffusers"

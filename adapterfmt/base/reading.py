@@ -14,16 +14,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .layouts import BaseLayout, decide_layout, loose_file_layout
-from ..sources.file_tree import Tree
+from ..checkpoint.finding import Finding
+from ..checkpoint.keys import weight_key, weight_module
 from ..constants import MODEL_CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE
 from ..errors import CheckpointNotFoundError, InvalidConfigError, ShardIndexError
-from ..checkpoint.finding import Finding
+from ..sources.file_tree import Tree
+from ..sources.paths import looks_like_hub_id, safe_join
 from ..storage.gc_pause import with_gc_paused
 from ..storage.header import SafetensorsHeader, TensorInfo, read_header
-from ..checkpoint.keys import weight_key, weight_module
+from .layouts import BaseLayout, decide_layout, loose_file_layout
 from .quantized import refuse_quantized
-from ..sources.paths import looks_like_hub_id, safe_join
 
 #: Tied heads of model classes transformers does not know (remote code): the output head, the
 #: last name segment of input embeddings, and the architecture-name suffixes that have such a head.

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Optional
 
-from ..tables.architectures import checkpoint_key
-from .reading import BaseModel
-from ..checkpoint.records import AdapterCheckpoint, FullCopyModule, LoraModule
 from ..checkpoint.factors import fits, product_shape
 from ..checkpoint.finding import Finding
 from ..checkpoint.findings import endswith_findings, full_copy_incomplete_finding, tied_full_copy_findings
-from ..storage.gc_pause import with_gc_paused
-from ..storage.header import TensorInfo
 from ..checkpoint.keys import bias_key, param_key, split_param, weight_key
 from ..checkpoint.matching import apply_prefix_map
 from ..checkpoint.param_targets import ExpertSlice, ParamTarget, bind, param_target
+from ..checkpoint.records import AdapterCheckpoint, FullCopyModule, LoraModule
+from ..storage.gc_pause import with_gc_paused
+from ..storage.header import TensorInfo
+from ..tables.architectures import checkpoint_key
+from .reading import BaseModel
 
 __all__ = ["Resolution", "ResolvedLora", "bind_base_tensor", "bind_full_copy", "delta_numel", "endswith_findings", "resolve", "suggest_prefix"]
 

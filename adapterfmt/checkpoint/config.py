@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .config_types import check_field_types
 from ..errors import InvalidConfigError
+from .config_types import check_field_types
 from .matching import PatternKeyIndex
 from .patterns import FULL, LAYERS, MODULES_TO_SAVE, bounded
 

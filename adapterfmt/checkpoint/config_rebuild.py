@@ -11,8 +11,8 @@ import re
 from collections import Counter
 from typing import Any, Mapping, Optional
 
-from .config import LoraConfig
 from ..errors import InvalidConfigError
+from .config import LoraConfig
 
 __all__ = ["exact_pattern", "rebuild_config"]
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .records import FullCopyModule
 from ..storage.header import TensorInfo
 from .keys import KeyParts, param_key, split_prefix
 from .matching import is_within, module_names_from_keys, peft_full_copy_matches
+from .records import FullCopyModule
 
 __all__ = ["full_copies_of"]
 

@@ -32,8 +32,8 @@ from .matching import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .records import AdapterCheckpoint, LoraModule
     from .matching import TargetSelection
+    from .records import AdapterCheckpoint, LoraModule
 
 __all__ = [
     "Finding",

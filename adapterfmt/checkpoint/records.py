@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..storage.header import TensorInfo
 from .config import LoraConfig
 from .finding import Finding
-from ..storage.header import TensorInfo
 
 
 class _TensorGroup:

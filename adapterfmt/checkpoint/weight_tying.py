@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .records import AdapterCheckpoint
     from ..storage.header import SafetensorsHeader, TensorInfo
+    from .records import AdapterCheckpoint
 
 
 def ensures_tying(ckpt: "AdapterCheckpoint") -> bool:
@@ -35,8 +35,8 @@ def adopt_tied_copies(ckpt: "AdapterCheckpoint", header: "SafetensorsHeader") ->
     Only when the config ensures tying, the key is a plain ``.weight`` under no other rule, and an
     embedding full copy of exactly that shape exists (the copy it is tied to).
     """
-    from .records import FullCopyModule
     from .keys import Role, parse_saved
+    from .records import FullCopyModule
 
     if not ensures_tying(ckpt) or not ckpt.unknown_keys:
         return

@@ -22,20 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..base.reading import BaseModel
-from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
-from .wrapped import write_safetensors
-from ..formats.peft.reading import AdapterCheckpoint, read_adapter
-from ..errors import InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
 from ..checkpoint.finding import Finding
-from ..storage.safetensors_stream import ShardWriter, TensorSpec
-from ..storage.staging import StagedDirectory, StagedFile, check_output_file, check_output_path, clean_stale
-from ..formats.diffusion.components import component_bases, is_pipeline, read_component
+from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
+from ..errors import InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
 from ..formats.detect import read_foreign
+from ..formats.diffusion.components import component_bases, is_pipeline, read_component
 from ..formats.diffusion.diffusers_lora import METADATA_KEY
 from ..formats.diffusion.kohya import WRITE_PREFIX
 from ..formats.diffusion.names import base_module_paths, flatten, resolve_names
 from ..formats.diffusion.peft_view import component_adapter, peft_config_document, refuse_unusable
 from ..formats.diffusion.records import COMPONENTS, LOHA, LOKR, LORA, ForeignModule
+from ..formats.peft.reading import AdapterCheckpoint, read_adapter
+from ..storage.safetensors_stream import ShardWriter, TensorSpec
+from ..storage.staging import StagedDirectory, StagedFile, check_output_file, check_output_path, clean_stale
+from .wrapped import write_safetensors
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 

@@ -26,6 +26,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from ..base.reading import BaseModel
+from ..base.reading import _tied_modules as tied_modules  # the tie facts read_base finds, for a base built here
+from ..checkpoint.findings import Finding
+from ..checkpoint.keys import Role, parse_wrapped, render_saved
 from ..constants import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_SAFETENSORS_FILE,
@@ -35,9 +39,6 @@ from ..constants import (
     SAFETENSORS_INDEX_FILE,
     SAFETENSORS_WEIGHTS_FILE_PATTERN,
 )
-from ..base.reading import BaseModel
-from ..base.reading import _tied_modules as tied_modules  # the tie facts read_base finds, for a base built here
-from ..formats.peft.reading import AdapterCheckpoint
 from ..errors import (
     CheckpointNotFoundError,
     InconsistentAdapterError,
@@ -45,16 +46,15 @@ from ..errors import (
     UnknownKeyError,
     UnsupportedFeatureError,
 )
-from ..checkpoint.findings import Finding
+from ..formats.peft.reading import AdapterCheckpoint
+from ..formats.wrapped.mapping import WrappedSource, wrapped_names  # noqa: F401  (re-exported: adapterfmt.convert.wrapped.wrapped_names)
+from ..formats.wrapped.reading import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
+from ..sources.paths import safe_join
 from ..storage.header import TensorInfo
-from ..checkpoint.keys import Role, parse_wrapped, render_saved
 from ..storage.pause import pause_point
 from ..storage.safetensors_stream import ShardWriter, TensorSpec
-from ..sources.paths import safe_join
 from ..storage.staging import StagedDirectory, check_output_path, clean_stale, copy_file, write_text
 from ..storage.tensor_source import TensorSource
-from ..formats.wrapped.reading import AlphaSpec, ConfigSpec, WrappedCheckpoint, read_wrapped
-from ..formats.wrapped.mapping import WrappedSource, wrapped_names  # noqa: F401  (re-exported: adapterfmt.convert.wrapped.wrapped_names)
 
 _METADATA = {"format": "pt"}
 #: huggingface_hub's default shard size (``split_state_dict_into_shards_factory``).

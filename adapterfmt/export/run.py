@@ -104,7 +104,7 @@ def export_adapter(
     unservable: dict[str, str] = {}
     gguf_base: Optional[tuple[dict[str, Any], str, Optional[str]]] = None
     if spec.output == "gguf":
-        from .gguf_file import require_gguf, read_base_config, unservable_modules
+        from .gguf_file import read_base_config, require_gguf, unservable_modules
 
         require_gguf()
         config_source = base or ckpt.config.base_model_name_or_path

@@ -22,12 +22,12 @@ import torch
 from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import KeyParts, Role, bias_key, render_saved
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
+from ..deltas.rank_rules import RankRule, make_rule
 from ..errors import MergeError, UnsupportedFeatureError
 from ..storage.safetensors_stream import ShardWriter, TensorSpec
 from ..storage.staging import StagedDirectory, check_output_path, clean_stale, write_text
 from ..storage.tensor_source import TensorSource
 from ..storage.torch_io import SAFETENSORS_DTYPES, TORCH_DTYPES, tensor_bytes
-from ..deltas.rank_rules import RankRule, make_rule
 from .factorize import Factors, factorize
 from .pairing import NotLowRank, Pairing, classify, pair_models
 

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 from ..constants import ADAPTER_CONFIG_FILE, PEFT_PREFIX
 from ..errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError
 from ..storage.header import SafetensorsHeader, read_header
-from .diffusion.diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
+from ..storage.scalars import ScalarReader, read_scalar
 from .diffusion.comfy import describe_comfy, describe_xlabs, is_comfy_key, is_xlabs_key
+from .diffusion.diffusers_lora import DIFFUSERS_LORA_FILE, describe_diffusers, is_diffusers_lora_key
 from .diffusion.kohya import describe_kohya, is_kohya_key
 from .diffusion.records import ForeignCheckpoint
-from ..storage.scalars import ScalarReader, read_scalar
 
 PEFT, KOHYA, DIFFUSERS, WRAPPED, COMFYUI, XLABS = "peft", "kohya", "diffusers", "wrapped", "comfyui", "xlabs"
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Optional
 
 from ..constants import ADAPTER_CONFIG_FILE
 from ..errors import CheckpointNotFoundError, UnknownKeyError
-from ..storage.header import SafetensorsHeader, read_header
 from ..sources.paths import ADAPTER_PATTERNS, looks_like_hub_id, resolve_dir
+from ..storage.header import SafetensorsHeader, read_header
 from .detect import COMFYUI, DIFFUSERS, KOHYA, PEFT, WRAPPED, XLABS, choose_foreign_file, describe_foreign, detect_format, foreign_file, header_format
-from .peft.lycoris import PEFT_LYCORIS_TYPES, peft_lycoris_type, read_peft_lycoris
 from .diffusion.records import ForeignCheckpoint
+from .peft.lycoris import PEFT_LYCORIS_TYPES, peft_lycoris_type, read_peft_lycoris
 
 if TYPE_CHECKING:
     from ..sources.hub_files import RemoteFile

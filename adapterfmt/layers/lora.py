@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base_layer import BaseLayerWrapper, dropout_module, register_lora_containers
 from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR, dora_weight, lora_delta, merged_weight
+from .base_layer import BaseLayerWrapper, dropout_module, register_lora_containers
 from .types import adapter_dtype, base_layout, is_transformers_conv1d
 
 

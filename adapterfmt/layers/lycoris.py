@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base_layer import BaseLayerWrapper
 from ..deltas.lycoris import LOHA, LOKR, module_delta
+from .base_layer import BaseLayerWrapper
 
 #: PEFT's ParameterDict names per kind, in PEFT's order (``adapter_layer_names``).
 FACTOR_SLOTS = {

@@ -14,7 +14,6 @@ from torch import nn
 from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
 from ..errors import UnsupportedFeatureError
 
-
 #: Adapter weights in these dtypes are kept in float32, as PEFT's ``autocast_adapter_dtype`` does.
 _UPCAST_DTYPES = {torch.float16, torch.bfloat16} | {
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)

@@ -14,14 +14,14 @@ from typing import Mapping, Sequence
 from torch import nn
 
 from ..checkpoint.adalora import is_adalora
-from ..layers.adalora import AdaLoraLinear
+from ..checkpoint.matching import apply_prefix_map
 from ..checkpoint.records import AdapterCheckpoint
 from ..errors import NonFiniteValuesError, ShapeMismatchError, UnresolvedModulesError, UnsupportedFeatureError
+from ..layers.adalora import AdaLoraLinear
 from ..layers.types import adapter_dtype
-from ..checkpoint.matching import apply_prefix_map
-from .module_tree import find_module, replace_module
 from ..reports.scan import count_non_finite
 from ..storage.tensor_source import TensorReader
+from .module_tree import find_module, replace_module
 
 
 def is_adalora_checkpoint(ckpt: AdapterCheckpoint) -> bool:

@@ -16,15 +16,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
-from ..layers.adalora import AdaLoraLinear
-from ..errors import MergeError
 from ..checkpoint.findings import Finding
+from ..errors import MergeError
+from ..layers.adalora import AdaLoraLinear
 from ..layers.full_copy import WEIGHT_WRAPPERS, FullCopy, iter_wrappers
 from ..layers.lora import LoraLayer, make_lora_layer
 from ..layers.lycoris import FactorLayer
-from .module_tree import replace_module
 from ..layers.params import ParamLora
 from ..layers.tokens import TokenWrapper
+from .module_tree import replace_module
 
 _REGISTRY_ATTR = "_adapterfmt"
 

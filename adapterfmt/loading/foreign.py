@@ -14,8 +14,8 @@ import os
 from typing import Any, Optional
 
 from ..checkpoint.records import AdapterCheckpoint
-from ..formats.diffusion.components import pick_component
 from ..formats.detect import read_foreign
+from ..formats.diffusion.components import pick_component
 from ..formats.diffusion.names import resolve_names
 from ..formats.diffusion.peft_view import component_adapter
 

@@ -22,6 +22,16 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ..checkpoint.config import LoraConfig
+from ..checkpoint.keys import parse_saved, render_wrapped, split_prefix
+from ..constants import DEFAULT_ADAPTER_NAME
+from ..errors import InconsistentAdapterError, NonFiniteValuesError
+from ..formats.peft.memory import read_state_dict
+from ..formats.peft.reading import AdapterCheckpoint, read_adapter
+from ..layers.types import adapter_dtype
+from ..reports.scan import count_non_finite
+from ..storage.header import TensorInfo
+from ..storage.tensor_source import TensorReader
 from .adalora import load_adalora
 from .adapters import (
     AdapterInfo,
@@ -37,20 +47,10 @@ from .adapters import (
     remove_adapter,
     set_trainable,
 )
-from ..checkpoint.config import LoraConfig
-from ..constants import DEFAULT_ADAPTER_NAME
-from ..formats.peft.reading import AdapterCheckpoint, read_adapter
-from ..errors import InconsistentAdapterError, NonFiniteValuesError
-from ..storage.header import TensorInfo
-from ..checkpoint.keys import parse_saved, render_wrapped, split_prefix
-from ..layers.types import adapter_dtype
-from .plan import LoadPlan, listing, plan_load, refuse_unloadable
 from .lycoris import load_factor_modules
-from ..formats.peft.memory import read_state_dict
 from .module_tree import base_view, base_view_keys, find_module, parse_model_key, set_tensor
 from .params import load_param_loras
-from ..reports.scan import count_non_finite
-from ..storage.tensor_source import TensorReader
+from .plan import LoadPlan, listing, plan_load, refuse_unloadable
 from .tokens import load_token_rows
 
 

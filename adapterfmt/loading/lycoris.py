@@ -14,8 +14,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from ..checkpoint.records import AdapterCheckpoint, LoraModule
 from ..checkpoint.config import pattern_key
+from ..checkpoint.factors import fits, product_shape
+from ..checkpoint.matching import apply_prefix_map
+from ..checkpoint.records import AdapterCheckpoint, LoraModule
 from ..errors import (
     AmbiguousMatchError,
     NonFiniteValuesError,
@@ -23,13 +25,11 @@ from ..errors import (
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
-from ..checkpoint.factors import fits, product_shape
-from ..layers.types import adapter_dtype
 from ..layers.lycoris import LAYER_CLASSES, FactorLayer, can_wrap
-from ..checkpoint.matching import apply_prefix_map
-from .module_tree import find_module, replace_module
+from ..layers.types import adapter_dtype
 from ..reports.scan import count_non_finite
 from ..storage.tensor_source import TensorReader
+from .module_tree import find_module, replace_module
 
 
 def factor_modules(ckpt: AdapterCheckpoint) -> dict[str, LoraModule]:

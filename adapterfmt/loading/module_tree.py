@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import UnknownKeyError
 from ..checkpoint.keys import KeyParts, Role, parse_wrapped, render_base
+from ..errors import UnknownKeyError
 from ..layers.full_copy import FullCopy
 from ..layers.lora import LoraLayer
 

@@ -16,14 +16,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint.matching import apply_prefix_map
+from ..checkpoint.param_targets import ParamTarget, param_target, rank_and_scaling
 from ..checkpoint.records import AdapterCheckpoint, LoraModule
 from ..errors import NonFiniteValuesError, ShapeMismatchError, UnresolvedModulesError
-from ..checkpoint.matching import apply_prefix_map
-from .module_tree import find_module, replace_module
 from ..layers.params import ParamLora
-from ..checkpoint.param_targets import ParamTarget, param_target, rank_and_scaling
 from ..reports.scan import count_non_finite
 from ..storage.tensor_source import TensorReader
+from .module_tree import find_module, replace_module
 
 
 def is_param_lora(ckpt: AdapterCheckpoint, saved_path: str) -> bool:

@@ -15,9 +15,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .adalora import is_adalora_checkpoint
+from ..base.resolution import suggest_prefix
+from ..checkpoint.matching import apply_prefix_map, is_within
+from ..checkpoint.weight_tying import ensures_tying
 from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
-from ..formats.peft.reading import AdapterCheckpoint, FullCopyModule, LoraModule
 from ..errors import (
     AmbiguousMatchError,
     InconsistentAdapterError,
@@ -27,17 +28,15 @@ from ..errors import (
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
-from ..layers.full_copy import FullCopy
-from ..layers.types import supported_layout
+from ..formats.peft.reading import AdapterCheckpoint, FullCopyModule, LoraModule
+from ..layers.full_copy import FullCopy, plain_module_names
 from ..layers.lora import LoraLayer
-from .lycoris import refuse_unloadable_factors
+from ..layers.types import supported_layout
 from ..merging.checks import refuse_non_float
-from ..checkpoint.matching import apply_prefix_map, is_within
-from ..checkpoint.weight_tying import ensures_tying
-from ..layers.full_copy import plain_module_names
+from .adalora import is_adalora_checkpoint
+from .lycoris import refuse_unloadable_factors
 from .module_tree import CONTAINERS, base_of, base_view, find_module, original_of
 from .params import is_param_lora
-from ..base.resolution import suggest_prefix
 
 _MAX_LISTED = 5
 #: checkpoint layer kind -> base layouts it can apply to

@@ -14,17 +14,17 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from ..layers.adalora import AdaLoraLinear
-from .adapters import ModelLike, adapter_info, as_model, get_registry
+from ..checkpoint.keys import LORA_ROLES, Role, parse_saved, render_saved
+from ..checkpoint.matching import undo_prefix_map
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 from ..errors import OutputPathError, UnsupportedFeatureError
+from ..layers.adalora import AdaLoraLinear
 from ..layers.full_copy import iter_wrappers
-from ..checkpoint.keys import LORA_ROLES, Role, parse_saved, render_saved
 from ..layers.lycoris import FactorLayer
-from ..checkpoint.matching import undo_prefix_map
-from .module_tree import find_module, parse_model_key
 from ..storage.pause import pause_point
 from ..storage.staging import StagedDirectory, clean_stale, write_text
+from .adapters import ModelLike, adapter_info, as_model, get_registry
+from .module_tree import find_module, parse_model_key
 
 
 def save(model: ModelLike, path: "str | os.PathLike[str]", adapter_name: Optional[str] = None) -> None:

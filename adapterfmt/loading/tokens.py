@@ -14,13 +14,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..formats.peft.reading import AdapterCheckpoint
-from ..errors import InvalidConfigError, NonFiniteValuesError, ShapeMismatchError, UnresolvedModulesError, UnsupportedFeatureError
 from ..checkpoint.matching import apply_prefix_map
-from .module_tree import find_module, replace_module
+from ..errors import InvalidConfigError, NonFiniteValuesError, ShapeMismatchError, UnresolvedModulesError, UnsupportedFeatureError
+from ..formats.peft.reading import AdapterCheckpoint
+from ..layers.tokens import TokenWrapper, tied_heads
 from ..reports.scan import count_non_finite
 from ..storage.tensor_source import TensorReader
-from ..layers.tokens import TokenWrapper, tied_heads
+from .module_tree import find_module, replace_module
 
 
 def load_token_rows(

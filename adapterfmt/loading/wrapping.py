@@ -13,6 +13,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
+from ..checkpoint.config import LoraConfig, parse_config
+from ..checkpoint.matching import TargetSelection, select_targets
+from ..constants import DEFAULT_ADAPTER_NAME
+from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
+from ..errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
+from ..formats.peft.memory import as_lora_config
+from ..layers.full_copy import FullCopy, plain_module_names
+from ..layers.lora import LoraLayer
+from ..layers.types import base_layout, supported_layout
 from .adapters import (
     AdapterInfo,
     LoadedAdapters,
@@ -26,15 +35,6 @@ from .adapters import (
     remove_adapter,
     set_trainable,
 )
-from ..checkpoint.config import LoraConfig, parse_config
-from ..formats.peft.memory import as_lora_config
-from ..constants import DEFAULT_ADAPTER_NAME
-from ..deltas.lora import CONV, CONV1D_TRANSPOSED, EMBEDDING, LINEAR
-from ..errors import AmbiguousMatchError, InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
-from ..layers.full_copy import FullCopy, plain_module_names
-from ..layers.types import base_layout, supported_layout
-from ..layers.lora import LoraLayer
-from ..checkpoint.matching import TargetSelection, select_targets
 from .module_tree import CONTAINERS, base_of, original_of
 
 

@@ -36,9 +36,9 @@ from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import split_param, weight_key
 from ..errors import MergeError, ModelMismatchError
 from ..formats.peft.reading import AdapterCheckpoint, read_adapter
-from ..merging.compute import BLOCK_ELEMENTS, tensor_blocks, term_delta
-from ..merging.plan import COPY, CONVERT, MERGE, REPLACE, LoraTerm, PlannedTensor, plan_merge
 from ..merging.checks import FLOAT_DTYPES
+from ..merging.compute import BLOCK_ELEMENTS, tensor_blocks, term_delta
+from ..merging.plan import CONVERT, COPY, MERGE, REPLACE, LoraTerm, PlannedTensor, plan_merge
 from ..storage.header import TensorInfo
 from ..storage.tensor_source import TensorSource
 from ..storage.torch_io import TORCH_DTYPES

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from ..constants import FLOAT_DTYPES
-from ..formats.peft.reading import AdapterCheckpoint
-from ..errors import InvalidConfigError, MergeError, ShapeMismatchError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
-from ..storage.header import TensorInfo
 from ..base.resolution import Resolution
+from ..constants import FLOAT_DTYPES
+from ..errors import InvalidConfigError, MergeError, ShapeMismatchError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
+from ..formats.peft.reading import AdapterCheckpoint
+from ..storage.header import TensorInfo
 
 _LISTED = 5
 

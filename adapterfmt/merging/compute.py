@@ -24,11 +24,11 @@ import torch
 from ..deltas.lora import add_scaled, dora_weight, lora_product
 from ..errors import NonFiniteValuesError
 from ..storage.header import TensorInfo
-from .kernel import Block, BlockedMerge, LoraFactors, blockable, intra_op_threads, whole_call
-from .plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
 from ..storage.parallel_write import PlacedFile
 from ..storage.tensor_source import TensorSource
 from ..storage.torch_io import TORCH_DTYPES, tensor_bytes
+from .kernel import Block, BlockedMerge, LoraFactors, blockable, intra_op_threads, whole_call
+from .plan import BiasTerm, LoraTerm, PlannedTensor, RowsTerm, Term
 
 #: Elements per block of rows when a tensor is added up, rounded and written (1 MiB of float32:
 #: the block stays in cache through its three passes).

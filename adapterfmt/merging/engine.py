@@ -40,20 +40,29 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 
 from ..base.reading import BaseModel, read_base
-from ..formats.peft.reading import AdapterCheckpoint, read_adapter
-from ..errors import DiskSpaceError, MergeError, UnsupportedFeatureError
 from ..checkpoint.findings import Finding
-from ..storage.header import TensorInfo
 from ..checkpoint.keys import Role, parse_saved
-from .compute import on_callers_threads, tensor_blocks, write_tensor
-from .output import METADATA, OutputNames, ShardPlan, output_sizes, shard_path, shard_specs, verify_output, write_side_files
-from .plan import COPY, CONVERT, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
+from ..errors import DiskSpaceError, MergeError, UnsupportedFeatureError
+from ..formats.peft.reading import AdapterCheckpoint, read_adapter
+from ..storage.header import TensorInfo
 from ..storage.parallel_write import PlacedFile, write_files
 from ..storage.pause import hooked, pause_point
 from ..storage.safetensors_stream import encode_header
-from ..storage.staging import StagedDirectory, StagedFile, check_free_space, check_output_file, check_output_path, clean_stale, format_bytes, no_free_inodes
+from ..storage.staging import (
+    StagedDirectory,
+    StagedFile,
+    check_free_space,
+    check_output_file,
+    check_output_path,
+    clean_stale,
+    format_bytes,
+    no_free_inodes,
+)
 from ..storage.tensor_source import TensorSource
 from ..storage.torch_io import SAFETENSORS_DTYPES
+from .compute import on_callers_threads, tensor_blocks, write_tensor
+from .output import METADATA, OutputNames, ShardPlan, output_sizes, shard_path, shard_specs, verify_output, write_side_files
+from .plan import CONVERT, COPY, MERGE, REPLACE, MergePlan, PlannedTensor, plan_merge
 
 AdapterSpec = Union[str, "os.PathLike[str]", AdapterCheckpoint]
 _STATE_DICT = "<state_dict>"

@@ -18,15 +18,15 @@ from ..base.reading import BaseModel
 from ..base.resolution import FACTORS, Resolution, ResolvedLora
 from ..checkpoint.records import AdapterCheckpoint
 from ..errors import OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
-from ..single_file.checkpoint import SingleFileBase
-from .engine import MergeSummary, merge_to_directory, merge_to_file
-from ..storage.staging import StagedDirectory, check_output_path, clean_stale
-from ..formats.diffusion.components import check_component, component_bases, is_pipeline
 from ..formats.detect import read_foreign
+from ..formats.diffusion.components import check_component, component_bases, is_pipeline
 from ..formats.diffusion.names import base_module_paths
-from ..formats.peft.lycoris import peft_lycoris_checkpoint
 from ..formats.diffusion.peft_view import component_adapter
 from ..formats.diffusion.records import ForeignCheckpoint
+from ..formats.peft.lycoris import peft_lycoris_checkpoint
+from ..single_file.checkpoint import SingleFileBase
+from ..storage.staging import StagedDirectory, check_output_path, clean_stale
+from .engine import MergeSummary, merge_to_directory, merge_to_file
 
 #: Never copied into a merged pipeline.
 _SKIP = {".git", ".cache", "__pycache__"}

@@ -23,14 +23,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
-from ..base.reading import BaseModel
 from ..base.layouts import WEIGHT_SUFFIXES
-from ..sources.file_tree import Tree
+from ..base.reading import BaseModel
 from ..constants import DTYPE_BITS, MODEL_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
 from ..errors import AdapterFormatError, MergeError
+from ..sources.file_tree import Tree
+from ..sources.paths import safe_join
 from ..storage.header import read_header
 from ..storage.safetensors_stream import TensorSpec, file_size
-from ..sources.paths import safe_join
 from ..storage.staging import copy_file, write_text
 
 #: safetensors metadata of every merged shard (what ``save_pretrained`` writes).

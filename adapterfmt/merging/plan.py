@@ -32,25 +32,25 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-from ..tables.architectures import checkpoint_key, untie_flag_allowed
 from ..base.reading import BaseModel
+from ..base.resolution import Resolution, ResolvedLora, resolve
+from ..checkpoint.findings import Finding
+from ..checkpoint.keys import KeyParts, Role, render_base
+from ..checkpoint.matching import apply_prefix_map
+from ..checkpoint.weight_tying import tied_lora_twins, ties_in_effect, without_twins
 from ..constants import DTYPE_BITS
-from ..formats.peft.reading import AdapterCheckpoint
 from ..errors import (
     MergeError,
     ShapeMismatchError,
     UnresolvedModulesError,
     UnsupportedFeatureError,
 )
-from ..checkpoint.findings import Finding
+from ..formats.peft.reading import AdapterCheckpoint
 from ..storage.gc_pause import with_gc_paused
 from ..storage.header import TensorInfo
-from ..checkpoint.keys import KeyParts, Role, render_base
-from ..checkpoint.matching import apply_prefix_map
+from ..tables.architectures import checkpoint_key, untie_flag_allowed
 from .checks import FLOAT_DTYPES, refuse_bad_resolution, refuse_non_float, refuse_unplaced, refuse_unsupported, token_indices
 from .output import OutputNames, ShardPlan, changed_config, index_document, layout_shards, output_names, side_files
-from ..base.resolution import Resolution, ResolvedLora, resolve
-from ..checkpoint.weight_tying import ties_in_effect, tied_lora_twins, without_twins
 
 COPY, CONVERT, REPLACE, MERGE = "copy", "convert", "replace", "merge"
 

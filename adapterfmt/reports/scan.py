@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from ..formats.peft.reading import AdapterCheckpoint
 from ..checkpoint.findings import Finding, non_finite_finding
+from ..formats.peft.reading import AdapterCheckpoint
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

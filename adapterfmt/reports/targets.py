@@ -69,8 +69,8 @@ def preview_targets(
             both a LoRA target and a module to save.
         InvalidConfigError: ``target_modules`` is ``"all-linear"``.
     """
-    from ..tables.architectures import memory_modules
     from ..checkpoint.matching import undo_prefix_map
+    from ..tables.architectures import memory_modules
 
     names, leaves = module_names_from_keys(base_model.tensors)
     tied = [t for t in base_model.tied if t not in names]

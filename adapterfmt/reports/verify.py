@@ -17,7 +17,9 @@ import json
 import os
 from typing import Any, Optional
 
+from ..base.layouts import PIPELINE_INDEX, SENTENCE_MODULES, WEIGHT_NAMES
 from ..checkpoint.config import read_config
+from ..checkpoint.findings import Finding, lora_rank_mismatch_finding
 from ..constants import (
     ADAPTER_BIN_FILE,
     ADAPTER_CONFIG_FILE,
@@ -27,10 +29,8 @@ from ..constants import (
     SAFETENSORS_WEIGHTS_FILE,
 )
 from ..errors import AdapterFormatError, CheckpointNotFoundError
-from ..base.layouts import PIPELINE_INDEX, SENTENCE_MODULES, WEIGHT_NAMES
-from ..checkpoint.findings import Finding, lora_rank_mismatch_finding
-from ..storage.header import SafetensorsHeader, read_header
 from ..sources.paths import safe_join
+from ..storage.header import SafetensorsHeader, read_header
 
 _ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, ADAPTER_BIN_FILE)
 #: Every safetensors index name a model folder can have (transformers, diffusers).

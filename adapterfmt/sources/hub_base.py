@@ -16,9 +16,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
-from .file_tree import Tree
 from ..errors import CheckpointNotFoundError, HeaderError
 from ..storage.header import SafetensorsHeader, TensorInfo
+from .file_tree import Tree
 
 #: Parallel header requests for a sharded model.
 _HEADER_WORKERS = 8

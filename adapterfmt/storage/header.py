@@ -15,9 +15,9 @@ import re
 import struct
 from dataclasses import dataclass, field
 from itertools import islice
+from json.decoder import scanstring
 from math import prod
 from operator import attrgetter
-from json.decoder import scanstring
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from ..constants import DTYPE_BITS, MAX_HEADER_BYTES

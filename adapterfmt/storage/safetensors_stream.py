@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from math import prod
 from typing import Callable, Mapping, Optional, Sequence
 
-from . import os_calls
 from ..constants import DTYPE_BITS
+from . import os_calls
 
 #: Bytes per kernel copy call (so progress moves during long copies).
 _COPY_STEP = 64 << 20

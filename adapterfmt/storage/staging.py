@@ -21,8 +21,8 @@ import os
 import shutil
 from typing import Iterator, Optional, Sequence
 
-from . import os_calls
 from ..errors import AdapterFormatError, DiskSpaceError, OutputPathError
+from . import os_calls
 from .pause import pause_point
 
 TMP_TAG = "adapterfmt-tmp"

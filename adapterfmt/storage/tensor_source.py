@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
-from . import os_calls
 from ..errors import HeaderError, UnsupportedFeatureError
+from . import os_calls
 from .header import TensorInfo
 
 #: Bytes compared at a time by :meth:`TensorSource.same_bytes`.

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ...base.reading import BaseModel, read_base
-from ...constants import FLOAT_DTYPES
-from ...errors import AmbiguousMatchError, CheckpointNotFoundError, UnsupportedFeatureError
 from ...base.resolution import bind_base_tensor, bind_full_copy
 from ...checkpoint.keys import weight_key
+from ...constants import FLOAT_DTYPES
+from ...errors import AmbiguousMatchError, CheckpointNotFoundError, UnsupportedFeatureError
 from ...single_file.checkpoint import SingleFileBase, own_module_names, read_single_file, single_file_kind
 from .names import base_module_paths, flatten, resolve_names
 from .records import LORA, ForeignCheckpoint, ForeignModule

@@ -18,13 +18,13 @@ import json
 from typing import Any, Optional
 
 from ...checkpoint.config import LoraConfig, parse_config
+from ...checkpoint.keys import Role, parse_saved
 from ...errors import InconsistentAdapterError, InvalidConfigError, UnknownKeyError
 from ...storage.header import SafetensorsHeader
-from ...checkpoint.keys import Role, parse_saved
+from ...storage.scalars import ScalarReader, read_scalar
 from ...tables.diffusers_names import FAMILIES, candidate_renames, component_chain, rename
 from .kohya import foreign_findings
 from .records import COMPONENTS, LORA, ForeignCheckpoint, ForeignModule
-from ...storage.scalars import ScalarReader, read_scalar
 
 #: diffusers' default file name (``LORA_WEIGHT_NAME_SAFE``) and metadata key (``LORA_ADAPTER_METADATA_KEY``).
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"

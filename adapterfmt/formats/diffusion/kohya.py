@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ...errors import InconsistentAdapterError
 from ...checkpoint.finding import Finding
+from ...errors import InconsistentAdapterError
 from ...storage.header import SafetensorsHeader
+from ...storage.scalars import ScalarReader, read_scalar
 from .grammar_names import read_kohya_name
 from .records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, LORA, ForeignCheckpoint, ForeignModule
-from ...storage.scalars import ScalarReader, read_scalar
 
 #: File prefix -> component. Longer prefixes first (``lora_te1_`` before ``lora_te_``).
 KOHYA_PREFIXES: tuple[tuple[str, str], ...] = (

@@ -18,9 +18,16 @@ from collections import Counter
 from typing import Optional
 
 from ...checkpoint.config import parse_config
-from ...checkpoint.records import AdapterCheckpoint, LoraModule
-from ...errors import InconsistentAdapterError, InvalidConfigError, NonFiniteValuesError, UnknownKeyError, UnresolvedModulesError, UnsupportedFeatureError
 from ...checkpoint.config_rebuild import exact_pattern, rebuild_config
+from ...checkpoint.records import AdapterCheckpoint, LoraModule
+from ...errors import (
+    InconsistentAdapterError,
+    InvalidConfigError,
+    NonFiniteValuesError,
+    UnknownKeyError,
+    UnresolvedModulesError,
+    UnsupportedFeatureError,
+)
 from ...storage.header import TensorInfo
 from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
 

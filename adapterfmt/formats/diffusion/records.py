@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ...checkpoint.records import FullCopyModule
 from ...checkpoint.factors import fits, inner_mismatch, product_shape
 from ...checkpoint.finding import Finding
-from ...storage.header import TensorInfo
 from ...checkpoint.keys import split_prefix
+from ...checkpoint.records import FullCopyModule
+from ...storage.header import TensorInfo
 
 #: Pipeline component names, as diffusers names the sub-folders of a pipeline.
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")

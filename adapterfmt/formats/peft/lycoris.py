@@ -20,18 +20,18 @@ from typing import Any, Optional
 
 from ...checkpoint.config import modules_to_save_entries
 from ...checkpoint.config_types import LYCORIS_FIELD_TYPES, check_field_types
-from ...constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ...checkpoint.copy_keys import full_copies_of
-from ...checkpoint.methods import check_method_tensors
-from .weights_file import missing_weights_hint
-from ...errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError
 from ...checkpoint.findings import full_copy_entry_findings
-from ...storage.header import SafetensorsHeader, read_header
 from ...checkpoint.keys import KeyParts, Role, parse_saved, render_base
 from ...checkpoint.matching import PatternKeyIndex
+from ...checkpoint.methods import check_method_tensors
+from ...constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
+from ...errors import CheckpointNotFoundError, InvalidConfigError, UnknownKeyError
+from ...storage.header import SafetensorsHeader, read_header
 from ..diffusion.kohya import foreign_findings
 from ..diffusion.peft_view import component_adapter
 from ..diffusion.records import LOHA, LOHA_SLOTS, LOKR, LOKR_SLOTS, ForeignCheckpoint, ForeignModule
+from .weights_file import missing_weights_hint
 
 PEFT_LYCORIS_TYPES = {"LOHA": LOHA, "LOKR": LOKR}
 

@@ -14,10 +14,10 @@ import torch
 
 from ...checkpoint.config import LoraConfig, parse_config
 from ...constants import DEFAULT_ADAPTER_NAME
-from .reading import AdapterCheckpoint, describe_tensors
 from ...errors import HeaderError, InvalidConfigError
 from ...storage.header import SafetensorsHeader, TensorInfo
 from ...storage.torch_io import SAFETENSORS_DTYPES
+from .reading import AdapterCheckpoint, describe_tensors
 
 #: What error messages name as the "file" of an in-memory adapter.
 IN_MEMORY = "<in-memory state dict>"

@@ -16,10 +16,13 @@ from typing import Any, Optional
 from ...checkpoint.adalora import SLOTS as ADALORA_SLOTS
 from ...checkpoint.adalora import is_adalora
 from ...checkpoint.adalora import scaling as adalora_scaling
-from ...checkpoint.records import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
-from ...checkpoint.copy_keys import full_copies_of
-from ...checkpoint.methods import check_method_tensors
 from ...checkpoint.config import LoraConfig, read_config
+from ...checkpoint.copy_keys import full_copies_of
+from ...checkpoint.findings import adapter_findings, mixed_prefix_finding, wrapper_leftover_finding
+from ...checkpoint.keys import KeyParts, Role, bias_key, param_key, parse_saved
+from ...checkpoint.matching import matches_entry
+from ...checkpoint.methods import check_method_tensors
+from ...checkpoint.records import AdapterCheckpoint, FullCopyModule, LoraModule, TokenDelta
 from ...constants import (
     ADAPTER_BIN_FILE,
     ADAPTER_CONFIG_FILE,
@@ -28,12 +31,9 @@ from ...constants import (
     PEFT_PREFIX,
 )
 from ...errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
-from ...checkpoint.findings import adapter_findings, mixed_prefix_finding, wrapper_leftover_finding
+from ...sources.paths import ADAPTER_PATTERNS, resolve_dir, safe_join
 from ...storage.gc_pause import with_gc_paused
 from ...storage.header import SafetensorsHeader, TensorInfo, read_header
-from ...checkpoint.keys import KeyParts, Role, bias_key, param_key, parse_saved
-from ...checkpoint.matching import matches_entry
-from ...sources.paths import ADAPTER_PATTERNS, resolve_dir, safe_join
 from .weights_file import missing_weights_hint
 
 __all__ = ["AdapterCheckpoint", "FullCopyModule", "LoraModule", "TokenDelta", "describe_tensors", "read_adapter"]

@@ -14,10 +14,10 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ...checkpoint.keys import LORA_ROLES, Role, parse_wrapped
 from ...constants import ADAPTER_CONFIG_FILE, SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE
 from ...errors import CheckpointNotFoundError, UnknownKeyError
 from ...storage.header import SafetensorsHeader, read_header
-from ...checkpoint.keys import LORA_ROLES, Role, parse_wrapped
 
 __all__ = ["ADAPTER_ROLES", "PICKLE_SUFFIXES", "PICKLE_WEIGHTS_FILE", "WrappedFiles", "is_wrapped_checkpoint", "is_wrapped_header", "locate_wrapped"]
 

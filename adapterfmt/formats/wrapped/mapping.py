@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Optional, Sequence
 
-from ...constants import DEFAULT_ADAPTER_NAME, PEFT_PREFIX
-from ...checkpoint.records import AdapterCheckpoint
 from ...checkpoint.keys import KeyParts, Role, parse_saved, render_wrapped
+from ...checkpoint.records import AdapterCheckpoint
+from ...constants import DEFAULT_ADAPTER_NAME, PEFT_PREFIX
 
 
 class WrappedSource(NamedTuple):

@@ -26,16 +26,16 @@ from typing import Any, Mapping, Optional, Union
 
 from ...base.reading import read_base
 from ...checkpoint.config import LoraConfig, parse_config, read_config
-from ...constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
-from ...checkpoint.records import AdapterCheckpoint
 from ...checkpoint.config_rebuild import exact_pattern, rebuild_config  # noqa: F401  (public here since 0.1)
-from ..peft.reading import describe_tensors
-from ...errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
 from ...checkpoint.finding import Finding
 from ...checkpoint.findings import full_copy_suffix_finding, full_copy_unchanged_finding, mixed_prefix_finding, unknown_keys_finding
-from ...storage.header import SafetensorsHeader, TensorInfo
 from ...checkpoint.keys import LORA_ROLES, KeyParts, Role, parse_wrapped, render_base, render_saved, weight_key
 from ...checkpoint.matching import module_names_from_keys, peft_full_copy_matches
+from ...checkpoint.records import AdapterCheckpoint
+from ...constants import ADAPTER_CONFIG_FILE, DEFAULT_ADAPTER_NAME, PEFT_PREFIX
+from ...errors import CheckpointNotFoundError, InconsistentAdapterError, UnknownKeyError, UnsafeFileError
+from ...storage.header import SafetensorsHeader, TensorInfo
+from ..peft.reading import describe_tensors
 from .files import (  # noqa: F401  (PICKLE_*, is_wrapped_checkpoint: public here since 0.1)
     ADAPTER_ROLES,
     PICKLE_SUFFIXES,
