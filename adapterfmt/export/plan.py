@@ -231,10 +231,13 @@ def plan_export(
     unservable = dict(unservable or {})
     modules: dict[str, ModuleExport] = {}
     blockers: list[str] = []
+    reasons: dict[tuple, Optional[str]] = {}  # a 100k-module adapter has a handful of module kinds
     for path, m in adapter.lora.items():
-        reason = _bake_reason(engine, m, unservable)
-        rank = m.rank or m.config_rank
-        modules[path] = ModuleExport(path, BAKE if reason else KEEP, rank, reason=reason or "")
+        kind = (m.factors, m.peft_kron, "lora_E" in m.tensors, m.use_dora, m.lora_bias, m.layer_kind)  # what _bake_reason reads
+        reason = reasons[kind] if kind in reasons else reasons.setdefault(kind, _bake_reason(engine, m, {}))
+        if reason is None and path in unservable:
+            reason = unservable[path]
+        modules[path] = ModuleExport(path, BAKE if reason else KEEP, m.rank or m.config_rank, reason=reason or "")
     for kind, names in (
         ("DoRA", [p for p, e in modules.items() if e.action == BAKE and e.reason.startswith("DoRA")]),
         ("lora_bias", [p for p, e in modules.items() if e.action == BAKE and e.reason == "lora_bias"]),
@@ -268,11 +271,13 @@ def plan_export(
     if kept and len(kept) < len(modules):  # name only what the adapter still holds (PEFT builds no empty layers)
         config["target_modules"] = sorted({e.path.rsplit(".", 1)[-1] for e in kept})
     r_out, alpha_out = config["r"], float(config["lora_alpha"])
+    targets: dict[int, float] = {}  # tensor rank -> the engine's scale for it
     for e in kept:
-        m = adapter.lora[e.path]
         if engine.scale != "peft":
-            target = engine_scaling(engine, r=r_out, alpha=alpha_out, tensor_rank=e.rank)
-            factor = m.scaling / target if target else 0.0
+            target = targets.get(e.rank)
+            if target is None:
+                target = targets[e.rank] = engine_scaling(engine, r=r_out, alpha=alpha_out, tensor_rank=e.rank)
+            factor = adapter.lora[e.path].scaling / target if target else 0.0
             if factor != 1.0:
                 e.action, e.factor, e.exact = FOLD, factor, is_power_of_two(factor)
         if engine.uniform_rank and e.rank != rank:
