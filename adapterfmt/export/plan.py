@@ -43,6 +43,21 @@ class ModuleExport:
 
 
 @dataclass
+class ModuleGroup:
+    """LoRA modules that get the same treatment (same kind, rank and PEFT scale): what a plan
+    decides once, whatever the adapter's size (a 100k-module MoE adapter has a handful)."""
+
+    paths: list[str]
+    action: str
+    rank: int
+    scaling: float
+    factor: float = 1.0
+    exact: bool = True
+    pad_to: Optional[int] = None
+    reason: str = ""
+
+
+@dataclass
 class ExportPlan:
     """One adapter, one engine: what is written, what must be baked, what is dropped.
 
@@ -52,7 +67,7 @@ class ExportPlan:
 
     engine: Engine
     adapter: AdapterCheckpoint
-    modules: dict[str, ModuleExport]
+    groups: list[ModuleGroup]
     config: dict[str, Any]
     rank: int
     max_lora_rank: Optional[int]
@@ -64,12 +79,31 @@ class ExportPlan:
     unservable_modules: dict[str, str] = field(default_factory=dict)
 
     @property
+    def modules(self) -> dict[str, ModuleExport]:
+        """Module path -> what happens to it, in the adapter's order (built from :attr:`groups` on first use)."""
+        built = self.__dict__.get("_modules")
+        if built is None:
+            by_path = {p: ModuleExport(p, g.action, g.rank, g.factor, g.exact, g.pad_to, g.reason) for g in self.groups for p in g.paths}
+            built = self.__dict__["_modules"] = {p: by_path[p] for p in self.adapter.lora if p in by_path}
+        return built
+
+    @property
     def kept(self) -> list[ModuleExport]:
         return [m for m in self.modules.values() if m.action in (KEEP, FOLD)]
 
     @property
+    def folds(self) -> bool:
+        """Some kept module has PEFT's scale folded into its ``lora_B``."""
+        return any(g.action == FOLD for g in self.groups)
+
+    @property
+    def pads(self) -> bool:
+        """Some kept module's rank is zero-padded to the adapter's rank."""
+        return any(g.pad_to is not None for g in self.groups)
+
+    @property
     def baked_modules(self) -> list[str]:
-        return [m.path for m in self.modules.values() if m.action == BAKE]
+        return [m.path for m in self.modules.values() if m.action == BAKE] if any(g.action == BAKE for g in self.groups) else []
 
     @property
     def needs_base(self) -> bool:
@@ -177,6 +211,41 @@ def _bake_reason(engine: Engine, m: LoraModule, unservable: dict[str, str]) -> O
     return None
 
 
+#: kind (what :func:`_bake_reason` reads), rank and PEFT scale -> (one such module, every such module's path)
+ModuleKinds = dict[tuple, tuple[LoraModule, list[str]]]
+
+
+def module_kinds(adapter: AdapterCheckpoint) -> ModuleKinds:
+    """The adapter's LoRA modules grouped by what an export decides from: one pass over the
+    modules, shared by the plans of every engine (``inspect``'s ``serving`` block plans four)."""
+    out: ModuleKinds = {}
+    for path, m in adapter.lora.items():
+        sig = (m.factors, m.peft_kron, "lora_E" in m.tensors, m.use_dora, m.lora_bias, m.layer_kind, m.rank or m.config_rank, m.scaling)
+        entry = out.get(sig)
+        if entry is None:
+            out[sig] = (m, [path])
+        else:
+            entry[1].append(path)
+    return out
+
+
+def _groups(engine: Engine, kinds: ModuleKinds, unservable: dict[str, str]) -> list[ModuleGroup]:
+    """Each kind of module kept or baked for ``engine``; a module ``unservable`` names is baked
+    with its own reason (its kind's other modules are not)."""
+    groups: list[ModuleGroup] = []
+    for sig, (m, paths) in kinds.items():
+        rank, scaling = sig[-2], sig[-1]
+        reason = _bake_reason(engine, m, {})
+        if reason is not None or not unservable:
+            groups.append(ModuleGroup(paths, BAKE if reason else KEEP, rank, scaling, reason=reason or ""))
+            continue
+        own: dict[str, list[str]] = {}
+        for p in paths:
+            own.setdefault(unservable.get(p, ""), []).append(p)
+        groups += [ModuleGroup(ps, BAKE if why else KEEP, rank, scaling, reason=why) for why, ps in own.items()]
+    return groups
+
+
 def plan_export(
     adapter: AdapterCheckpoint,
     engine_name: str,
@@ -184,6 +253,7 @@ def plan_export(
     max_lora_rank: Optional[int] = None,
     unservable: Optional[dict[str, str]] = None,
     differs_from_base: Optional[set[str]] = None,
+    kinds: Optional[ModuleKinds] = None,
 ) -> ExportPlan:
     """Decide, from headers, how ``adapter`` is exported for ``engine_name``.
 
@@ -196,6 +266,8 @@ def plan_export(
         differs_from_base: where the base is at hand, the base keys whose saved ``base_layer``
             weight copy differs from the base's tensor (a resized or retrained vocabulary): baked
             instead of dropped. ``None``: not known, every such copy is dropped.
+        kinds: :func:`module_kinds` of ``adapter``, where the caller plans for several engines
+            (computed here otherwise).
 
     Raises:
         UnsupportedFeatureError: a config feature no engine serves and no serving base can carry
@@ -228,25 +300,21 @@ def plan_export(
             f"--max-lora-rank {max_lora_rank} is not one {engine.name} accepts ({', '.join(map(str, engine.max_lora_ranks))})", key="max_lora_rank"
         )
     cfg = adapter.config
-    unservable = dict(unservable or {})
-    modules: dict[str, ModuleExport] = {}
+    groups = _groups(engine, kinds if kinds is not None else module_kinds(adapter), dict(unservable or {}))
     blockers: list[str] = []
-    reasons: dict[tuple, Optional[str]] = {}  # a 100k-module adapter has a handful of module kinds
-    for path, m in adapter.lora.items():
-        kind = (m.factors, m.peft_kron, "lora_E" in m.tensors, m.use_dora, m.lora_bias, m.layer_kind)  # what _bake_reason reads
-        reason = reasons[kind] if kind in reasons else reasons.setdefault(kind, _bake_reason(engine, m, {}))
-        if reason is None and path in unservable:
-            reason = unservable[path]
-        modules[path] = ModuleExport(path, BAKE if reason else KEEP, m.rank or m.config_rank, reason=reason or "")
-    for kind, names in (
-        ("DoRA", [p for p, e in modules.items() if e.action == BAKE and e.reason.startswith("DoRA")]),
-        ("lora_bias", [p for p, e in modules.items() if e.action == BAKE and e.reason == "lora_bias"]),
-    ):
-        if names:
-            blockers.append(f"{kind} modules ({_few(names)})")
-    other = [p for p, e in modules.items() if e.action == BAKE and not e.reason.startswith("DoRA") and e.reason != "lora_bias"]
-    if other:
-        blockers.append(f"modules it cannot take ({_few(other)}: {modules[other[0]].reason})")
+    baked = [g for g in groups if g.action == BAKE]
+    if baked:  # named in the adapter's order, as the file lists them
+        reason_of = {p: g.reason for g in baked for p in g.paths}
+        ordered = [(p, reason_of[p]) for p in adapter.lora if p in reason_of]
+        for kind, names in (
+            ("DoRA", [p for p, r in ordered if r.startswith("DoRA")]),
+            ("lora_bias", [p for p, r in ordered if r == "lora_bias"]),
+        ):
+            if names:
+                blockers.append(f"{kind} modules ({_few(names)})")
+        other = [(p, r) for p, r in ordered if not r.startswith("DoRA") and r != "lora_bias"]
+        if other:
+            blockers.append(f"modules it cannot take ({_few([p for p, _ in other])}: {other[0][1]})")
 
     full = [p for p in adapter.full_copies if p.rsplit(".", 1)[-1] not in engine.full_copies_served]
     if full:
@@ -265,23 +333,20 @@ def plan_export(
     if baked_base:
         blockers.append(f"saved base tensors ({_few(baked_base)}: bias={cfg.bias!r} or a resized embedding)")
 
-    kept = [e for e in modules.values() if e.action == KEEP]
-    rank = max((e.rank for e in kept), default=cfg.r)
+    kept = [g for g in groups if g.action == KEEP]
+    rank = max((g.rank for g in kept), default=cfg.r)
     config = _exported_config(adapter, engine, kept, rank)
-    if kept and len(kept) < len(modules):  # name only what the adapter still holds (PEFT builds no empty layers)
-        config["target_modules"] = sorted({e.path.rsplit(".", 1)[-1] for e in kept})
+    if kept and baked:  # name only what the adapter still holds (PEFT builds no empty layers)
+        config["target_modules"] = sorted({p.rsplit(".", 1)[-1] for g in kept for p in g.paths})
     r_out, alpha_out = config["r"], float(config["lora_alpha"])
-    targets: dict[int, float] = {}  # tensor rank -> the engine's scale for it
-    for e in kept:
+    for g in kept:
         if engine.scale != "peft":
-            target = targets.get(e.rank)
-            if target is None:
-                target = targets[e.rank] = engine_scaling(engine, r=r_out, alpha=alpha_out, tensor_rank=e.rank)
-            factor = adapter.lora[e.path].scaling / target if target else 0.0
+            target = engine_scaling(engine, r=r_out, alpha=alpha_out, tensor_rank=g.rank)
+            factor = g.scaling / target if target else 0.0
             if factor != 1.0:
-                e.action, e.factor, e.exact = FOLD, factor, is_power_of_two(factor)
-        if engine.uniform_rank and e.rank != rank:
-            e.pad_to = rank
+                g.action, g.factor, g.exact = FOLD, factor, is_power_of_two(factor)
+        if engine.uniform_rank and g.rank != rank:
+            g.pad_to = rank
     top = max([rank, *[int(v) for v in (config.get("rank_pattern") or {}).values()]])
     if max_lora_rank is not None and top > max_lora_rank:
         raise InvalidConfigError(
@@ -296,7 +361,7 @@ def plan_export(
     return ExportPlan(
         engine=engine,
         adapter=adapter,
-        modules=modules,
+        groups=groups,
         config=config,
         rank=rank,
         max_lora_rank=max_lora_rank if max_lora_rank is not None else needed,
@@ -314,7 +379,7 @@ def _few(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _exported_config(adapter: AdapterCheckpoint, engine: Engine, kept: list[ModuleExport], rank: int) -> dict[str, Any]:
+def _exported_config(adapter: AdapterCheckpoint, engine: Engine, kept: list[ModuleGroup], rank: int) -> dict[str, Any]:
     """The exported ``adapter_config.json``: the fields the engine reads, nothing it would refuse
     or silently drop. ``peft`` engines keep PEFT's scale rule; the others get ``r`` and
     ``lora_alpha`` chosen so that most modules need no folding (``portable``: ``lora_alpha = r``)."""
@@ -347,15 +412,15 @@ def _exported_config(adapter: AdapterCheckpoint, engine: Engine, kept: list[Modu
     return doc
 
 
-def _fewest_folds(adapter: AdapterCheckpoint, kept: list[ModuleExport], rank: int) -> float:
+def _fewest_folds(adapter: AdapterCheckpoint, kept: list[ModuleGroup], rank: int) -> float:
     """The ``lora_alpha`` for an engine that scales every module by ``lora_alpha / r`` (``r`` =
     ``rank``) under which the most modules keep their factors unchanged: each module's own PEFT
     scale times ``rank`` is a candidate; ties go to the adapter's own ``lora_alpha``."""
     own = float(adapter.config.lora_alpha)
     counts: dict[float, int] = {}
-    for e in kept:
-        alpha = adapter.lora[e.path].scaling * rank
-        counts[alpha] = counts.get(alpha, 0) + 1
+    for g in kept:  # in the order of each group's first module: ties go to the first in the file
+        alpha = g.scaling * rank
+        counts[alpha] = counts.get(alpha, 0) + len(g.paths)
     if not counts:
         return own
     best = max(counts.values())

@@ -13,7 +13,7 @@ from typing import Any
 from ..checkpoint.records import AdapterCheckpoint
 from ..errors import AdapterFormatError
 from .engines import ENGINE_NAMES, ENGINES
-from .plan import FOLD, plan_export
+from .plan import module_kinds, plan_export
 
 
 def _silent(adapter: AdapterCheckpoint, engine_name: str) -> list[str]:
@@ -40,10 +40,11 @@ def serving_report(checkpoint: AdapterCheckpoint) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     source = shlex.quote(checkpoint.directory)
+    kinds = module_kinds(checkpoint)  # one pass over the modules for the four plans
     for name in ENGINE_NAMES:
         engine = ENGINES[name]
         try:
-            plan = plan_export(checkpoint, name)
+            plan = plan_export(checkpoint, name, kinds=kinds)
         except AdapterFormatError as e:
             out[name] = {"accepted": False, "blockers": [e.message], "fix_command": None}
             continue
@@ -51,9 +52,9 @@ def serving_report(checkpoint: AdapterCheckpoint) -> dict[str, dict[str, Any]]:
         if engine.output == "gguf":
             blockers.insert(0, "needs a GGUF LoRA file")
         elif name == "portable":
-            if any(m.action == FOLD for m in plan.kept) and not blockers:
+            if plan.folds and not blockers:
                 blockers.append("the scale is not in the factors (lora_alpha != r)")
-            if any(m.pad_to for m in plan.kept):
+            if plan.pads:
                 blockers.append("modules of different ranks")
         if plan.dropped and name in ("sglang", "portable") and not blockers:  # vLLM and llama.cpp skip them themselves
             blockers.append(f"base_layer copies the engine does not read ({len(plan.dropped)})")
