@@ -24,6 +24,8 @@ identical for blocks 0 and 1). Entries:
   the converter is run at two widths and the cut must be the same fraction at both;
 * ``"last_block"`` / ``"last"`` (SD3): the block family whose highest-numbered block the converter
   treats apart, and the entries that differ there.
+* ``"unread"`` (SD3's CLIP-L ``text_projection``): diffusers key -> single-file key of a tensor the
+  single-file loader does not read (it sets the identity); a LoRA on it is refused.
 
 Run ``python scripts/gen_single_file_tables.py`` after changing the pinned diffusers;
 ``tests/single_file/test_single_file_tables.py`` regenerates the file and fails on any difference.
@@ -112,7 +114,7 @@ def _decode(tensor, keys: list[str], rows: dict[str, int]) -> list[list]:
 
 #: The numbered blocks written as ``{i}`` (the first one of a key); the same rule as
 #: :mod:`adapterfmt.tables.single_file_names`.
-_BLOCK_NUMBER = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|resblocks|block)\.(\d+)\.")
+_BLOCK_NUMBER = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|resblocks)\.(\d+)\.")
 
 
 def _template(key: str) -> tuple[str, int]:
@@ -338,6 +340,32 @@ def _sd3() -> dict:
     return table
 
 
+#: SD3's CLIP text encoders in the single file (``text_encoders.clip_l|clip_g.transformer.`` +
+#: transformers' own keys) at the released widths with two layers, as ``CLIPTextModelWithProjection``.
+#: (T5 is not tabled: no LoRA format adapterfmt reads, nor diffusers' SD3 loader, adapts it.)
+_SD3_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2, projection_dim=768)
+_SD3_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=2, projection_dim=1280, hidden_act="gelu")
+
+
+def _sd3_clip(config: dict, prefix: str, *, identity_projection: bool) -> dict:
+    """CLIP-L / CLIP-G of an SD3 file: ``convert_ldm_clip_checkpoint(checkpoint, prefix)`` strips the
+    prefix. diffusers' single-file loader sets CLIP-L's ``text_projection`` to the identity instead
+    of reading it (``identity_projection``): that key is listed in ``unread``."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    expected = {k: v.shape[0] for k, v in model.state_dict().items()}
+    unread = {"text_projection.weight": prefix + "text_projection.weight"} if identity_projection else {}
+    rows = {prefix + k: n for k, n in expected.items() if k not in unread}
+    state, keys = _identity_checkpoint(rows)
+    converted = convert_ldm_clip_checkpoint(state, prefix)
+    _check_keys("SD3 CLIP", converted, {k: n for k, n in expected.items() if k not in unread})
+    return {**_entries(converted, keys, rows), "unread": unread}
+
+
 def _entries(converted: dict, keys: list[str], rows: dict[str, int], *, last: Optional[int] = None) -> dict:
     """The table of one component. ``last``: the number of the synthetic checkpoint's last block,
     which the converter may treat apart (SD3's ``context_pre_only`` block): its entries that differ
@@ -399,7 +427,13 @@ def build() -> str:
                 "text_encoder": {"converter": "convert_ldm_clip_checkpoint", **_clip(_CLIP_L, "conditioner.embedders.0.transformer.")},
                 "text_encoder_2": {"converter": "convert_open_clip_checkpoint", **_open_clip(_OPEN_CLIP_BIGG, "conditioner.embedders.1.model.")},
             },
-            "sd3": {"transformer": {"converter": "convert_sd3_transformer_checkpoint_to_diffusers", **_sd3()}},
+            "sd3": {
+                "transformer": {"converter": "convert_sd3_transformer_checkpoint_to_diffusers", **_sd3()},
+                "text_encoder": {"converter": "convert_ldm_clip_checkpoint",
+                                 **_sd3_clip(_SD3_CLIP_L, "text_encoders.clip_l.transformer.", identity_projection=True)},
+                "text_encoder_2": {"converter": "convert_ldm_clip_checkpoint",
+                                   **_sd3_clip(_SD3_CLIP_G, "text_encoders.clip_g.transformer.", identity_projection=False)},
+            },
         },
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"

@@ -25,7 +25,7 @@ from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import split_param, weight_key
 from ..errors import CheckpointNotFoundError, ShapeMismatchError, UnsupportedFeatureError
 from ..storage.header import read_header
-from ..tables.single_file_names import components_of, diffusers_names_of, from_single_file, last_block_family, to_single_file, transposed, transposed_keys
+from ..tables.single_file_names import components_of, diffusers_names_of, from_single_file, last_block_family, to_single_file, transposed, transposed_keys, unread_key
 from .kinds import COMPONENT_PREFIXES, DESCRIPTIONS, detect_kind
 
 
@@ -65,16 +65,21 @@ class SingleFileBase(BaseModel):
 
     @property
     def components(self) -> list[str]:
-        """The diffusers components the file holds: the kind's diffusion model, and each other
-        component of the kind whose tensors are in the file (SD3's text encoders are optional)."""
-        kind_components = components_of(self.kind)
-        return [c for c in kind_components if c == kind_components[0] or any(k.startswith(COMPONENT_PREFIXES[(self.kind, c)]) for k in self.tensors)]
+        """The diffusers components the file holds: the kind's diffusion model (its keys have no
+        fixed prefix, :data:`~.kinds.COMPONENT_PREFIXES`), and each other component of the kind whose
+        tensors are in the file (SD3's text encoders are optional)."""
+        out = []
+        for c in components_of(self.kind):
+            start = COMPONENT_PREFIXES[(self.kind, c)]
+            if not start or any(k.startswith(start) for k in self.tensors):
+                out.append(c)
+        return out
 
     @property
     def key_prefix(self) -> str:
         """The file's prefix of this component's keys: ComfyUI's ``model.diffusion_model.`` is the
         diffusion model's only (an SD3 file's ``text_encoders.*`` have none)."""
-        return self.prefix if self.component == components_of(self.kind)[0] else ""
+        return "" if COMPONENT_PREFIXES[(self.kind, self.component)] else self.prefix
 
     @property
     def last_block(self) -> Optional[int]:
@@ -138,6 +143,12 @@ class SingleFileBase(BaseModel):
     def _place(self, module: str) -> Optional[Placement]:
         segments = to_single_file(self.kind, self.component, weight_key(module), last=self.last_block)
         if not segments:
+            unread = unread_key(self.kind, self.component, weight_key(module))
+            if unread is not None and self.key_prefix + unread in self.tensors:
+                raise UnsupportedFeatureError(
+                    f"holds {module!r} of {self.component}, which diffusers' single-file loader does not read (it sets the identity); "
+                    "adapterfmt does not merge a LoRA on it there", path=self.file, key=self.key_prefix + unread, hint="merge into the diffusers folder of the model instead",
+                )
             own = self.component_prefix + weight_key(module)
             if own in self.tensors:
                 return Placement(own, None, tuple(self.tensors[own].shape))

@@ -37,7 +37,8 @@ COMPONENT_PREFIXES = {
     ("sd2", "unet"): "model.diffusion_model.", ("sd2", "text_encoder"): "cond_stage_model.model.",
     ("sdxl", "unet"): "model.diffusion_model.", ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.",
     ("sdxl", "text_encoder_2"): "conditioner.embedders.1.model.",
-    ("sd3", "transformer"): "",
+    ("sd3", "transformer"): "", ("sd3", "text_encoder"): "text_encoders.clip_l.transformer.",
+    ("sd3", "text_encoder_2"): "text_encoders.clip_g.transformer.",
 }
 
 #: Kinds recognised by name only (no placement table yet): kind -> (description, a key it has, as stored).

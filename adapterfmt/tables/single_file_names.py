@@ -7,8 +7,8 @@ kind: ``names`` (a diffusers key that is a single-file tensor renamed) and ``sli
 key cut from rows of a fused single-file tensor, in order: ``[key, first, end, rows of that
 tensor]``), ``chunks`` (a diffusers key cut from equal parts of a fused tensor whatever its
 width, as ``torch.chunk`` cuts it: ``[key, index, count]``, rows ``index/count`` to
-``(index+1)/count``; SD3's ``attn.qkv``) and ``transposed`` (stored transposed: OpenCLIP's
-``text_projection``), per component (``transformer``, ``unet``, ``text_encoder``,
+``(index+1)/count``; SD3's ``attn.qkv``), ``transposed`` (stored transposed: OpenCLIP's
+``text_projection``) and ``unread`` (in the file, but not read by diffusers' loader), per component (``transformer``, ``unet``, ``text_encoder``,
 ``text_encoder_2``). The first numbered block of a key is templated as ``{i}``. A component whose
 converter treats its last block apart (SD3's ``context_pre_only`` block) names that block family in
 ``last_block`` and holds the entries that differ there in ``last``. This module only looks entries
@@ -23,7 +23,7 @@ import os
 import re
 from typing import Any, NamedTuple, Optional
 
-_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|resblocks|block)\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|resblocks)\.(\d+)\.")
 
 
 class Segment(NamedTuple):
@@ -71,6 +71,12 @@ def transposed(kind: str, component: str, diffusers_key: str) -> Optional[str]:
     template, block = _template(diffusers_key)
     key = tables()["kinds"][kind][component]["transposed"].get(template)
     return None if key is None else _fill(key, block)
+
+
+def unread_key(kind: str, component: str, diffusers_key: str) -> Optional[str]:
+    """The single-file key of ``diffusers_key`` when diffusers' single-file loader does not read it
+    (SD3's CLIP-L ``text_projection``: set to the identity), else ``None``."""
+    return tables()["kinds"][kind][component].get("unread", {}).get(diffusers_key)
 
 
 def transposed_keys(kind: str, component: str) -> dict[str, str]:
@@ -164,4 +170,4 @@ def diffusers_names_of(kind: str, component: str, single_key: str, *, last: Opti
 
 
 __all__ = ["Segment", "components_of", "diffusers_names_of", "from_single_file", "kinds", "last_block_family", "tables", "to_single_file",
-           "transposed", "transposed_keys"]
+           "transposed", "transposed_keys", "unread_key"]

@@ -139,6 +139,10 @@ def test_diffusers_lora_into_sd3_single_file_equals_diffusers_fuse(tmp_path, run
     text = json.dumps(res.json())
     n = len(_targets(variant))
     assert f'"resolved": {n}, "total": {n}' in text and "rows 16:32" in text, text  # to_k: the second third of a 48-row qkv
+    res = run_cli("inspect", lora, "--base", base, "--json")
+    assert res.exit_code == 0, res
+    modules = res.json()["modules"]
+    assert {m["module"] for m in modules} == set(_targets(variant)) and all(m["checked"] for m in modules)
 
 
 def test_sd3_own_names_and_kind_override(tmp_path, run_cli):
@@ -202,3 +206,71 @@ def test_sd3_refusals(tmp_path, run_cli):
     res = run_cli("merge", "--base", base, "--adapter", tmp_path / "flux.safetensors", "-o", tmp_path / "o.safetensors")
     assert_one_error_line(res, "single_transformer_blocks.0.proj_mlp")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def _clip(seed: int, hidden: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2,
+                                                      projection_dim=hidden, vocab_size=100))
+
+
+def test_lora_on_transformer_and_both_clip_encoders(tmp_path, run_cli):
+    """An SD3 file with its ``text_encoders.clip_l`` / ``clip_g`` (transformers' keys behind the
+    prefix, ``convert_ldm_clip_checkpoint``) and ``t5xxl``: a diffusers LoRA on the transformer and
+    both CLIP encoders merges into each; diffusers' converters of the merged file give PEFT's
+    ``merge_and_unload`` of each component. CLIP-L's ``text_projection``, which diffusers' loader
+    replaces by the identity, is refused."""
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    _state, single = _checkpoint("sd3-medium")
+    encoders = {"text_encoder": ("text_encoders.clip_l.transformer.", _clip(1, 16)), "text_encoder_2": ("text_encoders.clip_g.transformer.", _clip(2, 24))}
+    file = {PREFIX + k: v for k, v in single.items()}
+    for prefix, model in encoders.values():
+        file.update({prefix + k: v.detach().clone() for k, v in model.state_dict().items()})
+    file["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"] = torch.randn(8, 8)
+    base = str(tmp_path / "sd3_medium_incl_clips.safetensors")
+    save_file(file, base)
+
+    layers, want = {}, {}
+    for component, (prefix, model) in encoders.items():
+        torch.manual_seed(7)
+        peft = get_peft_model(model, LoraConfig(r=R, lora_alpha=R, target_modules=["q_proj", "v_proj", "out_proj", "fc1"], init_lora_weights=False))
+        layers[f"{component}_lora_layers"] = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(peft).items()}
+        want[component] = {k: v.detach().clone() for k, v in peft.merge_and_unload().state_dict().items()}
+    transformer = _model("sd3-medium")
+    torch.manual_seed(3)
+    transformer.add_adapter(LoraConfig(r=R, lora_alpha=R, target_modules=TARGETS, init_lora_weights=False))
+    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path / "lora"), transformer_lora_layers=get_peft_model_state_dict(transformer), **layers)
+    lora = str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+
+    out = tmp_path / "merged.safetensors"
+    res = run_cli("merge", "--base", base, "--adapter", lora, "-o", out, "--json")
+    assert res.exit_code == 0, res
+    merged = load_file(str(out))
+    assert torch.equal(merged["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"],
+                       file["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"])
+    got = _convert({k[len(PREFIX):]: v for k, v in merged.items() if k.startswith(PREFIX)})
+    fused = _fused("sd3-medium", lora)
+    assert all(torch.equal(got[k], fused[k]) for k in fused)
+    for component, (prefix, _model_) in encoders.items():
+        converted = convert_ldm_clip_checkpoint({k: v for k, v in merged.items() if k.startswith(prefix)}, prefix)
+        before = convert_ldm_clip_checkpoint({k: v for k, v in file.items() if k.startswith(prefix)}, prefix)
+        assert set(converted) == set(want[component])
+        for k, v in want[component].items():
+            assert torch.equal(converted[k], v), (component, k)
+        changed = {k for k in before if not torch.equal(before[k], converted[k])}
+        assert changed == {f"text_model.encoder.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1")}
+
+    res = run_cli("check", "--adapter", lora, "--base", base, "--json")
+    assert res.exit_code == 0, res
+
+    proj = {"text_encoder.text_projection.lora_A.weight": torch.zeros(R, 16), "text_encoder.text_projection.lora_B.weight": torch.zeros(16, R)}
+    save_file(proj, str(tmp_path / "proj.safetensors"))
+    res = run_cli("merge", "--base", base, "--adapter", tmp_path / "proj.safetensors", "-o", tmp_path / "p.safetensors")
+    assert_one_error_line(res, "text_encoders.clip_l.transformer.text_projection.weight", "identity")
+    assert not (tmp_path / "p.safetensors").exists()
