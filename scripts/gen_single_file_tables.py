@@ -24,6 +24,9 @@ identical for blocks 0 and 1). Entries:
   the converter is run at two widths and the cut must be the same fraction at both;
 * ``"last_block"`` / ``"last"`` (SD3): the block family whose highest-numbered block the converter
   treats apart, and the entries that differ there.
+* ``"lora_names"`` (Wan): a module's single-file name -> the diffusers module that diffusers' LoRA
+  converter (``_convert_non_diffusers_wan_lora_to_diffusers``) puts a ComfyUI LoRA on it onto,
+  found by running that converter on a synthetic LoRA of each module;
 * ``"unread"`` (SD3's CLIP-L ``text_projection``): diffusers key -> single-file key of a tensor the
   single-file loader does not read (it sets the identity); a LoRA on it is refused.
 
@@ -114,7 +117,7 @@ def _decode(tensor, keys: list[str], rows: dict[str, int]) -> list[list]:
 
 #: The numbered blocks written as ``{i}`` (the first one of a key); the same rule as
 #: :mod:`adapterfmt.tables.single_file_names`.
-_BLOCK_NUMBER = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|resblocks)\.(\d+)\.")
+_BLOCK_NUMBER = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|blocks|layers|resblocks)\.(\d+)\.")
 
 
 def _template(key: str) -> tuple[str, int]:
@@ -366,6 +369,99 @@ def _sd3_clip(config: dict, prefix: str, *, identity_projection: bool) -> dict:
     return {**_entries(converted, keys, rows), "unread": unread}
 
 
+#: Wan 2.1 / 2.2 (the original code's names; ComfyUI adds ``model.diffusion_model.``): an I2V-shaped
+#: transformer, whose keys are a superset of T2V's (``img_emb``, ``cross_attn.k_img`` / ``v_img``).
+#: diffusers' converter only renames, so the widths are small; two blocks.
+_WAN = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, ffn_dim=32, text_dim=24, freq_dim=8, in_channels=4, out_channels=4,
+            image_dim=12, added_kv_proj_dim=16)
+
+
+def _wan_rows() -> dict[str, int]:
+    """Single-file key -> rows of the :data:`_WAN` transformer under Wan's own names."""
+    h, c = _WAN["num_attention_heads"] * _WAN["attention_head_dim"], _WAN["image_dim"]
+    rows: dict[str, int] = {"patch_embedding.weight": h, "patch_embedding.bias": h, "head.modulation": 1}
+
+    def linear(name: str, out: int) -> None:
+        rows[f"{name}.weight"], rows[f"{name}.bias"] = out, out
+
+    for name in ("text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2"):
+        linear(name, h)
+    linear("time_projection.1", 6 * h)
+    linear("head.head", 2 * 2 * _WAN["out_channels"])
+    linear("img_emb.proj.0", c)
+    linear("img_emb.proj.1", c)
+    linear("img_emb.proj.3", h)
+    linear("img_emb.proj.4", h)
+    for i in range(_WAN["num_layers"]):
+        b = f"blocks.{i}."
+        rows[b + "modulation"] = 1
+        for attn in ("self_attn", "cross_attn"):
+            for p in ("q", "k", "v", "o"):
+                linear(f"{b}{attn}.{p}", h)
+            rows[f"{b}{attn}.norm_q.weight"], rows[f"{b}{attn}.norm_k.weight"] = h, h
+        linear(b + "cross_attn.k_img", h)
+        linear(b + "cross_attn.v_img", h)
+        rows[b + "cross_attn.norm_k_img.weight"] = h
+        linear(b + "norm3", h)
+        linear(b + "ffn.0", _WAN["ffn_dim"])
+        linear(b + "ffn.2", h)
+    return rows
+
+
+def _wan() -> dict:
+    """The Wan transformer (``convert_wan_transformer_to_diffusers``: renames only)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    rows = _wan_rows()
+    state, keys = _identity_checkpoint(rows)
+    converted = convert_wan_transformer_to_diffusers(state)
+    if state:
+        raise SystemExit(f"diffusers' Wan converter left single-file keys unread: {sorted(state)[:5]}")
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**_WAN)
+    _check_keys("Wan", converted, {k: v.shape[0] for k, v in model.state_dict().items()})
+    table = _entries(converted, keys, rows)
+    if table["slices"] or table["transposed"]:
+        raise SystemExit("diffusers' Wan converter cut or transposed a tensor: the table has no form for it here")
+    return {**table, "lora_names": _wan_lora_names(rows)}
+
+
+def _wan_lora_names(rows: dict[str, int]) -> dict[str, str]:
+    """Wan module (single-file name, block templated) -> the diffusers module that
+    ``_convert_non_diffusers_wan_lora_to_diffusers`` puts a ComfyUI LoRA on it onto: the converter
+    is run on a LoRA of every module of block 0 and outside the blocks, one at a time beside a
+    fixed anchor (the converter needs a block, and ``k_img`` with ``v_img``); a module it does not
+    convert (it raises, or drops it) has no entry."""
+    import torch
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    modules = sorted({k.rpartition(".")[0] for k in rows if k.endswith(".weight") and not k.startswith("blocks.1.")})
+    anchor = ["blocks.0.self_attn.q", "blocks.0.cross_attn.k_img", "blocks.0.cross_attn.v_img"]
+    out: dict[str, str] = {}
+    for module in modules:
+        probe = list(dict.fromkeys([*anchor, module]))
+        lora = {}
+        for j, m in enumerate(probe):
+            lora[f"diffusion_model.{m}.lora_A.weight"] = torch.full((1, 1), float(j + 1))
+            lora[f"diffusion_model.{m}.lora_B.weight"] = torch.full((1, 1), float(j + 1))
+        try:
+            converted = _convert_non_diffusers_wan_lora_to_diffusers(lora)
+        except (ValueError, KeyError):
+            continue
+        mark = float(probe.index(module) + 1)
+        found = [k for k, v in converted.items() if k.endswith(".lora_A.weight") and float(v.item()) == mark]
+        if len(found) > 1:
+            raise SystemExit(f"diffusers' Wan LoRA converter puts {module} on several modules: {found}")
+        if found:
+            target = found[0].removeprefix("transformer.").removesuffix(".lora_A.weight")
+            own, _ = _template(module + ".weight")
+            diffusers, _ = _template(target + ".weight")
+            out[own.removesuffix(".weight")] = diffusers.removesuffix(".weight")
+    return out
+
+
 def _entries(converted: dict, keys: list[str], rows: dict[str, int], *, last: Optional[int] = None) -> dict:
     """The table of one component. ``last``: the number of the synthetic checkpoint's last block,
     which the converter may treat apart (SD3's ``context_pre_only`` block): its entries that differ
@@ -427,6 +523,7 @@ def build() -> str:
                 "text_encoder": {"converter": "convert_ldm_clip_checkpoint", **_clip(_CLIP_L, "conditioner.embedders.0.transformer.")},
                 "text_encoder_2": {"converter": "convert_open_clip_checkpoint", **_open_clip(_OPEN_CLIP_BIGG, "conditioner.embedders.1.model.")},
             },
+            "wan": {"transformer": {"converter": "convert_wan_transformer_to_diffusers", **_wan()}},
             "sd3": {
                 "transformer": {"converter": "convert_sd3_transformer_checkpoint_to_diffusers", **_sd3()},
                 "text_encoder": {"converter": "convert_ldm_clip_checkpoint",

@@ -25,7 +25,18 @@ from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import split_param, weight_key
 from ..errors import CheckpointNotFoundError, ShapeMismatchError, UnsupportedFeatureError
 from ..storage.header import read_header
-from ..tables.single_file_names import components_of, diffusers_names_of, from_single_file, last_block_family, to_single_file, transposed, transposed_keys, unread_key
+from ..tables.single_file_names import (
+    components_of,
+    diffusers_names_of,
+    from_single_file,
+    has_lora_names,
+    last_block_family,
+    lora_own_name,
+    to_single_file,
+    transposed,
+    transposed_keys,
+    unread_key,
+)
 from .kinds import COMPONENT_PREFIXES, DESCRIPTIONS, detect_kind
 
 
@@ -208,9 +219,16 @@ def fused_parts(kind: str, component: str, module: str) -> list[tuple[str, int, 
 def own_module_names(kind: str, component: str, diffusers_modules: "list[str]") -> dict[str, tuple[Optional[str], list[tuple[str, int, int]]]]:
     """The single-file module names (without the component's prefix) of a diffusers model's
     modules: own name -> ``(diffusers module, [])`` for a renamed one, ``(None, parts)`` for a
-    fused one (:func:`fused_parts`)."""
+    fused one (:func:`fused_parts`). A kind with a table of diffusers' LoRA converter (Wan's
+    ``_convert_non_diffusers_wan_lora_to_diffusers``) names exactly the modules that converter maps."""
     start = COMPONENT_PREFIXES[(kind, component)]
     out: dict[str, tuple[Optional[str], list[tuple[str, int, int]]]] = {}
+    if has_lora_names(kind, component):  # the kind's LoRA converter decides (Wan), not its single-file one
+        for d in diffusers_modules:
+            own = lora_own_name(kind, component, d)
+            if own is not None:
+                out[own] = (d, [])
+        return out
     for d in diffusers_modules:
         for seg in to_single_file(kind, component, weight_key(d)) or []:
             own, param = split_param(seg.key)

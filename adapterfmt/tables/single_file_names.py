@@ -8,7 +8,9 @@ key cut from rows of a fused single-file tensor, in order: ``[key, first, end, r
 tensor]``), ``chunks`` (a diffusers key cut from equal parts of a fused tensor whatever its
 width, as ``torch.chunk`` cuts it: ``[key, index, count]``, rows ``index/count`` to
 ``(index+1)/count``; SD3's ``attn.qkv``), ``transposed`` (stored transposed: OpenCLIP's
-``text_projection``) and ``unread`` (in the file, but not read by diffusers' loader), per component (``transformer``, ``unet``, ``text_encoder``,
+``text_projection``), ``unread`` (in the file, but not read by diffusers' loader) and
+``lora_names`` (Wan: a module's own name -> the diffusers module diffusers' LoRA converter puts a
+LoRA on it onto), per component (``transformer``, ``unet``, ``text_encoder``,
 ``text_encoder_2``). The first numbered block of a key is templated as ``{i}``. A component whose
 converter treats its last block apart (SD3's ``context_pre_only`` block) names that block family in
 ``last_block`` and holds the entries that differ there in ``last``. This module only looks entries
@@ -23,7 +25,7 @@ import os
 import re
 from typing import Any, NamedTuple, Optional
 
-_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|layers|resblocks)\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|blocks|layers|resblocks)\.(\d+)\.")
 
 
 class Segment(NamedTuple):
@@ -71,6 +73,24 @@ def transposed(kind: str, component: str, diffusers_key: str) -> Optional[str]:
     template, block = _template(diffusers_key)
     key = tables()["kinds"][kind][component]["transposed"].get(template)
     return None if key is None else _fill(key, block)
+
+
+@functools.lru_cache(maxsize=None)
+def _lora_reverse(kind: str, component: str) -> dict[str, str]:
+    return {d: own for own, d in tables()["kinds"][kind][component].get("lora_names", {}).items()}
+
+
+def has_lora_names(kind: str, component: str) -> bool:
+    """Whether the kind has a table of diffusers' LoRA converter (Wan) for its own module names."""
+    return "lora_names" in tables()["kinds"][kind][component]
+
+
+def lora_own_name(kind: str, component: str, diffusers_module: str) -> Optional[str]:
+    """The single-file module name whose LoRA diffusers' LoRA converter puts on ``diffusers_module``
+    (``blocks.3.attn1.to_q`` -> ``blocks.3.self_attn.q`` for Wan), or ``None``."""
+    template, block = _template(diffusers_module + ".")
+    own = _lora_reverse(kind, component).get(template[:-1])
+    return None if own is None else _fill(own, block)
 
 
 def unread_key(kind: str, component: str, diffusers_key: str) -> Optional[str]:
@@ -170,4 +190,5 @@ def diffusers_names_of(kind: str, component: str, single_key: str, *, last: Opti
 
 
 __all__ = ["Segment", "components_of", "diffusers_names_of", "from_single_file", "kinds", "last_block_family", "tables", "to_single_file",
-           "transposed", "transposed_keys", "unread_key"]
+           "transposed", "transposed_keys", "unread_key",
+           "has_lora_names", "lora_own_name"]

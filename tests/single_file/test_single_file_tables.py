@@ -51,3 +51,14 @@ def test_sd3_equal_parts_and_its_last_block() -> None:
     assert from_single_file("sd3", "transformer", "joint_blocks.2.x_block.attn.qkv.weight", rows=4607) == []  # no equal thirds
     assert diffusers_names_of("sd3", "transformer", "joint_blocks.23.context_block.adaLN_modulation.1.weight", last=23) == [
         "transformer_blocks.23.norm1_context.linear.weight"]
+
+
+def test_wan_single_file_names_and_lora_converter_names() -> None:
+    """A Wan single file's tensors are renamed whole (``norm3`` is diffusers' ``norm2``); a ComfyUI
+    LoRA name maps where diffusers' LoRA converter puts it, which has no ``norm3``."""
+    assert [tuple(s)[:3] for s in to_single_file("wan", "transformer", "blocks.29.attn2.add_k_proj.weight")] == [
+        ("blocks.29.cross_attn.k_img.weight", 0, None)]
+    assert to_single_file("wan", "transformer", "blocks.3.norm2.weight")[0].key == "blocks.3.norm3.weight"
+    own = own_module_names("wan", "transformer", ["blocks.12.attn1.to_out.0", "blocks.12.norm2", "proj_out", "condition_embedder.time_proj"])
+    assert own == {"blocks.12.self_attn.o": ("blocks.12.attn1.to_out.0", []), "head.head": ("proj_out", []),
+                   "time_projection.1": ("condition_embedder.time_proj", [])}

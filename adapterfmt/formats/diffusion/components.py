@@ -174,7 +174,7 @@ def _check_module(check: "ComponentCheck", m: ForeignModule, shape: tuple[int, .
 
 
 #: diffusers model classes whose single-file names a kohya file may use, -> the table's kind.
-_SINGLE_FILE_CLASSES = {"FluxTransformer2DModel": "flux"}
+_SINGLE_FILE_CLASSES = {"FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
 
 
 def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[ForeignModule], unresolved: list[str], paths: list[str]) -> list[str]:
