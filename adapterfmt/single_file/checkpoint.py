@@ -17,6 +17,7 @@ never re-cut by a guess.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -92,7 +93,7 @@ class SingleFileBase(BaseModel):
         diffusion model's only (an SD3 file's ``text_encoders.*`` have none)."""
         return "" if COMPONENT_PREFIXES[(self.kind, self.component)] else self.prefix
 
-    @property
+    @functools.cached_property
     def last_block(self) -> Optional[int]:
         """The number of the file's last block of the family the converter treats apart (SD3's
         ``joint_blocks``, as ``convert_sd3_transformer_checkpoint_to_diffusers`` counts them); ``None``
