@@ -213,3 +213,40 @@ def test_wan_single_file_refusals(tmp_path, run_cli):
     res = run_cli("merge", "--base", base, "--adapter", lora, "-o", tmp_path / "o.safetensors", "--single-file-kind", "sd3")
     assert_one_error_line(res, "Stable Diffusion 3")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_musubi_tuner_wan_lora_on_a_diffusers_wan_transformer(tmp_path, run_cli):
+    """musubi-tuner's Wan files are kohya-flattened (``lora_unet_blocks_0_self_attn_q``, with an
+    ``alpha`` each): the same modules, flattened, resolve through the same table; merged, PEFT's
+    merge of the file's factors at ``alpha / rank`` bit for bit, and diffusers'
+    ``_convert_musubi_wan_lora_to_diffusers`` + ``fuse_lora`` up to float rounding."""
+    from diffusers import WanPipeline
+
+    base, state = _transformer_dir(tmp_path / "transformer", T2V)
+    model = _model(T2V)
+    g = torch.Generator().manual_seed(4)
+    lora, factors = {}, {}
+    for i in range(T2V["num_layers"]):
+        for own, module in [*((f"self_attn_{p}", f"attn1.{d}") for p, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
+                            *((f"cross_attn_{p}", f"attn2.{d}") for p, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
+                            ("ffn_0", "ffn.net.0.proj"), ("ffn_2", "ffn.net.2")]:
+            weight = model.get_submodule(f"blocks.{i}.{module}").weight
+            down, up = torch.randn(R, weight.shape[1], generator=g) * 0.1, torch.randn(weight.shape[0], R, generator=g) * 0.1
+            name = f"lora_unet_blocks_{i}_{own}"
+            lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"], lora[f"{name}.alpha"] = down, up, torch.tensor(2.0)
+            factors[f"blocks.{i}.{module}"] = (down, up)
+    path = str(tmp_path / "musubi.safetensors")
+    save_file(lora, path)
+    out = tmp_path / "merged"
+    res = run_cli("merge", "--base", base, "--adapter", path, "-o", out)
+    assert res.exit_code == 0, res
+    got = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    want = peft_merged(state, factors, scaling=2.0 / R)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    theirs = _model(T2V)
+    theirs.load_lora_adapter(WanPipeline.lora_state_dict(path), prefix="transformer")
+    theirs.fuse_lora()
+    theirs.unload_lora()
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
