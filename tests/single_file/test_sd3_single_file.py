@@ -237,7 +237,7 @@ def test_lora_on_transformer_and_both_clip_encoders(tmp_path, run_cli):
     save_file(file, base)
 
     layers, want = {}, {}
-    for component, (prefix, model) in encoders.items():
+    for component, (_prefix, model) in encoders.items():
         torch.manual_seed(7)
         peft = get_peft_model(model, LoraConfig(r=R, lora_alpha=R, target_modules=["q_proj", "v_proj", "out_proj", "fc1"], init_lora_weights=False))
         layers[f"{component}_lora_layers"] = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(peft).items()}
@@ -257,7 +257,7 @@ def test_lora_on_transformer_and_both_clip_encoders(tmp_path, run_cli):
     got = _convert({k[len(PREFIX):]: v for k, v in merged.items() if k.startswith(PREFIX)})
     fused = _fused("sd3-medium", lora)
     assert all(torch.equal(got[k], fused[k]) for k in fused)
-    for component, (prefix, _model_) in encoders.items():
+    for component, (prefix, _unused) in encoders.items():
         converted = convert_ldm_clip_checkpoint({k: v for k, v in merged.items() if k.startswith(prefix)}, prefix)
         before = convert_ldm_clip_checkpoint({k: v for k, v in file.items() if k.startswith(prefix)}, prefix)
         assert set(converted) == set(want[component])
