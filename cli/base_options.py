@@ -32,6 +32,6 @@ def base_options(*, subfolder_names: tuple[str, ...] = ("--base-subfolder",)) ->
 #: ``--single-file-kind`` (merge, check, inspect): a single-file checkpoint's kind where its keys cannot decide.
 single_file_kind_option = click.option(
     "--single-file-kind",
-    type=click.Choice(["flux", "sd1", "sd2", "sdxl"]),
+    type=click.Choice(["flux", "sd1", "sd2", "sd3", "sdxl", "wan"]),
     help="A single-file checkpoint as --base: its kind, where the keys cannot decide (checked against them, never assumed).",
 )

@@ -17,6 +17,7 @@ never re-cut by a guess.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -25,7 +26,18 @@ from ..base.reading import BaseModel, read_base
 from ..checkpoint.keys import split_param, weight_key
 from ..errors import CheckpointNotFoundError, ShapeMismatchError, UnsupportedFeatureError
 from ..storage.header import read_header
-from ..tables.single_file_names import components_of, from_single_file, to_single_file, transposed, transposed_keys
+from ..tables.single_file_names import (
+    components_of,
+    diffusers_names_of,
+    from_single_file,
+    has_lora_names,
+    last_block_family,
+    lora_own_name,
+    to_single_file,
+    transposed,
+    transposed_keys,
+    unread_key,
+)
 from .kinds import COMPONENT_PREFIXES, DESCRIPTIONS, detect_kind
 
 
@@ -65,8 +77,33 @@ class SingleFileBase(BaseModel):
 
     @property
     def components(self) -> list[str]:
-        """The diffusers components the file holds."""
-        return components_of(self.kind)
+        """The diffusers components the file holds: the kind's diffusion model (its keys have no
+        fixed prefix, :data:`~.kinds.COMPONENT_PREFIXES`), and each other component of the kind whose
+        tensors are in the file (SD3's text encoders are optional)."""
+        out = []
+        for c in components_of(self.kind):
+            start = COMPONENT_PREFIXES[(self.kind, c)]
+            if not start or any(k.startswith(start) for k in self.tensors):
+                out.append(c)
+        return out
+
+    @property
+    def key_prefix(self) -> str:
+        """The file's prefix of this component's keys: ComfyUI's ``model.diffusion_model.`` is the
+        diffusion model's only (an SD3 file's ``text_encoders.*`` have none)."""
+        return "" if COMPONENT_PREFIXES[(self.kind, self.component)] else self.prefix
+
+    @functools.cached_property
+    def last_block(self) -> Optional[int]:
+        """The number of the file's last block of the family the converter treats apart (SD3's
+        ``joint_blocks``, as ``convert_sd3_transformer_checkpoint_to_diffusers`` counts them); ``None``
+        for a kind without one."""
+        family = last_block_family(self.kind, self.component)
+        if family is None:
+            return None
+        start = f"{self.component_prefix}{family}."
+        numbers = [k[len(start):].split(".", 1)[0] for k in self.tensors if k.startswith(start)]
+        return max((int(n) for n in numbers if n.isdigit()), default=None)
 
     def view(self, component: str) -> "SingleFileBase":
         """The same file, placing modules of ``component``."""
@@ -75,7 +112,7 @@ class SingleFileBase(BaseModel):
     @property
     def component_prefix(self) -> str:
         """Where this component's tensors start in the file (``model.diffusion_model.`` for an SDXL UNet)."""
-        return self.prefix + COMPONENT_PREFIXES[(self.kind, self.component)]
+        return self.key_prefix + COMPONENT_PREFIXES[(self.kind, self.component)]
 
     def own_modules(self) -> list[str]:
         """The component's modules under the file's own names, without the prefixes
@@ -87,17 +124,17 @@ class SingleFileBase(BaseModel):
     def diffusers_modules(self) -> list[str]:
         """The diffusers modules of the component whose weights the file holds (per the table), in file order."""
         out: dict[str, None] = {}
-        n = len(self.prefix)
+        n, last = len(self.key_prefix), self.last_block
         for key in self.tensors:
             if not key.startswith(self.component_prefix):
                 continue
-            for d, _a, _b in from_single_file(self.kind, self.component, key[n:]):
+            for d in diffusers_names_of(self.kind, self.component, key[n:], last=last):
                 name, param = split_param(d)
                 if param == "weight":
                     out[name] = None
         for d, key in transposed_keys(self.kind, self.component).items():  # named, so that a LoRA on it is refused by :meth:`place`
             name, param = split_param(d)
-            if param == "weight" and "{i}" not in key and self.prefix + key in self.tensors:
+            if param == "weight" and "{i}" not in key and self.key_prefix + key in self.tensors:
                 out[name] = None
         return list(out)
 
@@ -116,26 +153,41 @@ class SingleFileBase(BaseModel):
         return self._placements[module]
 
     def _place(self, module: str) -> Optional[Placement]:
-        segments = to_single_file(self.kind, self.component, weight_key(module))
+        segments = to_single_file(self.kind, self.component, weight_key(module), last=self.last_block)
         if not segments:
+            unread = unread_key(self.kind, self.component, weight_key(module))
+            if unread is not None and self.key_prefix + unread in self.tensors:
+                raise UnsupportedFeatureError(
+                    f"holds {module!r} of {self.component}, which diffusers' single-file loader does not read (it sets the identity); "
+                    "adapterfmt does not merge a LoRA on it there", path=self.file, key=self.key_prefix + unread, hint="merge into the diffusers folder of the model instead",
+                )
             own = self.component_prefix + weight_key(module)
             if own in self.tensors:
                 return Placement(own, None, tuple(self.tensors[own].shape))
             flipped = transposed(self.kind, self.component, weight_key(module))
-            if flipped is not None and self.prefix + flipped in self.tensors:
+            if flipped is not None and self.key_prefix + flipped in self.tensors:
                 raise UnsupportedFeatureError(f"is stored transposed in the single file; adapterfmt does not merge a LoRA on {module!r} there",
-                                              path=self.file, key=self.prefix + flipped, hint="merge into the diffusers folder of the model instead")
+                                              path=self.file, key=self.key_prefix + flipped, hint="merge into the diffusers folder of the model instead")
             return None
         rows, at, key, tail = [], 0, None, ()
         for seg in segments:
-            full = self.prefix + seg.key
+            full = self.key_prefix + seg.key
             info = self.tensors.get(full)
             if info is None:
                 return None
             if key is not None and full != key:  # never produced by the covered converters
                 raise ShapeMismatchError(f"diffusers module {module!r} spans two tensors of the file", path=self.file, key=full)
             key, tail = full, tuple(info.shape[1:])
-            if seg.rows is not None and info.shape[0] != seg.rows:
+            if seg.chunk is not None:
+                index, count = seg.chunk
+                if not info.shape or info.shape[0] % count:
+                    raise ShapeMismatchError(
+                        f"has {info.shape[0] if info.shape else 0} rows, which diffusers' converter cannot cut into {count} equal parts for {module!r} "
+                        f"({self.description})", path=self.file, key=full, hint="is this file damaged or of another model?",
+                    )
+                step = info.shape[0] // count
+                seg = seg._replace(first=index * step, end=(index + 1) * step)
+            elif seg.rows is not None and info.shape[0] != seg.rows:
                 raise ShapeMismatchError(
                     f"has {info.shape[0]} rows; diffusers cuts {module!r} out of a {seg.rows}-row tensor ({self.description})",
                     path=self.file, key=full, hint="not the released configuration of this model: adapterfmt does not re-cut fused tensors by guess",
@@ -168,13 +220,22 @@ def fused_parts(kind: str, component: str, module: str) -> list[tuple[str, int, 
 def own_module_names(kind: str, component: str, diffusers_modules: "list[str]") -> dict[str, tuple[Optional[str], list[tuple[str, int, int]]]]:
     """The single-file module names (without the component's prefix) of a diffusers model's
     modules: own name -> ``(diffusers module, [])`` for a renamed one, ``(None, parts)`` for a
-    fused one (:func:`fused_parts`)."""
+    fused one (:func:`fused_parts`). A kind with a table of diffusers' LoRA converter (Wan's
+    ``_convert_non_diffusers_wan_lora_to_diffusers``) names exactly the modules that converter maps."""
     start = COMPONENT_PREFIXES[(kind, component)]
     out: dict[str, tuple[Optional[str], list[tuple[str, int, int]]]] = {}
+    if has_lora_names(kind, component):  # the kind's LoRA converter decides (Wan), not its single-file one
+        for d in diffusers_modules:
+            own = lora_own_name(kind, component, d)
+            if own is not None:
+                out[own] = (d, [])
+        return out
     for d in diffusers_modules:
         for seg in to_single_file(kind, component, weight_key(d)) or []:
             own, param = split_param(seg.key)
             if param != "weight" or not own.startswith(start):
+                continue
+            if seg.chunk is not None:  # equal parts of a fused tensor: not split onto a diffusers base
                 continue
             if seg.end is None:
                 out[own[len(start):]] = (d, [])

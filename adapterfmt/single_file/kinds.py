@@ -1,10 +1,10 @@
 """Which single-file checkpoint a safetensors header is, from its keys alone.
 
-A kind is recognised by keys only its checkpoints have (Flux after ComfyUI's ``model.diffusion_model.``
-prefix, when the file has it; SD 1.x, SD 2.x and SDXL files name their parts with fixed prefixes,
-:data:`COMPONENT_PREFIXES`). Kinds adapterfmt recognises but cannot yet place LoRAs on (the SDXL
-refiner, a UNet without text encoders, SD3, Wan) are refused by name rather than read as a plain
-weights file.
+A kind is recognised by keys only its checkpoints have (Flux and SD3 after ComfyUI's
+``model.diffusion_model.`` prefix, when the file has it; SD 1.x, SD 2.x and SDXL files name their
+parts with fixed prefixes, :data:`COMPONENT_PREFIXES`; Wan after that prefix too). Kinds adapterfmt
+recognises but cannot yet place LoRAs on (the SDXL refiner, a UNet without text encoders) are
+refused by name rather than read as a plain weights file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ COVERED = {
              "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"),
     "sd1": ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", "model.diffusion_model.input_blocks.1.1.proj_in.weight"),
     "sd2": ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+    "wan": ("blocks.0.self_attn.q.weight", "blocks.0.cross_attn.q.weight", "blocks.0.ffn.0.weight", "head.modulation"),
+    "sd3": ("joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.context_block.attn.qkv.weight", "final_layer.adaLN_modulation.1.weight"),
 }
+
+#: Kinds whose diffusion model may sit behind ComfyUI's prefix (their keys above are unprefixed).
+PREFIXED_KINDS = ("flux", "sd3", "wan")
 
 #: Where each component's tensors are in the file (after the file's own prefix), for the
 #: component's own (LDM / SGM) module names.
@@ -33,19 +38,20 @@ COMPONENT_PREFIXES = {
     ("sd2", "unet"): "model.diffusion_model.", ("sd2", "text_encoder"): "cond_stage_model.model.",
     ("sdxl", "unet"): "model.diffusion_model.", ("sdxl", "text_encoder"): "conditioner.embedders.0.transformer.",
     ("sdxl", "text_encoder_2"): "conditioner.embedders.1.model.",
+    ("sd3", "transformer"): "", ("wan", "transformer"): "", ("sd3", "text_encoder"): "text_encoders.clip_l.transformer.",
+    ("sd3", "text_encoder_2"): "text_encoders.clip_g.transformer.",
 }
 
 #: Kinds recognised by name only (no placement table yet): kind -> (description, a key it has, as stored).
 RECOGNISED = {
-    "sd3": ("Stable Diffusion 3 / 3.5 (MMDiT joint_blocks)", "joint_blocks.0.x_block.attn.qkv.weight"),
     "sdxl-refiner": ("Stable Diffusion XL refiner (SGM names)", "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"),
     "sd-unet": ("Stable Diffusion UNet without its text encoders (LDM / SGM names)", "model.diffusion_model.input_blocks.0.0.weight"),
-    "wan": ("Wan video (blocks.N.self_attn)", "blocks.0.self_attn.q.weight"),
 }
 
 #: Human names of the covered kinds.
 DESCRIPTIONS = {"flux": "Flux.1 (BFL names)", "sdxl": "Stable Diffusion XL (SGM names)", "sd1": "Stable Diffusion 1.x (LDM names)",
-                "sd2": "Stable Diffusion 2.x (LDM names, OpenCLIP ViT-H)"}
+                "sd2": "Stable Diffusion 2.x (LDM names, OpenCLIP ViT-H)", "sd3": "Stable Diffusion 3 / 3.5 (MMDiT joint_blocks)",
+                "wan": "Wan 2.1 / 2.2 video (blocks.N.self_attn)"}
 
 
 def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Optional[str] = None) -> Optional[tuple[str, str]]:
@@ -62,7 +68,7 @@ def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Option
     names = set(keys)
     found = []
     for k, required in COVERED.items():
-        for prefix in ("", COMFY_PREFIX) if k == "flux" else ("",):
+        for prefix in ("", COMFY_PREFIX) if k in PREFIXED_KINDS else ("",):
             if all(prefix + r in names for r in required):
                 found.append((k, prefix))
     if kind is not None:
@@ -89,4 +95,4 @@ def detect_kind(keys: Iterable[str], *, path: Optional[str] = None, kind: Option
     return None
 
 
-__all__ = ["COMFY_PREFIX", "COMPONENT_PREFIXES", "COVERED", "DESCRIPTIONS", "RECOGNISED", "detect_kind"]
+__all__ = ["COMFY_PREFIX", "COMPONENT_PREFIXES", "COVERED", "DESCRIPTIONS", "PREFIXED_KINDS", "RECOGNISED", "detect_kind"]

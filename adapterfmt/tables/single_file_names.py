@@ -5,9 +5,16 @@ diffusers' conversion functions (``loaders/single_file_utils.py``) on a syntheti
 rows carry their own identity and records where every converted row came from. Per checkpoint
 kind: ``names`` (a diffusers key that is a single-file tensor renamed) and ``slices`` (a diffusers
 key cut from rows of a fused single-file tensor, in order: ``[key, first, end, rows of that
-tensor]``) and ``transposed`` (stored transposed: OpenCLIP's ``text_projection``), per component
-(``transformer``, ``unet``, ``text_encoder``, ``text_encoder_2``). The first numbered block of a
-key is templated as ``{i}``. This module only looks entries up, both ways.
+tensor]``), ``chunks`` (a diffusers key cut from equal parts of a fused tensor whatever its
+width, as ``torch.chunk`` cuts it: ``[key, index, count]``, rows ``index/count`` to
+``(index+1)/count``; SD3's ``attn.qkv``), ``transposed`` (stored transposed: OpenCLIP's
+``text_projection``), ``unread`` (in the file, but not read by diffusers' loader) and
+``lora_names`` (Wan: a module's own name -> the diffusers module diffusers' LoRA converter puts a
+LoRA on it onto), per component (``transformer``, ``unet``, ``text_encoder``,
+``text_encoder_2``). The first numbered block of a key is templated as ``{i}``. A component whose
+converter treats its last block apart (SD3's ``context_pre_only`` block) names that block family in
+``last_block`` and holds the entries that differ there in ``last``. This module only looks entries
+up, both ways.
 """
 
 from __future__ import annotations
@@ -18,16 +25,19 @@ import os
 import re
 from typing import Any, NamedTuple, Optional
 
-_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|layers|resblocks)\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|joint_blocks|blocks|layers|resblocks)\.(\d+)\.")
 
 
 class Segment(NamedTuple):
-    """Rows ``first:end`` of the single-file tensor ``key`` (which has ``rows`` rows; ``None``: any)."""
+    """Rows ``first:end`` of the single-file tensor ``key`` (which has ``rows`` rows; ``None``: any);
+    or, with ``chunk`` ``(index, count)``, part ``index`` of ``count`` equal parts of it, whatever
+    its rows (``first`` / ``end`` / ``rows`` then unused)."""
 
     key: str
     first: int
     end: Optional[int]
     rows: Optional[int]
+    chunk: Optional[tuple[int, int]] = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,42 +75,120 @@ def transposed(kind: str, component: str, diffusers_key: str) -> Optional[str]:
     return None if key is None else _fill(key, block)
 
 
+@functools.lru_cache(maxsize=None)
+def _lora_reverse(kind: str, component: str) -> dict[str, str]:
+    return {d: own for own, d in tables()["kinds"][kind][component].get("lora_names", {}).items()}
+
+
+def has_lora_names(kind: str, component: str) -> bool:
+    """Whether the kind has a table of diffusers' LoRA converter (Wan) for its own module names."""
+    return "lora_names" in tables()["kinds"][kind][component]
+
+
+def lora_own_name(kind: str, component: str, diffusers_module: str) -> Optional[str]:
+    """The single-file module name whose LoRA diffusers' LoRA converter puts on ``diffusers_module``
+    (``blocks.3.attn1.to_q`` -> ``blocks.3.self_attn.q`` for Wan), or ``None``."""
+    template, block = _template(diffusers_module + ".")
+    own = _lora_reverse(kind, component).get(template[:-1])
+    return None if own is None else _fill(own, block)
+
+
+def unread_key(kind: str, component: str, diffusers_key: str) -> Optional[str]:
+    """The single-file key of ``diffusers_key`` when diffusers' single-file loader does not read it
+    (SD3's CLIP-L ``text_projection``: set to the identity), else ``None``."""
+    return tables()["kinds"][kind][component].get("unread", {}).get(diffusers_key)
+
+
 def transposed_keys(kind: str, component: str) -> dict[str, str]:
     """Every diffusers key of ``component`` stored transposed -> its single-file key (as templated)."""
     return dict(tables()["kinds"][kind][component]["transposed"])
 
 
-def to_single_file(kind: str, component: str, diffusers_key: str) -> Optional[list[Segment]]:
-    """The single-file rows (keys without ComfyUI's prefix) that diffusers reads ``diffusers_key``
-    of ``component`` from, in order; ``None`` when the tables have no such diffusers key."""
+def last_block_family(kind: str, component: str) -> Optional[str]:
+    """The single-file block family whose highest-numbered block the converter treats apart
+    (``joint_blocks`` for SD3), or ``None``."""
+    return tables()["kinds"][kind][component].get("last_block")
+
+
+def _section(kind: str, component: str, block: Optional[str], last: Optional[int]) -> list[dict[str, Any]]:
+    """The table sections a key of ``block`` is looked up in: the last block's own entries first."""
     table = tables()["kinds"][kind][component]
+    if last is not None and block is not None and int(block) == last and "last" in table:
+        return [table["last"], table]
+    return [table]
+
+
+def to_single_file(kind: str, component: str, diffusers_key: str, *, last: Optional[int] = None) -> Optional[list[Segment]]:
+    """The single-file rows (keys without ComfyUI's prefix) that diffusers reads ``diffusers_key``
+    of ``component`` from, in order; ``None`` when the tables have no such diffusers key.
+
+    Args:
+        last: the number of the file's last block of :func:`last_block_family` (its own entries apply there).
+    """
     template, block = _template(diffusers_key)
-    name = table["names"].get(template)
-    if name is not None:
-        return [Segment(_fill(name, block), 0, None, None)]
-    cuts = table["slices"].get(template)
-    if cuts is None:
-        return None
-    return [Segment(_fill(k, block), a, b, n) for k, a, b, n in cuts]
+    for table in _section(kind, component, block, last):
+        name = table["names"].get(template)
+        if name is not None:
+            return [Segment(_fill(name, block), 0, None, None)]
+        cuts = table.get("slices", {}).get(template)
+        if cuts is not None:
+            return [Segment(_fill(k, block), a, b, n) for k, a, b, n in cuts]
+        parts = table.get("chunks", {}).get(template)
+        if parts is not None:
+            return [Segment(_fill(k, block), 0, None, None, (i, c)) for k, i, c in parts]
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def _reverse(kind: str, component: str) -> dict[str, list[tuple[str, int, Optional[int]]]]:
+def _reverse(kind: str, component: str, last: bool) -> dict[str, list[tuple[str, int, Optional[int], Optional[int]]]]:
+    """single-file template -> ``(diffusers template, first, end, None)`` or ``(…, index, None, count)`` for chunks."""
     table = tables()["kinds"][kind][component]
-    out: dict[str, list[tuple[str, int, Optional[int]]]] = {}
-    for d, s in table["names"].items():
-        out.setdefault(s, []).append((d, 0, None))
-    for d, cuts in table["slices"].items():
+    if last:
+        table = table.get("last", {})
+    out: dict[str, list[tuple[str, int, Optional[int], Optional[int]]]] = {}
+    for d, s in table.get("names", {}).items():
+        out.setdefault(s, []).append((d, 0, None, None))
+    for d, cuts in table.get("slices", {}).items():
         for k, a, b, _n in cuts:
-            out.setdefault(k, []).append((d, a, b))
+            out.setdefault(k, []).append((d, a, b, None))
+    for d, parts in table.get("chunks", {}).items():
+        for k, i, c in parts:
+            out.setdefault(k, []).append((d, i, None, c))
     return out
 
 
-def from_single_file(kind: str, component: str, single_key: str) -> list[tuple[str, int, Optional[int]]]:
-    """``(diffusers key, first, end)`` for every diffusers tensor of ``component`` that takes rows of
-    the single-file tensor ``single_key`` (``end`` ``None``: all of it), sorted by first row."""
+def _entries_of(kind: str, component: str, single_key: str, last: Optional[int]) -> tuple[list[tuple[str, int, Optional[int], Optional[int]]], Optional[str]]:
     template, block = _template(single_key)
-    return sorted(((_fill(d, block), a, b) for d, a, b in _reverse(kind, component).get(template, [])), key=lambda e: e[1])
+    if last is not None and block is not None and int(block) == last and "last" in tables()["kinds"][kind][component]:
+        own = _reverse(kind, component, True)
+        found = {d for d, *_ in own.get(template, [])}
+        rest = [e for e in _reverse(kind, component, False).get(template, []) if e[0] not in found]
+        return own.get(template, []) + rest, block
+    return _reverse(kind, component, False).get(template, []), block
 
 
-__all__ = ["Segment", "components_of", "from_single_file", "kinds", "tables", "to_single_file", "transposed", "transposed_keys"]
+def from_single_file(kind: str, component: str, single_key: str, *, rows: Optional[int] = None,
+                     last: Optional[int] = None) -> list[tuple[str, int, Optional[int]]]:
+    """``(diffusers key, first, end)`` for every diffusers tensor of ``component`` that takes rows of
+    the single-file tensor ``single_key`` (``end`` ``None``: all of it), sorted by first row. A part
+    of equal parts (``chunks``) is given only with the tensor's ``rows`` (and when they divide)."""
+    entries, block = _entries_of(kind, component, single_key, last)
+    out = []
+    for d, a, b, count in entries:
+        if count is not None:
+            if rows is None or rows % count:
+                continue
+            a, b = a * rows // count, (a + 1) * rows // count
+        out.append((_fill(d, block), a, b))
+    return sorted(out, key=lambda e: e[1])
+
+
+def diffusers_names_of(kind: str, component: str, single_key: str, *, last: Optional[int] = None) -> list[str]:
+    """Every diffusers key of ``component`` that takes rows of the single-file tensor ``single_key``."""
+    entries, block = _entries_of(kind, component, single_key, last)
+    return list(dict.fromkeys(_fill(d, block) for d, *_ in entries))
+
+
+__all__ = ["Segment", "components_of", "diffusers_names_of", "from_single_file", "kinds", "last_block_family", "tables", "to_single_file",
+           "transposed", "transposed_keys", "unread_key",
+           "has_lora_names", "lora_own_name"]

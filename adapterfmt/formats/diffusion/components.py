@@ -57,8 +57,8 @@ def pick_component(ckpt: ForeignCheckpoint, component: Optional[str], base: str)
 
 
 #: A foreign file's component -> the single-file checkpoint's, where they differ: sd-scripts names
-#: Flux LoRAs ``lora_unet_`` (kohya's component ``unet``) while diffusers' Flux has a ``transformer``.
-_SINGLE_FILE_ALIASES = {("flux", "unet"): "transformer"}
+#: Flux and SD3 LoRAs ``lora_unet_`` (kohya's component ``unet``) while diffusers' have a ``transformer``.
+_SINGLE_FILE_ALIASES = {("flux", "unet"): "transformer", ("sd3", "unet"): "transformer"}
 
 
 def component_bases(ckpt: ForeignCheckpoint, base: str, component: Optional[str] = None, *, single_file_kind_override: Optional[str] = None) -> dict[str, BaseModel]:
@@ -174,7 +174,7 @@ def _check_module(check: "ComponentCheck", m: ForeignModule, shape: tuple[int, .
 
 
 #: diffusers model classes whose single-file names a kohya file may use, -> the table's kind.
-_SINGLE_FILE_CLASSES = {"FluxTransformer2DModel": "flux"}
+_SINGLE_FILE_CLASSES = {"FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
 
 
 def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[ForeignModule], unresolved: list[str], paths: list[str]) -> list[str]:
