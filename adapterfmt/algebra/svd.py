@@ -1,29 +1,57 @@
 """The exact SVD of a LoRA delta ``s·B·A`` from its factors, in O((m+n)·r²), no m×n matrix.
 
 ``B`` (m×r) and ``Aᵀ`` (n×r) are each written as an orthonormal basis times an r×r factor:
-``B = Q_B·R_B``, ``Aᵀ = Q_A·R_A``. Then ``s·B·A = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ`` and the SVD of the r×r
-core gives every singular value of the delta exactly; the dropped ones give the exact error
-of a truncation. The R factors are taken as the symmetric square roots of the Gram matrices
-``BᵀB`` and ``AAᵀ`` (an eigendecomposition, in float64), which have the same core singular
-values as a Householder QR at a fraction of the cost (two r×r products per module instead of a
-tall QR). The bases are never formed either: the kept factors come out as ``B·T_B`` and
-``T_A·A`` with r×k matrices ``T_B``, ``T_A``, so ``B′ = U_k·√S_k`` and ``A′ = √S_k·V_kᵀ``
-share the singular values. Everything is float64 from the stored values; the output factors are
-rounded once to the caller's dtype, and :meth:`FactorSVD.error` gives the exact error of what
-was rounded. Convolution factors are flattened as PEFT does (``B`` to
-``out × r``, ``A`` to ``r × in·k…``) and reshaped back.
+``B = Q_B·R_B``, ``Aᵀ = Q_A·R_A``. Then ``s·B·A = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ`` and the SVD
+``U·S·Vᵀ`` of the r×r core gives every singular value of the delta exactly; the dropped ones
+give the exact error of a truncation. Only ``R_Bᵀ·R_B = BᵀB`` and ``R_Aᵀ·R_A = AAᵀ`` are needed,
+so the R factors come from the float64 Gram matrices: their Cholesky factors, or, where a Gram
+matrix is (numerically) singular — a zero-initialised ``lora_B``, repeated directions — its
+symmetric square root by an eigendecomposition with the tiny eigenvalues taken as zero. A Gram
+product costs as much as one pass of a tall QR, and float64 keeps it exact for the stored values
+(bf16 / f16 / f32 factors are exact in float64, and float64 sums of their products lose nothing a
+float32 QR would keep: a float32 Householder QR was measured slower here than the float64 Gram,
+whose cost is the pass over the factors, not the arithmetic).
+
+The bases are never formed and no R is inverted: ``Q_B·U_k = s·B·R_Aᵀ·V_k·S_k⁻¹`` and
+``V_kᵀ·Q_Aᵀ = s·S_k⁻¹·U_kᵀ·R_B·A``, so the kept factors ``B′ = U_k·√S_k`` and
+``A′ = √S_k·V_kᵀ`` are ``B·T_B`` and ``T_A·A`` with r×k matrices ``T_B``, ``T_A``, formed in
+float64 and rounded once to the output dtype. Directions with ``S_j ≤ S₀·r·10⁻¹³`` carry no part
+of the delta (zero factors for them; their ``S_j²`` counts as dropped).
+
+The error of what is written is exact, not a bound, and costs O((m+n)·k²) instead of a cross
+product with the source factors: with ``C = B·T_B``, ``D = T_A·A`` in float64 and the stored
+``Ĉ = C + E_C``, ``D̂ = D + E_D``, ``Δ − Ĉ·D̂ = Δ_⊥ − X`` where ``Δ_⊥`` (the dropped part) is
+orthogonal to the columns of ``C`` and the rows of ``D`` and ``X = E_C·D̂ + C·E_D``; so
+``‖Δ − Ĉ·D̂‖² = ΣS_dropped² + ‖X‖² − 2·tr(E_Cᵀ·Δ_⊥·E_Dᵀ)``, ``‖X‖²`` from k×k Grams of the
+rounding errors (no cancellation of large terms), and the last term — bounded by
+``2·‖Δ_⊥‖·‖E_C‖·‖E_D‖`` — computed from the factors whenever that bound is above 10⁻¹² of the
+rest (16-bit outputs of a truncation), dropped otherwise. Where a Gram matrix was rank-deficient
+(directions taken as zero), the error is computed instead from the cross products with the source
+factors, ``‖Δ‖² − 2⟨Δ, Ĉ·D̂⟩ + ‖Ĉ·D̂‖²`` (r×k products), which holds for any factors. Convolution factors are flattened as
+PEFT does (``B`` to ``out × r``, ``A`` to ``r × in·k…``) and reshaped back.
+
+Big work buffers (the float64 copies of the factors) are reused per thread through a
+:class:`Workspace`: a fresh multi-megabyte tensor per module costs more in page faults than the
+arithmetic done on it.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 #: Eigenvalues of a Gram matrix below ``max · r · _REL_TOL`` are taken as zero (a rank-deficient
-#: factor, e.g. a zero-initialised ``lora_B``): their directions carry no part of the delta.
+#: factor, e.g. a zero-initialised ``lora_B``): their directions carry no part of the delta. The
+#: same relative floor applies to Cholesky pivots (below it, the eigendecomposition is used) and
+#: to the singular values of the delta (below ``S₀ · r · _REL_TOL`` a direction is dropped).
 _REL_TOL = 1e-13
+
+#: The term ``tr(E_Cᵀ·Δ_⊥·E_Dᵀ)`` of the error is computed when its bound exceeds this fraction of the rest.
+_CROSS_TOL = 1e-12
 
 
 class NonFiniteFactorError(ValueError):
@@ -32,6 +60,46 @@ class NonFiniteFactorError(ValueError):
     def __init__(self, which: str) -> None:
         super().__init__(f"{which} holds NaN or Inf values")
         self.which = which
+
+
+class Workspace:
+    """Reusable buffers of one thread, by slot name: a view of a buffer grown as needed.
+
+    A view stays valid until the same slot is taken again: the caller finishes with one module's
+    buffers before it starts the next module.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._bytes: dict[str, bytearray] = {}
+
+    def take(self, slot: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype`` in the slot's buffer."""
+        n = math.prod(shape)
+        buf = self._tensors.get((slot, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype)
+            self._tensors[(slot, dtype)] = buf
+        return buf[:n].view(*shape)
+
+    def raw(self, slot: str, nbytes: int) -> bytearray:
+        """A byte buffer of at least ``nbytes`` for reading a tensor into (see ``TensorSource.read``)."""
+        buf = self._bytes.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = bytearray(nbytes)
+            self._bytes[slot] = buf
+        return buf
+
+
+_local = threading.local()
+
+
+def thread_workspace() -> Workspace:
+    """The calling thread's :class:`Workspace` (one per thread, kept for the thread's life)."""
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = Workspace()
+    return ws
 
 
 def flatten_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,29 +115,48 @@ def unflatten_factors(b2: torch.Tensor, a2: torch.Tensor, b_like: Sequence[int],
     return b2.reshape(b_like[0], k, *b_like[2:]), a2.reshape(k, *a_like[1:])
 
 
-def _root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvectors V, square roots of the eigenvalues): ``gram = V·diag(root²)·Vᵀ``, tiny ones zero."""
+def _r_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(R, full)``: an r×r ``R`` with ``Rᵀ·R = gram`` (float64), the Cholesky factor when every
+    pivot is clear of the rank-deficiency floor (``full``), else ``diag(√λ)·Vᵀ`` from the
+    eigendecomposition with the tiny λ taken as zero (then ``Rᵀ·R`` is ``gram`` less those)."""
+    r = gram.shape[0]
+    top = float(gram.diagonal().max()) if r else 0.0
+    if top > 0:
+        low, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0 and float(low.diagonal().min()) ** 2 > top * r * _REL_TOL:
+            return low.T, True
     lam, vec = torch.linalg.eigh(gram)
     lam = lam.clamp(min=0)
-    cut = float(lam.max()) * gram.shape[0] * _REL_TOL if lam.numel() else 0.0
+    cut = float(lam.max()) * r * _REL_TOL if lam.numel() else 0.0
     root = torch.where(lam > cut, lam.sqrt(), torch.zeros_like(lam))
-    return vec, root
+    return root[:, None] * vec.T, False
+
+
+def _as_float64(t: torch.Tensor, slot: str, workspace: Optional[Workspace]) -> torch.Tensor:
+    if t.dtype == torch.float64:
+        return t
+    if workspace is None:
+        return t.double()
+    return workspace.take(slot, t.shape, torch.float64).copy_(t)
 
 
 @dataclass
 class FactorSVD:
     """The SVD of ``scale·B·A`` (2-D, flattened) held as the float64 factors plus r×r matrices.
 
-    ``singular_values`` are in float64, descending. :meth:`factors` gives the best rank-k factors,
-    :meth:`error` the exact relative error of any factors (after rounding) against the delta.
+    ``singular_values`` are in float64, descending. :meth:`truncate` gives the best rank-k factors
+    as stored and their exact error; :meth:`error` the error of any factors against the delta.
     """
 
-    b: torch.Tensor  #: m×r, float64
+    b: torch.Tensor  #: m×r, float64 (a workspace view when one was given)
     a: torch.Tensor  #: r×n, float64
     scale: float
     singular_values: torch.Tensor  #: float64, descending, length min(m, n, r)
-    _left: torch.Tensor  #: r×q: ``B·_left`` = U
-    _right: torch.Tensor  #: q×r: ``_right·A`` = Vᵀ
+    _rb: torch.Tensor  #: r×r, ``R_Bᵀ·R_B = BᵀB``
+    _ra: torch.Tensor  #: r×r, ``R_Aᵀ·R_A = AAᵀ``
+    _u: torch.Tensor  #: r×q, the core's left singular vectors
+    _vh: torch.Tensor  #: q×r, the core's right singular vectors (rows)
+    _full: bool = True  #: both R from Cholesky: ``B = Q_B·R_B`` and ``Aᵀ = Q_A·R_A`` hold to rounding
 
     @property
     def energy(self) -> float:
@@ -86,19 +173,71 @@ class FactorSVD:
         total = self.energy
         return 0.0 if total == 0 else (float((self.singular_values[k:] ** 2).sum()) / total) ** 0.5
 
+    def _exact_factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(C, D, kept mask) in float64: ``C = U_k·√S_k`` (m×k) and ``D = √S_k·V_kᵀ`` (k×n)."""
+        s = self.singular_values[:k]
+        cut = float(self.singular_values[0]) * self._rb.shape[0] * _REL_TOL if s.numel() else 0.0
+        kept = s > cut
+        inv = torch.where(kept, 1.0 / torch.where(kept, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+        t_b = (self._ra.T @ self._vh[:k].T) * (self.scale * inv)[None, :]  # s·R_Aᵀ·V_k·S_k^(-1/2)
+        t_a = (self.scale * inv)[:, None] * (self._u[:, :k].T @ self._rb)  # s·S_k^(-1/2)·U_kᵀ·R_B
+        return self.b @ t_b, t_a @ self.a, kept
+
     def factors(self, k: int, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B′, A′)``: m×k and k×n with ``B′·A′`` the best rank-``k`` approximation of the delta,
         ``B′ = U_k·√S_k`` and ``A′ = √S_k·V_kᵀ``, formed in float64 and rounded once to ``dtype``."""
-        root = self.singular_values[:k].sqrt()
-        b2, a2 = self.b @ (self._left[:, :k] * root), (root[:, None] * self._right[:k]) @ self.a
-        return (b2, a2) if dtype is None else (b2.to(dtype), a2.to(dtype))
+        c, d, _ = self._exact_factors(k)
+        return (c, d) if dtype is None else (c.to(dtype), d.to(dtype))
+
+    def truncate(self, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(B′, A′, error)``: :meth:`factors` rounded to ``dtype`` and ``‖Δ − B′·A′‖ / ‖Δ‖`` of
+        exactly those stored values (module docstring), in O((m+n)·k²)."""
+        c, d, kept = self._exact_factors(k)
+        c_hat, d_hat = c.to(dtype), d.to(dtype)
+        if not self._full:  # a Gram matrix was rank-deficient: directions of B or A were taken as zero
+            return c_hat, d_hat, self.error(c_hat, d_hat)
+        total = self.energy
+        s2 = self.singular_values**2
+        dropped = float(s2[k:].sum()) + float(s2[:k][~kept].sum())
+        if dtype == torch.float64:
+            x2, ec_norm, ed_norm, e_c, e_d = 0.0, 0.0, 0.0, None, None
+        else:
+            e_c, e_d = c_hat.double() - c, d_hat.double() - d
+            x2, ec_norm, ed_norm = _rounding_energy(c, d, e_c, e_d)
+        err2 = dropped + x2
+        if e_c is not None and e_d is not None and dropped > 0 and 2 * math.sqrt(dropped) * ec_norm * ed_norm > _CROSS_TOL * err2:
+            # tr(E_Cᵀ·Δ_⊥·E_Dᵀ) with Δ_⊥ = s·B·A − C·D
+            p = float(((e_c.T @ self.b) * (e_d @ self.a.T)).sum()) * self.scale - float(((e_c.T @ c) * (e_d @ d.T)).sum())
+            err2 -= 2 * p
+        if total <= 0:
+            return c_hat, d_hat, 0.0 if err2 <= 0 else math.inf
+        return c_hat, d_hat, math.sqrt(max(err2, 0.0) / total)
 
     def error(self, b2: torch.Tensor, a2: torch.Tensor) -> float:
-        """``‖Δ − B₂·A₂‖_F / ‖Δ‖_F`` in float64 from the factors (r×k products, no m×n matrix)."""
+        """``‖Δ − B₂·A₂‖_F / ‖Δ‖_F`` in float64 for any factors (r×k products, no m×n matrix)."""
         c, d = b2.double(), a2.double()
         new = float(((c.T @ c) * (d @ d.T)).sum())
         cross = self.scale * float(((self.b.T @ c) * (self.a @ d.T)).sum())  # ⟨s·B·A, C·D⟩ = s·tr(BᵀC·DAᵀ)
         return _relative(self.energy, cross, new)
+
+
+def _rounding_energy(c: torch.Tensor, d: torch.Tensor, e_c: torch.Tensor, e_d: torch.Tensor) -> tuple[float, float, float]:
+    """``(‖E_C·D̂ + C·E_D‖², ‖E_C‖, ‖E_D‖)`` from k×k Grams, ``D̂ = D + E_D``: the energy the rounding adds."""
+    d_hat = d + e_d
+    x2 = (float(((e_c.T @ e_c) * (d_hat @ d_hat.T)).sum()) + 2 * float(((e_c.T @ c) * (d_hat @ e_d.T)).sum())
+          + float(((c.T @ c) * (e_d @ e_d.T)).sum()))
+    return max(x2, 0.0), float(torch.linalg.vector_norm(e_c)), float(torch.linalg.vector_norm(e_d))
+
+
+def exact_product_error(c: torch.Tensor, d: torch.Tensor, c_hat: torch.Tensor, d_hat: torch.Tensor, energy: float) -> float:
+    """``‖C·D − Ĉ·D̂‖ / √energy`` for float64 ``C``, ``D`` and their stored ``Ĉ``, ``D̂`` (the error of
+    an exact output — ``cat``, untruncated ``linear`` — rounded to its dtype), from k×k Grams."""
+    e_c = c_hat.double() - c if c_hat.dtype != torch.float64 else torch.zeros_like(c)
+    e_d = d_hat.double() - d if d_hat.dtype != torch.float64 else torch.zeros_like(d)
+    x2, _, _ = _rounding_energy(c, d, e_c, e_d)
+    if energy <= 0:
+        return 0.0 if x2 == 0 else math.inf
+    return math.sqrt(x2 / energy)
 
 
 def _relative(ref: float, cross: float, new: float) -> float:
@@ -114,38 +253,45 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> FactorSVD:
+def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, *, workspace: Optional[Workspace] = None) -> FactorSVD:
     """The exact SVD of ``scale·b·a`` for 2-D ``b`` (m×r) and ``a`` (r×n), from the factors.
 
     Everything is computed in float64 from the stored values: the singular values are exact to
-    float64 rounding of the given factors.
+    float64 rounding of the given factors. With ``workspace``, the float64 copies live in its
+    buffers (the result is valid until the thread's next module).
     """
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
         raise ValueError(f"factor shapes {tuple(b.shape)} and {tuple(a.shape)} do not multiply")
-    b64, a64 = b.double(), a.double()
+    b64, a64 = _as_float64(b, "svd.b", workspace), _as_float64(a, "svd.a", workspace)
     gb, ga = b64.T @ b64, a64 @ a64.T
     # each diagonal entry is a sum of squares: NaN or ±Inf anywhere in a factor shows there (bf16 / f16 /
     # f32 values cannot overflow it in float64), at no extra pass over the factors
     for which, g in (("B", gb), ("A", ga)):
         if not bool(torch.isfinite(g.diagonal()).all()):
             raise NonFiniteFactorError(which)
-    vb, rb = _root(gb)  # B = Q_B·R_B with R_B = diag(rb)·V_Bᵀ
-    va, ra = _root(ga)  # Aᵀ = Q_A·R_A with R_A = diag(ra)·V_Aᵀ
-    core = float(scale) * (rb[:, None] * (vb.T @ va) * ra[None, :])  # R_B·R_Aᵀ
-    uc, s, vch = torch.linalg.svd(core)
-    inv_b = torch.where(rb > 0, 1.0 / torch.where(rb > 0, rb, torch.ones_like(rb)), torch.zeros_like(rb))
-    inv_a = torch.where(ra > 0, 1.0 / torch.where(ra > 0, ra, torch.ones_like(ra)), torch.zeros_like(ra))
+    (rb, full_b), (ra, full_a) = _r_factor(gb), _r_factor(ga)
+    uc, s, vch = torch.linalg.svd(float(scale) * (rb @ ra.T))  # the core s·R_B·R_Aᵀ
     q = min(b.shape[0], a.shape[1], b.shape[1])  # the delta's rank is at most min(m, n, r)
-    left = (vb * inv_b[None, :]) @ uc[:, :q]  # Q_B = B·V_B·diag(1/rb) => U = B·left
-    right = vch[:q] @ (inv_a[:, None] * va.T)  # Q_Aᵀ = diag(1/ra)·V_Aᵀ·A => Vᵀ = right·A
-    return FactorSVD(b64, a64, float(scale), s[:q], left, right)
+    return FactorSVD(b64, a64, float(scale), s[:q], rb, ra, uc[:, :q], vch[:q], full_b and full_a)
 
 
-def stacked(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefficients: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefficients: Sequence[float],
+            *, workspace: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B₁ … B_k]`` and ``[c₁A₁; …; c_kA_k]`` in float64: ``Σ cᵢ·Bᵢ·Aᵢ`` as one factor pair of
-    rank ``Σ rᵢ``, the coefficient on the A side."""
-    b = torch.cat([x.double() for x in bs], dim=1)
-    a = torch.cat([x.double() * float(c) for x, c in zip(as_, coefficients)], dim=0)
+    rank ``Σ rᵢ``, the coefficient on the A side (in ``workspace``'s buffers when given)."""
+    total = sum(x.shape[1] for x in bs)
+    if workspace is None:
+        b = torch.empty(bs[0].shape[0], total, dtype=torch.float64)
+        a = torch.empty(total, as_[0].shape[1], dtype=torch.float64)
+    else:
+        b = workspace.take("stack.b", (bs[0].shape[0], total), torch.float64)
+        a = workspace.take("stack.a", (total, as_[0].shape[1]), torch.float64)
+    at = 0
+    for x, y, c in zip(bs, as_, coefficients):
+        r = x.shape[1]
+        b[:, at : at + r].copy_(x)
+        a[at : at + r].copy_(y).mul_(float(c))
+        at += r
     return b, a
 
 

@@ -130,14 +130,17 @@ def _kohya_file(path, rank=6):
     return t
 
 
-def test_kohya_file_resized_in_its_own_format(run_cli, tmp_path):
+@pytest.mark.parametrize("dtype,want,tol", [(None, torch.float32, 1e-6), ("source", torch.float16, 2e-3), ("bf16", torch.bfloat16, 1e-2)])
+def test_kohya_file_resized_in_its_own_format(run_cli, tmp_path, dtype, want, tol):
     src = tmp_path / "lora.safetensors"
     t = _kohya_file(src)
     before = src.read_bytes()
     out = tmp_path / "small.safetensors"
-    r = run_cli("resize", src, "-o", out, "--rank", "2", "--json")
+    r = run_cli("resize", src, "-o", out, "--rank", "2", "--json", *(("--dtype", dtype) if dtype else ()))
     assert r.exit_code == 0, r
-    assert r.json()["format"] == "kohya"
+    doc = r.json()
+    assert doc["format"] == "kohya" and doc["dtype"] == (dtype or "fp32")
+    rows = {m["module"]: m for m in doc["modules"]}
     new = load_file(out)
     assert set(new) == set(t)
     for name in ("lora_unet_mid_block_proj_in", "lora_unet_up_blocks_0_ff", "lora_unet_down_blocks_0_conv"):
@@ -145,9 +148,13 @@ def test_kohya_file_resized_in_its_own_format(run_cli, tmp_path):
         scale = float(t[f"{name}.alpha"]) / 6 if f"{name}.alpha" in t else 1.0
         delta = scale * up.flatten(1) @ down.flatten(1)
         nu, nd = new[f"{name}.lora_up.weight"], new[f"{name}.lora_down.weight"]
-        assert nu.dtype == torch.float16 and nd.shape[0] == 2 and nd.shape[1:] == t[f"{name}.lora_down.weight"].shape[1:]
+        assert nu.dtype == nd.dtype == want and nd.shape[0] == 2 and nd.shape[1:] == t[f"{name}.lora_down.weight"].shape[1:]
         nscale = float(new[f"{name}.alpha"]) / 2 if f"{name}.alpha" in new else 1.0
-        assert rel(nscale * nu.double().flatten(1) @ nd.double().flatten(1), best_rank(delta, 2)) < 2e-3  # float16 factors
+        written = nscale * nu.double().flatten(1) @ nd.double().flatten(1)
+        assert rel(written, best_rank(delta, 2)) < tol  # the factors' own rounding
+        row = rows["unet." + name.removeprefix("lora_unet_")]
+        assert row["dtype"] == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[want]
+        assert math.isclose(row["error"], rel(written, delta), rel_tol=1e-9)  # the error as stored
     assert src.read_bytes() == before
 
 
