@@ -264,7 +264,7 @@ def _combine_module(
             _name_non_finite(present, bs, as_)
             raise
         k = min(rank or total, f.singular_values.shape[0])
-        nb, na, err = f.truncate(k, out_dtype)
+        nb, na, err = f.truncate(k, out_dtype, ws)
         return nb, na, ModuleRow(path, m0.layer_kind, total, k, f.retained_energy(k), err, f.energy**0.5, sources=indices, dtype=dtype_name)
     # ties / dare / magnitude_prune: dense deltas of this module only
     deltas = [(b.to(cdtype) @ a.to(cdtype)) * s for b, a, s in zip(bs, as_, scales)]

@@ -64,7 +64,7 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
             out_dtype = output_dtype(dtype, (b2.dtype, a2.dtype), path=i_down.file, key=m.keys["lora_down"])
             f = exact_svd(b2, a2, m.scaling, i_down.file, m.keys["lora_down"], m.keys["lora_up"], ws)
             k = kept_rank(f.singular_values, rule)
-            nb, na, err = f.truncate(k, out_dtype)
+            nb, na, err = f.truncate(k, out_dtype, ws)
             out_up, out_down = unflatten_factors(nb, na, tuple(up.shape), tuple(down.shape))
             row = ModuleRow(label, m.layer_kind or "linear", int(m.rank or a2.shape[0]), k, f.retained_energy(k), err, f.energy**0.5,
                             dora=m.dora_scale is not None or "magnitude" in m.tensors, dtype=SAFETENSORS_DTYPES[out_dtype])

@@ -82,7 +82,7 @@ def resize(
             out_dtype = output_dtype(dtype, (b2.dtype, a2.dtype), path=m.tensors["lora_A"].file, key=path)
             f = exact_svd(b2, a2, m.scaling, m.tensors["lora_A"].file, m.keys["lora_A"], m.keys["lora_B"], ws)
             k = kept_rank(f.singular_values, rule)
-            nb, na, err = f.truncate(k, out_dtype)
+            nb, na, err = f.truncate(k, out_dtype, ws)
             out_b, out_a = unflatten_factors(nb, na, b_shape, a_shape)
             new = {m.keys["lora_B"]: out_b, m.keys["lora_A"]: out_a}
             if m.lora_bias:  # the bias is scaled with the factors; the new scale is 1

@@ -25,9 +25,16 @@ orthogonal to the columns of ``C`` and the rows of ``D`` and ``X = E_C·D̂ + C�
 ``‖Δ − Ĉ·D̂‖² = ΣS_dropped² + ‖X‖² − 2·tr(E_Cᵀ·Δ_⊥·E_Dᵀ)``, ``‖X‖²`` from k×k Grams of the
 rounding errors (no cancellation of large terms), and the last term — bounded by
 ``2·‖Δ_⊥‖·‖E_C‖·‖E_D‖`` — computed from the factors whenever that bound is above 10⁻¹² of the
-rest (16-bit outputs of a truncation), dropped otherwise. Where a Gram matrix was rank-deficient
-(directions taken as zero), the error is computed instead from the cross products with the source
-factors, ``‖Δ‖² − 2⟨Δ, Ĉ·D̂⟩ + ‖Ĉ·D̂‖²`` (r×k products), which holds for any factors. Convolution factors are flattened as
+rest (16-bit outputs of a truncation), dropped otherwise.
+
+Two cases leave this path. A module with ``min(m, n) ≤ r`` (a rank above a layer's width: tiny
+heads, some convolutions) has a delta no bigger than its factors: its dense float64 SVD is taken
+and the error computed on the dense delta, exactly. Where a Gram matrix is rank-deficient
+otherwise (a zero ``lora_B``, repeated directions), its tiny eigen-directions are taken as zero,
+the factors are those of the delta without them (``B·P_B``, ``P_A·A``), and the error comes from
+the cross products with the source factors, ``‖Δ‖² − 2⟨Δ, Ĉ·D̂⟩ + ‖Ĉ·D̂‖²``, exact to float64
+rounding of ``‖Δ‖²`` — about √ε₆₄·‖Δ‖ (10⁻⁷) absolute, the resolution of a Gram matrix for
+directions that small (zero for a zero delta). Convolution factors are flattened as
 PEFT does (``B`` to ``out × r``, ``A`` to ``r × in·k…``) and reshaped back.
 
 Big work buffers (the float64 copies of the factors) are reused per thread through a
@@ -115,21 +122,30 @@ def unflatten_factors(b2: torch.Tensor, a2: torch.Tensor, b_like: Sequence[int],
     return b2.reshape(b_like[0], k, *b_like[2:]), a2.reshape(k, *a_like[1:])
 
 
-def _r_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(R, full)``: an r×r ``R`` with ``Rᵀ·R = gram`` (float64), the Cholesky factor when every
-    pivot is clear of the rank-deficiency floor (``full``), else ``diag(√λ)·Vᵀ`` from the
-    eigendecomposition with the tiny λ taken as zero (then ``Rᵀ·R`` is ``gram`` less those)."""
+@dataclass
+class _Root:
+    """An r×r ``R`` with ``Rᵀ·R = G`` (the kept part of a Gram matrix ``G``), and for a rank-deficient
+    ``G`` the projector ``P`` onto its kept eigenvectors (``B·P = Q_B·R_B`` for ``G = BᵀB``)."""
+
+    r: torch.Tensor
+    proj: Optional[torch.Tensor] = None
+
+
+def _r_factor(gram: torch.Tensor) -> _Root:
+    """The Cholesky factor when every pivot is clear of the rank-deficiency floor, else
+    ``diag(√λ)·Vᵀ`` from the eigendecomposition with the tiny λ taken as zero."""
     r = gram.shape[0]
     top = float(gram.diagonal().max()) if r else 0.0
     if top > 0:
         low, info = torch.linalg.cholesky_ex(gram)
         if int(info) == 0 and float(low.diagonal().min()) ** 2 > top * r * _REL_TOL:
-            return low.T, True
+            return _Root(low.T)
     lam, vec = torch.linalg.eigh(gram)
     lam = lam.clamp(min=0)
-    cut = float(lam.max()) * r * _REL_TOL if lam.numel() else 0.0
-    root = torch.where(lam > cut, lam.sqrt(), torch.zeros_like(lam))
-    return root[:, None] * vec.T, False
+    keep = lam > (float(lam.max()) * r * _REL_TOL if lam.numel() else 0.0)
+    root = torch.where(keep, lam.sqrt(), torch.zeros_like(lam))
+    vk = vec[:, keep]
+    return _Root(root[:, None] * vec.T, vk @ vk.T)
 
 
 def _as_float64(t: torch.Tensor, slot: str, workspace: Optional[Workspace]) -> torch.Tensor:
@@ -152,11 +168,11 @@ class FactorSVD:
     a: torch.Tensor  #: r×n, float64
     scale: float
     singular_values: torch.Tensor  #: float64, descending, length min(m, n, r)
-    _rb: torch.Tensor  #: r×r, ``R_Bᵀ·R_B = BᵀB``
-    _ra: torch.Tensor  #: r×r, ``R_Aᵀ·R_A = AAᵀ``
-    _u: torch.Tensor  #: r×q, the core's left singular vectors
-    _vh: torch.Tensor  #: q×r, the core's right singular vectors (rows)
-    _full: bool = True  #: both R from Cholesky: ``B = Q_B·R_B`` and ``Aᵀ = Q_A·R_A`` hold to rounding
+    _rb: _Root  #: ``R_Bᵀ·R_B = BᵀB`` (its kept part)
+    _ra: _Root  #: ``R_Aᵀ·R_A = AAᵀ`` (its kept part)
+    _u: torch.Tensor  #: r×q, the core's left singular vectors (dense: m×q, the delta's)
+    _vh: torch.Tensor  #: q×r, the core's right singular vectors (rows; dense: q×n, the delta's)
+    _dense: Optional[torch.Tensor] = None  #: the m×n delta, when min(m, n) ≤ r made it the cheaper way
 
     @property
     def energy(self) -> float:
@@ -173,15 +189,26 @@ class FactorSVD:
         total = self.energy
         return 0.0 if total == 0 else (float((self.singular_values[k:] ** 2).sum()) / total) ** 0.5
 
-    def _exact_factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _exact_factors(self, k: int, workspace: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(C, D, kept mask) in float64: ``C = U_k·√S_k`` (m×k) and ``D = √S_k·V_kᵀ`` (k×n)."""
         s = self.singular_values[:k]
-        cut = float(self.singular_values[0]) * self._rb.shape[0] * _REL_TOL if s.numel() else 0.0
+        cut = float(self.singular_values[0]) * self.b.shape[1] * _REL_TOL if s.numel() else 0.0
         kept = s > cut
+        if self._dense is not None:
+            root = torch.where(kept, s, torch.zeros_like(s)).sqrt()
+            return self._u[:, :k] * root, root[:, None] * self._vh[:k], kept
         inv = torch.where(kept, 1.0 / torch.where(kept, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
-        t_b = (self._ra.T @ self._vh[:k].T) * (self.scale * inv)[None, :]  # s·R_Aᵀ·V_k·S_k^(-1/2)
-        t_a = (self.scale * inv)[:, None] * (self._u[:, :k].T @ self._rb)  # s·S_k^(-1/2)·U_kᵀ·R_B
-        return self.b @ t_b, t_a @ self.a, kept
+        t_b = (self._ra.r.T @ self._vh[:k].T) * (self.scale * inv)[None, :]  # s·R_Aᵀ·V_k·S_k^(-1/2)
+        t_a = (self.scale * inv)[:, None] * (self._u[:, :k].T @ self._rb.r)  # s·S_k^(-1/2)·U_kᵀ·R_B
+        if self._rb.proj is not None:  # B·P_B (= Q_B·R_B) in place of B
+            t_b = self._rb.proj @ t_b
+        if self._ra.proj is not None:
+            t_a = t_a @ self._ra.proj
+        if workspace is None:
+            return self.b @ t_b, t_a @ self.a, kept
+        c = torch.mm(self.b, t_b, out=workspace.take("svd.c", (self.b.shape[0], k), torch.float64))
+        d = torch.mm(t_a, self.a, out=workspace.take("svd.d", (k, self.a.shape[1]), torch.float64))
+        return c, d, kept
 
     def factors(self, k: int, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B′, A′)``: m×k and k×n with ``B′·A′`` the best rank-``k`` approximation of the delta,
@@ -189,26 +216,35 @@ class FactorSVD:
         c, d, _ = self._exact_factors(k)
         return (c, d) if dtype is None else (c.to(dtype), d.to(dtype))
 
-    def truncate(self, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def truncate(self, k: int, dtype: torch.dtype, workspace: Optional[Workspace] = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(B′, A′, error)``: :meth:`factors` rounded to ``dtype`` and ``‖Δ − B′·A′‖ / ‖Δ‖`` of
         exactly those stored values (module docstring), in O((m+n)·k²)."""
-        c, d, kept = self._exact_factors(k)
-        c_hat, d_hat = c.to(dtype), d.to(dtype)
-        if not self._full:  # a Gram matrix was rank-deficient: directions of B or A were taken as zero
+        c, d, kept = self._exact_factors(k, workspace)
+        if dtype == torch.float64:
+            c_hat, d_hat = c.clone(), d.clone()
+        else:
+            c_hat, d_hat = c.to(dtype), d.to(dtype)
+        if self._dense is not None:
+            ref = float(torch.linalg.vector_norm(self._dense))
+            diff = float(torch.linalg.vector_norm(self._dense - c_hat.double() @ d_hat.double()))
+            return c_hat, d_hat, diff / ref if ref else (0.0 if diff == 0 else math.inf)
+        if self._rb.proj is not None or self._ra.proj is not None:  # directions of B or A taken as zero
             return c_hat, d_hat, self.error(c_hat, d_hat)
         total = self.energy
         s2 = self.singular_values**2
-        dropped = float(s2[k:].sum()) + float(s2[:k][~kept].sum())
-        if dtype == torch.float64:
-            x2, ec_norm, ed_norm, e_c, e_d = 0.0, 0.0, 0.0, None, None
-        else:
-            e_c, e_d = c_hat.double() - c, d_hat.double() - d
-            x2, ec_norm, ed_norm = _rounding_energy(c, d, e_c, e_d)
-        err2 = dropped + x2
-        if e_c is not None and e_d is not None and dropped > 0 and 2 * math.sqrt(dropped) * ec_norm * ed_norm > _CROSS_TOL * err2:
-            # tr(E_Cᵀ·Δ_⊥·E_Dᵀ) with Δ_⊥ = s·B·A − C·D
-            p = float(((e_c.T @ self.b) * (e_d @ self.a.T)).sum()) * self.scale - float(((e_c.T @ c) * (e_d @ d.T)).sum())
-            err2 -= 2 * p
+        err2 = float(s2[k:].sum()) + float(s2[:k][~kept].sum())  # ‖Δ − C·D‖²: the dropped values
+        if dtype != torch.float64:
+            if workspace is None:
+                e_c, e_d = c_hat.double() - c, d_hat.double() - d
+            else:
+                e_c = workspace.take("svd.ec", tuple(c.shape), torch.float64).copy_(c_hat).sub_(c)
+                e_d = workspace.take("svd.ed", tuple(d.shape), torch.float64).copy_(d_hat).sub_(d)
+            x2, ec2, ed2 = _rounding_energy(torch.where(kept, self.singular_values[:k], 0.0), c, d, e_c, e_d)
+            dropped = err2
+            err2 += x2
+            if dropped > 0 and 2 * math.sqrt(dropped * ec2 * ed2) > _CROSS_TOL * err2:
+                # tr(E_Cᵀ·Δ_⊥·E_Dᵀ) with Δ_⊥ = s·B·A − C·D
+                err2 -= 2 * (self.scale * float(((e_c.T @ self.b) * (e_d @ self.a.T)).sum()) - float(((e_c.T @ c) * (e_d @ d.T)).sum()))
         if total <= 0:
             return c_hat, d_hat, 0.0 if err2 <= 0 else math.inf
         return c_hat, d_hat, math.sqrt(max(err2, 0.0) / total)
@@ -221,12 +257,23 @@ class FactorSVD:
         return _relative(self.energy, cross, new)
 
 
-def _rounding_energy(c: torch.Tensor, d: torch.Tensor, e_c: torch.Tensor, e_d: torch.Tensor) -> tuple[float, float, float]:
-    """``(‖E_C·D̂ + C·E_D‖², ‖E_C‖, ‖E_D‖)`` from k×k Grams, ``D̂ = D + E_D``: the energy the rounding adds."""
+def _rounding_energy(s: torch.Tensor, c: torch.Tensor, d: torch.Tensor, e_c: torch.Tensor, e_d: torch.Tensor) -> tuple[float, float, float]:
+    """``(‖E_C·D̂ + C·E_D‖², ‖E_C‖², ‖E_D‖²)`` from k×k Grams, ``D̂ = D + E_D``: the energy the
+    rounding adds. ``CᵀC = D·Dᵀ = diag(s)`` (the kept singular values: ``C``, ``D`` are ``U√S``,
+    ``√S·Vᵀ`` in float64), so only the Grams with a rounding error in them are computed."""
+    ecc, ecd = e_c.T @ e_c, e_c.T @ c
+    edd, ded = e_d @ e_d.T, d @ e_d.T
+    dd_hat = torch.diag(s) + ded + ded.T + edd  # D̂·D̂ᵀ
+    x2 = float((ecc * dd_hat).sum()) + 2 * float((ecd * (ded + edd)).sum()) + float((s * edd.diagonal()).sum())
+    return max(x2, 0.0), float(ecc.trace()), float(edd.trace())
+
+
+def _exact_rounding_energy(c: torch.Tensor, d: torch.Tensor, e_c: torch.Tensor, e_d: torch.Tensor) -> float:
+    """``‖E_C·D̂ + C·E_D‖²`` for any float64 ``C``, ``D`` (every Gram computed)."""
     d_hat = d + e_d
     x2 = (float(((e_c.T @ e_c) * (d_hat @ d_hat.T)).sum()) + 2 * float(((e_c.T @ c) * (d_hat @ e_d.T)).sum())
           + float(((c.T @ c) * (e_d @ e_d.T)).sum()))
-    return max(x2, 0.0), float(torch.linalg.vector_norm(e_c)), float(torch.linalg.vector_norm(e_d))
+    return max(x2, 0.0)
 
 
 def exact_product_error(c: torch.Tensor, d: torch.Tensor, c_hat: torch.Tensor, d_hat: torch.Tensor, energy: float) -> float:
@@ -234,7 +281,7 @@ def exact_product_error(c: torch.Tensor, d: torch.Tensor, c_hat: torch.Tensor, d
     an exact output — ``cat``, untruncated ``linear`` — rounded to its dtype), from k×k Grams."""
     e_c = c_hat.double() - c if c_hat.dtype != torch.float64 else torch.zeros_like(c)
     e_d = d_hat.double() - d if d_hat.dtype != torch.float64 else torch.zeros_like(d)
-    x2, _, _ = _rounding_energy(c, d, e_c, e_d)
+    x2 = _exact_rounding_energy(c, d, e_c, e_d)
     if energy <= 0:
         return 0.0 if x2 == 0 else math.inf
     return math.sqrt(x2 / energy)
@@ -269,10 +316,15 @@ def factor_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, *, workspac
     for which, g in (("B", gb), ("A", ga)):
         if not bool(torch.isfinite(g.diagonal()).all()):
             raise NonFiniteFactorError(which)
-    (rb, full_b), (ra, full_a) = _r_factor(gb), _r_factor(ga)
-    uc, s, vch = torch.linalg.svd(float(scale) * (rb @ ra.T))  # the core s·R_B·R_Aᵀ
     q = min(b.shape[0], a.shape[1], b.shape[1])  # the delta's rank is at most min(m, n, r)
-    return FactorSVD(b64, a64, float(scale), s[:q], rb, ra, uc[:, :q], vch[:q], full_b and full_a)
+    if min(b.shape[0], a.shape[1]) <= b.shape[1]:  # the m×n delta is no bigger than the factors: its own SVD
+        dense = float(scale) * (b64 @ a64)
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        eye = torch.eye(b.shape[1], dtype=torch.float64)
+        return FactorSVD(b64, a64, float(scale), s[:q], _Root(eye), _Root(eye), u[:, :q], vh[:q], dense)
+    rb, ra = _r_factor(gb), _r_factor(ga)
+    uc, s, vch = torch.linalg.svd(float(scale) * (rb.r @ ra.r.T))  # the core s·R_B·R_Aᵀ
+    return FactorSVD(b64, a64, float(scale), s[:q], rb, ra, uc[:, :q], vch[:q])
 
 
 def stacked(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], coefficients: Sequence[float],
