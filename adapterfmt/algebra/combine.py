@@ -16,7 +16,8 @@ stacks combined separately (which adds cross terms ``Bᵢ·Aⱼ``, peft #3004 / 
   ``torch.Generator`` seeded from ``--seed``, the source's index and the module's path: the same
   on every run and machine, and independent of which other modules exist.
 
-Modules held by some sources only combine those sources. Full copies, trainable tokens and saved
+Every method writes its factors in the output dtype (``--dtype``, float32 by default: BEHAVIOUR §9)
+and reports the error of the factors as stored. Modules held by some sources only combine those sources. Full copies, trainable tokens and saved
 base tensors are carried when every source holds the same bytes, or from the one source named by
 ``copies_from``; otherwise refused. Sources must adapt the same base: a module whose delta shapes
 differ is refused.
