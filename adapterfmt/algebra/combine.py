@@ -255,7 +255,7 @@ def _combine_module(
             nb = torch.cat([b.to(cdtype) for b in bs], dim=1).to(out_dtype)
             na = torch.cat([a.to(cdtype) * w * s for a, w, s in zip(as_, weights, scales)], dim=0).to(out_dtype)
         else:
-            nb, na = sb.to(out_dtype), sa.to(out_dtype)
+            nb, na = sb.to(out_dtype, copy=True), sa.to(out_dtype, copy=True)  # sb / sa live in the thread's workspace
         err = exact_product_error(sb, sa, nb, na, energy)
         return nb, na, ModuleRow(path, m0.layer_kind, total, total, 1.0, err, energy**0.5, sources=indices, dtype=dtype_name)
     if method in ("linear", "svd"):

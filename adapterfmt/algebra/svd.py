@@ -107,11 +107,17 @@ _local = threading.local()
 
 
 def thread_workspace() -> Workspace:
-    """The calling thread's :class:`Workspace` (one per thread, kept for the thread's life)."""
+    """The calling thread's :class:`Workspace` (one per thread, kept until :func:`release_workspace`
+    or the thread's end)."""
     ws = getattr(_local, "workspace", None)
     if ws is None:
         ws = _local.workspace = Workspace()
     return ws
+
+
+def release_workspace() -> None:
+    """Drop the calling thread's :class:`Workspace` (its buffers are freed with the last view)."""
+    _local.__dict__.pop("workspace", None)
 
 
 def flatten_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,13 +100,22 @@ def test_truncated_is_the_best_rank_k_of_the_exact_weighted_sum(pair, run_cli, t
         assert rows[path]["sources"] == ([0, 1] if path in drs else [0])
 
 
-def test_linear_without_rank_is_exact(pair, run_cli, tmp_path):
+@pytest.mark.parametrize("f64", [False, True])
+def test_linear_without_rank_is_exact(pair, run_cli, tmp_path, f64):
+    a, rs = pair["a"], pair["rs"]
+    if f64:  # float64 sources kept as float64 (--dtype source): exact to float64 rounding
+        a, rs = _dtype_copy(a, tmp_path / "a64", torch.float64), _dtype_copy(rs, tmp_path / "rs64", torch.float64)
     out = tmp_path / "lin"
-    assert run_cli("combine", f"{pair['a']}:1.5", f"{pair['rs']}:0.25", "-o", out, "--method", "linear").exit_code == 0
-    got = peft_deltas(mlp_stack, out)
-    for path, d in got.items():
+    r = run_cli("combine", f"{a}:1.5", f"{rs}:0.25", "-o", out, "--method", "linear", "--json", *(("--dtype", "source") if f64 else ()))
+    assert r.exit_code == 0, r
+    written = load_file(out / "adapter_model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float64 if f64 else torch.float32}
+    rows = {m["module"]: m for m in r.json()["modules"]}
+    for path in rows:
+        b_, a_ = (written[f"base_model.model.{path}.lora_{x}.weight"].double() for x in ("B", "A"))
         exact = 1.5 * pair["deltas"]["a"][path] + (0.25 * pair["deltas"]["rs"][path] if path in pair["deltas"]["rs"] else 0)
-        assert rel(d, exact) < 1e-6
+        assert rel(b_ @ a_, exact) < (1e-13 if f64 else 1e-6), path
+        assert math.isclose(rows[path]["error"], rel(b_ @ a_, exact), rel_tol=1e-6, abs_tol=1e-15)
 
 
 @pytest.mark.parametrize("method,kw", [("ties", {"majority_sign_method": "total"}), ("ties", {"majority_sign_method": "frequency"}),
@@ -170,11 +179,15 @@ def test_full_copies_identical_carried_differing_refused(run_cli, tmp_path):
     assert r.exit_code == 0, r
 
 
-def _bf16_copy(src, dst):
+def _dtype_copy(src, dst, dtype):
     shutil.copytree(src, dst)
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(src / "adapter_model.safetensors").items()},
+    save_file({k: v.to(dtype) for k, v in load_file(src / "adapter_model.safetensors").items()},
               str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+def _bf16_copy(src, dst):
+    return _dtype_copy(src, dst, torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
