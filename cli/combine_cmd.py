@@ -37,17 +37,19 @@ def parse_source(spec: str) -> tuple[str, float]:
 @click.option("--density", type=float, metavar="D", help="ties / dare_* / magnitude_prune: fraction of each delta kept, in (0, 1].")
 @click.option("--majority-sign", "majority_sign", default="total", show_default=True, metavar="total|frequency", help="ties / dare_ties: how the sign is elected.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the drop masks (same result on every run and machine).")
+@click.option("--dtype", default="fp32", show_default=True, metavar="fp32|bf16|fp16|source",
+              help="dtype of the combined factors (source: the sources' own, when they agree); errors are measured as stored.")
 @click.option("--copies-from", "copies_from", type=int, metavar="N", help="Take full copies / trainable tokens / saved base tensors from source N (0-based) when the sources' differ.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def combine_command(sources: tuple[str, ...], output: str, method: str, rank: Optional[int], density: Optional[float], majority_sign: str,
-                    seed: int, copies_from: Optional[int], overwrite: bool, as_json: bool) -> None:
+                    seed: int, dtype: str, copies_from: Optional[int], overwrite: bool, as_json: bool) -> None:
     """Combine LoRA adapters into one, on their deltas: Σ wᵢ·sᵢ·Bᵢ·Aᵢ with each source's own scale.
 
     cat is exact at rank Σrᵢ (PEFT's bits); linear and svd are exact at that rank or truncated by
     the exact SVD of the stacked factors to --rank; ties, dare_linear, dare_ties and
     magnitude_prune apply PEFT's rules to each module's dense deltas, one module at a time, and
-    factorize the result. The report gives per module the relative error against the exact
+    factorize the result. Factors are written in float32 unless --dtype says otherwise. The report gives per module the relative error against the exact
     weighted sum (docs/BEHAVIOUR.md §9.2). Sources are PEFT LoRA directories or Hub ids; no base
     model is loaded.
 
@@ -57,7 +59,7 @@ def combine_command(sources: tuple[str, ...], output: str, method: str, rank: Op
 
     parsed = [parse_source(s) for s in sources]
     report = combine(parsed, output, method=method, rank=rank, density=density,
-                     majority_sign=majority_sign, seed=seed, copies_from=copies_from, overwrite=overwrite)
+                     majority_sign=majority_sign, seed=seed, copies_from=copies_from, overwrite=overwrite, dtype=dtype)
     from .algebra_text import emit_notes, render
     from .main import done_without_teardown
 

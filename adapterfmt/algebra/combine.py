@@ -16,7 +16,8 @@ stacks combined separately (which adds cross terms ``Bᵢ·Aⱼ``, peft #3004 / 
   ``torch.Generator`` seeded from ``--seed``, the source's index and the module's path: the same
   on every run and machine, and independent of which other modules exist.
 
-Modules held by some sources only combine those sources. Full copies, trainable tokens and saved
+Every method writes its factors in the output dtype (``--dtype``, float32 by default: BEHAVIOUR §9)
+and reports the error of the factors as stored. Modules held by some sources only combine those sources. Full copies, trainable tokens and saved
 base tensors are carried when every source holds the same bytes, or from the one source named by
 ``copies_from``; otherwise refused. Sources must adapt the same base: a module whose delta shapes
 differ is refused.
@@ -38,11 +39,12 @@ from ..formats.peft.reading import read_adapter
 from ..storage.header import TensorInfo
 from ..storage.staging import check_output_path
 from ..storage.tensor_source import TensorReader, TensorSource
+from ..storage.torch_io import SAFETENSORS_DTYPES
 from .modules import delta_shape, read_factors, refuse_unsupported, require_finite
-from .output import check_scales, numel, scale_one_config, write_peft_directory
+from .output import DEFAULT_DTYPE, check_dtype, check_scales, numel, output_dtype, scale_one_config, write_peft_directory
 from .parallel import map_modules
 from .report import AlgebraReport, ModuleRow
-from .svd import compute_dtype, factor_svd, lowrank_error, stacked, unflatten_factors
+from .svd import NonFiniteFactorError, compute_dtype, exact_product_error, factor_svd, stacked, thread_workspace, unflatten_factors
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -90,6 +92,7 @@ def combine(
     seed: int = 0,
     copies_from: Optional[int] = None,
     overwrite: bool = False,
+    dtype: str = DEFAULT_DTYPE,
 ) -> AlgebraReport:
     """Combine PEFT LoRA adapters (directories or Hub ids) with weights into one PEFT adapter.
 
@@ -97,16 +100,20 @@ def combine(
         sources: ``(path or Hub id, weight)`` per source.
         copies_from: index into ``sources`` of the one whose full copies / tokens / saved base
             tensors the output carries (otherwise they must be identical in every source).
+        dtype: ``fp32`` (default), ``bf16``, ``fp16`` or ``source`` (the module's source factors'
+            one dtype), the dtype of the combined factors; errors are measured as stored.
 
     Raises:
         InvalidConfigError: see :func:`check_options`; ``--rank`` above what the sources hold;
-            differing full copies and no ``copies_from``.
+            differing full copies and no ``copies_from``; an unknown ``dtype``, or ``source``
+            where a module's source factors differ in dtype.
         ShapeMismatchError: sources for different bases (a module's shapes differ).
         UnsupportedFeatureError: AdaLoRA, LoHa / LoKr, DoRA, ``lora_bias``, ``target_parameters``.
     """
     if not sources:
         raise InvalidConfigError("no source adapters given", hint="pass one or more ADAPTER[:WEIGHT]")
     check_options(method, rank=rank, density=density, majority_sign=majority_sign, weights=[w for _, w in sources])
+    check_dtype(dtype)
     if copies_from is not None and not 0 <= copies_from < len(sources):
         raise InvalidConfigError(f"--copies-from {copies_from} names no source", key="copies_from", hint=f"give 0 to {len(sources) - 1}")
     ckpts = [read_adapter(spec) for spec, _ in sources]
@@ -123,7 +130,7 @@ def combine(
     check_output_path(os.fspath(output), [c.directory for c in ckpts], overwrite=overwrite)  # before the work, not after
     extras, extras_doc = _extras(ckpts, sources, copies_from)
     how = {"method": method, "rank": rank, "density": density, "majority_sign": majority_sign if method in ("ties", "dare_ties") else None,
-           "seed": seed if method.startswith("dare") else None}
+           "seed": seed if method.startswith("dare") else None, "dtype": dtype}
     report = AlgebraReport("combine", "", "peft", [{"path": s, "weight": float(w)} for s, w in sources], how)
     prefix = ckpts[copies_from or 0].prefix  # the LoRA keys spelled like the carried ones
     tensors: dict[str, Any] = dict(extras)
@@ -133,7 +140,7 @@ def combine(
     def one(item: tuple[str, list[tuple[int, LoraModule]]]) -> tuple[torch.Tensor, torch.Tensor, ModuleRow]:
         path, present = item
         return _combine_module(path, present, [sources[i][1] for i, _ in present], readers, method=method, rank=rank,
-                               density=density, majority_sign=majority_sign, seed=seed)
+                               density=density, majority_sign=majority_sign, seed=seed, dtype=dtype)
 
     items = sorted(plan.items())
     try:
@@ -222,40 +229,49 @@ def _extras(ckpts: list[AdapterCheckpoint], sources: Sequence[tuple[str, float]]
 
 def _combine_module(
     path: str, present: list[tuple[int, LoraModule]], weights: list[float], readers: list[TensorReader], *, method: str,
-    rank: Optional[int], density: Optional[float], majority_sign: str, seed: int,
+    rank: Optional[int], density: Optional[float], majority_sign: str, seed: int, dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, ModuleRow]:
     """The combined factors of one module (2-D, output dtype) and its report row."""
+    dense = method in DENSE_METHODS
+    ws = None if dense else thread_workspace()  # dense methods run on the main thread, one module at a time
     bs, as_, scales = [], [], []
-    for i, m in present:
-        b, a, _, _ = read_factors(readers[i], m)
-        require_finite(m, b, a)
+    for j, (i, m) in enumerate(present):
+        b, a, _, _ = read_factors(readers[i], m, ws, slot=str(j))
+        if dense:
+            require_finite(m, b, a)
         bs.append(b)
         as_.append(a)
         scales.append(m.scaling)
-    dtypes = {t.dtype for t in (*bs, *as_)}
-    out_dtype = dtypes.pop() if len(dtypes) == 1 else compute_dtype(*dtypes)
-    dtype = compute_dtype(out_dtype)
-    total = sum(b.shape[1] for b in bs)
     m0 = present[0][1]
+    out_dtype = output_dtype(dtype, {t.dtype for t in (*bs, *as_)}, path=m0.tensors["lora_A"].file, key=path)
+    dtype_name = SAFETENSORS_DTYPES[out_dtype]
+    cdtype = compute_dtype(*{t.dtype for t in (*bs, *as_)})
+    total = sum(b.shape[1] for b in bs)
     indices = [i for i, _ in present]
-    sb, sa = stacked(bs, as_, [w * s for w, s in zip(weights, scales)])  # the exact weighted sum, rank Σrᵢ
-    if method == "cat":  # PEFT's bits: A·weight·scaling, B unchanged
-        nb = torch.cat([b.to(dtype) for b in bs], dim=1).to(out_dtype)
-        na = torch.cat([a.to(dtype) * w * s for a, w, s in zip(as_, weights, scales)], dim=0).to(out_dtype)
-        return nb, na, ModuleRow(path, m0.layer_kind, total, total, 1.0, lowrank_error(sb, sa, 1.0, nb, na), _norm(sb, sa), sources=indices)
-    if method == "linear" and rank is None:
-        nb, na = sb.to(out_dtype), sa.to(out_dtype)
-        return nb, na, ModuleRow(path, m0.layer_kind, total, total, 1.0, lowrank_error(sb, sa, 1.0, nb, na), _norm(sb, sa), sources=indices)
+    sb, sa = stacked(bs, as_, [w * s for w, s in zip(weights, scales)], workspace=ws)  # the exact weighted sum, rank Σrᵢ
+    if method in ("cat", "linear") and (method == "cat" or rank is None):
+        energy = _energy(sb, sa, present, bs, as_)
+        if method == "cat":  # PEFT's bits: A·weight·scaling, B unchanged, computed in float32 (float64 for float64 sources)
+            nb = torch.cat([b.to(cdtype) for b in bs], dim=1).to(out_dtype)
+            na = torch.cat([a.to(cdtype) * w * s for a, w, s in zip(as_, weights, scales)], dim=0).to(out_dtype)
+        else:
+            nb, na = sb.to(out_dtype, copy=True), sa.to(out_dtype, copy=True)  # sb / sa live in the thread's workspace
+        err = exact_product_error(sb, sa, nb, na, energy)
+        return nb, na, ModuleRow(path, m0.layer_kind, total, total, 1.0, err, energy**0.5, sources=indices, dtype=dtype_name)
     if method in ("linear", "svd"):
-        f = factor_svd(sb, sa)
+        try:
+            f = factor_svd(sb, sa, workspace=ws)
+        except NonFiniteFactorError:
+            _name_non_finite(present, bs, as_)
+            raise
         k = min(rank or total, f.singular_values.shape[0])
-        nb, na = f.factors(k, out_dtype)
-        return nb, na, ModuleRow(path, m0.layer_kind, total, k, f.retained_energy(k), f.error(nb, na), f.energy**0.5, sources=indices)
+        nb, na, err = f.truncate(k, out_dtype, ws)
+        return nb, na, ModuleRow(path, m0.layer_kind, total, k, f.retained_energy(k), err, f.energy**0.5, sources=indices, dtype=dtype_name)
     # ties / dare / magnitude_prune: dense deltas of this module only
-    deltas = [(b.to(dtype) @ a.to(dtype)) * s for b, a, s in zip(bs, as_, scales)]
+    deltas = [(b.to(cdtype) @ a.to(cdtype)) * s for b, a, s in zip(bs, as_, scales)]
     gens = [_generator(seed, i, path) for i in indices] if method.startswith("dare") else None
     merged = dense_merge(deltas, weights, method, density or 1.0, majority_sign, gens)
-    exact = sb.to(dtype) @ sa.to(dtype)
+    exact = sb.to(cdtype) @ sa.to(cdtype)
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     k = min(rank or total, s.shape[0])
     root = s[:k].sqrt()
@@ -264,15 +280,25 @@ def _combine_module(
     energy = float((s64**2).sum())
     kept = float((s64[:k] ** 2).sum()) / energy if energy else 1.0
     ref = float(torch.linalg.norm(exact.double()))
-    err = float(torch.linalg.norm((nb.to(dtype) @ na.to(dtype) - exact).double()))
+    err = float(torch.linalg.norm((nb.to(cdtype) @ na.to(cdtype) - exact).double()))
     row = ModuleRow(path, m0.layer_kind, total, k, kept, err / ref if ref else (0.0 if err == 0 else math.inf), ref, sources=indices,
-                    method_error=math.sqrt(max(0.0, 1 - kept)))
+                    method_error=math.sqrt(max(0.0, 1 - kept)), dtype=dtype_name)
     return nb, na, row
 
 
-def _norm(b: torch.Tensor, a: torch.Tensor) -> float:
-    b64, a64 = b.double(), a.double()
-    return max(float(((b64.T @ b64) * (a64 @ a64.T)).sum()), 0.0) ** 0.5
+def _name_non_finite(present: list[tuple[int, LoraModule]], bs: list[torch.Tensor], as_: list[torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteValuesError` naming the first source tensor that holds NaN or Inf (if any)."""
+    for (_, m), b, a in zip(present, bs, as_):
+        require_finite(m, b, a)
+
+
+def _energy(sb: torch.Tensor, sa: torch.Tensor, present: list[tuple[int, LoraModule]], bs: list[torch.Tensor], as_: list[torch.Tensor]) -> float:
+    """``‖B·A‖²_F`` of the stacked float64 factors from their Grams; a NaN / Inf (seen on their
+    diagonals) is named as the source tensor it is in."""
+    gb, ga = sb.T @ sb, sa @ sa.T
+    if not (bool(torch.isfinite(gb.diagonal()).all()) and bool(torch.isfinite(ga.diagonal()).all())):
+        _name_non_finite(present, bs, as_)
+    return max(float((gb * ga).sum()), 0.0)
 
 
 def _generator(seed: int, source: int, module: str) -> torch.Generator:

@@ -12,33 +12,28 @@ beside the output, fsync, rename). LoHa / LoKr modules and LoCon Tucker cores ar
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
-
-import torch
+from typing import Any
 
 from ..convert.foreign import write_safetensors_file
 from ..deltas.rank_rules import RankRule, kept_rank
 from ..errors import InvalidConfigError, UnsupportedFeatureError
 from ..formats.diffusion.diffusers_lora import METADATA_KEY
 from ..formats.diffusion.records import LORA
-from ..formats.locate import ForeignSource, locate_foreign
+from ..formats.locate import ForeignSource
 from ..storage.staging import check_output_file
 from ..storage.tensor_source import TensorReader
+from ..storage.torch_io import SAFETENSORS_DTYPES
 from .modules import check_factors, exact_svd
-from .output import check_scales, scale_one_config
+from .output import DEFAULT_DTYPE, check_dtype, check_scales, output_dtype, scale_one_config
 from .parallel import map_modules
 from .report import AlgebraReport, ModuleRow
-from .svd import flatten_factors, unflatten_factors
+from .svd import flatten_factors, thread_workspace, unflatten_factors
 
 
-def foreign_source(src: str, *, weight_name: Optional[str] = None, revision: Optional[str] = None) -> Optional[ForeignSource]:
-    """The kohya / diffusers file ``src`` names (a file, a folder, a Hub repo), or ``None`` for a PEFT directory."""
-    found = locate_foreign(src, weight_name=weight_name, revision=revision, download=True)
-    return found if found is not None and found.format != "peft" else None
-
-
-def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwrite: bool, shown: str) -> AlgebraReport:
-    """Resize every LoRA module of a kohya / diffusers file; the output is one ``.safetensors`` file."""
+def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwrite: bool, shown: str, dtype: str = DEFAULT_DTYPE) -> AlgebraReport:
+    """Resize every LoRA module of a kohya / diffusers file; the output is one ``.safetensors`` file
+    whose new factors (and scaled ``lora_up`` biases) are in ``dtype`` (see :func:`.resize.resize`)."""
+    check_dtype(dtype)
     ckpt = found.read()
     if ckpt.unknown_keys:
         raise UnsupportedFeatureError("holds a tensor adapterfmt does not understand", path=ckpt.file, key=ckpt.unknown_keys[0])
@@ -53,26 +48,30 @@ def resize_foreign(found: ForeignSource, output: str, *, rule: RankRule, overwri
         raise InvalidConfigError(f"--rank {int(rule.value)} is above the file's largest rank {top}", path=ckpt.file, key="rank",
                                  hint="resize only lowers ranks; pick a rank up to that")
     out = check_output_file(output, [found.path], overwrite=overwrite)  # before the work, not after
-    report = AlgebraReport("resize", "", ckpt.format, [{"path": shown, "weight": 1.0}], rule.as_dict())
+    report = AlgebraReport("resize", "", ckpt.format, [{"path": shown, "weight": 1.0}], {**rule.as_dict(), "dtype": dtype})
     changes: dict[str, Any] = {}
     ranks: dict[str, dict[str, int]] = {}  # component -> module name -> rank (diffusers metadata)
     with TensorReader() as reader:
 
         def one(m: Any) -> tuple[Any, int, dict[str, Any], ModuleRow]:
-            down, up = reader.get(m.tensors["lora_down"]), reader.get(m.tensors["lora_up"])
-            check_factors(up, down, m.tensors["lora_down"].file, m.keys["lora_down"], m.keys["lora_up"])
+            ws = thread_workspace()
+            i_down, i_up = m.tensors["lora_down"], m.tensors["lora_up"]
+            down = reader.read(i_down, into=ws.raw("read.A", i_down.nbytes) if i_down.start >= 0 else None)
+            up = reader.read(i_up, into=ws.raw("read.B", i_up.nbytes) if i_up.start >= 0 else None)
+            check_factors(up, down, i_down.file, m.keys["lora_down"], m.keys["lora_up"])
             b2, a2 = flatten_factors(up, down)
-            f = exact_svd(b2, a2, m.scaling, m.tensors["lora_down"].file, m.keys["lora_down"], m.keys["lora_up"])
-            k = kept_rank(f.singular_values, rule)
-            nb, na = f.factors(k, b2.dtype)
-            out_up, out_down = unflatten_factors(nb, na, tuple(up.shape), tuple(down.shape))
             label = f"{m.component}.{m.name}" if m.component else m.name
-            row = ModuleRow(label, m.layer_kind or "linear", int(m.rank or a2.shape[0]), k, f.retained_energy(k), f.error(nb, na), f.energy**0.5,
-                            dora=m.dora_scale is not None or "magnitude" in m.tensors)
+            out_dtype = output_dtype(dtype, (b2.dtype, a2.dtype), path=i_down.file, key=m.keys["lora_down"])
+            f = exact_svd(b2, a2, m.scaling, i_down.file, m.keys["lora_down"], m.keys["lora_up"], ws)
+            k = kept_rank(f.singular_values, rule)
+            nb, na, err = f.truncate(k, out_dtype, ws)
+            out_up, out_down = unflatten_factors(nb, na, tuple(up.shape), tuple(down.shape))
+            row = ModuleRow(label, m.layer_kind or "linear", int(m.rank or a2.shape[0]), k, f.retained_energy(k), err, f.energy**0.5,
+                            dora=m.dora_scale is not None or "magnitude" in m.tensors, dtype=SAFETENSORS_DTYPES[out_dtype])
             new = {m.keys["lora_up"]: ("tensor", out_up), m.keys["lora_down"]: ("tensor", out_down)}
             if "lora_up.bias" in m.tensors:  # scaled with the factors; the new scale is 1
                 bias = reader.get(m.tensors["lora_up.bias"])
-                new[m.keys["lora_up.bias"]] = ("tensor", (bias.double() * m.scaling).to(bias.dtype))
+                new[m.keys["lora_up.bias"]] = ("tensor", (bias.double() * m.scaling).to(out_dtype))
             return m, k, new, row
 
         for m, k, new, row in map_modules(one, ckpt.modules):

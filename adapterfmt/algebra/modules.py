@@ -16,7 +16,7 @@ from ..checkpoint.adalora import is_adalora
 from ..checkpoint.records import AdapterCheckpoint, LoraModule
 from ..errors import InconsistentAdapterError, NonFiniteValuesError, UnsupportedFeatureError
 from ..storage.tensor_source import TensorReader
-from .svd import FactorSVD, NonFiniteFactorError, factor_svd, flatten_factors
+from .svd import FactorSVD, NonFiniteFactorError, Workspace, factor_svd, flatten_factors
 
 
 def refuse_unsupported(ckpt: AdapterCheckpoint, source: str, *, allow_dora: bool = True, allow_bias: bool = True) -> None:
@@ -46,11 +46,18 @@ def refuse_unsupported(ckpt: AdapterCheckpoint, source: str, *, allow_dora: bool
         raise UnsupportedFeatureError(why[0], path=source, key=why[1])
 
 
-def read_factors(reader: TensorReader, m: LoraModule) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+def read_factors(
+    reader: TensorReader, m: LoraModule, workspace: Optional[Workspace] = None, slot: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """``(B, A, B's shape, A's shape)``: the module's factors as flattened 2-D matrices in their
-    stored dtype, and the stored shapes to write new factors back in."""
-    a = reader.get(m.tensors["lora_A"])
-    b = reader.get(m.tensors["lora_B"])
+    stored dtype, and the stored shapes to write new factors back in. With ``workspace``, file
+    tensors are read into its byte buffers ``read.B{slot}`` / ``read.A{slot}`` (valid until reused)."""
+    ia, ib = m.tensors["lora_A"], m.tensors["lora_B"]
+    if workspace is None:
+        a, b = reader.get(ia), reader.get(ib)
+    else:
+        a = reader.read(ia, into=workspace.raw(f"read.A{slot}", ia.nbytes) if ia.start >= 0 else None)
+        b = reader.read(ib, into=workspace.raw(f"read.B{slot}", ib.nbytes) if ib.start >= 0 else None)
     check_factors(b, a, m.tensors["lora_A"].file, m.keys["lora_A"], m.keys["lora_B"])
     b2, a2 = flatten_factors(b, a)
     return b2, a2, tuple(b.shape), tuple(a.shape)
@@ -81,14 +88,15 @@ def require_finite(m: LoraModule, b: torch.Tensor, a: torch.Tensor) -> None:
                                        hint="the adapter diverged in training; nothing can be computed from it")
 
 
-def exact_svd(b: torch.Tensor, a: torch.Tensor, scale: float, file: str, a_key: str, b_key: str) -> FactorSVD:
+def exact_svd(b: torch.Tensor, a: torch.Tensor, scale: float, file: str, a_key: str, b_key: str,
+              workspace: Optional[Workspace] = None) -> FactorSVD:
     """:func:`~.svd.factor_svd` of one module, a NaN / Inf in a factor named as the tensor it is in.
 
     Raises:
         NonFiniteValuesError: ``lora_A`` / ``lora_B`` (``a_key`` / ``b_key``) holds NaN or Inf.
     """
     try:
-        return factor_svd(b, a, scale)
+        return factor_svd(b, a, scale, workspace=workspace)
     except NonFiniteFactorError as e:
         raise NonFiniteValuesError("holds NaN or Inf values", path=file, key=a_key if e.which == "A" else b_key,
                                    hint="the adapter diverged in training; nothing can be computed from it") from None

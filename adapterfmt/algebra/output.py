@@ -13,13 +13,13 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..checkpoint.config import parse_config
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE
-from ..errors import InconsistentAdapterError
+from ..errors import InconsistentAdapterError, InvalidConfigError
 from ..storage.header import TensorInfo
 from ..storage.safetensors_stream import ShardWriter, TensorSpec
 from ..storage.staging import StagedDirectory, check_output_path, clean_stale
@@ -28,6 +28,41 @@ from ..storage.torch_io import SAFETENSORS_DTYPES, tensor_bytes
 
 #: An output tensor: computed, or copied unchanged from a source (its :class:`TensorInfo`).
 Item = Union[torch.Tensor, TensorInfo]
+
+#: ``--dtype``: the dtype of every tensor resize / combine compute (factors, a scaled ``lora_B``
+#: bias); ``source`` keeps the dtype of the module's source factors. Copied tensors keep theirs.
+OUTPUT_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "source": None}
+
+#: The default: float32, as PEFT's ``add_weighted_adapter`` and kohya's ``resize_lora.py`` write.
+DEFAULT_DTYPE = "fp32"
+
+
+def check_dtype(option: str) -> None:
+    """Refuse an unknown ``--dtype`` before anything is read.
+
+    Raises:
+        InvalidConfigError: not one of :data:`OUTPUT_DTYPES`.
+    """
+    if option not in OUTPUT_DTYPES:
+        raise InvalidConfigError(f"unknown --dtype {option!r}", key="dtype", hint=f"use one of {', '.join(OUTPUT_DTYPES)}")
+
+
+def output_dtype(option: str, sources: Iterable[torch.dtype], *, path: str, key: str) -> torch.dtype:
+    """The dtype a module's computed tensors are written in: ``option``'s, or for ``source`` the
+    one dtype of the module's source factors (``sources``).
+
+    Raises:
+        InvalidConfigError: ``source`` with factors of more than one dtype (no dtype to keep).
+    """
+    chosen = OUTPUT_DTYPES[option]
+    if chosen is not None:
+        return chosen
+    found = set(sources)
+    if len(found) != 1:
+        names = ", ".join(sorted(SAFETENSORS_DTYPES[d] for d in found))
+        raise InvalidConfigError(f"--dtype source is ambiguous: the module's source factors are {names}", path=path, key=key,
+                                 hint="pass --dtype fp32, bf16 or fp16")
+    return found.pop()
 
 
 def numel(t: Item) -> int:

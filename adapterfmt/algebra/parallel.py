@@ -4,7 +4,8 @@ The per-module work of ``resize`` and of ``combine``'s factor methods is a few s
 an r×r eigendecomposition / SVD. torch's intra-op threads make those slower, not faster (a 64×64
 ``eigh`` takes 1 ms on one thread and 40 ms on two threads of a busy machine), so the work is
 spread over modules instead: torch set to one thread, a pool of workers (torch releases the GIL in
-its kernels), results in input order. The previous thread count is restored afterwards.
+its kernels), results in input order. The previous thread count is restored afterwards, and the
+per-thread work buffers (:func:`~.svd.thread_workspace`) are dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
 import torch
+
+from .svd import release_workspace
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,3 +38,4 @@ def map_modules(fn: Callable[[T], R], items: Iterable[T], *, workers: "int | Non
             return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(previous)
+        release_workspace()  # the workers' buffers go with their threads; the caller's (one worker) here

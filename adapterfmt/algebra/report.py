@@ -27,12 +27,15 @@ class ModuleRow:
     dora: bool = False
     sources: Optional[list[int]] = None  #: combine: indices of the sources that hold the module
     method_error: Optional[float] = None  #: ties / dare / magnitude_prune: ‖D − Δ′‖/‖D‖ of the merged dense D
+    dtype: Optional[str] = None  #: the written factors' safetensors dtype (``F32``, ``BF16``, ...)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "module": self.module, "layer_kind": self.layer_kind, "old_rank": self.old_rank, "new_rank": self.new_rank,
             "retained_energy": self.retained_energy, "error": self.error, "norm": self.norm, "dora": self.dora,
         }
+        if self.dtype is not None:
+            d["dtype"] = self.dtype
         if self.sources is not None:
             d["sources"] = self.sources
         if self.method_error is not None:

@@ -84,8 +84,11 @@ class TensorSource:
         """The in-memory tensor of ``info`` (``info.start < 0``)."""
         return self._memory[info.file][info.key]
 
-    def read(self, info: TensorInfo, rows: Optional[tuple[int, int]] = None) -> Any:
+    def read(self, info: TensorInfo, rows: Optional[tuple[int, int]] = None, *, into: Optional[bytearray] = None) -> Any:
         """The tensor ``info`` (rows ``rows[0]:rows[1]`` of it) as a torch tensor in its stored dtype.
+
+        ``into``: a reused buffer of at least the tensor's size to read into (the tensor is a view
+        of it, valid until the buffer is reused) instead of a fresh one.
 
         Raises:
             UnsupportedFeatureError: a dtype torch cannot compute with.
@@ -106,9 +109,13 @@ class TensorSource:
         if rows is not None:
             row = info.nbytes // info.shape[0]
             start, length, shape = info.start + rows[0] * row, (rows[1] - rows[0]) * row, (rows[1] - rows[0], *info.shape[1:])
-        raw = self.read_bytes(info.file, start, length, key=info.key)
-        # frombuffer shares the fresh bytearray's memory: no copy, and the tensor is writable
-        buf = torch.frombuffer(raw, dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
+        if into is not None and len(into) >= length:
+            raw = into
+            self.read_into(info.file, start, memoryview(into)[:length], key=info.key)
+        else:
+            raw = self.read_bytes(info.file, start, length, key=info.key)
+        # frombuffer shares the bytearray's memory: no copy, and the tensor is writable
+        buf = torch.frombuffer(raw, dtype=torch.uint8, count=length) if length else torch.empty(0, dtype=torch.uint8)
         return buf.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
     def same_bytes(self, a: TensorInfo, b: TensorInfo) -> bool:

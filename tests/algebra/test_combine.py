@@ -1,7 +1,11 @@
 """``adapterfmt combine`` against PEFT and dense float64 deltas.
 
 We test:
-* ``cat`` gives PEFT's ``add_weighted_adapter(..., "cat")`` factors bit for bit (float32 sources);
+* ``cat`` gives PEFT's ``add_weighted_adapter(..., "cat")`` factors bit for bit (float32 sources, and
+  bf16 sources at the default ``--dtype fp32``; ``--dtype source`` keeps bf16);
+* bf16 sources, ``svd --rank k``: float32 factors by default whose error against the exact weighted
+  sum (dense float64 oracle) is at most PEFT's ``"svd"`` result's and is what the report says;
+  ``--dtype source`` with sources of different dtypes is refused;
 * ``svd`` at full rank gives PEFT's ``"svd"`` delta (``svd_rank`` = Σr); ``svd`` / ``linear`` with
   ``--rank`` give the best rank-k approximation of the exact weighted sum Σ wᵢ·sᵢ·Bᵢ·Aᵢ, with each
   source's own scale (an rsLoRA source next to a plain one: peft #3761), and the report's error;
@@ -16,10 +20,11 @@ We test:
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from _algebra_helpers import best_rank, make_peft_adapter, mlp_stack, peft_deltas, rel
 from conftest import assert_one_error_line
@@ -95,13 +100,22 @@ def test_truncated_is_the_best_rank_k_of_the_exact_weighted_sum(pair, run_cli, t
         assert rows[path]["sources"] == ([0, 1] if path in drs else [0])
 
 
-def test_linear_without_rank_is_exact(pair, run_cli, tmp_path):
+@pytest.mark.parametrize("f64", [False, True])
+def test_linear_without_rank_is_exact(pair, run_cli, tmp_path, f64):
+    a, rs = pair["a"], pair["rs"]
+    if f64:  # float64 sources kept as float64 (--dtype source): exact to float64 rounding
+        a, rs = _dtype_copy(a, tmp_path / "a64", torch.float64), _dtype_copy(rs, tmp_path / "rs64", torch.float64)
     out = tmp_path / "lin"
-    assert run_cli("combine", f"{pair['a']}:1.5", f"{pair['rs']}:0.25", "-o", out, "--method", "linear").exit_code == 0
-    got = peft_deltas(mlp_stack, out)
-    for path, d in got.items():
+    r = run_cli("combine", f"{a}:1.5", f"{rs}:0.25", "-o", out, "--method", "linear", "--json", *(("--dtype", "source") if f64 else ()))
+    assert r.exit_code == 0, r
+    written = load_file(out / "adapter_model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float64 if f64 else torch.float32}
+    rows = {m["module"]: m for m in r.json()["modules"]}
+    for path in rows:
+        b_, a_ = (written[f"base_model.model.{path}.lora_{x}.weight"].double() for x in ("B", "A"))
         exact = 1.5 * pair["deltas"]["a"][path] + (0.25 * pair["deltas"]["rs"][path] if path in pair["deltas"]["rs"] else 0)
-        assert rel(d, exact) < 1e-6
+        assert rel(b_ @ a_, exact) < (1e-13 if f64 else 1e-6), path
+        assert math.isclose(rows[path]["error"], rel(b_ @ a_, exact), rel_tol=1e-6, abs_tol=1e-15)
 
 
 @pytest.mark.parametrize("method,kw", [("ties", {"majority_sign_method": "total"}), ("ties", {"majority_sign_method": "frequency"}),
@@ -165,6 +179,82 @@ def test_full_copies_identical_carried_differing_refused(run_cli, tmp_path):
     assert r.exit_code == 0, r
 
 
+def _dtype_copy(src, dst, dtype):
+    shutil.copytree(src, dst)
+    save_file({k: v.to(dtype) for k, v in load_file(src / "adapter_model.safetensors").items()},
+              str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _bf16_copy(src, dst):
+    return _dtype_copy(src, dst, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    out = {"a": _bf16_copy(pair["a"], root / "a"), "b": _bf16_copy(pair["b"], root / "b")}
+    out["deltas"] = {n: peft_deltas(mlp_stack, p) for n, p in out.items()}
+    return out
+
+
+def test_bf16_sources_svd_error_at_most_peft(bf16_pair, run_cli, tmp_path):
+    out = tmp_path / "svd"
+    r = run_cli("combine", f"{bf16_pair['a']}:0.7", f"{bf16_pair['b']}:-0.5", "-o", out, "--method", "svd", "--rank", "3", "--json")
+    assert r.exit_code == 0, r
+    doc = r.json()
+    assert doc["dtype"] == "fp32" and {m["dtype"] for m in doc["modules"]} == {"F32"}
+    rows = {m["module"]: m for m in doc["modules"]}
+    pm = _peft_combined(bf16_pair, ["a", "b"], [0.7, -0.5], "svd", svd_rank=3)
+    got = peft_deltas(mlp_stack, out)
+    da, db = bf16_pair["deltas"]["a"], bf16_pair["deltas"]["b"]
+    for i in range(13):
+        path = f"blocks.{i}.fc1"  # held by both sources
+        exact = 0.7 * da[path] - 0.5 * db[path]
+        # PEFT's factors as stored (float32), multiplied in float64 like ours: get_delta_weight's float32
+        # product adds rounding noise of the first order, which can land on either side of the optimum
+        layer = pm.base_model.model.get_submodule(path)
+        peft = (layer.lora_B["mix"].weight.detach().double() @ layer.lora_A["mix"].weight.detach().double()) * layer.scaling["mix"]
+        s = torch.linalg.svdvals(exact)
+        bound = float((s[3:] ** 2).sum().sqrt() / torch.linalg.norm(exact))  # Eckart–Young: no rank-3 result does better
+        ours = rel(got[path], exact)
+        assert math.isclose(rows[path]["error"], ours, rel_tol=1e-9)  # the report: the error as stored
+        assert bound * (1 - 1e-14) <= ours <= rel(peft, exact), (path, bound, ours, rel(peft, exact))
+
+
+def test_bf16_sources_cat_is_peft_bit_for_bit_in_float32(bf16_pair, run_cli, tmp_path):
+    out = tmp_path / "cat"
+    assert run_cli("combine", f"{bf16_pair['a']}:0.7", f"{bf16_pair['b']}:-0.5", "-o", out, "--method", "cat").exit_code == 0
+    ours = load_file(out / "adapter_model.safetensors")
+    pm = _peft_combined(bf16_pair, ["a", "b"], [0.7, -0.5], "cat")
+    for i in range(13):
+        path = f"blocks.{i}.fc1"
+        layer = pm.base_model.model.get_submodule(path)
+        for side in ("A", "B"):
+            want = getattr(layer, f"lora_{side}")["mix"].weight.detach()
+            got = ours[f"base_model.model.{path}.lora_{side}.weight"]
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), (path, side)
+    out2 = tmp_path / "cat16"
+    r = run_cli("combine", f"{bf16_pair['a']}:0.7", f"{bf16_pair['b']}:-0.5", "-o", out2, "--method", "cat", "--dtype", "source", "--json")
+    assert r.exit_code == 0, r
+    assert {v.dtype for v in load_file(out2 / "adapter_model.safetensors").values()} == {torch.bfloat16}
+    got = peft_deltas(mlp_stack, out2)
+    for row in r.json()["modules"]:
+        path = row["module"]
+        exact = 0.7 * bf16_pair["deltas"]["a"][path] + (-0.5 * bf16_pair["deltas"]["b"][path] if path in bf16_pair["deltas"]["b"] else 0)
+        assert row["dtype"] == "BF16" and math.isclose(row["error"], rel(got[path], exact), rel_tol=1e-9)
+
+
+def test_dtype_source_with_mixed_sources_refused(pair, bf16_pair, run_cli, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("combine", pair["a"], bf16_pair["b"], "-o", out, "--method", "svd", "--dtype", "source")
+    assert_one_error_line(r, "--dtype source is ambiguous", "BF16, F32")
+    assert not out.exists()
+    r = run_cli("combine", pair["a"], bf16_pair["b"], "-o", out, "--method", "svd", "--dtype", "fp16")
+    assert r.exit_code == 0, r
+    assert {v.dtype for v in load_file(out / "adapter_model.safetensors").values()} == {torch.float16}
+
+
 def test_bad_input_one_line_nothing_written(pair, run_cli, tmp_path):
     from _algebra_helpers import conv_embed_net
 
@@ -180,6 +270,7 @@ def test_bad_input_one_line_nothing_written(pair, run_cli, tmp_path):
         ((pair["a"], pair["b"], "--method", "average"), ("unknown combine method",)),
         ((pair["a"], pair["b"], "--method", "cat", "--rank", "2"), ("does not apply to cat",)),
         ((pair["a"], pair["b"], "--method", "ties", "--density", "0.5", "--majority-sign", "most"), ("majority sign",)),
+        ((pair["a"], pair["b"], "--method", "svd", "--dtype", "float8"), ("unknown --dtype",)),
     ]
     for args, words in cases:
         r = run_cli("combine", *args, "-o", out)

@@ -4,6 +4,11 @@ We test:
 * :func:`factor_svd`: singular values, best rank-k factors and the errors equal the dense float64
   SVD of ``s·B·A`` for small and medium shapes, rank-deficient and zero factors, float32 / bf16
   storage, and convolution layouts flattened as PEFT does;
+* :meth:`FactorSVD.truncate`: the factors rounded to float32 / bf16 / float16 / float64 and their
+  error as stored equal the dense float64 oracle ‖Δ − B′·A′‖/‖Δ‖ to 10⁻⁹ relative (including a
+  full-rank "truncation", where the error is the rounding alone), with or without a reused
+  per-thread :class:`Workspace`; a dense delta (min(m, n) ≤ r) exactly; rank-deficient factors to
+  float64 rounding of ‖Δ‖² (√ε₆₄ of ‖Δ‖);
 * :func:`lowrank_error` equals the dense ‖Δ − Δ′‖/‖Δ‖;
 * :func:`kept_rank`: each rule is the smallest / largest k its definition allows (brute force over
   k), without kohya's extra singular value; :func:`make_rule` refuses values outside each range.
@@ -17,7 +22,7 @@ import pytest
 import torch
 
 from adapterfmt.deltas.rank_rules import kept_rank, make_rule
-from adapterfmt.algebra.svd import factor_svd, flatten_factors, lowrank_error, stacked, unflatten_factors
+from adapterfmt.algebra.svd import Workspace, exact_product_error, factor_svd, flatten_factors, lowrank_error, stacked, unflatten_factors
 from adapterfmt.errors import InvalidConfigError
 
 
@@ -81,6 +86,63 @@ def test_low_precision_storage_is_exact_for_the_stored_values(dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert float(torch.linalg.norm(nb.double() @ na.double() - best)) <= tol * float(torch.linalg.norm(best))
     assert abs(f.error(nb, na) - float(torch.linalg.norm(nb.double() @ na.double() - dense) / torch.linalg.norm(dense))) < 1e-7
+
+
+def _dense_rel(dense: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    return float(torch.linalg.norm(dense - b2.double() @ a2.double()) / torch.linalg.norm(dense))
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_truncate_error_is_the_dense_error_of_the_stored_factors(source, out):
+    ws = Workspace()
+    for m, n, r, seed in ((300, 200, 32, 5), (64, 48, 8, 6)):  # one workspace, two shapes: buffers reused
+        b, a = _factors(m, n, r, seed=seed, dtype=source)
+        dense = 0.7 * b.double() @ a.double()
+        for k in (1, r // 2, r):
+            f = factor_svd(b, a, 0.7, workspace=ws)
+            nb, na, err = f.truncate(k, out, ws)
+            assert nb.dtype == na.dtype == out and nb.shape == (m, k) and na.shape == (k, n)
+            want = _dense_rel(dense, nb, na)
+            assert math.isclose(err, want, rel_tol=1e-9, abs_tol=1e-13), (m, k, err, want)
+            assert want >= f.truncation_error(k) * (1 - 1e-12)  # never below Eckart–Young's bound
+            nb2, na2, err2 = factor_svd(b, a, 0.7).truncate(k, out)  # no workspace: the same bits
+            assert torch.equal(nb, nb2) and torch.equal(na, na2) and err == err2
+            if out == torch.float32 and k == r:
+                assert 1e-9 < err < 1e-6  # the float32 rounding alone, measured (not taken as zero)
+
+
+@pytest.mark.parametrize("near", [0.0, 1e-7, 3e-7])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_truncate_rank_deficient_factors(near, out):
+    # a repeated (near = 0) or nearly repeated direction in B and a nearly zero row of A: both Grams
+    # have eigenvalues below the floor, taken as zero (the factors are those of Δ without them); the
+    # error comes from the cross-product formula, exact to float64 rounding of ‖Δ‖², i.e. to about
+    # √ε₆₄·‖Δ‖ (10⁻⁷ here) — the resolution of a Gram matrix for directions that small
+    b, a = _factors(40, 30, 6, seed=1)
+    g = torch.Generator().manual_seed(9)
+    b[:, 3] = b[:, 0] + near * torch.randn(40, generator=g, dtype=torch.float64)
+    a[5] = near * torch.randn(30, generator=g, dtype=torch.float64)
+    dense = 0.9 * b @ a
+    f = factor_svd(b, a, 0.9)
+    for k in (2, 4, 5, 6):
+        nb, na, err = f.truncate(k, out)
+        want = _dense_rel(dense, nb, na)
+        assert math.isclose(err, want, rel_tol=1e-9, abs_tol=3e-7), (k, err, want)
+
+
+def test_truncate_zero_delta():
+    nb, na, err = factor_svd(torch.zeros(10, 3), torch.randn(3, 8)).truncate(2, torch.bfloat16)
+    assert err == 0.0 and float(nb.abs().max()) == 0.0 and float(na.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_exact_product_error_is_the_rounding_of_an_exact_output(out):
+    parts = [_factors(50, 40, r, seed=r, dtype=torch.bfloat16) for r in (3, 5)]
+    b, a = stacked([p[0] for p in parts], [p[1] for p in parts], [0.3, -1.7])
+    energy = float(torch.linalg.norm(b @ a)) ** 2
+    nb, na = b.to(out), a.to(out)
+    assert math.isclose(exact_product_error(b, a, nb, na, energy), _dense_rel(b @ a, nb, na), rel_tol=1e-9)
 
 
 def test_conv_layout_round_trip():

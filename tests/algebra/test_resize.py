@@ -130,14 +130,17 @@ def _kohya_file(path, rank=6):
     return t
 
 
-def test_kohya_file_resized_in_its_own_format(run_cli, tmp_path):
+@pytest.mark.parametrize("dtype,want,tol", [(None, torch.float32, 1e-6), ("source", torch.float16, 2e-3), ("bf16", torch.bfloat16, 1e-2)])
+def test_kohya_file_resized_in_its_own_format(run_cli, tmp_path, dtype, want, tol):
     src = tmp_path / "lora.safetensors"
     t = _kohya_file(src)
     before = src.read_bytes()
     out = tmp_path / "small.safetensors"
-    r = run_cli("resize", src, "-o", out, "--rank", "2", "--json")
+    r = run_cli("resize", src, "-o", out, "--rank", "2", "--json", *(("--dtype", dtype) if dtype else ()))
     assert r.exit_code == 0, r
-    assert r.json()["format"] == "kohya"
+    doc = r.json()
+    assert doc["format"] == "kohya" and doc["dtype"] == (dtype or "fp32")
+    rows = {m["module"]: m for m in doc["modules"]}
     new = load_file(out)
     assert set(new) == set(t)
     for name in ("lora_unet_mid_block_proj_in", "lora_unet_up_blocks_0_ff", "lora_unet_down_blocks_0_conv"):
@@ -145,9 +148,13 @@ def test_kohya_file_resized_in_its_own_format(run_cli, tmp_path):
         scale = float(t[f"{name}.alpha"]) / 6 if f"{name}.alpha" in t else 1.0
         delta = scale * up.flatten(1) @ down.flatten(1)
         nu, nd = new[f"{name}.lora_up.weight"], new[f"{name}.lora_down.weight"]
-        assert nu.dtype == torch.float16 and nd.shape[0] == 2 and nd.shape[1:] == t[f"{name}.lora_down.weight"].shape[1:]
+        assert nu.dtype == nd.dtype == want and nd.shape[0] == 2 and nd.shape[1:] == t[f"{name}.lora_down.weight"].shape[1:]
         nscale = float(new[f"{name}.alpha"]) / 2 if f"{name}.alpha" in new else 1.0
-        assert rel(nscale * nu.double().flatten(1) @ nd.double().flatten(1), best_rank(delta, 2)) < 2e-3  # float16 factors
+        written = nscale * nu.double().flatten(1) @ nd.double().flatten(1)
+        assert rel(written, best_rank(delta, 2)) < tol  # the factors' own rounding
+        row = rows["unet." + name.removeprefix("lora_unet_")]
+        assert row["dtype"] == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[want]
+        assert math.isclose(row["error"], rel(written, delta), rel_tol=1e-9)  # the error as stored
     assert src.read_bytes() == before
 
 
@@ -162,6 +169,7 @@ def test_bad_input_one_line_nothing_written(mlp_adapter, run_cli, tmp_path):
         (("--cumulative", "0"), ("(0, 1]",)),
         (("--ratio", "0.5"), ("at least 1",)),
         (("--rank", "2.5"), ("whole number",)),
+        (("--rank", "2", "--dtype", "fp8"), ("unknown --dtype", "fp32, bf16, fp16, source")),
     ]:
         r = run_cli("resize", src, "-o", out, *args)
         assert_one_error_line(r, *words)
@@ -236,3 +244,41 @@ def test_loha_and_tucker_files_refused(run_cli, tmp_path):
     r = run_cli("resize", tmp_path / "tucker.safetensors", "-o", tmp_path / "o.safetensors", "--rank", "1")
     assert_one_error_line(r, "lora_mid")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype,want", [(None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("source", torch.bfloat16)])
+def test_dtype_of_the_written_factors_and_error_as_stored(mlp_adapter, run_cli, tmp_path, dtype, want):
+    src, _ = mlp_adapter
+    bf = tmp_path / "bf16"  # the same adapter stored in bf16: its deltas are the reference
+    shutil.copytree(src, bf)
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(src / "adapter_model.safetensors").items()},
+              str(bf / "adapter_model.safetensors"), metadata={"format": "pt"})
+    deltas = peft_deltas(mlp_stack, bf)
+    out = tmp_path / "out"
+    r = run_cli("resize", bf, "-o", out, "--rank", "3", "--json", *(("--dtype", dtype) if dtype else ()))
+    assert r.exit_code == 0, r
+    doc = r.json()
+    assert doc["dtype"] == (dtype or "fp32")
+    written = load_file(out / "adapter_model.safetensors")
+    assert {v.dtype for k, v in written.items() if "lora_" in k} == {want}
+    got = peft_deltas(mlp_stack, out)
+    for row in doc["modules"]:
+        assert row["dtype"] == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[want]
+        path = row["module"]
+        assert math.isclose(row["error"], rel(got[path], deltas[path]), rel_tol=1e-9)  # as stored, float64 dense oracle
+
+
+def test_dtype_source_with_mixed_factor_dtypes_refused(mlp_adapter, run_cli, tmp_path):
+    src, _ = mlp_adapter
+    mixed = tmp_path / "mixed"
+    shutil.copytree(src, mixed)
+    t = load_file(src / "adapter_model.safetensors")
+    key = sorted(k for k in t if k.endswith("lora_B.weight"))[0]
+    t[key] = t[key].to(torch.bfloat16)
+    save_file(t, str(mixed / "adapter_model.safetensors"), metadata={"format": "pt"})
+    before = (mixed / "adapter_model.safetensors").read_bytes()
+    out = tmp_path / "out"
+    r = run_cli("resize", mixed, "-o", out, "--rank", "2", "--dtype", "source")
+    assert_one_error_line(r, "--dtype source is ambiguous", "BF16, F32", "--dtype fp32")
+    assert not out.exists() and (mixed / "adapter_model.safetensors").read_bytes() == before
+    assert run_cli("resize", mixed, "-o", out, "--rank", "2").exit_code == 0  # fp32: no ambiguity
