@@ -26,8 +26,9 @@ The target per module comes from the rule:
     the other Ritz vectors). It certifies a delta whose spectrum drops somewhere after ``N`` to
     a tail of energy below ``θ_K``: a fine-tune with a noisy tail.
 
-  The sketch is widened by ``U / θ_N`` columns (at most that many eigenvalues above ``θ_N`` are
-  outside it) while ``U > θ_N``; up to half the full rank, then the exact SVD.
+  While ``U > θ_N`` (eigenvalues above ``θ_N`` may lie outside) the sketch is widened by
+  ``U / θ_l`` columns plus the oversampling (at most that many eigenvalues the size of its
+  smallest Ritz value ``θ_l`` are outside), up to half the full rank; then the exact SVD.
 
 A randomized result that misses its target is replaced by ``torch.linalg.svd`` (``method:
 exact``). ``svd="randomized"`` accepts the randomized result of ``--rank`` without the
@@ -259,8 +260,9 @@ def _randomized(
         if _gap_bound(theta, norms, k, outside) <= allowed:
             a, b = _factors(theta, v, y, k, transposed, dtype)
             return Factors(a, b, k, total, residual(delta, b, a), "randomized")
-        if outside > float(theta[k - 1]):  # eigenvalues above θ_N may lie outside: widen by as many
+        if outside > float(theta[k - 1]):  # eigenvalues above θ_N may lie outside: widen past as many as the smallest Ritz value's size
             if sketch.width >= cap:
                 return None
-            sketch.widen(min(cap, sketch.width + math.ceil(outside / max(float(theta[k - 1]), 1e-300 * total)) + width - k))
+            smallest = max(float(theta[-1]), 1e-12 * total)
+            sketch.widen(min(cap, sketch.width + math.ceil(outside / smallest) + width - k))
     return None
