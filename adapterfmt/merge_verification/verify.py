@@ -38,7 +38,7 @@ from ..checkpoint.keys import split_param, weight_key
 from ..errors import MergeError, ModelMismatchError
 from ..formats.peft.reading import AdapterCheckpoint, read_adapter
 from ..merging.checks import FLOAT_DTYPES
-from ..merging.compute import BLOCK_ELEMENTS, kernel_blocks, on_callers_threads, tensor_blocks, term_delta
+from ..merging.compute import BLOCK_ELEMENTS, Workspace, kernel_blocks, on_callers_threads, tensor_blocks, term_delta
 from ..merging.kernel import BlockedMerge
 from ..merging.plan import CONVERT, COPY, MERGE, REPLACE, LoraTerm, PlannedTensor, plan_merge
 from ..storage.header import TensorInfo
@@ -320,7 +320,9 @@ class _Checker:
         self.merged[t.key] = t
         if self.tolerance == "exact" and self._merge_kernel_equal(t, info):
             return TensorVerdict(t.key, t.action, True, V.OK, path=PEFT_DEFAULT)
-        deltas = [term_delta(term, self.source, t.shape) for term in t.terms]
+        if not hasattr(self.local, "workspace"):
+            self.local.workspace = Workspace()
+        deltas = [term_delta(term, self.source, t.shape, self.local.workspace, slot) for slot, term in enumerate(t.terms)]
         if any(d is None for d in deltas):  # DoRA, token rows: the merge's own whole-tensor path only
             w = self.source.read(t.source).float()
             expected = next(tensor_blocks(t, self.source, None))
@@ -332,9 +334,8 @@ class _Checker:
             numbers = dict(max_error=stats.max_error, mean_error=stats.mean_error, worst_ulps=stats.worst_ulps)
         else:
             total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
-            matched, max_err, sum_err = self._paths(t, info, deltas, out_dtype, base_dtype)
+            matched, (max_err, sum_err, max_delta, sum_delta) = self._paths(t, info, deltas, out_dtype, base_dtype)
             path = next((name for name, ok in matched.items() if ok), None)
-            max_delta, sum_delta = (float(total.abs().max()), float(total.abs().sum())) if total.numel() and self.tolerance == "ulp" else (0.0, 0.0)
             measured = self.tolerance == "ulp"
             numbers = dict(
                 max_error=max_err / max_delta if max_delta and measured else None,
@@ -393,9 +394,9 @@ class _Checker:
         info = self.base.tensors.get(t.key)
         return info is not None and info.dtype == t.dtype and V.same_bits(self.source.read(info), m)
 
-    def _paths(self, t: PlannedTensor, info: TensorInfo, deltas: list, out_dtype: torch.dtype, base_dtype: torch.dtype) -> tuple[dict[str, bool], float, float]:
+    def _paths(self, t: PlannedTensor, info: TensorInfo, deltas: list, out_dtype: torch.dtype, base_dtype: torch.dtype) -> tuple[dict[str, bool], tuple[float, float, float, float]]:
         """Which of PEFT's paths the merged tensor matches bit for bit, a block of rows at a time;
-        and max / sum of |M − (W + Δ)|."""
+        and (``--tolerance ulp``) max / sum of |M − (W + Δ)| and of |Δ|."""
         adapter_dtypes = {_adapter_dtype(term) for term in t.terms} - {None, torch.float32}
         adapter_dtype = next(iter(adapter_dtypes)) if len(adapter_dtypes) == 1 else None
         # (name, dtype Δ is rounded to first, whether W was cast to the merged dtype first)
@@ -407,7 +408,7 @@ class _Checker:
             suffix = f"-loaded-as-{t.dtype.lower()}"
             cases += [(name + suffix, out_dtype if name == PEFT_SAFE else dt, True) for name, dt, _ in list(cases)]
         matched = {name: True for name, _, _ in cases}
-        max_err = sum_err = 0.0
+        max_err = sum_err = max_delta = sum_delta = 0.0
         for rows in _rows(t.shape):
             w = self.source.read(t.source, rows).float()
             m = self.source.read(info, rows)
@@ -426,10 +427,12 @@ class _Checker:
                     acc = acc + (d if dt is None else d.to(dt).float())
                 matched[name] = V.same_bits(acc.to(out_dtype), m)
             if r.numel() and self.tolerance == "ulp":  # the error of a bit-exact match is just its rounding
+                total = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).abs()  # |Δ|, a block in cache
+                max_delta, sum_delta = max(max_delta, float(total.max())), sum_delta + float(total.sum())
                 err = r.sub_(m.float()).abs_()
                 max_err = max(max_err, float(err.max()))
                 sum_err += float(err.sum())
-        return matched, max_err, sum_err
+        return matched, (max_err, sum_err, max_delta, sum_delta)
 
     def _stats(self, t: PlannedTensor, info: TensorInfo, deltas: list, total: torch.Tensor, out_dtype: torch.dtype) -> V.Stats:
         """The statistics a verdict is drawn from (:class:`.verdicts.Stats`), a second pass."""
