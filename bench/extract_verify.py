@@ -11,8 +11,9 @@ vocab 32000, untied; ``--layers`` of its 22 layers, default 22) and a fine-tune 
 full fine-tune: a strong head, a flat tail); embeddings, norms and head unchanged. Then, each in
 a fresh process, one run of:
 
-* ``adapterfmt extract --rank R --svd randomized`` and ``--svd auto`` (auto falls back to the
-  exact SVD where the randomized result cannot be certified, which on a flat tail is every module);
+* ``adapterfmt extract --rank R --svd randomized`` and ``--svd auto`` (the default: the
+  randomized SVD certified within the bf16 rounding of the optimum, BEHAVIOUR §10.2, the exact
+  SVD where it cannot be; the modules of each method are printed);
 * ``mergekit-extract-lora --max-rank R`` (full ``torch.linalg.svd`` per module), unless skipped;
 * ``cat`` of the base, adapter and merged files into ``wc -c`` (a pipe, so that the bytes are
   really read: ``cat > /dev/null`` may splice without reading), and ``adapterfmt verify-merge`` of
@@ -130,7 +131,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/adapterfmt-bench"))
     p.add_argument("--skip-mergekit", action="store_true")
-    p.add_argument("--skip-auto", action="store_true", help="only --svd randomized (auto runs the exact SVD on every dense module)")
+    p.add_argument("--skip-auto", action="store_true", help="only --svd randomized")
     a = p.parse_args()
     root = os.path.join(a.cache, f"extract-{a.layers}")
     if not os.path.isfile(os.path.join(root, "done")):
@@ -149,7 +150,8 @@ def main() -> None:
         for svd in modes:
             out = os.path.join(work, f"ours-{svd}")
             res[svd] = timed(af, "extract", "--base", base, "--tuned", tuned, "-o", out, "--rank", str(a.rank), "--svd", svd, "--json")
-            print(line(f"adapterfmt extract --svd {svd}", res[svd]))
+            totals = json.loads(res[svd]["stdout"])["totals"]
+            print(line(f"adapterfmt extract --svd {svd}", res[svd]) + f"  ({totals['randomized']} randomized, {totals['exact']} exact)")
             with open(os.path.join(work, f"ours-{svd}.json"), "w") as f:
                 f.write(res[svd]["stdout"])
         if not a.skip_mergekit:
