@@ -4,6 +4,8 @@ The randomized SVD (Halko, Martinsson, Tropp 2011): a Gaussian sketch of ``l = k
 (oversampling ``p``) and power iterations, each a Rayleigh–Ritz step: ``Y = Δ V`` and
 ``Z = Δᵀ Y = G V`` (``G = ΔᵀΔ``) give the Ritz values ``θ`` (eigenvalues of ``YᵀY``, lower bounds
 of ``G``'s: ``θᵢ ≤ σᵢ²``), the Ritz residuals ``R = G V − V Θ`` and the next basis ``orth(Z)``.
+Where they certify (``--rank``, ``auto``) these steps run in float64 on a float64 copy of Δ (its
+float32 values exactly), so the bounds below hold to float64 rounding.
 Whatever the path, the error reported is the exact residual ``‖Δ − B A‖_F`` of the factors as
 stored (their dtype included), summed in float64 over blocks of rows — never an estimate.
 
@@ -118,11 +120,15 @@ def _kept(s: torch.Tensor, rule: RankRule, total: Optional[float] = None) -> int
 
 class _Sketch:
     """The subspace iteration on ``X`` (Δ, or Δᵀ when that is the tall side): ``V`` spans the
-    right singular subspace; :meth:`step` is one Rayleigh–Ritz step."""
+    right singular subspace; :meth:`step` is one Rayleigh–Ritz step. ``precise``: the
+    Rayleigh–Ritz steps in float64 (a float64 copy of X, the basis re-orthonormalized in float64),
+    so that the Ritz values, residuals and the energy outside are exact to float64 rounding, far
+    below any dtype's slack; the sketch and its widening stay float32."""
 
-    def __init__(self, x: torch.Tensor, width: int, generator: torch.Generator) -> None:
+    def __init__(self, x: torch.Tensor, width: int, generator: torch.Generator, precise: bool = False) -> None:
         self.x = x
         self.generator = generator
+        self.x64 = x.double() if precise else None
         self.v = self._fresh(width)
 
     def _fresh(self, width: int) -> torch.Tensor:
@@ -139,16 +145,18 @@ class _Sketch:
     def step(self, residuals: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Ritz values ``θ`` (descending, float64), vectors ``V``, ``Y = X V`` and (``residuals``)
         the column norms² of ``R = G V − V Θ``; the basis moves on to ``orth(G V)``."""
-        y = self.x @ self.v
+        x = self.x if self.x64 is None else self.x64
+        v = self.v if self.x64 is None else _orthonormal(self.v.double())
+        y = x @ v
         theta, w = torch.linalg.eigh((y.T.double() @ y.double()))
         theta, w = theta.flip(0).clamp_min(0), w.flip(1)
-        wf = w.to(self.x.dtype)
-        v, y = self.v @ wf, y @ wf
+        wf = w.to(x.dtype)
+        v, y = v @ wf, y @ wf
         norms = None
         if residuals:
-            z = self.x.T @ y  # G V, rotated
+            z = x.T @ y  # G V, rotated
             norms = ((z.double() - v.double() * theta[None, :]) ** 2).sum(0)
-            self.v = _orthonormal(z)
+            self.v = _orthonormal(z.to(self.x.dtype))
         return theta, v, y, norms
 
 
@@ -228,8 +236,8 @@ def _randomized(
     transposed = delta.shape[0] < delta.shape[1]
     x = delta.T if transposed else delta  # tall: the Ritz basis lives on the small side
     cap = min(delta.shape) // 2
-    sketch = _Sketch(x, width, generator)
     certify = rule.kind == "rank" and svd == "auto"
+    sketch = _Sketch(x, width, generator, precise=certify)
     for step in range(1, _MAX_STEPS + 1):
         theta, v, y, norms = sketch.step(residuals=certify or step < iterations)
         if rule.kind == "energy":
