@@ -4,8 +4,9 @@ The randomized SVD (Halko, Martinsson, Tropp 2011): a Gaussian sketch of ``l = k
 (oversampling ``p``) and power iterations, each a Rayleigh–Ritz step: ``Y = Δ V`` and
 ``Z = Δᵀ Y = G V`` (``G = ΔᵀΔ``) give the Ritz values ``θ`` (eigenvalues of ``YᵀY``, lower bounds
 of ``G``'s: ``θᵢ ≤ σᵢ²``), the Ritz residuals ``R = G V − V Θ`` and the next basis ``orth(Z)``.
-Where they certify (``--rank``, ``auto``) these steps run in float64 on a float64 copy of Δ (its
-float32 values exactly), so the bounds below hold to float64 rounding.
+The steps that only decide how wide the sketch must be run in float32; once it is wide enough,
+the steps run in float64 on a float64 copy of Δ (its float32 values exactly), and only they
+certify: the bounds below hold to float64 rounding.
 Whatever the path, the error reported is the exact residual ``‖Δ − B A‖_F`` of the factors as
 stored (their dtype included), summed in float64 over blocks of rows — never an estimate.
 
@@ -120,15 +121,16 @@ def _kept(s: torch.Tensor, rule: RankRule, total: Optional[float] = None) -> int
 
 class _Sketch:
     """The subspace iteration on ``X`` (Δ, or Δᵀ when that is the tall side): ``V`` spans the
-    right singular subspace; :meth:`step` is one Rayleigh–Ritz step. ``precise``: the
-    Rayleigh–Ritz steps in float64 (a float64 copy of X, the basis re-orthonormalized in float64),
+    right singular subspace; :meth:`step` is one Rayleigh–Ritz step. Once ``precise`` is set,
+    the steps run in float64 (on a float64 copy of X, the basis re-orthonormalized in float64),
     so that the Ritz values, residuals and the energy outside are exact to float64 rounding, far
-    below any dtype's slack; the sketch and its widening stay float32."""
+    below any dtype's slack; the sketch, its widening and the steps before stay float32."""
 
-    def __init__(self, x: torch.Tensor, width: int, generator: torch.Generator, precise: bool = False) -> None:
+    def __init__(self, x: torch.Tensor, width: int, generator: torch.Generator) -> None:
         self.x = x
         self.generator = generator
-        self.x64 = x.double() if precise else None
+        self.precise = False
+        self.x64: Optional[torch.Tensor] = None
         self.v = self._fresh(width)
 
     def _fresh(self, width: int) -> torch.Tensor:
@@ -145,8 +147,10 @@ class _Sketch:
     def step(self, residuals: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Ritz values ``θ`` (descending, float64), vectors ``V``, ``Y = X V`` and (``residuals``)
         the column norms² of ``R = G V − V Θ``; the basis moves on to ``orth(G V)``."""
-        x = self.x if self.x64 is None else self.x64
-        v = self.v if self.x64 is None else _orthonormal(self.v.double())
+        if self.precise and self.x64 is None:
+            self.x64 = self.x.double()
+        x = self.x64 if self.precise else self.x
+        v = _orthonormal(self.v.double()) if self.precise else self.v
         y = x @ v
         theta, w = torch.linalg.eigh((y.T.double() @ y.double()))
         theta, w = theta.flip(0).clamp_min(0), w.flip(1)
@@ -237,8 +241,9 @@ def _randomized(
     x = delta.T if transposed else delta  # tall: the Ritz basis lives on the small side
     cap = min(delta.shape) // 2
     certify = rule.kind == "rank" and svd == "auto"
-    sketch = _Sketch(x, width, generator, precise=certify)
+    sketch = _Sketch(x, width, generator)
     for step in range(1, _MAX_STEPS + 1):
+        precise = sketch.precise
         theta, v, y, norms = sketch.step(residuals=certify or step < iterations)
         if rule.kind == "energy":
             k = _kept(theta.sqrt().float(), rule, total)
@@ -259,13 +264,16 @@ def _randomized(
         kept = float(theta[:k].sum())
         allowed = slack(precision, kept, total)
         outside = max(0.0, total - float(theta.sum()))  # ≥ every eigenvalue of G outside the sketch
-        if outside <= allowed + 1e-6 * total:  # the sketch may hold (nearly) all: measure what it misses
+        if not precise and outside <= max(float(theta[k - 1]), allowed + 1e-6 * total):  # wide enough: the next steps certify, in float64
+            sketch.precise = True
+            continue
+        if precise and outside <= allowed + 1e-6 * total:  # the sketch may hold (nearly) all: measure what it misses
             a, b = _factors(theta, v, y, k, transposed, torch.float32)
             measured = residual(delta, b, a)
             if measured - float(theta[k:].sum()) <= allowed:  # U, before the factors' rounding
                 return Factors(a, b, k, total, measured, "randomized") if dtype == torch.float32 else _stored(delta, a, b, k, total, dtype)
         assert norms is not None
-        if _gap_bound(theta, norms, k, outside) <= allowed:
+        if precise and _gap_bound(theta, norms, k, outside) <= allowed:
             a, b = _factors(theta, v, y, k, transposed, dtype)
             return Factors(a, b, k, total, residual(delta, b, a), "randomized")
         if outside > float(theta[k - 1]):  # eigenvalues above θ_N may lie outside: widen past as many as the smallest Ritz value's size
