@@ -4,9 +4,11 @@ The randomized SVD (Halko, Martinsson, Tropp 2011): a Gaussian sketch of ``l = k
 (oversampling ``p``) and power iterations, each a Rayleigh–Ritz step: ``Y = Δ V`` and
 ``Z = Δᵀ Y = G V`` (``G = ΔᵀΔ``) give the Ritz values ``θ`` (eigenvalues of ``YᵀY``, lower bounds
 of ``G``'s: ``θᵢ ≤ σᵢ²``), the Ritz residuals ``R = G V − V Θ`` and the next basis ``orth(Z)``.
-The steps that only decide how wide the sketch must be run in float32; once it is wide enough,
-the steps run in float64 on a float64 copy of Δ (its float32 values exactly), and only they
-certify: the bounds below hold to float64 rounding.
+The steps run in float32, whose Ritz values are accurate to a few float32 roundings (a sum of
+``m`` products per element of ``Y``, errors of random sign): they certify a slack of at least
+``16 ε₃₂`` of the kept energy (bf16 data: ``ε²/24`` is 21 times that). A finer slack (fp16 or
+fp32 data) is certified only by steps in float64 on a float64 copy of Δ (its float32 values
+exactly), taken once the float32 steps have made the sketch wide enough.
 Whatever the path, the error reported is the exact residual ``‖Δ − B A‖_F`` of the factors as
 stored (their dtype included), summed in float64 over blocks of rows — never an estimate.
 
@@ -42,8 +44,9 @@ certificate, ``svd="exact"`` always runs the exact SVD. Factors are split evenly
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -54,6 +57,10 @@ _RESIDUAL_ROWS = 1024
 #: Rayleigh–Ritz steps of the certified (``auto``) randomized SVD before the exact SVD takes over.
 _MAX_STEPS = 6
 _EPS32 = torch.finfo(torch.float32).eps
+#: The relative accuracy claimed for Ritz values from float32 products: a slack of at least this
+#: fraction of the kept energy is certified by float32 steps (bf16 data: ε²/24 ≈ 2.5e-6, 21× this),
+#: a finer one (fp16, fp32 data) by float64 steps.
+_FLOAT32_RITZ = 16 * _EPS32
 
 
 @dataclass
@@ -100,6 +107,18 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, dtype: to
     return (root[:, None] * vh[:k]).to(dtype).contiguous(), (u[:, :k] * root[None, :]).to(dtype).contiguous()
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small LAPACK calls (l × l, l ≲ 100) on one intra-op thread: with two, their OpenMP barriers
+    spin on cores other processes share, and a call of microseconds took milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of ``x``'s columns: Cholesky QR twice (two products and a small
     triangular solve, several times faster than Householder on a thin tall matrix), Householder QR
@@ -107,10 +126,12 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     q = x
     for _ in range(2):
         gram = q.T.double() @ q.double()
-        lower, info = torch.linalg.cholesky_ex(gram)
-        if int(info) != 0:
+        with _one_thread():
+            lower, info = torch.linalg.cholesky_ex(gram)
+            inverse = torch.linalg.solve_triangular(lower, torch.eye(lower.shape[0], dtype=lower.dtype), upper=False) if int(info) == 0 else None
+        if inverse is None:
             return torch.linalg.qr(x, mode="reduced").Q
-        q = torch.linalg.solve_triangular(lower.to(x.dtype), q.T, upper=False).T
+        q = q @ inverse.T.to(x.dtype)  # Q = X L⁻ᵀ: one product instead of a triangular solve with n right-hand sides
     return q
 
 
@@ -152,7 +173,9 @@ class _Sketch:
         x = self.x64 if self.precise else self.x
         v = _orthonormal(self.v.double()) if self.precise else self.v
         y = x @ v
-        theta, w = torch.linalg.eigh((y.T.double() @ y.double()))
+        gram = y.T.double() @ y.double()
+        with _one_thread():
+            theta, w = torch.linalg.eigh(gram)
         theta, w = theta.flip(0).clamp_min(0), w.flip(1)
         wf = w.to(x.dtype)
         v, y = v @ wf, y @ wf
@@ -212,7 +235,7 @@ def factorize(
     """
     m, n = delta.shape
     full = min(m, n)
-    total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    total = residual(delta, delta[:, :0], delta[:0])  # ‖Δ‖², a block of rows at a time in float64
     if total == 0.0:
         empty = torch.zeros(0, n, dtype=dtype), torch.zeros(m, 0, dtype=dtype)
         return Factors(empty[0], empty[1], 0, 0.0, 0.0, "exact")
@@ -264,16 +287,17 @@ def _randomized(
         kept = float(theta[:k].sum())
         allowed = slack(precision, kept, total)
         outside = max(0.0, total - float(theta.sum()))  # ≥ every eigenvalue of G outside the sketch
-        if not precise and outside <= max(float(theta[k - 1]), allowed + 1e-6 * total):  # wide enough: the next steps certify, in float64
+        exact_enough = precise or allowed >= _FLOAT32_RITZ * kept  # float32 Ritz values resolve this slack
+        if not exact_enough and outside <= max(float(theta[k - 1]), allowed + 1e-6 * total):  # wide enough: the next steps certify, in float64
             sketch.precise = True
             continue
-        if precise and outside <= allowed + 1e-6 * total:  # the sketch may hold (nearly) all: measure what it misses
+        if exact_enough and outside <= allowed + 1e-6 * total:  # the sketch may hold (nearly) all: measure what it misses
             a, b = _factors(theta, v, y, k, transposed, torch.float32)
             measured = residual(delta, b, a)
             if measured - float(theta[k:].sum()) <= allowed:  # U, before the factors' rounding
                 return Factors(a, b, k, total, measured, "randomized") if dtype == torch.float32 else _stored(delta, a, b, k, total, dtype)
         assert norms is not None
-        if precise and _gap_bound(theta, norms, k, outside) <= allowed:
+        if exact_enough and _gap_bound(theta, norms, k, outside) <= allowed:
             a, b = _factors(theta, v, y, k, transposed, dtype)
             return Factors(a, b, k, total, residual(delta, b, a), "randomized")
         if outside > float(theta[k - 1]):  # eigenvalues above θ_N may lie outside: widen past as many as the smallest Ritz value's size
