@@ -217,7 +217,7 @@ def _factorize_all(
         mark = time.perf_counter()
         delta = source.read(t).float() - source.read(b).float()  # two tensors and the delta: the workspace
         generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % (1 << 63))
-        f = factorize(delta, rule, generator=generator, dtype=dtype, svd=svd)
+        f = factorize(delta, rule, generator=generator, dtype=dtype, precision=_coarsest(dtype, b.dtype, t.dtype), svd=svd)
         del delta
         if f.rank == 0:
             continue
@@ -228,6 +228,12 @@ def _factorize_all(
         if progress is not None:
             progress(module)
     return made
+
+
+def _coarsest(dtype: torch.dtype, *stored: str) -> torch.dtype:
+    """The dtype of the largest epsilon among the factors' and the models' tensors' (``F32``, ``BF16``, ...)."""
+    dtypes = [dtype] + [TORCH_DTYPES[d] for d in stored if d in TORCH_DTYPES and TORCH_DTYPES[d].is_floating_point]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def _bias_terms(base: BaseModel, made: dict[str, Factors], biases: dict, summary: ExtractSummary) -> dict:

@@ -25,6 +25,7 @@ embedding's values (LoRA on either), and fails where they must differ (a full co
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
@@ -37,7 +38,8 @@ from ..checkpoint.keys import split_param, weight_key
 from ..errors import MergeError, ModelMismatchError
 from ..formats.peft.reading import AdapterCheckpoint, read_adapter
 from ..merging.checks import FLOAT_DTYPES
-from ..merging.compute import BLOCK_ELEMENTS, tensor_blocks, term_delta
+from ..merging.compute import BLOCK_ELEMENTS, Workspace, kernel_blocks, on_callers_threads, tensor_blocks, term_delta
+from ..merging.kernel import BlockedMerge
 from ..merging.plan import CONVERT, COPY, MERGE, REPLACE, LoraTerm, PlannedTensor, plan_merge
 from ..storage.header import TensorInfo
 from ..storage.tensor_source import TensorSource
@@ -261,6 +263,7 @@ class _Checker:
         self.expected: dict[str, torch.Tensor] = {}  #: key -> sketch of the delta the adapter meant for it
         self.observed: dict[str, torch.Tensor] = {}  #: key -> sketch of an unexplained change
         self.merged: dict[str, PlannedTensor] = {}  #: every merged tensor checked, for the wrong-module pass
+        self.local = threading.local()  #: per worker thread: the merge kernel's buffers and a read buffer
 
     # -- plain tensors ------------------------------------------------------------------------
 
@@ -315,7 +318,11 @@ class _Checker:
         out_dtype = TORCH_DTYPES[t.dtype]
         base_dtype = TORCH_DTYPES[t.source.dtype]
         self.merged[t.key] = t
-        deltas = [term_delta(term, self.source, t.shape) for term in t.terms]
+        if self.tolerance == "exact" and self._merge_kernel_equal(t, info):
+            return TensorVerdict(t.key, t.action, True, V.OK, path=PEFT_DEFAULT)
+        if not hasattr(self.local, "workspace"):
+            self.local.workspace = Workspace()
+        deltas = [term_delta(term, self.source, t.shape, self.local.workspace, slot) for slot, term in enumerate(t.terms)]
         if any(d is None for d in deltas):  # DoRA, token rows: the merge's own whole-tensor path only
             w = self.source.read(t.source).float()
             expected = next(tensor_blocks(t, self.source, None))
@@ -327,9 +334,8 @@ class _Checker:
             numbers = dict(max_error=stats.max_error, mean_error=stats.mean_error, worst_ulps=stats.worst_ulps)
         else:
             total = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
-            matched, max_err, sum_err = self._paths(t, info, deltas, out_dtype, base_dtype)
+            matched, (max_err, sum_err, max_delta, sum_delta) = self._paths(t, info, deltas, out_dtype, base_dtype)
             path = next((name for name, ok in matched.items() if ok), None)
-            max_delta, sum_delta = (float(total.abs().max()), float(total.abs().sum())) if total.numel() and self.tolerance == "ulp" else (0.0, 0.0)
             measured = self.tolerance == "ulp"
             numbers = dict(
                 max_error=max_err / max_delta if max_delta and measured else None,
@@ -358,13 +364,39 @@ class _Checker:
             detail = f"{stats.over_ulp} of {stats.n} elements are more than one ulp from W + Δ (worst {stats.worst_ulps:.3g} ulp)"
         return TensorVerdict(t.key, t.action, False, code, detail, **numbers)
 
+    def _merge_kernel_equal(self, t: PlannedTensor, info: TensorInfo) -> bool:
+        """The fast path of a merged tensor: the merge's own blocked kernel (PEFT's default bits,
+        ``adapterfmt merge``'s output) compared byte for byte with ``M``, a block of rows at a time,
+        stopping at the first block that differs. False also where the kernel does not take the
+        tensor (DoRA, biases, rows, LyCORIS factors, a tensor too small for two blocks, one held in
+        memory): then the full check (:meth:`_paths`) decides, as it does after a difference."""
+        if info.start < 0 or on_callers_threads(t):
+            return False
+        local = self.local
+        if not hasattr(local, "merger"):
+            local.merger, local.raw, local.bytes = BlockedMerge(), bytearray(0), torch.empty(0, dtype=torch.uint8)
+        blocks = kernel_blocks(t, self.source, local.merger)
+        if blocks is None:
+            return False
+        row = info.nbytes // info.shape[0]
+        for block in blocks:
+            size = (block.stop - block.first) * row
+            if len(local.raw) < size:
+                local.bytes, local.raw = torch.empty(0, dtype=torch.uint8), bytearray(0)
+                local.raw = bytearray(size)
+                local.bytes = torch.frombuffer(local.raw, dtype=torch.uint8)
+            self.source.read_into(info.file, info.start + block.first * row, memoryview(local.raw)[:size], key=info.key)
+            if not _same_bytes(local.bytes[:size], torch.frombuffer(block.data, dtype=torch.uint8)):
+                return False
+        return True
+
     def _base_same(self, t: PlannedTensor, m: torch.Tensor) -> bool:
         info = self.base.tensors.get(t.key)
         return info is not None and info.dtype == t.dtype and V.same_bits(self.source.read(info), m)
 
-    def _paths(self, t: PlannedTensor, info: TensorInfo, deltas: list, out_dtype: torch.dtype, base_dtype: torch.dtype) -> tuple[dict[str, bool], float, float]:
+    def _paths(self, t: PlannedTensor, info: TensorInfo, deltas: list, out_dtype: torch.dtype, base_dtype: torch.dtype) -> tuple[dict[str, bool], tuple[float, float, float, float]]:
         """Which of PEFT's paths the merged tensor matches bit for bit, a block of rows at a time;
-        and max / sum of |M − (W + Δ)|."""
+        and (``--tolerance ulp``) max / sum of |M − (W + Δ)| and of |Δ|."""
         adapter_dtypes = {_adapter_dtype(term) for term in t.terms} - {None, torch.float32}
         adapter_dtype = next(iter(adapter_dtypes)) if len(adapter_dtypes) == 1 else None
         # (name, dtype Δ is rounded to first, whether W was cast to the merged dtype first)
@@ -376,7 +408,7 @@ class _Checker:
             suffix = f"-loaded-as-{t.dtype.lower()}"
             cases += [(name + suffix, out_dtype if name == PEFT_SAFE else dt, True) for name, dt, _ in list(cases)]
         matched = {name: True for name, _, _ in cases}
-        max_err = sum_err = 0.0
+        max_err = sum_err = max_delta = sum_delta = 0.0
         for rows in _rows(t.shape):
             w = self.source.read(t.source, rows).float()
             m = self.source.read(info, rows)
@@ -395,10 +427,12 @@ class _Checker:
                     acc = acc + (d if dt is None else d.to(dt).float())
                 matched[name] = V.same_bits(acc.to(out_dtype), m)
             if r.numel() and self.tolerance == "ulp":  # the error of a bit-exact match is just its rounding
+                total = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).abs()  # |Δ|, a block in cache
+                max_delta, sum_delta = max(max_delta, float(total.max())), sum_delta + float(total.sum())
                 err = r.sub_(m.float()).abs_()
                 max_err = max(max_err, float(err.max()))
                 sum_err += float(err.sum())
-        return matched, max_err, sum_err
+        return matched, (max_err, sum_err, max_delta, sum_delta)
 
     def _stats(self, t: PlannedTensor, info: TensorInfo, deltas: list, total: torch.Tensor, out_dtype: torch.dtype) -> V.Stats:
         """The statistics a verdict is drawn from (:class:`.verdicts.Stats`), a second pass."""
@@ -498,6 +532,16 @@ class _Checker:
                     if o is not None and o.verdict == V.NOT_APPLIED:
                         o.verdict, o.detail = V.WRONG_MODULE, f"not applied here: its delta was applied to '{key}' instead"
                     break
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two byte tensors of one size compared as the widest integers their size allows (a
+    byte-wise ``torch.equal`` is several times slower)."""
+    n = a.numel()
+    if n != b.numel():
+        return False
+    wide = next(dt for size, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8)) if n % size == 0)
+    return bool(torch.equal(a.view(wide), b.view(wide)))
 
 
 def _adapter_dtype(term: Any) -> Optional[torch.dtype]:

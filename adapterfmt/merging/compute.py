@@ -127,17 +127,21 @@ def _prepare(
     return torch.tensor(term.indices, dtype=torch.long), _finite(source, term.info)
 
 
-def term_delta(term: Term, source: TensorSource, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+def term_delta(term: Term, source: TensorSource, shape: tuple[int, ...], workspace: Optional[Workspace] = None, slot: int = 0) -> Optional[torch.Tensor]:
     """What a term adds to ``W`` on its own, whole, in float32: ``s·ΔW`` of a LoRA term (LoHa / LoKr
     factors included), ``s·lora_B.bias`` of a bias term, the exact value the merge adds; None for
     terms that are not a plain addition (DoRA, token rows). For ``verify-merge``, which rebuilds
-    PEFT's other rounding paths from the same deltas."""
+    PEFT's other rounding paths from the same deltas. ``workspace``: a LoRA product is computed
+    into its buffer ``slot`` and scaled in place (the same bits; valid until the slot is reused)."""
     if isinstance(term, RowsTerm) or (isinstance(term, LoraTerm) and term.lora.module.use_dora):
         return None
-    value = _prepare(term, 0, source, shape, None)
+    value = _prepare(term, slot, source, shape, workspace)
     if isinstance(term, BiasTerm):
         return value
-    return value[0] * term.scaling
+    product = value[0]
+    if workspace is not None and product.untyped_storage().data_ptr() == workspace.get(slot, 0).untyped_storage().data_ptr():
+        return product.mul_(term.scaling)
+    return product * term.scaling
 
 
 def _rows(t: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:

@@ -35,6 +35,7 @@ class TensorSource:
         self._memory = dict(memory or {})
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
         self.seconds = 0.0  #: time spent reading files, summed over threads
 
     def __enter__(self) -> "TensorSource":
@@ -129,10 +130,17 @@ class TensorSource:
             return bool(torch.equal(x.view(torch.uint8), y.view(torch.uint8)))
         if a.nbytes != b.nbytes:
             return False
+        local = self._local
+        if not hasattr(local, "chunks"):  # two chunk buffers per thread, reused: no allocation (and page faults) per chunk
+            local.chunks = bytearray(_CHUNK), bytearray(_CHUNK)
+        x, y = local.chunks
         done = 0
         while done < a.nbytes:
             n = min(_CHUNK, a.nbytes - done)
-            if self.read_bytes(a.file, a.start + done, n, key=a.key) != self.read_bytes(b.file, b.start + done, n, key=b.key):
+            vx, vy = memoryview(x)[:n], memoryview(y)[:n]
+            self.read_into(a.file, a.start + done, vx, key=a.key)
+            self.read_into(b.file, b.start + done, vy, key=b.key)
+            if (x if n == _CHUNK else vx.tobytes()) != (y if n == _CHUNK else vy.tobytes()):
                 return False
             done += n
         return True

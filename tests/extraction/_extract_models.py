@@ -50,3 +50,24 @@ def _peft_merge(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
+
+
+def make_noisy_models(tmp_path_factory: pytest.TempPathFactory, signal_rank: int = 24, noise: float = 0.05) -> tuple[Path, Path]:
+    """A bf16 small Llama (hidden 128) whose every linear got a full fine-tune's spectrum: a
+    rank-``signal_rank`` update (wider than a rank-4 sketch) plus dense noise at ``noise`` of its
+    norm (bench/extract_verify.py's fine-tune, small)."""
+    tmp = tmp_path_factory.mktemp("extract-noisy")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config(attention_bias=False, hidden_size=128, intermediate_size=192)).to(torch.bfloat16)
+    model.save_pretrained(str(tmp / "base"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                m, n = p.shape
+                low = torch.randn(m, signal_rank, generator=g) @ torch.randn(signal_rank, n, generator=g) * 0.01
+                dense = torch.randn(m, n, generator=g)
+                dense *= noise * low.norm() / dense.norm()
+                p.add_((low + dense).to(p.dtype))
+    model.save_pretrained(str(tmp / "tuned"))
+    return tmp / "base", tmp / "tuned"

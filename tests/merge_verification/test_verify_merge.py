@@ -16,7 +16,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from adapterfmt.merge_verification.verify import verify_merge
+from adapterfmt.merge_verification.verify import _Checker, verify_merge
 
 from conftest import REPO, assert_one_error_line
 
@@ -310,3 +310,55 @@ def test_peft_merges_of_other_methods_pass(tmp_path: Path, kind: str) -> None:
     twice[key] = plain[key] + 2 * (twice[key] - plain[key])
     verdicts = _verdicts(verify_merge(base, tmp_path / kind, _save(tmp_path, "twice", base, twice), tolerance="ulp"))
     assert verdicts[key] == "applied-twice" and set(verdicts.values()) <= {"applied-twice", "rounding"}
+
+
+def test_blocked_tensors_fast_path_and_a_difference_in_the_last_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights of 1024 × 1024 (two blocks of the merge kernel): PEFT's merge passes through the
+    fast path (the merge kernel's bytes equal M's, no full check), and a merge whose only wrong
+    element is in the last row, or that applied the delta twice, still gets its verdict from the
+    full check."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=1024, intermediate_size=512, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+    base = tmp_path / "base"
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(base))
+
+    def load() -> torch.nn.Module:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).eval()
+
+    adapter = _adapter(tmp_path, load, "a", target_modules=["q_proj", "o_proj"])
+    merged = _peft(load, adapter)
+    fast: list[str] = []
+    full: list[str] = []
+    kernel_equal, paths = _Checker._merge_kernel_equal, _Checker._paths
+
+    def spy_kernel(self, t, info):  # type: ignore[no-untyped-def]
+        equal = kernel_equal(self, t, info)
+        if equal:
+            fast.append(t.key)
+        return equal
+
+    def spy_paths(self, t, *args):  # type: ignore[no-untyped-def]
+        full.append(t.key)
+        return paths(self, t, *args)
+
+    monkeypatch.setattr(_Checker, "_merge_kernel_equal", spy_kernel)
+    monkeypatch.setattr(_Checker, "_paths", spy_paths)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    report = verify_merge(base, adapter, _save(tmp_path, "right", base, merged))
+    assert report.ok and {t.key: t.path for t in report.tensors if t.action == "merge"} == {q: "peft", o: "peft"}
+    assert sorted(fast) == sorted([q, o]) and full == []
+    fast.clear()
+    off = dict(merged)
+    off[q] = merged[q].clone()
+    off[q][-1, -1] = _next_bf16(off[q][-1, -1])  # one ulp off, in the last block
+    twice = dict(merged)
+    twice[o] = _peft(load, adapter, factor=2.0)[o]
+    report = verify_merge(base, adapter, _save(tmp_path, "off", base, {**off, o: twice[o]}))
+    assert _verdicts(report) == {q: "rounding", o: "applied-twice"}
+    assert fast == [] and sorted(full) == sorted([q, o])
+
+
+def _next_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The bf16 number after ``x`` (one ulp up)."""
+    bits = x.view(torch.int16) + (1 if float(x) >= 0 else -1)
+    return bits.view(torch.bfloat16)
