@@ -115,10 +115,11 @@ def resolve(adapter: AdapterCheckpoint, base: BaseModel, *, prefix_map: Optional
         if m.factors is not None:  # LoHa / LoKr / Tucker LoCon: the product's shape decides (FORMAT §10.3)
             shapes = {slot: tuple(t.shape) for slot, t in m.tensors.items()}
             if fits(m.factors, shapes, tuple(info.shape)):
-                res.lora[path] = ResolvedLora(m, key, FACTORS)
+                res.lora[path] = _resolved(m, key, FACTORS, base, res)
             else:
+                key_note = f" (key '{m.keys['diff']}')" if "diff" in m.keys else ""
                 res.shape_errors.append(
-                    f"'{path}': the {m.factors} product {list(product_shape(m.factors, shapes) or ['?'])} does not fit base weight {list(info.shape)}"
+                    f"'{path}': the {m.factors} product {list(product_shape(m.factors, shapes) or ['?'])}{key_note} does not fit base weight {list(info.shape)}"
                 )
             continue
         a, b = m.tensors.get("lora_A"), m.tensors.get("lora_B")

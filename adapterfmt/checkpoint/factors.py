@@ -18,6 +18,8 @@ def product_shape(kind: str, shapes: Mapping[str, Shape]) -> Optional[Shape]:
     LoHa without Tucker cores and a LoRA / LoKr on a 1x1 conv give a 2-D shape for a 4-D weight
     (see :func:`fits`)."""
     s = shapes
+    if kind == "diff":  # ComfyUI's whole-weight delta: its own shape (None: a bias delta only)
+        return tuple(s["diff"]) if "diff" in s else None
     try:
         if kind == "lora":
             down, up = s["lora_down"], s["lora_up"]
@@ -46,6 +48,8 @@ def inner_mismatch(kind: str, shapes: Mapping[str, Shape]) -> Optional[str]:
 
     ``shapes`` must hold every factor the kind needs (see :func:`product_shape`)."""
     s = {k: tuple(v) for k, v in shapes.items()}
+    if kind == "diff":
+        return None
 
     def pair(left: str, left_dim: "int | slice", right: str, right_dim: int) -> Optional[str]:
         a = s[left][left_dim] if isinstance(left_dim, int) else prod(s[left][left_dim])
@@ -77,6 +81,8 @@ def inner_mismatch(kind: str, shapes: Mapping[str, Shape]) -> Optional[str]:
 def fits(kind: str, shapes: Mapping[str, Shape], weight_shape: Shape) -> bool:
     """Whether the product can be added to a weight of ``weight_shape``: the same shape, or the same
     first dim and element count (a flattened conv product)."""
+    if kind == "diff":  # added as it is: exactly the weight's shape (a bias delta alone adds nothing to it)
+        return "diff" not in shapes or tuple(shapes["diff"]) == tuple(weight_shape)
     p = product_shape(kind, shapes)
     if p is None:
         return False

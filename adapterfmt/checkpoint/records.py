@@ -54,6 +54,8 @@ class LoraModule(_TensorGroup):
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  #: slot -> saved key
     factors: Optional[str] = None  #: ``loha`` / ``lokr`` / ``lora`` (Tucker LoCon): a factor module (FORMAT §10.3)
+    #: the factor on ``lora_B.bias`` where it is not ``scaling``: 1 for a ComfyUI ``.diff_b``, added as it is
+    bias_scaling: Optional[float] = None
     peft_kron: bool = False  #: a PEFT LOKR module: its Kronecker product as PEFT builds it (FORMAT §10.6)
 
 

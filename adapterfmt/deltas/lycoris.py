@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 
 import torch
 
-LORA, LOHA, LOKR = "lora", "loha", "lokr"
+LORA, LOHA, LOKR, DIFF = "lora", "loha", "lokr", "diff"
 
 
 def _f(t: torch.Tensor) -> torch.Tensor:
@@ -97,13 +97,19 @@ def module_delta(
     """The float32 delta ``scaling · product`` of one module, shaped like the base weight.
 
     ``tensors`` uses the file's slot names: ``lora_down``/``lora_up``/``lora_mid``,
-    ``hada_w1_a``…``hada_t2``, ``lokr_w1``…``lokr_t2``. ``peft_kron``: a PEFT LOKR module
+    ``hada_w1_a``…``hada_t2``, ``lokr_w1``…``lokr_t2``, ``diff`` (kind ``diff``: ComfyUI's whole-weight delta). ``peft_kron``: a PEFT LOKR module
     (:func:`lokr_product`; the product is then reshaped to the weight as PEFT reshapes it).
 
     Raises:
         ValueError: an unknown kind, missing factors, or a product that does not fit ``weight_shape``.
     """
     t = tensors
+    if kind == DIFF:  # ComfyUI's ``.diff``: the delta itself, exactly the weight's shape
+        product = _f(t["diff"])
+        product = product.clone() if product is t["diff"] else product
+        if tuple(product.shape) != tuple(weight_shape):
+            raise ValueError(f"the diff has shape {tuple(product.shape)}, which does not fit the weight {tuple(weight_shape)}")
+        return product.mul_(scaling) if scaling != 1 else product
     if kind == LORA:
         product = lora_product(t["lora_down"], t["lora_up"], t.get("lora_mid"))
     elif kind == LOHA:

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from ..base.reading import BaseModel
 from ..base.resolution import FACTORS, Resolution, ResolvedLora
 from ..checkpoint.records import AdapterCheckpoint
-from ..errors import OutputPathError, UnresolvedModulesError, UnsupportedFeatureError
+from ..checkpoint.keys import bias_key, split_param
+from ..errors import OutputPathError, ShapeMismatchError, UnresolvedModulesError, UnsupportedFeatureError
 from ..formats.detect import read_foreign
 from ..formats.diffusion.components import check_component, component_bases, is_pipeline
 from ..formats.diffusion.names import base_module_paths
@@ -139,6 +140,11 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
                 f"{len(check.unresolved)} of {check.total} module names fit no tensor of {model.file} that diffusers' converter knows ({model.description})",
                 path=ckpt.file, key=check.unresolved[0], hint="`adapterfmt inspect FILE --base CHECKPOINT` lists them",
             )
+        misfit = next((m for m in modules if m.path is not None and m.weight_shape is not None and m.complete and not m.fits(m.weight_shape)), None)
+        if misfit is not None:
+            raise ShapeMismatchError(f"the {misfit.kind} product {list(misfit.product_shape() or ())} does not fit {misfit.path!r}, "
+                                     f"whose weight is {list(misfit.weight_shape or ())} in {model.file}",
+                                     path=ckpt.file, key=misfit.keys.get("diff", next(iter(misfit.keys.values()), misfit.name)), hint="the adapter is for another model")
         dora = [p for p in check.problems if "DoRA" in p]
         if dora:
             raise UnsupportedFeatureError(dora[0], path=ckpt.file)
@@ -155,7 +161,7 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
     summary = ForeignMergeSummary(output=os.path.abspath(os.fspath(out)), adapter=src, format=ckpt.format)
 
     def resolver(adapter: AdapterCheckpoint, _base: BaseModel) -> Resolution:
-        return _single_file_resolution(adapter, placed[id(adapter)])
+        return _single_file_resolution(adapter, placed[id(adapter)], model.tensors)
 
     merged = merge_to_file(model, adapters, out, resolver=resolver, overwrite=overwrite, progress=progress)
     merged.findings = list(merged.findings)
@@ -165,7 +171,7 @@ def _merge_single_file(ckpt: ForeignCheckpoint, bases: dict[str, BaseModel], src
     return summary
 
 
-def _single_file_resolution(adapter: AdapterCheckpoint, placements: dict[str, Any]) -> Resolution:
+def _single_file_resolution(adapter: AdapterCheckpoint, placements: dict[str, Any], base_tensors: "dict[str, Any]") -> Resolution:
     """Each module of ``adapter`` bound to its placement in the single file (set by
     :func:`~adapterfmt.formats.diffusion.components.check_component`): the whole tensor, or rows of a fused one."""
     res = Resolution(adapter)
@@ -179,7 +185,18 @@ def _single_file_resolution(adapter: AdapterCheckpoint, placements: dict[str, An
         else:
             a = m.tensors["lora_A"]
             layout = "linear" if len(a.shape) == 2 else "conv"
-        res.lora[path] = ResolvedLora(m, place.key, layout, rows=place.rows, shape=place.shape if place.rows is not None else None)
+        bias = None
+        if m.lora_bias:  # a ComfyUI .diff_b: the module's bias, whole
+            bias = bias_key(split_param(place.key)[0])
+            if place.rows is not None:
+                raise UnsupportedFeatureError(
+                    f"a .diff_b on {path!r}, part of the fused tensor {place.key}: adapterfmt adds a bias delta only to a whole bias",
+                    path=adapter.weights_file, key=m.keys["lora_B.bias"], hint="give the delta under the fused tensor's own name, or merge into the diffusers folder",
+                )
+            if bias not in base_tensors:
+                raise ShapeMismatchError(f"is a bias delta for {path!r}, whose weight {place.key} has no bias {bias!r} in the file",
+                                         path=adapter.weights_file, key=m.keys["lora_B.bias"], hint="the delta is for another model")
+        res.lora[path] = ResolvedLora(m, place.key, layout, bias, rows=place.rows, shape=place.shape if place.rows is not None else None)
     return res
 
 

@@ -362,9 +362,10 @@ class _Slots:
             embedding = self._tied_head(path, rl.base_key)
             if embedding is not None:
                 self.heads.setdefault(embedding, path)
-            term = LoraTerm(i, rl, rl.module.scaling * weight)
-            self._slot(rl.base_key).terms.append(term)
-            self.expected.append((i, path, term))
+            if rl.module.factors != "diff" or "diff" in rl.module.tensors:  # a ComfyUI .diff_b alone changes only the bias
+                term = LoraTerm(i, rl, rl.module.scaling * weight)
+                self._slot(rl.base_key).terms.append(term)
+                self.expected.append((i, path, term))
             if rl.bias_key:
                 bias = rl.module.tensors["lora_B.bias"]
                 base_bias = self.base.tensors[rl.bias_key]
@@ -374,7 +375,8 @@ class _Slots:
                         path=where,
                         key=rl.module.keys["lora_B.bias"],
                     )
-                bias_term = BiasTerm(i, bias, rl.module.scaling * weight)
+                bias_scale = rl.module.scaling if rl.module.bias_scaling is None else rl.module.bias_scaling
+                bias_term = BiasTerm(i, bias, bias_scale * weight)
                 self._slot(rl.bias_key).terms.append(bias_term)
                 self.expected.append((i, f"{path} (lora_B.bias)", bias_term))
         for path, td in adapter.token_deltas.items():

@@ -111,18 +111,6 @@ def test_comfyui_flux_lora(tmp_path, run_cli):
         assert torch.equal(got[k], want[k]), k
 
 
-def test_comfyui_full_deltas_are_read_and_refused(tmp_path, run_cli):
-    state = flux_state()
-    path = str(tmp_path / "comfy_diff.safetensors")
-    save_file({"diffusion_model.double_blocks.0.img_attn.proj.diff": torch.zeros_like(state["double_blocks.0.img_attn.proj.weight"]),
-               "diffusion_model.double_blocks.0.img_attn.proj.diff_b": torch.zeros_like(state["double_blocks.0.img_attn.proj.bias"])}, path)
-    assert run_cli("inspect", path, "--json").json()["format"] == "comfyui"
-    single = write_flux(str(tmp_path / "flux.safetensors"), state)
-    res = run_cli("merge", "--base", single, "--adapter", path, "-o", tmp_path / "m.safetensors")
-    assert res.exit_code == 2 and ".diff" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
-    assert not os.path.exists(tmp_path / "m.safetensors")
-
-
 def test_xlabs_converts_to_peft_as_diffusers_converts_it(tmp_path, run_cli):
     """``convert --to peft`` of an XLabs file against a diffusers Flux transformer writes the factors
     diffusers' converter gives, tensor for tensor (qkv parts: ``up`` rows, shared ``down``)."""

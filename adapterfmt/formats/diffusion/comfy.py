@@ -4,7 +4,8 @@
   model's own dotted names (Flux ``double_blocks.0.img_attn.qkv``, Wan ``blocks.0.self_attn.q``),
   suffix ``lora_A.weight`` / ``lora_B.weight`` or ``lora_down.weight`` / ``lora_up.weight`` (the
   same two factors), ``lora_mid.weight``, the scalar ``alpha``, and full deltas ``diff`` (a whole
-  weight) and ``diff_b`` (a bias), which adapterfmt reads and reports but does not merge yet.
+  weight: a module of kind ``diff``) and ``diff_b`` (a bias, beside a LoRA's factors or a ``diff``),
+  both added as they are (ComfyUI's ``comfy/lora.py``: weight multiplier 1, no alpha).
   ComfyUI's own ``comfy/lora.py`` reads the same keys; diffusers' Wan and Flux converters too.
 * **XLabs** (``xlabs``): ``[diffusion_model.]{double,single}_blocks.N.processor.<name>.{down,up}.weight``
   as diffusers' ``_convert_xlabs_flux_lora_to_diffusers`` reads them: ``proj_lora1`` / ``proj_lora2``
@@ -25,7 +26,7 @@ from typing import Optional
 from ...storage.header import SafetensorsHeader
 from ...storage.scalars import ScalarReader, read_scalar
 from .kohya import foreign_findings
-from .records import LORA, ForeignCheckpoint, ForeignModule
+from .records import DIFF, LORA, ForeignCheckpoint, ForeignModule
 
 COMFY_PREFIX = "diffusion_model."
 TRANSFORMER = "transformer"
@@ -98,6 +99,9 @@ def describe_comfy(header: SafetensorsHeader, scalar: ScalarReader = read_scalar
             modules[name].dora_scale = header.tensors[key]
         else:
             ckpt.unknown_keys.append(key)
+    for m in modules.values():
+        if not set(m.tensors) - {"diff", "diff_b"}:
+            m.kind = DIFF
     ckpt.modules = list(modules.values())
     ckpt.findings.extend(foreign_findings(ckpt))
     return ckpt

@@ -18,7 +18,7 @@ from ...constants import FLOAT_DTYPES
 from ...errors import AmbiguousMatchError, CheckpointNotFoundError, UnsupportedFeatureError
 from ...single_file.checkpoint import SingleFileBase, own_module_names, read_single_file, single_file_kind
 from .names import base_module_paths, flatten, resolve_names
-from .records import LORA, ForeignCheckpoint, ForeignModule
+from .records import DIFF, LORA, ForeignCheckpoint, ForeignModule
 
 PIPELINE_INDEX = "model_index.json"
 
@@ -213,7 +213,7 @@ def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[Foreign
         target, parts = own[found[0]]
         if target is not None and target in present:
             m.path = target
-        elif parts and all(p in present for p, _a, _b in parts) and m.kind == LORA:
+        elif parts and all(p in present for p, _a, _b in parts) and m.kind in (LORA, DIFF):
             m.path, m.split = found[0], tuple(parts)
         else:
             left.append(m.name)

@@ -29,7 +29,7 @@ from ...errors import (
     UnsupportedFeatureError,
 )
 from ...storage.header import TensorInfo
-from .records import LOKR, LORA, ForeignCheckpoint, ForeignModule
+from .records import DIFF, LOKR, LORA, ForeignCheckpoint, ForeignModule
 
 _LAYER_KIND = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
@@ -85,6 +85,11 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
         if "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
             raise UnsupportedFeatureError(
                 "weight decomposition (DoRA) and lora_B biases in diffusers files are not supported", path=ckpt.file, key=key
+            )
+        if lora_only and (m.kind == DIFF or "diff_b" in m.tensors):
+            raise UnsupportedFeatureError(
+                "a ComfyUI full delta (.diff / .diff_b) has no PEFT LoRA form (adapterfmt.load and convert need one)",
+                path=ckpt.file, key=m.keys.get("diff", m.keys.get("diff_b", key)), hint="merge it instead (adapterfmt merge adds it as it is)",
             )
         if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
             what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
@@ -150,6 +155,11 @@ def component_adapter(
     )
     for m in modules:
         assert m.path is not None
+        if m.split is not None and m.kind == DIFF:  # a full delta on a fused name: its rows (and bias rows) per part
+            for part, first, end in m.split:
+                tensors = {("lora_B.bias" if slot == "diff_b" else slot): row_slice(info, first, end) for slot, info in m.tensors.items()}
+                adapter.lora[part] = _diff_module(m, part, config, tensors)
+            continue
         if m.split is not None:  # a fused single-file name on a diffusers base: one LoRA per part
             down, up = m.tensors["lora_down"], m.tensors["lora_up"]
             for part, first, end in m.split:
@@ -158,6 +168,10 @@ def component_adapter(
                     scaling=m.scaling, use_dora=False, lora_bias=False, tensors={"lora_A": down, "lora_B": row_slice(up, first, end)},
                     keys={"lora_A": m.keys["lora_down"], "lora_B": m.keys["lora_up"]},
                 )
+                _add_diff_b(adapter.lora[part], m, (first, end))
+            continue
+        if m.kind == DIFF:
+            adapter.lora[m.path] = _diff_module(m, m.path, config, {("lora_B.bias" if slot == "diff_b" else slot): info for slot, info in m.tensors.items()})
             continue
         if m.kind != LORA or "lora_mid" in m.tensors:
             adapter.lora[m.path] = LoraModule(
@@ -174,7 +188,30 @@ def component_adapter(
             path=m.path, layer_kind=_LAYER_KIND.get(len(down.shape), "unknown"), rank=m.rank, config_rank=config.rank_for(m.path),
             alpha=config.alpha_for(m.path), scaling=m.scaling, use_dora=m.dora_scale is not None, lora_bias=False, tensors=tensors, keys=keys,
         )
+        _add_diff_b(adapter.lora[m.path], m, None)
     return adapter
+
+
+def _diff_module(m: ForeignModule, path: str, config: "object", tensors: "dict[str, TensorInfo]") -> LoraModule:
+    """A ComfyUI full delta as a factor module of kind ``diff``: the ``.diff`` added to the weight and
+    the ``.diff_b`` to the bias (``lora_B.bias``, ``lora_bias``), both as they are (scale 1)."""
+    keys = {("lora_B.bias" if slot == "diff_b" else slot): key for slot, key in m.keys.items()}
+    return LoraModule(
+        path=path, layer_kind=m.layer_kind or "linear", rank=None, config_rank=config.rank_for(path), alpha=config.alpha_for(path),  # type: ignore[attr-defined]
+        scaling=1.0, use_dora=False, lora_bias="lora_B.bias" in tensors, tensors=tensors, keys=keys, factors=DIFF, bias_scaling=1.0,
+    )
+
+
+def _add_diff_b(module: LoraModule, m: ForeignModule, rows: "Optional[tuple[int, int]]") -> None:
+    """A ComfyUI ``.diff_b`` beside a LoRA's factors: PEFT's ``lora_B.bias`` (``lora_bias``), added
+    with weight 1 whatever the LoRA's ``alpha / rank`` (diffusers' Wan converter folds the alpha
+    into the factors and keeps the bias as it is; ComfyUI adds it as it is)."""
+    if "diff_b" not in m.tensors:
+        return
+    info = m.tensors["diff_b"]
+    module.tensors["lora_B.bias"] = row_slice(info, *rows) if rows is not None else info
+    module.keys["lora_B.bias"] = m.keys["diff_b"]
+    module.lora_bias, module.bias_scaling = True, 1.0
 
 
 def row_slice(info: TensorInfo, first: int, end: int) -> TensorInfo:

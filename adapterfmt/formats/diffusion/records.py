@@ -22,8 +22,9 @@ from ...storage.header import TensorInfo
 #: Pipeline component names, as diffusers names the sub-folders of a pipeline.
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
-#: Adapter kinds (the JSON ``kind``): LoRA (incl. LoCon), LoHa, LoKr.
-LORA, LOHA, LOKR = "lora", "loha", "lokr"
+#: Adapter kinds (the JSON ``kind``): LoRA (incl. LoCon), LoHa, LoKr, and ComfyUI's full deltas
+#: (``diff``: a whole-weight delta and / or a ``diff_b`` bias delta, added as they are).
+LORA, LOHA, LOKR, DIFF = "lora", "loha", "lokr", "diff"
 
 #: Tensor slots per kind. ``down``/``up`` are LoRA's A/B under kohya's names.
 LORA_SLOTS = ("lora_down", "lora_up", "lora_mid")
@@ -41,7 +42,8 @@ class ForeignModule:
         name: the module's name in the file, without the component prefix: kohya's flattened
             ``down_blocks_0_attentions_0_proj_in`` or diffusers' dotted ``down_blocks.0.attentions.0.proj_in``.
         component: ``unet``, ``transformer``, ``text_encoder`` or ``text_encoder_2`` (``None``: a PEFT adapter).
-        kind: ``lora``, ``loha`` or ``lokr``.
+        kind: ``lora``, ``loha``, ``lokr`` or ``diff`` (ComfyUI's ``.diff`` / ``.diff_b`` with no factors;
+            a LoRA module may carry a ``diff_b`` too, a bias delta added as it is).
         tensors: slot (``lora_down``, ``hada_w1_a``, ``lokr_w2``, ...) -> tensor.
         keys: slot -> key in the file.
         alpha: the module's alpha (its ``.alpha`` tensor, or the config's), ``None`` if it has none.
@@ -94,6 +96,8 @@ class ForeignModule:
         """LoRA: ``lora_down``'s first dim. LoHa: ``hada_w1_b``'s first dim. LoKr: the rank of
         the factored half (``lokr_w1_b`` or ``lokr_w2_b``), ``None`` when both halves are full."""
         t = self.tensors
+        if self.kind == DIFF:
+            return None
         if self.kind == LORA:
             return t["lora_down"].shape[0] if "lora_down" in t and t["lora_down"].shape else None
         if self.kind == LOHA:
@@ -135,11 +139,14 @@ class ForeignModule:
 
     def product_shape(self) -> Optional[tuple[int, ...]]:
         """The shape of the module's product as its factors give it (:func:`adapterfmt.checkpoint.factors.product_shape`)."""
-        return product_shape(self.kind, {k: tuple(i.shape) for k, i in self.tensors.items()}) if self.complete else None
+        return product_shape(self.kind, self._weight_shapes()) if self.complete else None
+
+    def _weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(i.shape) for k, i in self.tensors.items() if k != "diff_b"}
 
     def fits(self, weight_shape: tuple[int, ...]) -> bool:
         """Whether the product can be added to a weight of ``weight_shape`` (:func:`adapterfmt.checkpoint.factors.fits`)."""
-        return self.complete and fits(self.kind, {k: tuple(i.shape) for k, i in self.tensors.items()}, tuple(weight_shape))
+        return self.complete and fits(self.kind, self._weight_shapes(), tuple(weight_shape))
 
     @property
     def complete(self) -> bool:
@@ -152,8 +159,13 @@ class ForeignModule:
         an empty factor), or ``None``. Every tensor must be used exactly once, so a LoKr half
         given both in full and factored is an error, never a choice."""
         t = self.tensors
-        if "diff" in t or "diff_b" in t:
-            return "holds a full delta (.diff / .diff_b), which adapterfmt reads but does not merge yet"
+        if self.kind == DIFF:
+            if "diff" not in t and "diff_b" not in t:
+                return "the diff module holds neither .diff nor .diff_b"
+            empty = sorted(slot for slot, info in t.items() if info.numel == 0)
+            return f"{empty[0]} is empty" if empty else None
+        if "diff" in t:  # ComfyUI applies one patch per weight: the .diff would replace the LoRA
+            return "holds LoRA factors and a whole-weight delta (.diff) for one weight, which ComfyUI does not apply together"
         if self.kind == LORA:
             missing = "lora_down" not in t or "lora_up" not in t
         elif self.kind == LOHA:
