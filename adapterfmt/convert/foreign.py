@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from ..base.reading import BaseModel
 from ..checkpoint.finding import Finding
+from ..checkpoint.keys import KeyParts, Role, render_saved
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ..errors import InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
 from ..formats.detect import read_foreign
@@ -108,6 +109,9 @@ def to_peft(
         items = sorted(
             (f"{PEFT_PREFIX}{path}.{slot}.weight", m.tensors[slot]) for path, m in adapter.lora.items() for slot in ("lora_A", "lora_B")
         )
+        # LyCORIS' output-axis dora_scale (out, 1): PEFT's lora_magnitude_vector (out,), the same bytes (use_dora in the config)
+        items = sorted(items + [(render_saved(KeyParts(path, Role.DORA_MAGNITUDE), prefix=PEFT_PREFIX), m.tensors["magnitude"])
+                                for path, m in adapter.lora.items() if m.use_dora])
     out = check_output_path(output, [src, model.directory], overwrite=overwrite)
     clean_stale(out)
     with StagedDirectory(out, overwrite=overwrite) as staged:

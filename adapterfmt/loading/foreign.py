@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from ..checkpoint.keys import KeyParts, Role, render_saved
 from ..checkpoint.records import AdapterCheckpoint
 from ..formats.detect import read_foreign
 from ..formats.diffusion.components import pick_component
 from ..formats.diffusion.names import resolve_names
-from ..formats.diffusion.peft_view import component_adapter
+from ..formats.diffusion.peft_view import component_adapter, refuse_mixed_dora
 
 
 def component_checkpoint(model: Any, path: "str | os.PathLike[str]", *, component: Optional[str] = None) -> AdapterCheckpoint:
@@ -43,9 +44,27 @@ def component_checkpoint(model: Any, path: "str | os.PathLike[str]", *, componen
         from ..formats.diffusion.sgm_names import sgm_aliases
 
         aliases = sgm_aliases(paths, dict(getattr(model, "config", None) or {}))
-    resolve_names(ckpt.component_modules(name), paths, component=name, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
+    modules = ckpt.component_modules(name)
+    resolve_names(modules, paths, component=name, file=ckpt.file, flattened=ckpt.format == "kohya", aliases=aliases)
+    for m in modules:  # the weight's shape checks a dora_scale's axis (the loader checks every factor's)
+        weight = getattr(_submodule(model, m.path), "weight", None) if m.path is not None else None
+        if weight is not None and hasattr(weight, "shape"):
+            m.weight_shape = tuple(weight.shape)
+    refuse_mixed_dora(ckpt, modules)
     adapter = component_adapter(ckpt, name, base_modules=paths, factors=True)
     for module_path, m in adapter.lora.items():
-        if m.factors is None:  # LoRA / LoCon: PEFT's own lora_A / lora_B, under the keys the loader renders from
-            m.keys = {slot: f"{module_path}.{slot}.weight" for slot in m.tensors}
+        if m.factors is None:  # LoRA / LoCon: PEFT's own lora_A / lora_B (and lora_magnitude_vector), under the keys the loader renders from
+            m.keys = {slot: render_saved(KeyParts(module_path, *_PEFT_ROLE[slot]), prefix="") for slot in m.tensors}
     return adapter
+
+
+#: slot -> (role, param) of the PEFT saved key the loader reads it under
+_PEFT_ROLE = {"lora_A": (Role.LORA_A, "weight"), "lora_B": (Role.LORA_B, "weight"), "lora_B.bias": (Role.LORA_B, "bias"),
+              "magnitude": (Role.DORA_MAGNITUDE, None)}
+
+
+def _submodule(model: Any, path: str) -> Any:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None

@@ -82,6 +82,27 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
             if why:
                 raise UnsupportedFeatureError(why, path=ckpt.file, key=m.dora_scale.key,
                                               hint="merge it (adapterfmt merge applies the output-axis form exactly, as PEFT's use_dora)" if lora_only else None)
+    if lora_only:
+        refuse_mixed_dora(ckpt, modules)
+
+
+def refuse_mixed_dora(ckpt: ForeignCheckpoint, modules: list[ForeignModule]) -> None:
+    """PEFT's ``use_dora`` is one flag for every LoRA module of an adapter: a file whose ``dora_scale``
+    covers some LoRA modules only has no PEFT form (merge applies it module by module).
+
+    Raises:
+        UnsupportedFeatureError: naming a module with and one without ``dora_scale``.
+    """
+    lora = [m for m in modules if m.kind == LORA and "lora_mid" not in m.tensors]
+    with_dora = [m for m in lora if m.dora_scale is not None]
+    if with_dora and len(with_dora) != len(lora):
+        without = next(m for m in lora if m.dora_scale is None)
+        raise UnsupportedFeatureError(
+            f"dora_scale on some LoRA modules only ({with_dora[0].name!r} has one, {without.name!r} none): PEFT's use_dora applies to "
+            "every module of an adapter, so adapterfmt.load and convert have no exact form for it",
+            path=ckpt.file, key=with_dora[0].dora_scale.key,  # type: ignore[union-attr]
+            hint="merge it instead (adapterfmt merge applies dora_scale module by module)",
+        )
         if "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
             raise UnsupportedFeatureError(
                 "weight decomposition (DoRA) and lora_B biases in diffusers files are not supported", path=ckpt.file, key=key
@@ -111,8 +132,9 @@ def dora_scale_problem(m: ForeignModule, *, lora_only: bool) -> Optional[str]:
     shape = tuple(m.dora_scale.shape)
     if m.kind != LORA or "lora_mid" in m.tensors:
         return f"dora_scale on a {m.kind.upper() if m.kind != LORA else 'LoCon Tucker'} module is not supported"
-    if lora_only:
-        return "LyCORIS weight decomposition (dora_scale) has no place in a PEFT LoRA adapter here (adapterfmt.load and convert)"
+    if lora_only and len(m.tensors["lora_down"].shape) != 2:
+        return ("dora_scale on a convolution: adapterfmt.load and convert map it to PEFT's lora_magnitude_vector for Linear "
+                "layers only (merge applies it)")
     out = m.weight_shape[0] if m.weight_shape else None
     if len(shape) >= 2 and shape[0] == 1 and (out is None or out != 1) and any(d != 1 for d in shape[1:]):
         return (f"dora_scale {list(shape)} is LyCORIS' old input-axis form (wd_on_out=False): it normalises over the output "
@@ -145,7 +167,9 @@ def component_adapter(
         raise UnresolvedModulesError(f"has no modules for component {component!r}", path=ckpt.file, hint=f"it adapts {', '.join(ckpt.components)}")
     refuse_unusable(ckpt, modules, lora_only=not factors)
     entries = (ckpt.configs[""].get("modules_to_save") or []) if ckpt.format == "peft" else []  # PEFT LoHa / LoKr (vetted when read)
-    doc = peft_config_document(modules, base_modules=list(base_modules), modules_to_save=list(entries))
+    lora = [m for m in modules if m.kind == LORA and "lora_mid" not in m.tensors]
+    use_dora = bool(lora) and all(m.dora_scale is not None for m in lora)  # PEFT's one flag (mixed files: merge only)
+    doc = peft_config_document(modules, base_modules=list(base_modules), modules_to_save=list(entries), use_dora=use_dora)
     config = parse_config(doc, path=f"{ckpt.file}[{component}]")
     adapter = AdapterCheckpoint(
         name=name, directory=os.path.abspath(ckpt.file), config=config, weights_file=ckpt.file, prefix="",
@@ -226,15 +250,17 @@ def _module_paths(modules: list[ForeignModule]) -> list[tuple[ForeignModule, str
 
 
 def peft_config_document(
-    modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA", modules_to_save: "list[str]" = ()  # type: ignore[assignment]
+    modules: list[ForeignModule], *, base_modules: "list[str]", peft_type: str = "LORA", modules_to_save: "list[str]" = (),  # type: ignore[assignment]
+    use_dora: bool = False,
 ) -> dict:
     """``adapter_config.json`` for resolved modules: exact targets, ranks and per-module alphas,
-    and the adapter's own ``modules_to_save`` entries (a PEFT LoHa / LoKr adapter's)."""
+    and the adapter's own ``modules_to_save`` entries (a PEFT LoHa / LoKr adapter's); ``use_dora``:
+    every LoRA module carries LyCORIS' output-axis ``dora_scale`` (PEFT's ``lora_magnitude_vector``)."""
     ranks = {p: int(m.rank or 1) for m, p in _module_paths(modules)}
     alphas = {p: effective_alpha(m) for m, p in _module_paths(modules)}
     counts = Counter(alphas.values())
     lora_alpha: Optional[float] = min(counts, key=lambda a: (-counts[a], a)) if counts else None
-    doc = rebuild_config(ranks, full_copies=list(modules_to_save), use_dora=False, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)
+    doc = rebuild_config(ranks, full_copies=list(modules_to_save), use_dora=use_dora, lora_bias=False, fan_in_fan_out=False, base_modules=base_modules, alpha=lora_alpha)
     doc["alpha_pattern"] = {exact_pattern(p): a for p, a in sorted(alphas.items()) if a != lora_alpha}
     doc["peft_type"] = peft_type
     return doc
