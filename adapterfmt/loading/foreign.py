@@ -18,7 +18,7 @@ from ..checkpoint.records import AdapterCheckpoint
 from ..formats.detect import read_foreign
 from ..formats.diffusion.components import pick_component
 from ..formats.diffusion.names import resolve_names
-from ..formats.diffusion.peft_view import component_adapter, refuse_mixed_dora
+from ..formats.diffusion.peft_view import component_adapter, refuse_for_load
 
 
 def component_checkpoint(model: Any, path: "str | os.PathLike[str]", *, component: Optional[str] = None) -> AdapterCheckpoint:
@@ -50,7 +50,7 @@ def component_checkpoint(model: Any, path: "str | os.PathLike[str]", *, componen
         weight = getattr(_submodule(model, m.path), "weight", None) if m.path is not None else None
         if weight is not None and hasattr(weight, "shape"):
             m.weight_shape = tuple(weight.shape)
-    refuse_mixed_dora(ckpt, modules)
+    refuse_for_load(ckpt, [m for m in modules if m.path is not None])
     adapter = component_adapter(ckpt, name, base_modules=paths, factors=True)
     for module_path, m in adapter.lora.items():
         if m.factors is None:  # LoRA / LoCon: PEFT's own lora_A / lora_B (and lora_magnitude_vector), under the keys the loader renders from

@@ -101,13 +101,21 @@ def test_load_and_convert_give_peft_use_dora_outputs(tmp_path, run_cli):
 
 
 def test_dora_scale_forms_without_a_peft_form_are_refused(tmp_path, run_cli):
-    """The input-axis form (normalises over the other axis), and ``dora_scale`` on some modules only
-    (PEFT's ``use_dora`` is one flag): load and convert refuse, one line, nothing written or changed."""
+    """The input-axis form (normalises over the other axis), ``dora_scale`` on some modules only
+    (PEFT's ``use_dora`` is one flag) and on a convolution (PEFT's conv magnitude has another layout;
+    not mapped here): load and convert refuse, one line, nothing written or changed."""
     base = save_component(tiny_unet(), str(tmp_path / "unet"))
     cases = {
         "input_axis": (_file(tmp_path / "old.safetensors", _lycoris_modules(tiny_unet(), wd_on_out=False)), "input-axis"),
         "mixed": (_file(tmp_path / "mixed.safetensors", _lycoris_modules(tiny_unet()), skip_dora=(TARGETS[1],)), "use_dora"),
     }
+    from lycoris.modules.locon import LoConModule
+
+    unet = tiny_unet()
+    conv = "down_blocks.0.resnets.0.conv1"
+    module = LoConModule("lora_unet_" + conv.replace(".", "_"), unet.get_submodule(conv), 1.0, R, ALPHA, weight_decompose=True, wd_on_out=True)
+    assert module.dora_scale.shape[0] == unet.get_submodule(conv).weight.shape[0] and module.dora_scale.dim() == 4
+    cases["conv"] = (_file(tmp_path / "conv.safetensors", {conv: module}), "convolution")
     for name, (path, needle) in cases.items():
         model = tiny_unet()
         before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -82,8 +82,44 @@ def refuse_unusable(ckpt: ForeignCheckpoint, modules: list[ForeignModule], *, lo
             if why:
                 raise UnsupportedFeatureError(why, path=ckpt.file, key=m.dora_scale.key,
                                               hint="merge it (adapterfmt merge applies the output-axis form exactly, as PEFT's use_dora)" if lora_only else None)
+        if "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
+            raise UnsupportedFeatureError(
+                "weight decomposition (DoRA) and lora_B biases in diffusers files are not supported", path=ckpt.file, key=key
+            )
+        if lora_only and (m.kind == DIFF or "diff_b" in m.tensors):
+            raise UnsupportedFeatureError(
+                "a ComfyUI full delta (.diff / .diff_b) has no PEFT LoRA form (adapterfmt.load and convert need one)",
+                path=ckpt.file, key=m.keys.get("diff", m.keys.get("diff_b", key)), hint="merge it instead (adapterfmt merge adds it as it is)",
+            )
+        if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
+            what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
+            raise UnsupportedFeatureError(
+                f"{what} has no PEFT LoRA form (adapterfmt.load and convert to LoRA need one)",
+                path=ckpt.file, key=key, hint="merge it instead, or convert it to PEFT's own LOHA/LOKR (docs/BEHAVIOUR.md §7.4)",
+            )
     if lora_only:
         refuse_mixed_dora(ckpt, modules)
+
+
+def refuse_for_load(ckpt: ForeignCheckpoint, modules: list[ForeignModule]) -> None:
+    """What ``adapterfmt.load`` has no PEFT layer for (LoHa / LoKr it loads as PEFT's own): ComfyUI's
+    full deltas, and ``dora_scale`` outside the output-axis form on Linear LoRA modules of every module.
+
+    Raises:
+        UnsupportedFeatureError: naming the key.
+    """
+    for m in modules:
+        if m.kind == DIFF or "diff_b" in m.tensors:
+            raise UnsupportedFeatureError(
+                "a ComfyUI full delta (.diff / .diff_b) has no PEFT layer (adapterfmt.load needs one)", path=ckpt.file,
+                key=m.keys.get("diff", m.keys.get("diff_b", m.name)), hint="merge it instead (adapterfmt merge adds it as it is)",
+            )
+        if m.dora_scale is not None and m.kind == LORA:
+            why = dora_scale_problem(m, lora_only=True)
+            if why:
+                raise UnsupportedFeatureError(why, path=ckpt.file, key=m.dora_scale.key,
+                                              hint="merge it (adapterfmt merge applies the output-axis form exactly, as PEFT's use_dora)")
+    refuse_mixed_dora(ckpt, modules)
 
 
 def refuse_mixed_dora(ckpt: ForeignCheckpoint, modules: list[ForeignModule]) -> None:
@@ -103,21 +139,6 @@ def refuse_mixed_dora(ckpt: ForeignCheckpoint, modules: list[ForeignModule]) -> 
             path=ckpt.file, key=with_dora[0].dora_scale.key,  # type: ignore[union-attr]
             hint="merge it instead (adapterfmt merge applies dora_scale module by module)",
         )
-        if "magnitude" in m.tensors or "lora_up.bias" in m.tensors:
-            raise UnsupportedFeatureError(
-                "weight decomposition (DoRA) and lora_B biases in diffusers files are not supported", path=ckpt.file, key=key
-            )
-        if lora_only and (m.kind == DIFF or "diff_b" in m.tensors):
-            raise UnsupportedFeatureError(
-                "a ComfyUI full delta (.diff / .diff_b) has no PEFT LoRA form (adapterfmt.load and convert need one)",
-                path=ckpt.file, key=m.keys.get("diff", m.keys.get("diff_b", key)), hint="merge it instead (adapterfmt merge adds it as it is)",
-            )
-        if lora_only and (m.kind != LORA or "lora_mid" in m.tensors):
-            what = "a LoCon Tucker core (lora_mid)" if m.kind == LORA else m.kind.upper()
-            raise UnsupportedFeatureError(
-                f"{what} has no PEFT LoRA form (adapterfmt.load and convert to LoRA need one)",
-                path=ckpt.file, key=key, hint="merge it instead, or convert it to PEFT's own LOHA/LOKR (docs/BEHAVIOUR.md §7.4)",
-            )
 
 
 def dora_scale_problem(m: ForeignModule, *, lora_only: bool) -> Optional[str]:
