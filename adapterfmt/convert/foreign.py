@@ -26,7 +26,7 @@ from ..checkpoint.finding import Finding
 from ..checkpoint.keys import KeyParts, Role, render_saved
 from ..constants import ADAPTER_CONFIG_FILE, ADAPTER_SAFETENSORS_FILE, PEFT_PREFIX
 from ..errors import InvalidConfigError, UnresolvedModulesError, UnsupportedFeatureError
-from ..formats.detect import read_foreign
+from ..formats.detect import detect_format, read_foreign
 from ..formats.diffusion.components import component_bases, is_pipeline, read_component
 from ..formats.diffusion.diffusers_lora import METADATA_KEY
 from ..formats.diffusion.kohya import WRITE_PREFIX
@@ -205,9 +205,12 @@ def from_peft(
 
     if os.path.isdir(src) and peft_lycoris_type(src):
         return _factors_to_kohya(src, os.fspath(output), to=to, base=base, component=component, overwrite=overwrite)
-    adapter = read_adapter(src)
+    if os.path.isfile(src) and detect_format(src) not in ("peft", "wrapped"):  # a kohya / ComfyUI / XLabs / diffusers file: its PEFT records
+        adapter, model = _foreign_component(src, to=to, base=base, component=component)
+    else:
+        adapter = read_adapter(src)
+        model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
     _refuse_for_export(adapter, src)
-    model = read_component(os.path.join(base, component) if is_pipeline(base) else base)
     from ..base.resolution import resolve
 
     res = resolve(adapter, model)
@@ -228,6 +231,34 @@ def from_peft(
         metadata = {"format": "pt", METADATA_KEY: json.dumps(doc, sort_keys=True)}
     write_safetensors_file(out, entries, metadata, overwrite=overwrite)
     return ForeignConvertResult(src, out, to, component, len(modules), len(entries), folded, list(adapter.findings))
+
+
+def _foreign_component(src: str, *, to: str, base: str, component: str) -> tuple[AdapterCheckpoint, BaseModel]:
+    """A foreign LoRA file as the PEFT LoRA records of one component, names resolved against the
+    diffusers component directory ``base`` (fused single-file names split by rows as diffusers' own
+    converters split them: kohya / ComfyUI Flux, XLabs), for ``--to diffusers``.
+
+    Raises:
+        UnsupportedFeatureError: ``--to kohya`` (a file's kohya form is the file, or a renaming this
+            does not write), a single-file base, LoHa / LoKr / Tucker cores / ``dora_scale`` / full deltas.
+    """
+    if to == KOHYA:
+        raise UnsupportedFeatureError(
+            "is a kohya / ComfyUI / XLabs / diffusers LoRA file; convert --to kohya takes a PEFT LoRA adapter (it names the kohya modules "
+            "after the PEFT paths)", path=src, hint="convert it --to peft first, then that directory --to kohya",
+        )
+    ckpt = read_foreign(src)
+    bases = component_bases(ckpt, base, None if len(ckpt.components) == 1 else component)
+    from ..single_file.checkpoint import SingleFileBase
+
+    if any(isinstance(b, SingleFileBase) for b in bases.values()):
+        raise UnsupportedFeatureError("is a single-file checkpoint: convert --base takes a diffusers component or pipeline folder",
+                                      path=base, hint="merge, check and inspect take the single file (docs/BEHAVIOUR.md §7.6)")
+    name, model = _one_base(ckpt.components, bases, src)
+    from ..formats.diffusion.components import check_component
+
+    check_component(ckpt, name, model)
+    return component_adapter(ckpt, name, base_modules=base_module_paths(model.tensors)), model
 
 
 def _check_round_trip(paths: list[str], component: str, model: BaseModel, src: str) -> None:

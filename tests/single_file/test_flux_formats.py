@@ -130,3 +130,81 @@ def test_xlabs_converts_to_peft_as_diffusers_converts_it(tmp_path, run_cli):
         assert torch.equal(got["base_model.model." + k[len("transformer."):]], v), k
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == R and config["lora_alpha"] == R  # scale 1, as diffusers reads XLabs files
+
+
+def _kohya_flux(state: dict, g: torch.Generator, *, comfy: bool) -> dict:
+    """kohya Flux names (``lora_unet_double_blocks_0_img_attn_qkv``) or ComfyUI's (``diffusion_model.double_blocks.0.img_attn.qkv``),
+    ``alpha`` = rank (diffusers folds ``alpha / rank`` into the factors: at 1 they keep their values)."""
+    lora = {}
+    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.proj", "single_blocks.0.linear1", "single_blocks.0.linear2"):
+        rows = state[f"{module}.weight"].shape[0]
+        name = f"diffusion_model.{module}" if comfy else "lora_unet_" + module.replace(".", "_")
+        lora[f"{name}.lora_down.weight"] = torch.randn(R, IN, generator=g) * 0.1
+        lora[f"{name}.lora_up.weight"] = torch.randn(rows, R, generator=g) * 0.1
+        lora[f"{name}.alpha"] = torch.tensor(float(R))
+    return lora
+
+
+def test_kohya_and_comfyui_flux_convert_to_peft_as_diffusers_converts_them(tmp_path, run_cli):
+    """``convert --to peft --base TRANSFORMER_DIR`` of a kohya / sd-scripts Flux file and of a ComfyUI
+    Flux file writes the factors diffusers' ``_convert_kohya_flux_lora_to_diffusers`` gives (fused
+    ``qkv`` / ``linear1`` split by rows of ``lora_up``, ``lora_down`` shared), tensor for tensor."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    state = flux_state()
+    base = _diffusers_dir(tmp_path / "transformer", to_diffusers(state))
+    for comfy in (False, True):
+        lora = _kohya_flux(state, torch.Generator().manual_seed(7), comfy=comfy)
+        path = str(tmp_path / f"flux_{comfy}.safetensors")
+        save_file(lora, path)
+        out = tmp_path / f"peft_{comfy}"
+        res = run_cli("convert", path, "--to", "peft", "-o", out, "--base", base)
+        assert res.exit_code == 0, res
+        got = load_file(str(out / "adapter_model.safetensors"))
+        theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in lora.items()})
+        assert set(got) == {"base_model.model." + k[len("transformer."):] for k in theirs}, comfy
+        for k, v in theirs.items():
+            assert torch.equal(got["base_model.model." + k[len("transformer."):]], v), k
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["r"] == R and config["lora_alpha"] == R and not config["alpha_pattern"]
+
+
+def test_flux_formats_convert_to_diffusers_as_diffusers_converts_them(tmp_path, run_cli):
+    """``convert FILE --to diffusers --base TRANSFORMER_DIR --component transformer`` of kohya Flux,
+    ComfyUI and XLabs files writes diffusers' own layout (``transformer.<module>.lora_A/B.weight``)
+    with the tensors diffusers' converters give (``_convert_kohya_flux_lora_to_diffusers``,
+    ``_convert_xlabs_flux_lora_to_diffusers``), tensor for tensor, and its LoraConfig in
+    ``lora_adapter_metadata``, which diffusers' ``lora_state_dict`` reads back as the same tensors.
+    ``--to kohya`` of such a file is refused (one line, exit 2, nothing written)."""
+    from diffusers import FluxPipeline
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers, _convert_xlabs_flux_lora_to_diffusers
+
+    state = flux_state()
+    base = _diffusers_dir(tmp_path / "transformer", to_diffusers(state))
+    files = {"kohya": (_kohya_flux(state, torch.Generator().manual_seed(7), comfy=False), _convert_kohya_flux_lora_to_diffusers),
+             "comfyui": (_kohya_flux(state, torch.Generator().manual_seed(8), comfy=True), _convert_kohya_flux_lora_to_diffusers),
+             "xlabs": (_xlabs(state, torch.Generator().manual_seed(4)), _convert_xlabs_flux_lora_to_diffusers)}
+    for name, (lora, convert) in files.items():
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(lora, path)
+        out = tmp_path / f"{name}_diffusers.safetensors"
+        res = run_cli("convert", path, "--to", "diffusers", "-o", out, "--base", base, "--component", "transformer")
+        assert res.exit_code == 0, res
+        got = load_file(str(out))
+        theirs = convert({k: v.clone() for k, v in lora.items()})
+        assert set(got) == set(theirs), name
+        for k, v in theirs.items():
+            assert torch.equal(got[k], v), (name, k)
+        again = FluxPipeline.lora_state_dict(str(out))
+        assert set(again) == set(theirs) and all(torch.equal(again[k], v) for k, v in theirs.items()), name
+
+    res = run_cli("convert", str(tmp_path / "comfyui.safetensors"), "--to", "kohya", "-o", tmp_path / "k.safetensors", "--base", base,
+                  "--component", "transformer")
+    assert res.exit_code == 2 and "--to peft first" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
+    assert not (tmp_path / "k.safetensors").exists()
+
+    diff = str(tmp_path / "diff.safetensors")  # a ComfyUI full delta has no LoRA form: refused for --to diffusers too
+    save_file({"diffusion_model.double_blocks.0.img_attn.proj.diff": torch.zeros_like(state["double_blocks.0.img_attn.proj.weight"])}, diff)
+    res = run_cli("convert", diff, "--to", "diffusers", "-o", tmp_path / "d.safetensors", "--base", base, "--component", "transformer")
+    assert res.exit_code == 2 and ".diff" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
+    assert not (tmp_path / "d.safetensors").exists()
