@@ -66,7 +66,9 @@ def convert_command(
     With --to (docs/BEHAVIOUR.md §7.4): `--to peft` writes one component of a kohya / LyCORIS or
     diffusers LoRA file (a local file or folder, or a Hub repo: downloaded through the cache) as a
     PEFT adapter directory; `--to kohya|diffusers` writes a PEFT LoRA
-    adapter of one component as a single .safetensors file that diffusers and LyCORIS load.
+    adapter of one component as a single .safetensors file that diffusers and LyCORIS load;
+    `--to diffusers` also takes a local kohya / ComfyUI / XLabs LoRA file (Flux: fused names
+    split as diffusers' converters split them).
     Both need --base (the component directory) and, where ambiguous, --component.
 
     Exit status: 0 on success; 2 when the input cannot be converted (one "Error:" line), e.g.

@@ -184,7 +184,9 @@ def from_peft(
     component: str,
     overwrite: bool = False,
 ) -> ForeignConvertResult:
-    """Write a PEFT LoRA adapter of one component as a kohya or diffusers ``.safetensors`` file.
+    """Write a PEFT LoRA adapter of one component as a kohya or diffusers ``.safetensors`` file; with
+    ``to="diffusers"`` ``source`` may also be a kohya / ComfyUI / XLabs / diffusers LoRA file
+    (:func:`_foreign_component`: fused Flux names split as diffusers' converters split them).
 
     Args:
         to: ``kohya`` or ``diffusers``.
