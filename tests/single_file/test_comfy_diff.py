@@ -81,12 +81,13 @@ def test_wan_diff_b_and_head_diff_equal_diffusers_load_and_fuse(tmp_path, run_cl
     lora = str(tmp_path / "wan.safetensors")
     _wan_file(lora, _wan_model())
     doc = run_cli("inspect", lora, "--base", base, "--json").json()
+    assert run_cli("check", "--adapter", lora, "--base", base, "--json").json()["ok"]
     methods = {m["name_in_file"]: m["method"] for m in doc["modules"]}
     assert methods["head.head"] == "diff" and methods["blocks.0.self_attn.q"] == "lora"
     assert doc["check"]["ok"], doc["check"]
 
     out = tmp_path / "merged"
-    res = run_cli("merge", "--base", base, "--adapter", lora, "-o", out)
+    res = run_cli("merge", "--base", base, "--adapter", lora, "-o", out, "--json")  # the document validated against its schema
     assert res.exit_code == 0, res
     got = load_file(str(out / "diffusion_pytorch_model.safetensors"))
     want = _diffusers_fused(lora)
