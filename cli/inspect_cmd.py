@@ -128,12 +128,13 @@ def inspect_command(
     else:
         ckpt = keep = read_adapter(adapter, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
         if base is not None:
-            from adapterfmt.base.reading import read_base  # only with --base: keeps the plain path's imports small
-            from adapterfmt.base.resolution import resolve
-            from adapterfmt.reports.check import check_document
+            from adapterfmt.reports.check import check_document  # only with --base: keeps the plain path's imports small
 
-            model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
-            check = check_document(resolve(ckpt, model), adapter=adapter, base=base)
+            from .check_cmd import peft_resolution
+
+            _model, res = peft_resolution(ckpt, base, component=component, single_file_kind=single_file_kind, base_subfolder=base_subfolder,
+                                          base_revision=base_revision, allow_pickle=allow_pickle, prefix_map=None)
+            check = check_document(res, adapter=adapter, base=base)
         scan_findings = None
         if scan:
             from adapterfmt.reports.scan import non_finite_findings

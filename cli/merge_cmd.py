@@ -199,8 +199,18 @@ def merge_command(
             result = merge_foreign(base, foreign.path, output, component=component or base_subfolder, single_file_kind=single_file_kind, **options)
             _report_foreign(result, quiet=quiet, as_json=as_json)
             return
+        elif wrapped is None and (single := _single_file_base(base, single_file_kind)) is not None:
+            # PEFT LoRA adapters of diffusers components into a single-file checkpoint (BEHAVIOUR §7.6)
+            from adapterfmt.merging.single_file_peft import merge_peft_into_single_file
+
+            if base_subfolder or base_revision:
+                raise click.UsageError("--subfolder and --base-revision do not apply to a single-file checkpoint")
+            summary = merge_peft_into_single_file(
+                single, _peft_adapters(adapters, adapter_revision, allow_pickle), output, component=component, weights=list(weights) or None,
+                prefix_map=prefix_map or None, **options,
+            )
         elif component is not None:
-            raise click.UsageError("--component applies to kohya/diffusers adapter files only")
+            raise click.UsageError("--component applies to kohya/diffusers adapter files and single-file bases only")
         elif wrapped is not None:
             from adapterfmt.convert.wrapped import merge_wrapped
 
@@ -245,6 +255,15 @@ def merge_command(
     for n, applied in enumerate(summary.applied, 1):
         parts = [f"{done}/{total} {labels[k]}" for k, (done, total) in applied.items() if total or k == "lora_modules"]
         click.echo(f"adapter {n}: {', '.join(parts)} applied")
+
+
+def _single_file_base(base: Optional[str], kind: Optional[str]) -> Any:
+    """The single-file checkpoint ``base`` is (:class:`~adapterfmt.single_file.checkpoint.SingleFileBase`), or ``None``."""
+    from adapterfmt.single_file.checkpoint import read_single_file, single_file_kind
+
+    if base is None or single_file_kind(base, kind=kind) is None:
+        return None
+    return read_single_file(base, kind=kind)
 
 
 def _peft_adapters(adapters: tuple[str, ...], revision: Optional[str], allow_pickle: bool) -> list[Any]:

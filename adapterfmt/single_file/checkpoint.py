@@ -148,23 +148,33 @@ class SingleFileBase(BaseModel):
         Raises:
             ShapeMismatchError: the fused tensor has another row count than diffusers cuts.
         """
-        if module not in self._placements:
-            self._placements[module] = self._place(module)
-        return self._placements[module]
+        return self.place_key(weight_key(module))
 
-    def _place(self, module: str) -> Optional[Placement]:
-        segments = to_single_file(self.kind, self.component, weight_key(module), last=self.last_block)
+    def place_key(self, key: str) -> Optional[Placement]:
+        """Where the diffusers tensor ``key`` (``norm_out.linear.bias``, unprefixed) lies; ``None`` when
+        nowhere. :meth:`place` is this for a module's ``weight``.
+
+        Raises:
+            ShapeMismatchError: the fused tensor has another row count than diffusers cuts.
+        """
+        if key not in self._placements:
+            self._placements[key] = self._place(key)
+        return self._placements[key]
+
+    def _place(self, diffusers_key: str) -> Optional[Placement]:
+        module = split_param(diffusers_key)[0]
+        segments = to_single_file(self.kind, self.component, diffusers_key, last=self.last_block)
         if not segments:
-            unread = unread_key(self.kind, self.component, weight_key(module))
+            unread = unread_key(self.kind, self.component, diffusers_key)
             if unread is not None and self.key_prefix + unread in self.tensors:
                 raise UnsupportedFeatureError(
                     f"holds {module!r} of {self.component}, which diffusers' single-file loader does not read (it sets the identity); "
                     "adapterfmt does not merge a LoRA on it there", path=self.file, key=self.key_prefix + unread, hint="merge into the diffusers folder of the model instead",
                 )
-            own = self.component_prefix + weight_key(module)
+            own = self.component_prefix + diffusers_key
             if own in self.tensors:
                 return Placement(own, None, tuple(self.tensors[own].shape))
-            flipped = transposed(self.kind, self.component, weight_key(module))
+            flipped = transposed(self.kind, self.component, diffusers_key)
             if flipped is not None and self.key_prefix + flipped in self.tensors:
                 raise UnsupportedFeatureError(f"is stored transposed in the single file; adapterfmt does not merge a LoRA on {module!r} there",
                                               path=self.file, key=self.key_prefix + flipped, hint="merge into the diffusers folder of the model instead")
