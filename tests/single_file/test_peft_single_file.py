@@ -166,3 +166,33 @@ def test_sdxl_unet_and_text_encoder_adapters(tmp_path, run_cli):
     changed = sorted(k for k in merged if not torch.equal(merged[k], same[k]))
     assert changed == ["conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"]
     assert os.path.getsize(tmp_path / "q.safetensors") == os.path.getsize(tmp_path / "same.safetensors")
+
+
+def test_peft_adapter_saved_on_sd3_transformer(tmp_path, run_cli):
+    """PEFT's ``get_peft_model`` + ``save_pretrained`` on a diffusers ``SD3Transformer2DModel`` (SD3.5-medium
+    layout: thirds of ``attn.qkv`` and ``attn2.qkv``, the last block's swapped ``norm1_context``),
+    merged into its single file with ComfyUI's prefix, equals PEFT's ``merge_and_unload``."""
+    from peft import LoraConfig, get_peft_model
+
+    from test_sd3_single_file import _checkpoint as sd3_checkpoint
+    from test_sd3_single_file import _convert as sd3_convert
+    from test_sd3_single_file import _model as sd3_model
+    from test_sd3_single_file import _targets as sd3_targets
+
+    variant = "sd3.5-medium"
+    state, single = sd3_checkpoint(variant)
+    base = str(tmp_path / "sd3.5_medium.safetensors")
+    save_file({PREFIX + k: v for k, v in single.items()}, base)
+    torch.manual_seed(4)
+    model = get_peft_model(sd3_model(variant), LoraConfig(r=4, lora_alpha=2, target_modules=sd3_targets(variant), init_lora_weights=False,
+                                                          alpha_pattern={"transformer_blocks.1.attn.to_k": 8}))
+    model.save_pretrained(str(tmp_path / "peft"))
+    want = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    out = tmp_path / "merged.safetensors"
+    res = run_cli("merge", "--base", base, "--adapter", tmp_path / "peft", "-o", out)
+    assert res.exit_code == 0, res
+    got = sd3_convert({k[len(PREFIX):]: v for k, v in load_file(str(out)).items()})
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert {k for k in want if not torch.equal(want[k], state[k])} == {f"{m}.weight" for m in sd3_targets(variant)}
