@@ -93,7 +93,7 @@ def emit_check(doc: CheckDocument, *, as_json: bool) -> None:
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @single_file_kind_option
-@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer).")
+@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer). A PEFT adapter on a single-file checkpoint: the component it adapts, where its names and shapes fit several.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
 @with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again

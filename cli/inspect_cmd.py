@@ -67,7 +67,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @single_file_kind_option
-@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for.")
+@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for. A PEFT adapter on a single-file checkpoint: the component it adapts, where its names and shapes fit several.")
 @click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
 @with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
 def inspect_command(

@@ -98,7 +98,7 @@ class _Bar:
     help="Rewrite adapter module paths starting with OLD to start with NEW before matching (repeatable; the first match wins).",
 )
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several.")
+@click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several. A PEFT adapter on a single-file checkpoint: the component it adapts, where its names and shapes fit several.")
 @single_file_kind_option
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
@@ -146,8 +146,9 @@ def merge_command(
     A kohya / LyCORIS or diffusers LoRA file as --adapter merges into a diffusers pipeline
     directory (every component the file adapts; the rest copied) or into one component
     directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3; or into a
-    single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL; OUT is FILE.safetensors, the same file back),
-    see docs/BEHAVIOUR.md §7.6.
+    single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL, SD3, Wan; OUT is FILE.safetensors, the same
+    file back), see docs/BEHAVIOUR.md §7.6. So do PEFT LoRA adapters of diffusers components (each
+    one's component decided by its module names, or --component).
     """
     from adapterfmt.storage.gc_pause import gc_paused
 

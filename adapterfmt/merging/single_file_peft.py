@@ -8,7 +8,8 @@ into the same file back (:func:`~adapterfmt.merging.engine.merge_to_file`).
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from ..base.resolution import Resolution
 from ..checkpoint.records import AdapterCheckpoint

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from _flux_helpers import flux_state, module_tree, to_diffusers, write_flux
+from safetensors.torch import load_file, save_file
 from test_sdxl_single_file import _checkpoint as sdxl_checkpoint
 from test_sdxl_single_file import _convert as sdxl_convert
 
@@ -63,13 +63,13 @@ def test_peft_flux_adapter_into_single_file_equals_peft_merge(tmp_path, run_cli)
     want = _peft(converted, str(tmp_path / "peft"), r=4, lora_alpha=8, use_rslora=True, target_modules=FLUX_TARGETS,
                  rank_pattern={"single_transformer_blocks.0.proj_mlp": 2}, alpha_pattern={"norm_out.linear": 3},
                  modules_to_save=["x_embedder"])
-    before = open(base, "rb").read()
+    before = Path(base).read_bytes()
     out = tmp_path / "merged.safetensors"
     res = run_cli("merge", "--base", base, "--adapter", tmp_path / "peft", "-o", out, "--json")
     assert res.exit_code == 0, res
     doc = res.json()
     assert doc["applied"] == [{"lora_modules": [7, 7], "full_copies": [1, 1], "base_tensors": [0, 0], "token_rows": [0, 0]}]
-    assert set(load_file(str(out))) == set(load_file(base)) and open(base, "rb").read() == before
+    assert set(load_file(str(out))) == set(load_file(base)) and Path(base).read_bytes() == before
     got = _merged_diffusers(str(out))
     assert set(got) == set(want)
     for k in want:
@@ -115,7 +115,7 @@ def test_full_copy_on_part_of_fused_tensor_is_refused_naming_it(tmp_path, run_cl
 
 
 def test_unresolved_and_other_family_refused(tmp_path, run_cli):
-    base, state = _flux_base(tmp_path)
+    base, _state = _flux_base(tmp_path)
     tree = {"down_blocks.0.attentions.0.proj_in.weight": torch.randn(8, 8)}
     _peft(tree, str(tmp_path / "unet"), r=2, target_modules=["proj_in"])
     res = run_cli("merge", "--base", base, "--adapter", tmp_path / "unet", "-o", tmp_path / "m.safetensors")
@@ -159,6 +159,12 @@ def test_sdxl_unet_and_text_encoder_adapters(tmp_path, run_cli):
     res = run_cli("merge", "--base", tmp_path / "same.safetensors", "--adapter", tmp_path / "q", "-o", tmp_path / "q.safetensors")
     assert res.exit_code == 2 and "--component text_encoder" in res.stderr and "text_encoder_2" in res.stderr, res
     assert not (tmp_path / "q.safetensors").exists()
+    res = run_cli("check", "--base", tmp_path / "same.safetensors", "--adapter", tmp_path / "q")
+    assert res.exit_code == 2 and "--component text_encoder" in res.stderr, res
+    res = run_cli("check", "--base", tmp_path / "same.safetensors", "--adapter", tmp_path / "q", "--component", "text_encoder_2", "--json")
+    assert res.exit_code == 0 and res.json()["ok"] is True, res
+    res = run_cli("inspect", tmp_path / "q", "--base", tmp_path / "same.safetensors", "--component", "text_encoder", "--json")
+    assert res.exit_code == 0, res
     res = run_cli("merge", "--base", tmp_path / "same.safetensors", "--adapter", tmp_path / "q", "-o", tmp_path / "q.safetensors",
                   "--component", "text_encoder")
     assert res.exit_code == 0, res
@@ -173,7 +179,6 @@ def test_peft_adapter_saved_on_sd3_transformer(tmp_path, run_cli):
     layout: thirds of ``attn.qkv`` and ``attn2.qkv``, the last block's swapped ``norm1_context``),
     merged into its single file with ComfyUI's prefix, equals PEFT's ``merge_and_unload``."""
     from peft import LoraConfig, get_peft_model
-
     from test_sd3_single_file import _checkpoint as sd3_checkpoint
     from test_sd3_single_file import _convert as sd3_convert
     from test_sd3_single_file import _model as sd3_model
