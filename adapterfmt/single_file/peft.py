@@ -34,11 +34,26 @@ def _wanted_keys(adapter: AdapterCheckpoint) -> list[str]:
     return keys
 
 
+#: FORMAT §10.4's one alias, for text encoders: transformers 5's ``CLIPTextModel`` has dropped the
+#: ``text_model.`` its ``CLIPTextModelWithProjection`` (and the tables, diffusers' names) keep.
+_TEXT_MODEL = "text_model."
+
+
+def _place(view: SingleFileBase, key: str) -> Optional[Placement]:
+    """Where the adapter's diffusers ``key`` lies in ``view``'s component: as written, else (a text
+    encoder only) with a leading ``text_model.`` dropped, or added."""
+    place = view.place_key(key)
+    if place is None and view.component.startswith("text_encoder"):
+        alias = key[len(_TEXT_MODEL):] if key.startswith(_TEXT_MODEL) else _TEXT_MODEL + key
+        place = view.place_key(alias)
+    return place
+
+
 def _holds(view: SingleFileBase, keys: list[str]) -> bool:
     """Whether ``view``'s component has every one of ``keys`` (a placement that raises is there: refused later)."""
     for key in keys:
         try:
-            if view.place_key(key) is None:
+            if _place(view, key) is None:
                 return False
         except AdapterFormatError:
             continue
@@ -70,7 +85,7 @@ def _view(model: SingleFileBase, keys: list[str]) -> tuple[BaseModel, dict[str, 
     tensors: dict[str, TensorInfo] = {}
     placed: dict[str, Placement] = {}
     for key in keys:
-        place = model.place_key(key)
+        place = _place(model, key)
         if place is None:
             continue
         info = model.tensors[place.key]

@@ -201,3 +201,49 @@ def test_peft_adapter_saved_on_sd3_transformer(tmp_path, run_cli):
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert {k for k in want if not torch.equal(want[k], state[k])} == {f"{m}.weight" for m in sd3_targets(variant)}
+
+
+def test_sd1_peft_adapters_on_transformers_clip_and_diffusers_unet(tmp_path, run_cli):
+    """PEFT's ``get_peft_model`` + ``save_pretrained`` on transformers 5's ``CLIPTextModel`` (module names
+    without ``text_model.``, FORMAT §10.4's alias) and on diffusers' ``UNet2DConditionModel`` (a conv
+    LoRA among them), both merged into one SD 1.x file with a weight each."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from test_sd1_single_file import _single as sd1_single
+    from test_sd1_single_file import _unet as sd1_unet
+
+    def clip():
+        torch.manual_seed(1)
+        return CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2, vocab_size=100))
+
+    te = {"text_model." + k: v.detach().clone() for k, v in clip().state_dict().items()}
+    single = {**sd1_single("unet", {k: v.detach().clone() for k, v in sd1_unet().state_dict().items()}), **sd1_single("text_encoder", te)}
+    base = str(tmp_path / "v1-5.safetensors")
+    save_file(single, base)
+    weights = {"unet": 0.5, "text_encoder": 2.0}
+    want = {}
+    for component, model, targets in (("unet", sd1_unet(), ["attn2.to_k", "down_blocks.0.resnets.0.conv1", "proj_in"]),
+                                      ("text_encoder", clip(), ["q_proj", "fc2"])):
+        torch.manual_seed(6)
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+        peft.save_pretrained(str(tmp_path / component))
+        for layer in peft.modules():  # a merge weight multiplies each module's scaling (as PEFT's own scale_layer)
+            if hasattr(layer, "scale_layer") and hasattr(layer, "lora_A"):
+                layer.scale_layer(weights[component])
+        want[component] = {k: v.detach().clone() for k, v in peft.merge_and_unload().state_dict().items()}
+    out = tmp_path / "merged.safetensors"
+    res = run_cli("merge", "--base", base, "--adapter", tmp_path / "unet", "--adapter", tmp_path / "text_encoder", "--weight", "0.5",
+                  "--weight", "2", "-o", out)
+    assert res.exit_code == 0, res
+    merged = load_file(str(out))
+    got = {"unet": convert_ldm_unet_checkpoint(dict(merged), dict(sd1_unet().config)), "text_encoder": convert_ldm_clip_checkpoint(dict(merged))}
+    before = {"unet": dict(sd1_unet().state_dict()), "text_encoder": {k: v for k, v in clip().state_dict().items()}}
+    changed = 0
+    for component, state in want.items():
+        for k, v in state.items():
+            mine = got[component][k if component == "unet" else "text_model." + k]
+            assert torch.equal(mine, v), (component, k)
+            changed += not torch.equal(v, before[component][k])
+    assert changed > 10 and sum(not torch.equal(merged[k], single[k]) for k in single) == changed  # nothing else moved
