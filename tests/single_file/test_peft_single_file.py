@@ -207,12 +207,14 @@ def test_sd1_peft_adapters_on_transformers_clip_and_diffusers_unet(tmp_path, run
     """PEFT's ``get_peft_model`` + ``save_pretrained`` on transformers 5's ``CLIPTextModel`` (module names
     without ``text_model.``, FORMAT §10.4's alias) and on diffusers' ``UNet2DConditionModel`` (a conv
     LoRA among them), both merged into one SD 1.x file with a weight each."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+    )
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from test_sd1_single_file import _single as sd1_single
     from test_sd1_single_file import _unet as sd1_unet
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     def clip():
         torch.manual_seed(1)
