@@ -84,3 +84,22 @@ def test_sd3_swapped_and_unequal_have_no_split(tmp_path, run_cli):
     res = run_cli("merge", "--base", tmp_path / "transformer", "--adapter", tmp_path / "lora.safetensors", "-o", tmp_path / "out")
     assert res.exit_code == 2 and "joint_blocks_1_context_block_adaLN_modulation_1" in res.stderr, res
     assert not (tmp_path / "out").exists()
+
+
+def test_sd3_fused_names_convert_to_peft(tmp_path, run_cli):
+    """``convert --to peft --base TRANSFORMER_DIR`` writes the split factors: PEFT loads the adapter on
+    the SD3 transformer and its merge equals the split factors' merge."""
+    from peft import PeftModel
+
+    state, _single = _checkpoint("sd3-medium")
+    _model("sd3-medium").save_pretrained(str(tmp_path / "transformer"))
+    lora, factors = _lora(state, "kohya")
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    res = run_cli("convert", tmp_path / "lora.safetensors", "--to", "peft", "-o", tmp_path / "peft", "--base", tmp_path / "transformer")
+    assert res.exit_code == 0, res
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in saved} == set(factors)
+    merged = PeftModel.from_pretrained(_model("sd3-medium"), str(tmp_path / "peft")).merge_and_unload()
+    want = peft_merged(state, factors, scaling=ALPHA / R)
+    for k, v in merged.state_dict().items():
+        assert torch.equal(v, want[k]), k
