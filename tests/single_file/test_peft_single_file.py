@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from _flux_helpers import flux_state, module_tree, to_diffusers, write_flux
 from safetensors.torch import load_file, save_file
+from test_no_torch import run_and_report
 from test_sdxl_single_file import _checkpoint as sdxl_checkpoint
 from test_sdxl_single_file import _convert as sdxl_convert
 
@@ -83,6 +84,9 @@ def test_peft_flux_adapter_into_single_file_equals_peft_merge(tmp_path, run_cli)
     res = run_cli("inspect", tmp_path / "peft", "--base", base, "--json")
     assert res.exit_code == 0, res
     assert '"ok": true' in json.dumps(res.json())
+    for args in (("check", "--adapter", str(tmp_path / "peft"), "--base", base), ("inspect", str(tmp_path / "peft"), "--base", base)):
+        code, loaded, stdout = run_and_report(*args)  # header-only: a fresh interpreter never imports torch
+        assert code == 0 and stdout and loaded == [], (args, loaded)
 
 
 def test_peft_dora_on_whole_tensor_merges_and_on_fused_part_is_refused(tmp_path, run_cli):
