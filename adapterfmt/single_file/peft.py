@@ -156,7 +156,7 @@ def resolve_single_file(adapter: AdapterCheckpoint, model: SingleFileBase, compo
     if parts:
         listed = ", ".join(f"{p} (rows of {placed[p].key})" for p in parts[:4])
         raise UnsupportedFeatureError(
-            f"{len(parts)} full-copy tensor(s) are part of a fused tensor of {model.file}: {listed}{' ...' if len(parts) > 4 else ''}; "
+            f"{len(parts)} full-copy or saved base tensor(s) are part of a fused tensor of {model.file}: {listed}{' ...' if len(parts) > 4 else ''}; "
             "replacing part of a fused tensor would change the other modules it holds, so adapterfmt does not merge it",
             path=adapter.directory, key=parts[0], hint="drop them from modules_to_save, or merge into the diffusers folder of the model instead",
         )
