@@ -253,3 +253,36 @@ def test_sd1_peft_adapters_on_transformers_clip_and_diffusers_unet(tmp_path, run
             assert torch.equal(mine, v), (component, k)
             changed += not torch.equal(v, before[component][k])
     assert changed > 10 and sum(not torch.equal(merged[k], single[k]) for k in single) == changed  # nothing else moved
+
+
+def test_peft_adapter_saved_on_wan_transformer(tmp_path, run_cli):
+    """PEFT on a diffusers ``WanTransformer3DModel`` (I2V: ``add_k_proj`` of the image attention among
+    the targets; rsLoRA; a full copy of ``proj_out``) into a bare Wan single file."""
+    from peft import LoraConfig, get_peft_model
+
+    from test_wan import I2V
+    from test_wan import _convert as wan_convert
+    from test_wan import _model as wan_model
+    from test_wan import _wan_single
+
+    state = {k: v.detach().clone() for k, v in wan_model(I2V).state_dict().items()}
+    single = _wan_single(state)
+    base = str(tmp_path / "wan2.1_i2v.safetensors")
+    save_file(single, base)
+    torch.manual_seed(8)
+    model = get_peft_model(wan_model(I2V), LoraConfig(r=4, lora_alpha=4, use_rslora=True, init_lora_weights=False,
+                                                      target_modules=["to_q", "add_k_proj", "ffn.net.0.proj"], modules_to_save=["proj_out"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save.default." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(tmp_path / "peft"))
+    want = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    out = tmp_path / "merged.safetensors"
+    res = run_cli("merge", "--base", base, "--adapter", tmp_path / "peft", "-o", out)
+    assert res.exit_code == 0, res
+    got = wan_convert(load_file(str(out)))
+    changed = {k for k in want if not torch.equal(want[k], state[k])}
+    assert "proj_out.weight" in changed and "blocks.1.attn2.add_k_proj.weight" in changed
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
