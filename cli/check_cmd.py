@@ -48,6 +48,25 @@ def foreign_check(ckpt: Any, adapter: str, base: str, component: Optional[str], 
     return foreign_check_document(ckpt, [check_component(ckpt, c, b) for c, b in bases.items()], adapter=adapter, base=base)
 
 
+def peft_resolution(ckpt: Any, base: str, *, component: Optional[str], single_file_kind: Optional[str], base_subfolder: Optional[str],
+                    base_revision: Optional[str], allow_pickle: bool, prefix_map: Optional[dict[str, str]]) -> tuple[Any, Any]:
+    """``(base model, resolution)`` of a PEFT LoRA adapter: on a single-file checkpoint, bound to
+    its component's tensors and rows (docs/BEHAVIOUR.md §7.6); else :func:`resolve` on the model."""
+    from adapterfmt.single_file.checkpoint import read_single_file, single_file_kind as kind_of
+
+    if kind_of(base, kind=single_file_kind) is not None:
+        if base_subfolder or base_revision or prefix_map:
+            raise click.UsageError("--subfolder, --base-revision and --prefix-map do not apply to a single-file checkpoint")
+        from adapterfmt.single_file.peft import resolve_single_file
+
+        model = read_single_file(base, kind=single_file_kind)
+        return model, resolve_single_file(ckpt, model, component)[1]
+    if component is not None:
+        raise click.UsageError("--component applies to kohya/diffusers adapter files and single-file bases only")
+    model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
+    return model, resolve(ckpt, model, prefix_map=prefix_map or None)
+
+
 def emit_check(doc: CheckDocument, *, as_json: bool) -> None:
     """The check document as JSON, or as text on stdout plus its warnings on stderr."""
     if as_json:
@@ -74,7 +93,7 @@ def emit_check(doc: CheckDocument, *, as_json: bool) -> None:
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @single_file_kind_option
-@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer).")
+@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component --base stands for (unet, text_encoder, text_encoder_2, transformer). A PEFT adapter on a single-file checkpoint: the component it adapts, where its names and shapes fit several.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--strict", is_flag=True, help="Also exit 1 if there is any warning.")
 @with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
@@ -117,11 +136,9 @@ def check_command(
         if not doc.ok or (strict and doc.warnings):
             raise click.exceptions.Exit(1)
         return
-    if component is not None:
-        raise click.UsageError("--component applies to kohya/diffusers adapter files only")
     ckpt = read_adapter(adapter, subfolder=subfolder, revision=adapter_revision, allow_pickle=allow_pickle)
-    model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
-    res = resolve(ckpt, model, prefix_map=prefix_map or None)
+    model, res = peft_resolution(ckpt, base, component=component, single_file_kind=single_file_kind, base_subfolder=base_subfolder,
+                                 base_revision=base_revision, allow_pickle=allow_pickle, prefix_map=prefix_map)
     doc = check_document(res, adapter=adapter, base=base, prefix_map=prefix_map)
     emit_check(doc, as_json=as_json)
     done_without_teardown(ckpt, model, res, doc)

@@ -67,7 +67,7 @@ def _inspect_wrapped(path: str, *, as_json: bool, scan: bool, base: Optional[str
 @base_options()
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @single_file_kind_option
-@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for.")
+@click.option("--component", metavar="NAME", help="kohya/diffusers files: the component (unet, text_encoder, text_encoder_2, transformer) --base stands for. A PEFT adapter on a single-file checkpoint: the component it adapts, where its names and shapes fit several.")
 @click.option("--strict", is_flag=True, help="Exit 1 if there is any warning.")
 @with_gc_paused  # header-only: millions of acyclic records for a big adapter, which the cyclic collector would walk again and again
 def inspect_command(
@@ -128,12 +128,13 @@ def inspect_command(
     else:
         ckpt = keep = read_adapter(adapter, subfolder=subfolder, revision=revision, allow_pickle=allow_pickle)
         if base is not None:
-            from adapterfmt.base.reading import read_base  # only with --base: keeps the plain path's imports small
-            from adapterfmt.base.resolution import resolve
-            from adapterfmt.reports.check import check_document
+            from adapterfmt.reports.check import check_document  # only with --base: keeps the plain path's imports small
 
-            model = read_base(base, subfolder=base_subfolder, revision=base_revision, allow_pickle=allow_pickle)
-            check = check_document(resolve(ckpt, model), adapter=adapter, base=base)
+            from .check_cmd import peft_resolution
+
+            _model, res = peft_resolution(ckpt, base, component=component, single_file_kind=single_file_kind, base_subfolder=base_subfolder,
+                                          base_revision=base_revision, allow_pickle=allow_pickle, prefix_map=None)
+            check = check_document(res, adapter=adapter, base=base)
         scan_findings = None
         if scan:
             from adapterfmt.reports.scan import non_finite_findings

@@ -98,7 +98,7 @@ class _Bar:
     help="Rewrite adapter module paths starting with OLD to start with NEW before matching (repeatable; the first match wins).",
 )
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several.")
+@click.option("--component", metavar="NAME", help="kohya/diffusers adapter files: the component to merge (unet, text_encoder, text_encoder_2, transformer); needed when --base is one component directory and the file adapts several. A PEFT adapter on a single-file checkpoint: the component it adapts, where its names and shapes fit several.")
 @single_file_kind_option
 @click.option("--verify", is_flag=True, help="Verify the output's files before moving it into place.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings.")
@@ -146,8 +146,9 @@ def merge_command(
     A kohya / LyCORIS or diffusers LoRA file as --adapter merges into a diffusers pipeline
     directory (every component the file adapts; the rest copied) or into one component
     directory (--component picks that part of the file), see docs/BEHAVIOUR.md §7.3; or into a
-    single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL; OUT is FILE.safetensors, the same file back),
-    see docs/BEHAVIOUR.md §7.6.
+    single-file checkpoint (Flux.1, SD 1.x, SD 2.x, SDXL, SD3, Wan; OUT is FILE.safetensors, the same
+    file back), see docs/BEHAVIOUR.md §7.6. So do PEFT LoRA adapters of diffusers components (each
+    one's component decided by its module names, or --component).
     """
     from adapterfmt.storage.gc_pause import gc_paused
 
@@ -199,8 +200,18 @@ def merge_command(
             result = merge_foreign(base, foreign.path, output, component=component or base_subfolder, single_file_kind=single_file_kind, **options)
             _report_foreign(result, quiet=quiet, as_json=as_json)
             return
+        elif wrapped is None and (single := _single_file_base(base, single_file_kind)) is not None:
+            # PEFT LoRA adapters of diffusers components into a single-file checkpoint (BEHAVIOUR §7.6)
+            from adapterfmt.merging.single_file_peft import merge_peft_into_single_file
+
+            if base_subfolder or base_revision:
+                raise click.UsageError("--subfolder and --base-revision do not apply to a single-file checkpoint")
+            summary = merge_peft_into_single_file(
+                single, _peft_adapters(adapters, adapter_revision, allow_pickle), output, component=component, weights=list(weights) or None,
+                prefix_map=prefix_map or None, **options,
+            )
         elif component is not None:
-            raise click.UsageError("--component applies to kohya/diffusers adapter files only")
+            raise click.UsageError("--component applies to kohya/diffusers adapter files and single-file bases only")
         elif wrapped is not None:
             from adapterfmt.convert.wrapped import merge_wrapped
 
@@ -245,6 +256,15 @@ def merge_command(
     for n, applied in enumerate(summary.applied, 1):
         parts = [f"{done}/{total} {labels[k]}" for k, (done, total) in applied.items() if total or k == "lora_modules"]
         click.echo(f"adapter {n}: {', '.join(parts)} applied")
+
+
+def _single_file_base(base: Optional[str], kind: Optional[str]) -> Any:
+    """The single-file checkpoint ``base`` is (:class:`~adapterfmt.single_file.checkpoint.SingleFileBase`), or ``None``."""
+    from adapterfmt.single_file.checkpoint import read_single_file, single_file_kind
+
+    if base is None or single_file_kind(base, kind=kind) is None:
+        return None
+    return read_single_file(base, kind=kind)
 
 
 def _peft_adapters(adapters: tuple[str, ...], revision: Optional[str], allow_pickle: bool) -> list[Any]:

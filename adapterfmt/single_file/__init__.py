@@ -8,8 +8,9 @@ People keep diffusion models as one ``.safetensors`` file under the original cod
 reads such a file as a :class:`~adapterfmt.base.reading.BaseModel` that also knows its kind and
 places every diffusers module on a tensor and rows of the file, and every fused tensor's parts
 on diffusers modules — from the table generated from diffusers' own converters
-(:mod:`adapterfmt.tables.single_file_names`), never by guessing.
+(:mod:`adapterfmt.tables.single_file_names`), never by guessing. :mod:`.peft` binds a PEFT
+LoRA adapter of a diffusers component to the file (which component, which tensors and rows).
 
-Decides: the kind, the prefix, placements. Imports ``base``, ``checkpoint``, ``storage``,
+Decides: the kind, the prefix, placements, a PEFT adapter's component. Imports ``base``, ``checkpoint``, ``storage``,
 ``tables`` and ``errors``; never a format reader, the merge engine or torch (headers only).
 """

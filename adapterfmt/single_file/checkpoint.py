@@ -148,23 +148,33 @@ class SingleFileBase(BaseModel):
         Raises:
             ShapeMismatchError: the fused tensor has another row count than diffusers cuts.
         """
-        if module not in self._placements:
-            self._placements[module] = self._place(module)
-        return self._placements[module]
+        return self.place_key(weight_key(module))
 
-    def _place(self, module: str) -> Optional[Placement]:
-        segments = to_single_file(self.kind, self.component, weight_key(module), last=self.last_block)
+    def place_key(self, key: str) -> Optional[Placement]:
+        """Where the diffusers tensor ``key`` (``norm_out.linear.bias``, unprefixed) lies; ``None`` when
+        nowhere. :meth:`place` is this for a module's ``weight``.
+
+        Raises:
+            ShapeMismatchError: the fused tensor has another row count than diffusers cuts.
+        """
+        if key not in self._placements:
+            self._placements[key] = self._place(key)
+        return self._placements[key]
+
+    def _place(self, diffusers_key: str) -> Optional[Placement]:
+        module = split_param(diffusers_key)[0]
+        segments = to_single_file(self.kind, self.component, diffusers_key, last=self.last_block)
         if not segments:
-            unread = unread_key(self.kind, self.component, weight_key(module))
+            unread = unread_key(self.kind, self.component, diffusers_key)
             if unread is not None and self.key_prefix + unread in self.tensors:
                 raise UnsupportedFeatureError(
                     f"holds {module!r} of {self.component}, which diffusers' single-file loader does not read (it sets the identity); "
                     "adapterfmt does not merge a LoRA on it there", path=self.file, key=self.key_prefix + unread, hint="merge into the diffusers folder of the model instead",
                 )
-            own = self.component_prefix + weight_key(module)
+            own = self.component_prefix + diffusers_key
             if own in self.tensors:
                 return Placement(own, None, tuple(self.tensors[own].shape))
-            flipped = transposed(self.kind, self.component, weight_key(module))
+            flipped = transposed(self.kind, self.component, diffusers_key)
             if flipped is not None and self.key_prefix + flipped in self.tensors:
                 raise UnsupportedFeatureError(f"is stored transposed in the single file; adapterfmt does not merge a LoRA on {module!r} there",
                                               path=self.file, key=self.key_prefix + flipped, hint="merge into the diffusers folder of the model instead")
@@ -217,11 +227,21 @@ def fused_parts(kind: str, component: str, module: str) -> list[tuple[str, int, 
     return out
 
 
-def own_module_names(kind: str, component: str, diffusers_modules: "list[str]") -> dict[str, tuple[Optional[str], list[tuple[str, int, int]]]]:
+def own_module_names(kind: str, component: str, diffusers_modules: "list[str]",
+                     rows: "Optional[dict[str, int]]" = None) -> dict[str, tuple[Optional[str], list[tuple[str, int, int]]]]:
     """The single-file module names (without the component's prefix) of a diffusers model's
     modules: own name -> ``(diffusers module, [])`` for a renamed one, ``(None, parts)`` for a
-    fused one (:func:`fused_parts`). A kind with a table of diffusers' LoRA converter (Wan's
-    ``_convert_non_diffusers_wan_lora_to_diffusers``) names exactly the modules that converter maps."""
+    fused one (:func:`fused_parts`; ``[]``: no split, e.g. a pair of swapped halves). A kind with a
+    table of diffusers' LoRA converter (Wan's ``_convert_non_diffusers_wan_lora_to_diffusers``) names
+    exactly the modules that converter maps.
+
+    Args:
+        rows: diffusers module -> its weight's rows. A fused tensor that diffusers' converter cuts
+            in equal parts (``chunks``: SD3's ``attn.qkv``) is split only with them, each module
+            taking its own rows in order, and only where the parts are equal and each module takes
+            one of them; otherwise it has no split. The last block of :func:`last_block_family`
+            (SD3's ``context_pre_only`` block) is looked up in its own entries.
+    """
     start = COMPONENT_PREFIXES[(kind, component)]
     out: dict[str, tuple[Optional[str], list[tuple[str, int, int]]]] = {}
     if has_lora_names(kind, component):  # the kind's LoRA converter decides (Wan), not its single-file one
@@ -230,18 +250,51 @@ def own_module_names(kind: str, component: str, diffusers_modules: "list[str]") 
             if own is not None:
                 out[own] = (d, [])
         return out
+    last = _own_last_block(kind, component, diffusers_modules)
+    chunked: dict[str, list[tuple[str, int, int]]] = {}
     for d in diffusers_modules:
-        for seg in to_single_file(kind, component, weight_key(d)) or []:
+        for seg in to_single_file(kind, component, weight_key(d), last=last) or []:
             own, param = split_param(seg.key)
             if param != "weight" or not own.startswith(start):
                 continue
-            if seg.chunk is not None:  # equal parts of a fused tensor: not split onto a diffusers base
+            if seg.chunk is not None:  # equal parts of a fused tensor: split with the diffusers rows only
+                chunked.setdefault(own[len(start):], []).append((d, *seg.chunk))
                 continue
             if seg.end is None:
                 out[own[len(start):]] = (d, [])
             elif own[len(start):] not in out:
                 out[own[len(start):]] = (None, fused_parts(kind, component, own))
+    for own, entries in chunked.items():
+        out[own] = (None, _chunk_parts(entries, rows))
     return out
+
+
+def _own_last_block(kind: str, component: str, diffusers_modules: "list[str]") -> Optional[int]:
+    """The number of the last block of :func:`last_block_family` that ``diffusers_modules`` reach, or ``None``."""
+    family = last_block_family(kind, component)
+    if family is None:
+        return None
+    start = COMPONENT_PREFIXES[(kind, component)] + family + "."
+    numbers = []
+    for d in diffusers_modules:
+        for seg in to_single_file(kind, component, weight_key(d)) or []:
+            if seg.key.startswith(start) and seg.key[len(start):].split(".", 1)[0].isdigit():
+                numbers.append(int(seg.key[len(start):].split(".", 1)[0]))
+    return max(numbers, default=None)
+
+
+def _chunk_parts(entries: "list[tuple[str, int, int]]", rows: "Optional[dict[str, int]]") -> list[tuple[str, int, int]]:
+    """``(diffusers module, first, end)`` in order for a fused tensor cut in equal parts, each module
+    one part (``(module, index, count)`` entries); ``[]`` when that is not so or the rows are unknown."""
+    if rows is None:
+        return []
+    count = entries[0][2]
+    modules = [d for d, _i, _c in entries]
+    if len(entries) != count or len(set(modules)) != count or sorted(i for _d, i, _c in entries) != list(range(count)) \
+            or any(c != count or d not in rows for d, _i, c in entries) or len({rows[d] for d in modules}) != 1:
+        return []
+    step = rows[modules[0]]
+    return [(d, i * step, (i + 1) * step) for d, i, _c in sorted(entries, key=lambda e: e[1])]
 
 
 def single_file_kind(path: str, *, kind: Optional[str] = None) -> Optional[tuple[str, str]]:

@@ -174,7 +174,7 @@ def _check_module(check: "ComponentCheck", m: ForeignModule, shape: tuple[int, .
 
 
 #: diffusers model classes whose single-file names a kohya file may use, -> the table's kind.
-_SINGLE_FILE_CLASSES = {"FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
+_SINGLE_FILE_CLASSES = {"FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan", "SD3Transformer2DModel": "sd3"}
 
 
 def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[ForeignModule], unresolved: list[str], paths: list[str]) -> list[str]:
@@ -197,7 +197,8 @@ def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[Foreign
     kind = _SINGLE_FILE_CLASSES.get(str(base.config.get("_class_name")))
     if kind is None or ckpt.format not in ("kohya", "comfyui"):
         return left + [m.name for m in modules if m.path is None and m.split is None]
-    own = own_module_names(kind, "transformer", paths)
+    rows = {p: base.tensors[weight_key(p)].shape[0] for p in paths if weight_key(p) in base.tensors and base.tensors[weight_key(p)].shape}
+    own = own_module_names(kind, "transformer", paths, rows)
     index: dict[str, list[str]] = {}
     for name in own:
         index.setdefault(flatten(name) if ckpt.format == "kohya" else name, []).append(name)
