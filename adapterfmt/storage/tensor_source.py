@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
-from ..errors import HeaderError, UnsupportedFeatureError
+from ..errors import HeaderError, ShapeMismatchError, UnsupportedFeatureError
 from . import os_calls
 from .header import TensorInfo
 
@@ -94,11 +94,18 @@ class TensorSource:
         Raises:
             UnsupportedFeatureError: a dtype torch cannot compute with.
             HeaderError: the file is shorter than its header says.
+            ShapeMismatchError: ``rows`` outside the tensor.
         """
         import torch
 
         from .torch_io import TORCH_DTYPES
 
+        if rows is not None and not (info.shape and 0 <= rows[0] <= rows[1] <= info.shape[0]):
+            # a caller's bug or a factor of another size than its placement: never read a neighbour's bytes
+            raise ShapeMismatchError(
+                f"rows {rows[0]}:{rows[1]} asked of a tensor of shape {list(info.shape)}", path=info.file, key=info.key,
+                hint="the module's factor does not have the rows its place in the base needs",
+            )
         if info.start < 0:
             t = self.held(info)
             return t if rows is None else t[rows[0] : rows[1]]

@@ -214,11 +214,17 @@ def _split_fused(ckpt: ForeignCheckpoint, base: BaseModel, modules: list[Foreign
         target, parts = own[found[0]]
         if target is not None and target in present:
             m.path = target
-        elif parts and all(p in present for p, _a, _b in parts) and m.kind in (LORA, DIFF):
-            m.path, m.split = found[0], tuple(parts)
+        elif parts and all(p in present for p, _a, _b in parts) and m.kind in (LORA, DIFF) and _cut_rows(m) == parts[-1][2]:
+            m.path, m.split = found[0], tuple(parts)  # a factor of exactly the parts' rows: never re-cut by a guess
         else:
             left.append(m.name)
     return left
+
+
+def _cut_rows(m: ForeignModule) -> Optional[int]:
+    """The rows of the tensor a split cuts: ``lora_up`` (LoRA) or the whole delta (``.diff``, else ``.diff_b``)."""
+    t = m.tensors.get("lora_up") if m.kind == LORA else (m.tensors.get("diff") or m.tensors.get("diff_b"))
+    return int(t.shape[0]) if t is not None and t.shape else None
 
 
 @dataclass
