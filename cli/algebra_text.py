@@ -1,4 +1,4 @@
-"""Text rendering of a ``resize`` / ``combine`` report (the JSON is the report's ``as_dict``)."""
+"""Output of a ``resize`` / ``combine`` report: its JSON (the report's ``as_dict``) or a table and notes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .output import table
+from .output import emit_json, table
 
 
 def render(report: Any) -> str:
@@ -29,3 +29,16 @@ def render(report: Any) -> str:
 def emit_notes(report: Any) -> None:
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
+
+
+def print_report(report: Any, as_json: bool) -> None:
+    """Print ``report`` (one JSON document, or the table with its notes on stderr); the command is
+    then done and the console script may leave without the interpreter's teardown."""
+    from .main import done_without_teardown
+
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        click.echo(render(report))
+        emit_notes(report)
+    done_without_teardown(report)

@@ -6,7 +6,6 @@ from typing import Optional
 
 import click
 
-from .output import emit_json
 
 EXAMPLES = """
 \b
@@ -60,12 +59,6 @@ def combine_command(sources: tuple[str, ...], output: str, method: str, rank: Op
     parsed = [parse_source(s) for s in sources]
     report = combine(parsed, output, method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, copies_from=copies_from, overwrite=overwrite, dtype=dtype)
-    from .algebra_text import emit_notes, render
-    from .main import done_without_teardown
+    from .algebra_text import print_report
 
-    if as_json:
-        emit_json(report.as_dict())
-    else:
-        click.echo(render(report))
-        emit_notes(report)
-    done_without_teardown(report)
+    print_report(report, as_json)

@@ -7,7 +7,6 @@ from typing import Optional
 import click
 
 from .base_options import ADAPTER_REVISION_HELP, WEIGHT_NAME_HELP
-from .output import emit_json
 
 EXAMPLES = """
 \b
@@ -56,12 +55,6 @@ def resize_command(adapter: str, output: str, rank: Optional[float], energy: Opt
         raise InvalidConfigError("give exactly one of --rank, --energy, --ratio, --cumulative", hint="e.g. --rank 16 or --energy 0.99")
     rule = make_rule(*given[0])
     report = resize(adapter, output, rule=rule, overwrite=overwrite, revision=revision, weight_name=weight_name, dtype=dtype)
-    from .algebra_text import emit_notes, render
-    from .main import done_without_teardown
+    from .algebra_text import print_report
 
-    if as_json:
-        emit_json(report.as_dict())
-    else:
-        click.echo(render(report))
-        emit_notes(report)
-    done_without_teardown(report)
+    print_report(report, as_json)
